@@ -1,0 +1,323 @@
+//! `EmailMessage`: one email and the outcome of sending it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::LocalKeySelector;
+
+/// Default `delivery.maxAttempts`.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 8;
+/// Default `delivery.deadlineSeconds`.
+pub const DEFAULT_DEADLINE_SECONDS: u64 = 3600;
+/// Most recipients in to, cc and bcc together.
+pub const MAX_RECIPIENTS: usize = 500;
+
+/// RE2 pattern of an RFC 5322 mailbox: `user@example.com` or `Name <user@example.com>`.
+/// No CR, LF, NUL, angle brackets or quotes in the display name; no spaces or separators in the address.
+pub const MAILBOX_PATTERN: &str = r#"^([^<>"\r\n\x00]*<[^<>()\[\]\\,;:@"\s\x00]+@[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?>|[^<>()\[\]\\,;:@"\s\x00]+@[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)$"#;
+
+/// RE2 pattern of a custom header name: `X-` then RFC 5322 field-name characters.
+pub const HEADER_NAME_PATTERN: &str = r"^[Xx]-[A-Za-z0-9!#$%&'*+.^_`|~-]+$";
+
+/// One email; `spec.profileRef` picks how it is sent. The spec is immutable once created.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "mailroom.dev",
+    version = "v1alpha1",
+    kind = "EmailMessage",
+    namespaced,
+    status = "EmailMessageStatus",
+    shortname = "em",
+    shortname = "email",
+    category = "mailroom",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Profile","type":"string","jsonPath":".spec.profileRef.name"}"#,
+    printcolumn = r#"{"name":"Recipients","type":"integer","jsonPath":".status.recipients"}"#,
+    printcolumn = r#"{"name":"Attempts","type":"integer","jsonPath":".status.attempts"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable once created; to send again, create a new EmailMessage (generateName works)"))]
+#[x_kube(validation = Rule::new("(has(self.to) ? size(self.to) : 0) + (has(self.cc) ? size(self.cc) : 0) + (has(self.bcc) ? size(self.bcc) : 0) > 0").message("at least one recipient is required in to, cc or bcc"))]
+#[x_kube(validation = Rule::new("(has(self.to) ? size(self.to) : 0) + (has(self.cc) ? size(self.cc) : 0) + (has(self.bcc) ? size(self.bcc) : 0) <= 500").message("at most 500 recipients in to, cc and bcc together"))]
+pub struct EmailMessageSpec {
+    /// The profile that sends this message.
+    pub profile_ref: ProfileRef,
+    /// The sender; default: the profile's default sender. Must be allowed by the profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new(mailbox_rule("self")).message("from must be an RFC 5322 mailbox such as 'Name <user@example.com>' or 'user@example.com'"))]
+    #[schemars(length(max = 320))]
+    pub from: Option<String>,
+    /// Recipients.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(validation = Rule::new(mailbox_list_rule()).message("every address in to must be an RFC 5322 mailbox such as 'Name <user@example.com>' or 'user@example.com'"))]
+    #[schemars(length(max = 500), inner(length(max = 320)))]
+    pub to: Vec<String>,
+    /// Copy recipients.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(validation = Rule::new(mailbox_list_rule()).message("every address in cc must be an RFC 5322 mailbox such as 'Name <user@example.com>' or 'user@example.com'"))]
+    #[schemars(length(max = 500), inner(length(max = 320)))]
+    pub cc: Vec<String>,
+    /// Blind copy recipients: they receive the mail and appear in no header.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(validation = Rule::new(mailbox_list_rule()).message("every address in bcc must be an RFC 5322 mailbox such as 'Name <user@example.com>' or 'user@example.com'"))]
+    #[schemars(length(max = 500), inner(length(max = 320)))]
+    pub bcc: Vec<String>,
+    /// Where replies go.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(validation = Rule::new(mailbox_list_rule()).message("every address in replyTo must be an RFC 5322 mailbox such as 'Name <user@example.com>' or 'user@example.com'"))]
+    #[schemars(length(max = 50), inner(length(max = 320)))]
+    pub reply_to: Vec<String>,
+    /// The subject (UTF-8; no line breaks).
+    #[serde(default)]
+    #[x_kube(validation = Rule::new(r"!self.contains('\r') && !self.contains('\n')").message("subject must not contain CR or LF"))]
+    #[schemars(length(max = 998))]
+    pub subject: String,
+    /// The body: text, HTML, or both.
+    pub body: Body,
+    /// Files attached to the message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub attachments: Vec<Attachment>,
+    /// Custom `X-` headers.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = Rule::new(header_name_rule()).message("header names must be X- headers made of letters, digits and -, such as X-Pipeline-Run"))]
+    #[x_kube(validation = Rule::new(r"self.all(k, !self[k].contains('\r') && !self[k].contains('\n'))").message("header values must not contain CR or LF"))]
+    #[schemars(length(max = 50))]
+    pub headers: BTreeMap<String, String>,
+    /// low, normal (default) or high.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub importance: Option<Importance>,
+    /// Retries and their limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<Delivery>,
+    /// Delete the message this many seconds after it is Sent or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i64>,
+}
+
+fn mailbox_rule(var: &str) -> String {
+    format!(
+        "{var}.matches('{}')",
+        MAILBOX_PATTERN.replace('\\', "\\\\").replace('\'', "\\'")
+    )
+}
+
+fn mailbox_list_rule() -> String {
+    format!("self.all(a, {})", mailbox_rule("a"))
+}
+
+fn header_name_rule() -> String {
+    format!(
+        "self.all(k, k.matches('{}'))",
+        HEADER_NAME_PATTERN
+            .replace('\\', "\\\\")
+            .replace('\'', "\\'")
+    )
+}
+
+/// Which profile sends the message.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProfileRef {
+    /// MailProfile (default, same namespace) or ClusterMailProfile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ProfileKind>,
+    /// Name of the profile.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+impl ProfileRef {
+    /// The kind, defaulted.
+    pub fn kind(&self) -> ProfileKind {
+        self.kind.unwrap_or_default()
+    }
+}
+
+/// The kinds of profile.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum ProfileKind {
+    /// A profile in the message's namespace.
+    #[default]
+    MailProfile,
+    /// A cluster-scoped profile.
+    ClusterMailProfile,
+}
+
+/// The body of a message.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[x_kube(validation = Rule::new("has(self.text) || has(self.html)").message("body needs text, html, or both"))]
+pub struct Body {
+    /// Plain text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// HTML.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub html: Option<String>,
+}
+
+/// A file attached to a message, from exactly one source.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("[has(self.secretRef), has(self.configMapRef), has(self.data)].filter(x, x).size() == 1").message("an attachment needs exactly one of secretRef, configMapRef or data"))]
+pub struct Attachment {
+    /// The file name the recipient sees.
+    #[schemars(length(min = 1, max = 255))]
+    pub name: String,
+    /// MIME type; default: guessed from the name, else application/octet-stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 255))]
+    pub content_type: Option<String>,
+    /// A key of a Secret in the message's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<LocalKeySelector>,
+    /// A key of a ConfigMap in the message's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_ref: Option<LocalKeySelector>,
+    /// The content, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+}
+
+/// The Importance header.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Importance {
+    /// Low.
+    Low,
+    /// Normal.
+    #[default]
+    Normal,
+    /// High.
+    High,
+}
+
+/// What to do with a message found in `Sending` after a crash.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum OnUncertain {
+    /// Send again with the same Message-ID (at-least-once).
+    #[default]
+    Resend,
+    /// Fail it (at-most-once).
+    Fail,
+}
+
+/// Retries and their limits.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Delivery {
+    /// Attempts before giving up; default 8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_attempts: Option<u32>,
+    /// Seconds after creation after which no attempt starts; default 3600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub deadline_seconds: Option<u64>,
+    /// Resend (default) or Fail a message left in Sending by a crash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_uncertain: Option<OnUncertain>,
+}
+
+impl EmailMessageSpec {
+    /// `delivery.maxAttempts`, defaulted.
+    pub fn max_attempts(&self) -> u32 {
+        self.delivery
+            .as_ref()
+            .and_then(|d| d.max_attempts)
+            .unwrap_or(DEFAULT_MAX_ATTEMPTS)
+    }
+
+    /// `delivery.deadlineSeconds`, defaulted.
+    pub fn deadline_seconds(&self) -> u64 {
+        self.delivery
+            .as_ref()
+            .and_then(|d| d.deadline_seconds)
+            .unwrap_or(DEFAULT_DEADLINE_SECONDS)
+    }
+
+    /// `delivery.onUncertain`, defaulted.
+    pub fn on_uncertain(&self) -> OnUncertain {
+        self.delivery
+            .as_ref()
+            .and_then(|d| d.on_uncertain)
+            .unwrap_or_default()
+    }
+
+    /// The number of recipients in to, cc and bcc.
+    pub fn recipient_count(&self) -> usize {
+        self.to.len() + self.cc.len() + self.bcc.len()
+    }
+}
+
+/// Where a message is in its life.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum Phase {
+    /// Accepted, not yet being sent (waiting, or between attempts).
+    #[default]
+    Pending,
+    /// Claimed by the operator; an attempt is in progress.
+    Sending,
+    /// Delivered to the provider.
+    Sent,
+    /// Will not be sent; see the conditions.
+    Failed,
+}
+
+impl Phase {
+    /// Sent or Failed.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Phase::Sent | Phase::Failed)
+    }
+}
+
+/// Observed state of a message.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EmailMessageStatus {
+    /// Pending, Sending, Sent or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Sent, Failed and Waiting, with reasons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The generation the status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Recipients in to, cc and bcc.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipients: Option<u32>,
+    /// Attempts started so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    /// When the last attempt started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_attempt_time: Option<Time>,
+    /// When the next attempt may start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_time: Option<Time>,
+    /// When the provider accepted the message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_time: Option<Time>,
+    /// The RFC 5322 Message-ID, stable across attempts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// The transport used: graph, smtp-relay, smtp-password, smtp-oauth2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
+    /// The sender used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// The provider's answer: the SMTP reply, or Graph's status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<String>,
+    /// Graph's `request-id` of the accepted request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}

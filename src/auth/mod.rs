@@ -1,0 +1,53 @@
+//! OAuth 2.0 app tokens from Microsoft Entra ID, cached per profile and scope.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use k8s_openapi::jiff::Timestamp;
+
+/// Scope of Microsoft Graph.
+pub const GRAPH_SCOPE: &str = "https://graph.microsoft.com/.default";
+/// Scope of Exchange Online (SMTP XOAUTH2).
+pub const OUTLOOK_SCOPE: &str = "https://outlook.office365.com/.default";
+
+/// An access token. Its `Debug` never shows the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AccessToken {
+    /// The bearer token.
+    pub secret: String,
+    /// When it expires.
+    pub expires_at: Timestamp,
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessToken")
+            .field("secret", &"<redacted>")
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+/// Why no token could be had.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// The token endpoint refused the credentials (AADSTS code and Microsoft's words).
+    #[error("{0}")]
+    Rejected(String),
+    /// The token endpoint could not be reached or answered 5xx; worth retrying.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The profile's credential is missing or unusable (Secret, key, certificate, token file).
+    #[error("{0}")]
+    Credential(String),
+}
+
+/// A source of tokens for one profile and scope. Implementations share one request among
+/// concurrent callers and refresh ahead of expiry.
+#[async_trait]
+pub trait TokenSource: Send + Sync {
+    /// A currently valid token.
+    async fn token(&self) -> Result<AccessToken, AuthError>;
+    /// Drops the cached token (after a 401) so the next call fetches a new one.
+    fn invalidate(&self);
+}

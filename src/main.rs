@@ -1,0 +1,3 @@
+fn main() {
+    print!("{}", mailroom::api::crd::to_yaml().unwrap());
+}
