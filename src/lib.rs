@@ -2,5 +2,10 @@
 
 pub mod api;
 pub mod auth;
+pub mod controller;
+pub mod delivery;
+pub mod error;
 pub mod tls;
 pub mod transport;
+
+pub use error::{Error, Result};

@@ -87,8 +87,8 @@ pub struct EmailMessageSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[x_kube(validation = Rule::new(header_name_rule()).message("header names must be X- headers made of letters, digits and -, such as X-Pipeline-Run"))]
     #[x_kube(validation = Rule::new(r"self.all(k, !self[k].contains('\r') && !self[k].contains('\n'))").message("header values must not contain CR or LF"))]
-    #[schemars(length(max = 50))]
-    pub headers: BTreeMap<String, String>,
+    #[schemars(extend("maxProperties" = 30))]
+    pub headers: BTreeMap<String, HeaderValue>,
     /// low, normal (default) or high.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub importance: Option<Importance>,
@@ -120,6 +120,11 @@ fn header_name_rule() -> String {
             .replace('\'', "\\'")
     )
 }
+
+/// A custom header's value (one line, at most 998 characters as RFC 5322 allows).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(transparent)]
+pub struct HeaderValue(#[schemars(length(max = 998))] pub String);
 
 /// Which profile sends the message.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

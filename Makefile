@@ -1,0 +1,63 @@
+# mailroom: build, test and run against a local control plane.
+# The two commands a newcomer needs: `make demo` and `make test`.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: all build test lint fmt fmt-check clippy unit integration crds crds-check testenv testenv-down pyenv demo demo-down clean-testenv
+
+all: build
+
+## build: compile the operator, the emulator and the tests (debug)
+build:
+	@echo "==> building mailroom and the Microsoft 365 emulator"
+	$(CARGO) build --workspace --all-targets
+
+## test: format check, clippy, unit tests, and integration tests against a real API server
+test:
+	@bash hack/test.sh
+
+## lint: rustfmt check and clippy with warnings as errors
+lint: fmt-check clippy
+
+fmt:
+	$(CARGO) fmt --all
+
+fmt-check:
+	@echo "==> cargo fmt --check"
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	@echo "==> cargo clippy -D warnings"
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## unit: unit tests only (no cluster needed)
+unit:
+	$(CARGO) test --workspace --lib --bins
+
+## crds: regenerate crds/ from the Rust types
+crds:
+	@mkdir -p crds
+	$(CARGO) run --quiet -- crd > crds/mailroom.dev.yaml
+	@echo "==> wrote crds/mailroom.dev.yaml"
+
+## testenv: start etcd and kube-apiserver on loopback (builds them once, cached in ~/.cache/mailroom)
+testenv:
+	@bash hack/testenv.sh up
+	@echo "==> run: eval \"\$$(bash hack/testenv.sh env)\"   to use it with kubectl"
+
+## testenv-down: stop the local control plane and remove its state
+testenv-down:
+	@bash hack/testenv.sh down
+
+## pyenv: the Python virtual environment with the SMTP test server
+pyenv:
+	@bash hack/pyenv.sh >/dev/null
+
+## demo: everything running locally, with messages delivered
+demo:
+	@bash hack/demo.sh up
+
+## demo-down: stop what `make demo` started
+demo-down:
+	@bash hack/demo.sh down

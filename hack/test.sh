@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The whole suite: format, clippy, unit tests, then integration tests against a real
+# kube-apiserver and etcd, a real SMTP server and the Microsoft 365 emulator.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+say() { printf '==> %s\n' "$*" >&2; }
+
+start=$(date +%s)
+say "cargo fmt --check"
+cargo fmt --all -- --check
+say "cargo clippy --workspace --all-targets -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+say "checking crds/ against 'mailroom crd'"
+cargo build --quiet --workspace --bins
+if ! diff -u crds/mailroom.dev.yaml <(target/debug/mailroom crd) >/dev/null; then
+  diff -u crds/mailroom.dev.yaml <(target/debug/mailroom crd) | head -40 >&2 || true
+  echo "crds/ is out of date: run 'make crds' and commit the result" >&2
+  exit 1
+fi
+
+say "preparing the Python environment for the SMTP test server"
+MAILROOM_PYTHON="$(bash hack/pyenv.sh | tail -n 1)"
+export MAILROOM_PYTHON
+
+export MAILROOM_TESTENV_DIR="${MAILROOM_TESTENV_DIR:-$REPO_ROOT/target/testenv-test}"
+say "starting the local control plane (state in $MAILROOM_TESTENV_DIR)"
+bash hack/testenv.sh up
+cleanup() {
+  if [[ "${MAILROOM_KEEP_TESTENV:-}" != "1" ]]; then
+    say "stopping the local control plane"
+    bash hack/testenv.sh down || true
+  fi
+}
+trap cleanup EXIT
+eval "$(bash hack/testenv.sh env)"
+
+say "installing the CRDs"
+kubectl apply --server-side -f crds/mailroom.dev.yaml >/dev/null
+kubectl wait --for=condition=Established --timeout=60s \
+  crd/mailprofiles.mailroom.dev crd/clustermailprofiles.mailroom.dev crd/emailmessages.mailroom.dev >/dev/null
+
+export MAILROOM_BIN="$REPO_ROOT/target/debug/mailroom"
+export MAILROOM_EMULATOR_BIN="$REPO_ROOT/target/debug/m365-emulator"
+say "cargo test --workspace (unit and integration)"
+cargo test --workspace -- --test-threads "${MAILROOM_TEST_THREADS:-2}"
+say "all tests passed in $(( $(date +%s) - start ))s"

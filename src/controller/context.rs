@@ -1,0 +1,118 @@
+//! What the reconcilers share.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use tokio::sync::{OnceCell, mpsc};
+
+use super::registry::ProfileKey;
+use super::registry::ProfileRegistry;
+use crate::api::{ClusterMailProfile, EmailMessage, MailProfile};
+use crate::delivery::limits::SendLimits;
+use crate::tls::TrustRoots;
+
+/// Settings from the command line.
+#[derive(Clone, Debug, Default)]
+pub struct OperatorConfig {
+    /// Watch one namespace only.
+    pub namespace: Option<String>,
+    /// Accept plain `http://` Graph and authority endpoints (local testing only).
+    pub allow_insecure_endpoints: bool,
+    /// Roots trusted besides the platform's.
+    pub trust: TrustRoots,
+    /// This process's name in Events (the pod name).
+    pub instance: String,
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// Command line settings.
+    pub config: OperatorConfig,
+    /// Profiles as resolved by the profile controllers.
+    pub profiles: ProfileRegistry,
+    /// Rate and concurrency limits per profile and mailbox.
+    pub limits: SendLimits,
+    /// Publishes Events.
+    pub recorder: Recorder,
+    /// Messages this process has claimed and not yet finished, by uid.
+    pub in_flight: Mutex<HashSet<String>>,
+    /// The message controller's cache, once it runs.
+    pub messages: OnceCell<Store<EmailMessage>>,
+    /// The MailProfile cache, once it runs.
+    pub mail_profiles: OnceCell<Store<MailProfile>>,
+    /// The ClusterMailProfile cache, once it runs.
+    pub cluster_profiles: OnceCell<Store<ClusterMailProfile>>,
+    /// Wakes messages (a profile became ready).
+    pub wake: mpsc::UnboundedSender<ObjectRef<EmailMessage>>,
+}
+
+impl Context {
+    /// A context; the receiver feeds the message controller's extra triggers.
+    pub fn new(
+        client: Client,
+        config: OperatorConfig,
+    ) -> (Self, mpsc::UnboundedReceiver<ObjectRef<EmailMessage>>) {
+        let (wake, woken) = mpsc::unbounded_channel();
+        let reporter = Reporter {
+            controller: "mailroom".into(),
+            instance: Some(config.instance.clone()),
+        };
+        let recorder = Recorder::new(client.clone(), reporter);
+        let ctx = Context {
+            client,
+            config,
+            profiles: ProfileRegistry::default(),
+            limits: SendLimits::default(),
+            recorder,
+            in_flight: Mutex::new(HashSet::new()),
+            messages: OnceCell::new(),
+            mail_profiles: OnceCell::new(),
+            cluster_profiles: OnceCell::new(),
+            wake,
+        };
+        (ctx, woken)
+    }
+
+    /// Marks a message as claimed by this process; false when it already was.
+    pub fn hold(&self, uid: &str) -> bool {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(uid.to_string())
+    }
+
+    /// Releases a claim.
+    pub fn release(&self, uid: &str) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid);
+    }
+
+    /// Whether this process holds a claim on the message.
+    pub fn holds(&self, uid: &str) -> bool {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(uid)
+    }
+
+    /// Whether the profile still exists (a deleted profile's resolution may linger in the registry).
+    pub fn profile_exists(&self, key: &ProfileKey) -> bool {
+        match key {
+            ProfileKey::Namespaced { namespace, name } => self
+                .mail_profiles
+                .get()
+                .is_none_or(|s| s.get(&ObjectRef::new(name).within(namespace)).is_some()),
+            ProfileKey::Cluster { name } => self
+                .cluster_profiles
+                .get()
+                .is_none_or(|s| s.get(&ObjectRef::new(name)).is_some()),
+        }
+    }
+}

@@ -1,0 +1,436 @@
+//! The message reconciler: check → resolve profile and policy → build → claim → send → record.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::context::Context;
+use super::outgoing::{self, BuildError, MAX_MESSAGE_BYTES, MAX_SMTP_MESSAGE_BYTES};
+use super::registry::{ProfileKey, ResolvedProfile};
+use super::status::{self, Claim};
+use crate::api::{EmailMessage, EmailMessageStatus, OnUncertain, Phase};
+use crate::delivery::policy;
+use crate::delivery::retry::{self, RetryDecision, RetryPolicy};
+use crate::error::{Error, Result};
+use crate::transport::{OutgoingMessage, SendError};
+
+/// A waiting message is looked at again this often even if nothing wakes it.
+const WAIT_RECHECK: Duration = Duration::from_secs(60);
+
+/// Reconciles one EmailMessage.
+pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Action> {
+    let ns = msg
+        .namespace()
+        .ok_or_else(|| Error::Invalid("EmailMessage without namespace".into()))?;
+    let uid = msg
+        .uid()
+        .ok_or_else(|| Error::Invalid("EmailMessage without uid".into()))?;
+    let api: Api<EmailMessage> = Api::namespaced(ctx.client.clone(), &ns);
+    let status = msg.status.clone().unwrap_or_default();
+    let phase = status.phase.unwrap_or_default();
+    let now = Timestamp::now();
+
+    if phase.is_finished() {
+        return expire(&api, &msg, &status, now).await;
+    }
+    if ctx.holds(&uid) {
+        return Ok(Action::await_change());
+    }
+    let mut msg = msg;
+    if phase == Phase::Sending {
+        // The cache may lag behind our own outcome write: only the API server can say it is in doubt.
+        let Some(fresh) = api.get_opt(&msg.name_any()).await? else {
+            return Ok(Action::await_change());
+        };
+        if fresh.status.as_ref().and_then(|s| s.phase) != Some(Phase::Sending) {
+            return Ok(Action::await_change());
+        }
+        let attempt = fresh.status.as_ref().and_then(|s| s.attempts).unwrap_or(0);
+        match fresh.spec.on_uncertain() {
+            OnUncertain::Fail => {
+                let text = format!(
+                    "attempt {attempt} was interrupted (the operator stopped while sending); it may or may not have been delivered, and delivery.onUncertain is Fail"
+                );
+                let s = fresh.status.clone().unwrap_or_default();
+                let next = status::failed(
+                    &s,
+                    "DeliveryUncertain",
+                    &text,
+                    fresh.metadata.generation,
+                    now,
+                );
+                write_status(&api, &fresh, &next, None).await?;
+                event(&ctx, &fresh, EventType::Warning, "DeliveryUncertain", &text).await;
+                return Ok(Action::await_change());
+            }
+            OnUncertain::Resend => {
+                let text = format!(
+                    "attempt {attempt} was interrupted; sending again with the same Message-ID (delivery.onUncertain is Resend)"
+                );
+                event(&ctx, &fresh, EventType::Warning, "ResendingInDoubt", &text).await;
+                msg = Arc::new(fresh);
+            }
+        }
+    }
+    let status = msg.status.clone().unwrap_or_default();
+    if let Some(next) = &status.next_attempt_time
+        && next.0 > now
+    {
+        return Ok(Action::requeue(retry::until(now, next.0)));
+    }
+    let created = msg
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0)
+        .unwrap_or(now);
+    let deadline = retry::add(created, Duration::from_secs(msg.spec.deadline_seconds()));
+    if now > deadline {
+        let text = format!(
+            "the deadline passed ({deadline}, delivery.deadlineSeconds) before the message could be sent"
+        );
+        return fail(&ctx, &api, &msg, "DeadlineExceeded", &text).await;
+    }
+
+    let key = ProfileKey::for_message(&ns, msg.spec.profile_ref.kind(), &msg.spec.profile_ref.name);
+    let Some(profile) = ctx.profiles.get(&key).filter(|_| ctx.profile_exists(&key)) else {
+        let text = format!("{key} not found; the message is sent when it exists and is ready");
+        return wait(&ctx, &api, &msg, "ProfileNotFound", &text).await;
+    };
+    let transport = match &profile.state {
+        Ok(t) => Arc::clone(t),
+        Err(nr) => {
+            let text = format!("{key} is not ready ({}): {}", nr.reason, nr.message);
+            return wait(&ctx, &api, &msg, "ProfileNotReady", &text).await;
+        }
+    };
+    if let Err(e) = check_policy(&ctx, &ns, &msg, &profile).await? {
+        return fail(&ctx, &api, &msg, e.0, &e.1).await;
+    }
+
+    let from = match outgoing::sender(&msg.spec, &profile.settings.senders.default) {
+        Ok(f) => f,
+        Err(e) => return fail(&ctx, &api, &msg, e.reason(), &e.to_string()).await,
+    };
+    let attachments = match outgoing::load_attachments(&ctx.client, &ns, &msg.spec).await? {
+        Ok(a) => a,
+        Err(e) if e.may_resolve_later() => {
+            return wait(&ctx, &api, &msg, e.reason(), &e.to_string()).await;
+        }
+        Err(e) => return fail(&ctx, &api, &msg, e.reason(), &e.to_string()).await,
+    };
+    let message_id = status
+        .message_id
+        .clone()
+        .unwrap_or_else(|| outgoing::message_id(&uid, &from.email));
+    let limit = if profile.settings.graph.is_some() {
+        MAX_MESSAGE_BYTES
+    } else {
+        MAX_SMTP_MESSAGE_BYTES
+    };
+    let outgoing = match outgoing::build(&msg.spec, from, attachments, message_id.clone(), limit) {
+        Ok(o) => o,
+        Err(e) => return fail(&ctx, &api, &msg, e.reason(), &e.to_string()).await,
+    };
+
+    let permit = ctx
+        .limits
+        .acquire(
+            &key.to_string(),
+            &outgoing.from.email,
+            profile.settings.messages_per_minute(),
+            profile.settings.max_concurrent(),
+        )
+        .await;
+    if !ctx.hold(&uid) {
+        return Ok(Action::await_change());
+    }
+    let result = claim_and_send(&ctx, &api, &msg, &profile, &outgoing, transport.as_ref()).await;
+    drop(permit);
+    ctx.release(&uid);
+    result
+}
+
+async fn claim_and_send(
+    ctx: &Context,
+    api: &Api<EmailMessage>,
+    msg: &EmailMessage,
+    profile: &ResolvedProfile,
+    outgoing: &OutgoingMessage,
+    transport: &dyn crate::transport::Transport,
+) -> Result<Action> {
+    let status = msg.status.clone().unwrap_or_default();
+    let attempt = status.attempts.unwrap_or(0) + 1;
+    let claim = Claim {
+        attempt,
+        message_id: outgoing.message_id.clone(),
+        recipients: msg.spec.recipient_count() as u32,
+        transport: profile.settings.transport_name().to_string(),
+        from: outgoing.from.email.clone(),
+    };
+    let claimed = status::claimed(&status, &claim, msg.metadata.generation, Timestamp::now());
+    // Optimistic concurrency: the claim carries the resourceVersion we decided on, so of two
+    // writers (replicas, or a stale cache) exactly one wins; the loser waits for the next change.
+    match write_status(api, msg, &claimed, msg.resource_version()).await {
+        Ok(()) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => return Ok(Action::await_change()),
+        Err(e) => return Err(e.into()),
+    }
+    let started = std::time::Instant::now();
+    let result = transport.send(outgoing).await;
+    let now = Timestamp::now();
+    let gen_ = msg.metadata.generation;
+    match result {
+        Ok(delivered) => {
+            let next = status::sent(
+                &claimed,
+                &delivered.response,
+                delivered.request_id.as_deref(),
+                &delivered.rejected,
+                gen_,
+                now,
+            );
+            write_status(api, msg, &next, None).await?;
+            info!(message = %msg.name_any(), namespace = ?msg.namespace(), attempt, elapsed_ms = started.elapsed().as_millis() as u64, "sent");
+            let mut text = format!(
+                "sent via {} (attempt {attempt}): {}",
+                claim.transport, delivered.response
+            );
+            if !delivered.rejected.is_empty() {
+                let list: Vec<&str> = delivered.rejected.iter().map(|(r, _)| r.as_str()).collect();
+                text.push_str(&format!("; rejected: {}", list.join(", ")));
+            }
+            event(ctx, msg, EventType::Normal, "Sent", &text).await;
+            Ok(expire_after(msg))
+        }
+        Err(SendError::Permanent { reason }) => {
+            let next = status::failed(&claimed, "SendFailed", &reason, gen_, now);
+            write_status(api, msg, &next, None).await?;
+            warn!(message = %msg.name_any(), attempt, %reason, "failed");
+            event(ctx, msg, EventType::Warning, "Failed", &reason).await;
+            Ok(expire_after(msg))
+        }
+        Err(SendError::Transient {
+            reason,
+            retry_after,
+        }) => {
+            let created = msg
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0)
+                .unwrap_or(now);
+            let policy = RetryPolicy {
+                max_attempts: msg.spec.max_attempts(),
+                deadline: retry::add(created, Duration::from_secs(msg.spec.deadline_seconds())),
+                base_delay: retry::BASE_DELAY,
+                max_delay: retry::MAX_DELAY,
+            };
+            match retry::next_attempt(&policy, attempt, now, retry_after, rand::random::<f64>()) {
+                RetryDecision::RetryAt(at) => {
+                    let next = status::retrying(&claimed, &reason, at, gen_, now);
+                    write_status(api, msg, &next, None).await?;
+                    warn!(message = %msg.name_any(), attempt, %reason, "transient failure, retry scheduled");
+                    event(
+                        ctx,
+                        msg,
+                        EventType::Warning,
+                        "RetryScheduled",
+                        &format!("attempt {attempt} failed: {reason}"),
+                    )
+                    .await;
+                    Ok(Action::requeue(retry::until(now, at)))
+                }
+                RetryDecision::GiveUp(why) => {
+                    let text = format!("{why}; last error: {reason}");
+                    let next = status::failed(&claimed, "RetriesExhausted", &text, gen_, now);
+                    write_status(api, msg, &next, None).await?;
+                    event(ctx, msg, EventType::Warning, "Failed", &text).await;
+                    Ok(expire_after(msg))
+                }
+            }
+        }
+    }
+}
+
+/// Checks the namespace, sender and recipients against the profile. Ok(Err((reason, text))) is a
+/// violation that fails the message.
+async fn check_policy(
+    ctx: &Context,
+    ns: &str,
+    msg: &EmailMessage,
+    profile: &ResolvedProfile,
+) -> Result<Result<(), (&'static str, String)>> {
+    let name = profile.key.to_string();
+    if let ProfileKey::Cluster { .. } = profile.key {
+        let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
+        let labels = namespaces
+            .get_metadata_opt(ns)
+            .await?
+            .map(|n| n.labels().clone())
+            .unwrap_or_default();
+        if let Err(e) =
+            policy::check_namespace(&name, profile.allowed_namespaces.as_ref(), ns, &labels)
+        {
+            return Ok(Err(("NamespaceNotAdmitted", e.to_string())));
+        }
+    }
+    let from = match outgoing::sender(&msg.spec, &profile.settings.senders.default) {
+        Ok(f) => f,
+        Err(e) => return Ok(Err((e.reason(), e.to_string()))),
+    };
+    if let Err(e) = policy::check_sender(&name, &profile.settings.senders, &from.email) {
+        return Ok(Err(("SenderNotAllowed", e.to_string())));
+    }
+    let mut bare = Vec::new();
+    for a in msg.spec.to.iter().chain(&msg.spec.cc).chain(&msg.spec.bcc) {
+        match crate::transport::parse_mailbox(a) {
+            Ok(m) => bare.push(m.email),
+            Err(e) => {
+                return Ok(Err((
+                    BuildError::Address {
+                        field: "to",
+                        reason: String::new(),
+                    }
+                    .reason(),
+                    e.to_string(),
+                )));
+            }
+        }
+    }
+    if let Err(e) = policy::check_recipients(
+        &name,
+        profile.settings.recipient_domains.as_deref(),
+        bare.iter().map(String::as_str),
+    ) {
+        return Ok(Err(("RecipientDomainNotAllowed", e.to_string())));
+    }
+    Ok(Ok(()))
+}
+
+async fn fail(
+    ctx: &Context,
+    api: &Api<EmailMessage>,
+    msg: &EmailMessage,
+    reason: &str,
+    text: &str,
+) -> Result<Action> {
+    let s = msg.status.clone().unwrap_or_default();
+    let next = status::failed(&s, reason, text, msg.metadata.generation, Timestamp::now());
+    write_status(api, msg, &next, None).await?;
+    warn!(message = %msg.name_any(), namespace = ?msg.namespace(), reason, "failed");
+    event(ctx, msg, EventType::Warning, reason, text).await;
+    Ok(expire_after(msg))
+}
+
+async fn wait(
+    ctx: &Context,
+    api: &Api<EmailMessage>,
+    msg: &EmailMessage,
+    reason: &str,
+    text: &str,
+) -> Result<Action> {
+    let s = msg.status.clone().unwrap_or_default();
+    let next = status::waiting(&s, reason, text, msg.metadata.generation, Timestamp::now());
+    if status::differs(&s, &next) {
+        write_status(api, msg, &next, None).await?;
+        event(ctx, msg, EventType::Normal, reason, text).await;
+    }
+    Ok(Action::requeue(WAIT_RECHECK))
+}
+
+/// Writes the whole status; with a resourceVersion the write only succeeds on that version.
+async fn write_status(
+    api: &Api<EmailMessage>,
+    msg: &EmailMessage,
+    next: &EmailMessageStatus,
+    resource_version: Option<String>,
+) -> Result<(), kube::Error> {
+    let mut patch = json!({ "status": next });
+    if let Some(rv) = resource_version {
+        patch["metadata"] = json!({ "resourceVersion": rv });
+    }
+    api.patch_status(
+        &msg.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(patch),
+    )
+    .await
+    .map(|_| ())
+}
+
+fn expire_after(msg: &EmailMessage) -> Action {
+    match msg.spec.ttl_seconds_after_finished {
+        Some(ttl) => Action::requeue(Duration::from_secs(ttl.max(0) as u64)),
+        None => Action::await_change(),
+    }
+}
+
+/// Deletes a finished message once `ttlSecondsAfterFinished` has passed.
+async fn expire(
+    api: &Api<EmailMessage>,
+    msg: &EmailMessage,
+    status: &EmailMessageStatus,
+    now: Timestamp,
+) -> Result<Action> {
+    let (Some(ttl), Some(done)) = (
+        msg.spec.ttl_seconds_after_finished,
+        status::finished_at(status),
+    ) else {
+        return Ok(Action::await_change());
+    };
+    let at = retry::add(done, Duration::from_secs(ttl.max(0) as u64));
+    if at > now {
+        return Ok(Action::requeue(retry::until(now, at)));
+    }
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: msg.uid(),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete(&msg.name_any(), &dp).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    info!(message = %msg.name_any(), "deleted after ttlSecondsAfterFinished");
+    Ok(Action::await_change())
+}
+
+/// Publishes an Event on the message; a failure to publish is logged, never fatal.
+async fn event(ctx: &Context, msg: &EmailMessage, type_: EventType, reason: &str, note: &str) {
+    let mut note = note.to_string();
+    if note.len() > 1000 {
+        let mut end = 1000;
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+    }
+    let ev = Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(note),
+        action: "Send".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &msg.object_ref(&())).await {
+        warn!(message = %msg.name_any(), error = %e, "could not publish event");
+    }
+}
+
+/// Backoff for reconcile errors (API unavailable and the like).
+pub fn error_policy(_msg: Arc<EmailMessage>, err: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(error = %err, "reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}

@@ -1,0 +1,13 @@
+//! The reconcilers for messages and profiles, and the context they share.
+
+pub mod context;
+pub mod message;
+pub mod outgoing;
+pub mod profile;
+pub mod registry;
+pub mod run;
+pub mod status;
+pub mod wiring;
+
+pub use context::{Context, OperatorConfig};
+pub use run::run;

@@ -1,0 +1,602 @@
+//! The profile reconciler: validate → dereference Secrets → build the transport → status.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+use super::context::Context;
+use super::registry::{NotReady, ProfileKey, ResolvedProfile};
+use super::wiring::{self, CredentialMaterial, TransportInputs};
+use crate::api::{
+    ClusterMailProfile, EmailMessage, EntraCredentials, MailProfile, MailProfileSpec,
+    MailProfileStatus, Phase, ProfileKind, SecretKeySelector, SecretReference, condition,
+    conditions, set_condition,
+};
+use crate::error::{Error, Result};
+use crate::tls::TrustRoots;
+
+/// Re-checks a profile this often even without changes (Secrets rotated outside a watch, etc.).
+const RESYNC: Duration = Duration::from_secs(300);
+/// Env var naming the federated token file (Azure Workload Identity).
+pub const FEDERATED_TOKEN_ENV: &str = "AZURE_FEDERATED_TOKEN_FILE";
+
+/// Reconciles a MailProfile.
+pub async fn reconcile_namespaced(p: Arc<MailProfile>, ctx: Arc<Context>) -> Result<Action> {
+    let namespace = p
+        .namespace()
+        .ok_or_else(|| Error::Invalid("MailProfile without namespace".into()))?;
+    let key = ProfileKey::Namespaced {
+        namespace: namespace.clone(),
+        name: p.name_any(),
+    };
+    let api: Api<MailProfile> = Api::namespaced(ctx.client.clone(), &namespace);
+    let status = p.status.clone().unwrap_or_default();
+    reconcile(
+        &ctx,
+        key,
+        p.metadata.generation,
+        &p.spec,
+        None,
+        &status,
+        |patch| {
+            let api = api.clone();
+            let name = p.name_any();
+            async move {
+                api.patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
+                    .await
+                    .map(|_| ())
+            }
+        },
+    )
+    .await
+}
+
+/// Reconciles a ClusterMailProfile.
+pub async fn reconcile_cluster(p: Arc<ClusterMailProfile>, ctx: Arc<Context>) -> Result<Action> {
+    let key = ProfileKey::Cluster { name: p.name_any() };
+    let api: Api<ClusterMailProfile> = Api::all(ctx.client.clone());
+    let status = p.status.clone().unwrap_or_default();
+    let settings = p.spec.settings();
+    reconcile(
+        &ctx,
+        key,
+        p.metadata.generation,
+        &settings,
+        p.spec.allowed_namespaces.clone(),
+        &status,
+        |patch| {
+            let api = api.clone();
+            let name = p.name_any();
+            async move {
+                api.patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
+                    .await
+                    .map(|_| ())
+            }
+        },
+    )
+    .await
+}
+
+async fn reconcile<F, Fut>(
+    ctx: &Context,
+    key: ProfileKey,
+    generation: Option<i64>,
+    settings: &MailProfileSpec,
+    allowed_namespaces: Option<LabelSelector>,
+    status: &MailProfileStatus,
+    write_status: F,
+) -> Result<Action>
+where
+    F: FnOnce(serde_json::Value) -> Fut,
+    Fut: std::future::Future<Output = Result<(), kube::Error>>,
+{
+    let state = resolve(ctx, &key, settings).await?;
+    let now = Timestamp::now();
+    let mut next = status.clone();
+    next.observed_generation = generation;
+    next.transport = Some(settings.transport_name().to_string());
+    let ready = match &state {
+        Ok(_) => condition(
+            &status.conditions,
+            conditions::READY,
+            true,
+            "Ready",
+            "profile can send",
+            generation,
+            Time(now),
+        ),
+        Err(nr) => condition(
+            &status.conditions,
+            conditions::READY,
+            false,
+            &nr.reason,
+            nr.message.clone(),
+            generation,
+            Time(now),
+        ),
+    };
+    set_condition(&mut next.conditions, ready);
+    let became_ready = state.is_ok();
+    ctx.profiles.put(ResolvedProfile {
+        key: key.clone(),
+        settings: settings.clone(),
+        allowed_namespaces,
+        state,
+    });
+    if differs(status, &next) {
+        let patch = json!({ "status": next });
+        write_status(patch).await?;
+    }
+    if became_ready {
+        wake_messages(ctx, &key);
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+fn differs(a: &MailProfileStatus, b: &MailProfileStatus) -> bool {
+    let strip = |s: &MailProfileStatus| {
+        let mut s = s.clone();
+        for c in &mut s.conditions {
+            c.last_transition_time = Time(Timestamp::UNIX_EPOCH);
+        }
+        s
+    };
+    strip(a) != strip(b)
+}
+
+/// Wakes the unfinished messages that name this profile.
+pub fn wake_messages(ctx: &Context, key: &ProfileKey) {
+    let Some(store) = ctx.messages.get() else {
+        return;
+    };
+    for m in store.state() {
+        if m.status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .is_some_and(Phase::is_finished)
+        {
+            continue;
+        }
+        let ns = m.namespace().unwrap_or_default();
+        if &ProfileKey::for_message(&ns, m.spec.profile_ref.kind(), &m.spec.profile_ref.name) == key
+        {
+            let _ = ctx.wake.send(ObjectRef::<EmailMessage>::from(m.as_ref()));
+        }
+    }
+}
+
+/// The profile's transport, or why it cannot have one. API errors are returned as errors.
+async fn resolve(
+    ctx: &Context,
+    key: &ProfileKey,
+    settings: &MailProfileSpec,
+) -> Result<Result<Arc<dyn crate::transport::Transport>, NotReady>> {
+    if let Err(nr) = validate(key, settings, ctx.config.allow_insecure_endpoints) {
+        return Ok(Err(nr));
+    }
+    let credential = match read_credential(&ctx.client, key, settings).await? {
+        Ok(c) => c,
+        Err(nr) => return Ok(Err(nr)),
+    };
+    let mut trust = ctx.config.trust.clone();
+    if let Some(pem) = &settings.ca_bundle {
+        match TrustRoots::from_pem(pem.as_bytes()) {
+            Ok(extra) => trust = trust.with(&extra),
+            Err(e) => return Ok(Err(invalid(format!("caBundle: {e}")))),
+        }
+    }
+    let inputs = TransportInputs {
+        profile: key.to_string(),
+        settings,
+        credential,
+        trust,
+        allow_insecure: ctx.config.allow_insecure_endpoints,
+    };
+    Ok(wiring::build_transport(inputs).await)
+}
+
+fn invalid(message: String) -> NotReady {
+    NotReady {
+        reason: "InvalidSettings".into(),
+        message,
+    }
+}
+
+/// Checks what the CRD schema cannot: endpoints, and which namespaces Secret references name.
+pub fn validate(
+    key: &ProfileKey,
+    settings: &MailProfileSpec,
+    allow_insecure: bool,
+) -> Result<(), NotReady> {
+    let check_url = |field: &str, url: &str| -> Result<(), NotReady> {
+        if url.starts_with("https://") || (allow_insecure && url.starts_with("http://")) {
+            Ok(())
+        } else if url.starts_with("http://") {
+            Err(invalid(format!(
+                "{field} {url} is plain http; only https is allowed (the operator's --allow-insecure-endpoints is for local testing)"
+            )))
+        } else {
+            Err(invalid(format!("{field} {url} must be an https:// URL")))
+        }
+    };
+    let entra = |prefix: &str, c: &EntraCredentials| -> Result<(), NotReady> {
+        check_url(&format!("{prefix}.authorityHost"), c.authority_host())?;
+        let count = [
+            c.client_secret_ref.is_some(),
+            c.certificate_ref.is_some(),
+            c.workload_identity.is_some(),
+        ]
+        .iter()
+        .filter(|x| **x)
+        .count();
+        if count != 1 {
+            return Err(invalid(format!(
+                "{prefix}: set exactly one of clientSecretRef, certificateRef, workloadIdentity"
+            )));
+        }
+        if let Some(r) = &c.client_secret_ref {
+            check_ref_namespace(
+                key,
+                &format!("{prefix}.clientSecretRef"),
+                r.namespace.as_deref(),
+            )?;
+        }
+        if let Some(r) = &c.certificate_ref {
+            check_ref_namespace(
+                key,
+                &format!("{prefix}.certificateRef"),
+                r.namespace.as_deref(),
+            )?;
+        }
+        Ok(())
+    };
+    match (&settings.graph, &settings.smtp) {
+        (Some(g), None) => {
+            check_url("graph.endpoint", g.endpoint())?;
+            entra("graph", &g.credentials)?;
+        }
+        (None, Some(s)) => {
+            if let Some(auth) = &s.auth {
+                match (&auth.password, &auth.oauth2) {
+                    (Some(p), None) => check_ref_namespace(
+                        key,
+                        "smtp.auth.password.secretRef",
+                        p.secret_ref.namespace.as_deref(),
+                    )?,
+                    (None, Some(o)) => entra("smtp.auth.oauth2", o)?,
+                    _ => {
+                        return Err(invalid(
+                            "smtp.auth needs exactly one of password or oauth2".into(),
+                        ));
+                    }
+                }
+            }
+        }
+        _ => {
+            return Err(invalid(
+                "a profile needs exactly one transport: graph or smtp".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_ref_namespace(
+    key: &ProfileKey,
+    field: &str,
+    namespace: Option<&str>,
+) -> Result<(), NotReady> {
+    match (key, namespace) {
+        (ProfileKey::Namespaced { namespace: own, .. }, Some(ns)) if ns != own => {
+            Err(invalid(format!(
+                "{field} names namespace {ns}; a MailProfile may only use Secrets in its own namespace {own}"
+            )))
+        }
+        (ProfileKey::Cluster { .. }, None) => Err(invalid(format!(
+            "{field} needs a namespace: a ClusterMailProfile's Secret references carry one"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn secret_namespace(key: &ProfileKey, explicit: Option<&str>) -> String {
+    match key {
+        ProfileKey::Namespaced { namespace, .. } => namespace.clone(),
+        ProfileKey::Cluster { .. } => explicit.unwrap_or_default().to_string(),
+    }
+}
+
+async fn read_credential(
+    client: &Client,
+    key: &ProfileKey,
+    settings: &MailProfileSpec,
+) -> Result<Result<CredentialMaterial, NotReady>> {
+    let entra = match (&settings.graph, &settings.smtp) {
+        (Some(g), _) => Some(&g.credentials),
+        (None, Some(s)) => match &s.auth {
+            None => return Ok(Ok(CredentialMaterial::None)),
+            Some(a) => match (&a.password, &a.oauth2) {
+                (Some(p), _) => return read_password(client, key, &p.secret_ref).await,
+                (None, Some(o)) => Some(o),
+                (None, None) => None,
+            },
+        },
+        (None, None) => None,
+    };
+    let Some(c) = entra else {
+        return Ok(Err(invalid("no transport".into())));
+    };
+    if let Some(r) = &c.client_secret_ref {
+        return Ok(read_key(client, key, r).await?.map(|v| {
+            CredentialMaterial::ClientSecret(String::from_utf8_lossy(&v).trim().to_string())
+        }));
+    }
+    if let Some(r) = &c.certificate_ref {
+        return read_certificate(client, key, r).await;
+    }
+    if let Some(w) = &c.workload_identity {
+        let path = w
+            .token_file
+            .clone()
+            .or_else(|| std::env::var(FEDERATED_TOKEN_ENV).ok());
+        return Ok(match path {
+            Some(p) if !p.is_empty() => {
+                Ok(CredentialMaterial::FederatedTokenFile(PathBuf::from(p)))
+            }
+            _ => Err(NotReady {
+                reason: "FederatedTokenMissing".into(),
+                message: format!(
+                    "workloadIdentity: no tokenFile given and {FEDERATED_TOKEN_ENV} is not set (is the azure.workload.identity/use label on the operator's pod?)"
+                ),
+            }),
+        });
+    }
+    Ok(Err(invalid("no credential".into())))
+}
+
+async fn get_secret(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Result<Secret, NotReady>> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    Ok(match api.get_opt(name).await? {
+        Some(s) => Ok(s),
+        None => Err(NotReady {
+            reason: "SecretNotFound".into(),
+            message: format!("Secret {namespace}/{name} not found"),
+        }),
+    })
+}
+
+fn secret_value(secret: &Secret, key: &str) -> Option<Vec<u8>> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|v| v.0.clone())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(key))
+                .map(|v| v.clone().into_bytes())
+        })
+}
+
+fn key_missing(namespace: &str, name: &str, key: &str) -> NotReady {
+    NotReady {
+        reason: "KeyNotFound".into(),
+        message: format!("Secret {namespace}/{name} has no key {key}"),
+    }
+}
+
+async fn read_key(
+    client: &Client,
+    key: &ProfileKey,
+    r: &SecretKeySelector,
+) -> Result<Result<Vec<u8>, NotReady>> {
+    let ns = secret_namespace(key, r.namespace.as_deref());
+    let secret = match get_secret(client, &ns, &r.name).await? {
+        Ok(s) => s,
+        Err(nr) => return Ok(Err(nr)),
+    };
+    Ok(secret_value(&secret, &r.key)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| key_missing(&ns, &r.name, &r.key)))
+}
+
+async fn read_password(
+    client: &Client,
+    key: &ProfileKey,
+    r: &SecretReference,
+) -> Result<Result<CredentialMaterial, NotReady>> {
+    let ns = secret_namespace(key, r.namespace.as_deref());
+    let secret = match get_secret(client, &ns, &r.name).await? {
+        Ok(s) => s,
+        Err(nr) => return Ok(Err(nr)),
+    };
+    let Some(user) = secret_value(&secret, "username") else {
+        return Ok(Err(key_missing(&ns, &r.name, "username")));
+    };
+    let Some(pass) = secret_value(&secret, "password") else {
+        return Ok(Err(key_missing(&ns, &r.name, "password")));
+    };
+    Ok(Ok(CredentialMaterial::Password {
+        username: String::from_utf8_lossy(&user).trim().to_string(),
+        password: String::from_utf8_lossy(&pass).to_string(),
+    }))
+}
+
+async fn read_certificate(
+    client: &Client,
+    key: &ProfileKey,
+    r: &SecretReference,
+) -> Result<Result<CredentialMaterial, NotReady>> {
+    let ns = secret_namespace(key, r.namespace.as_deref());
+    let secret = match get_secret(client, &ns, &r.name).await? {
+        Ok(s) => s,
+        Err(nr) => return Ok(Err(nr)),
+    };
+    let Some(cert_pem) = secret_value(&secret, "tls.crt") else {
+        return Ok(Err(key_missing(&ns, &r.name, "tls.crt")));
+    };
+    let Some(key_pem) = secret_value(&secret, "tls.key") else {
+        return Ok(Err(key_missing(&ns, &r.name, "tls.key")));
+    };
+    Ok(Ok(CredentialMaterial::Certificate { cert_pem, key_pem }))
+}
+
+/// The Secrets (namespace, name) a profile references, for the Secret watch.
+pub fn referenced_secrets(key: &ProfileKey, settings: &MailProfileSpec) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut entra = |c: &EntraCredentials| {
+        if let Some(r) = &c.client_secret_ref {
+            out.push((
+                secret_namespace(key, r.namespace.as_deref()),
+                r.name.clone(),
+            ));
+        }
+        if let Some(r) = &c.certificate_ref {
+            out.push((
+                secret_namespace(key, r.namespace.as_deref()),
+                r.name.clone(),
+            ));
+        }
+    };
+    if let Some(g) = &settings.graph {
+        entra(&g.credentials);
+    }
+    if let Some(auth) = settings.smtp.as_ref().and_then(|s| s.auth.as_ref()) {
+        if let Some(o) = &auth.oauth2 {
+            entra(o);
+        }
+        if let Some(p) = &auth.password {
+            out.push((
+                secret_namespace(key, p.secret_ref.namespace.as_deref()),
+                p.secret_ref.name.clone(),
+            ));
+        }
+    }
+    out
+}
+
+/// Which profile kinds exist, for mapping messages.
+pub fn kind_of(key: &ProfileKey) -> ProfileKind {
+    match key {
+        ProfileKey::Namespaced { .. } => ProfileKind::MailProfile,
+        ProfileKey::Cluster { .. } => ProfileKind::ClusterMailProfile,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{GraphTransport, Senders, SmtpTransport, WorkloadIdentity};
+
+    fn graph(endpoint: &str, secret_ns: Option<&str>) -> MailProfileSpec {
+        MailProfileSpec {
+            senders: Senders {
+                default: "a@contoso.com".into(),
+                allowed: None,
+            },
+            graph: Some(GraphTransport {
+                credentials: EntraCredentials {
+                    tenant_id: "t".into(),
+                    client_id: "c".into(),
+                    client_secret_ref: Some(SecretKeySelector {
+                        name: "s".into(),
+                        key: "k".into(),
+                        namespace: secret_ns.map(Into::into),
+                    }),
+                    certificate_ref: None,
+                    workload_identity: None,
+                    authority_host: None,
+                },
+                save_to_sent_items: None,
+                endpoint: Some(endpoint.into()),
+            }),
+            smtp: None,
+            limits: None,
+            recipient_domains: None,
+            ca_bundle: None,
+        }
+    }
+
+    fn ns_key() -> ProfileKey {
+        ProfileKey::Namespaced {
+            namespace: "team-a".into(),
+            name: "p".into(),
+        }
+    }
+
+    #[test]
+    fn plain_http_needs_the_flag() {
+        let err = validate(&ns_key(), &graph("http://127.0.0.1:1", None), false).unwrap_err();
+        assert!(err.message.contains("plain http"), "{}", err.message);
+        assert!(validate(&ns_key(), &graph("http://127.0.0.1:1", None), true).is_ok());
+        assert!(
+            validate(
+                &ns_key(),
+                &graph("https://graph.microsoft.com", None),
+                false
+            )
+            .is_ok()
+        );
+        assert!(validate(&ns_key(), &graph("ftp://x", None), true).is_err());
+    }
+
+    #[test]
+    fn namespaced_profile_cannot_reach_other_namespaces() {
+        let err = validate(&ns_key(), &graph("https://g", Some("kube-system")), false).unwrap_err();
+        assert!(
+            err.message
+                .contains("only use Secrets in its own namespace"),
+            "{}",
+            err.message
+        );
+        assert!(validate(&ns_key(), &graph("https://g", Some("team-a")), false).is_ok());
+    }
+
+    #[test]
+    fn cluster_profile_refs_need_namespace() {
+        let key = ProfileKey::Cluster { name: "c".into() };
+        assert!(validate(&key, &graph("https://g", None), false).is_err());
+        assert!(validate(&key, &graph("https://g", Some("mail-system")), false).is_ok());
+        assert_eq!(
+            referenced_secrets(&key, &graph("https://g", Some("mail-system"))),
+            vec![("mail-system".into(), "s".into())]
+        );
+    }
+
+    #[test]
+    fn relay_needs_nothing() {
+        let spec = MailProfileSpec {
+            smtp: Some(SmtpTransport {
+                host: "relay".into(),
+                port: Some(25),
+                tls: None,
+                auth: None,
+            }),
+            graph: None,
+            ..graph("https://g", None)
+        };
+        assert!(validate(&ns_key(), &spec, false).is_ok());
+        assert!(referenced_secrets(&ns_key(), &spec).is_empty());
+        let mut wi = graph("https://g", None);
+        if let Some(g) = wi.graph.as_mut() {
+            g.credentials.client_secret_ref = None;
+            g.credentials.workload_identity = Some(WorkloadIdentity::default());
+        }
+        assert!(validate(&ns_key(), &wi, false).is_ok());
+    }
+}

@@ -1,0 +1,150 @@
+//! Starts the controllers and the Secret watch that feeds them.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tracing::{info, warn};
+
+use super::context::{Context, OperatorConfig};
+use super::registry::ProfileKey;
+use super::{message, profile};
+use crate::api::{ClusterMailProfile, EmailMessage, MailProfile};
+use crate::error::Error;
+
+/// Runs the operator until `shutdown` completes.
+pub async fn run(
+    client: Client,
+    config: OperatorConfig,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let namespace = config.namespace.clone();
+    let (ctx, woken) = Context::new(client.clone(), config);
+    let ctx = Arc::new(ctx);
+    let (messages_api, profiles_api, secrets_api): (
+        Api<EmailMessage>,
+        Api<MailProfile>,
+        Api<PartialObjectMeta<Secret>>,
+    ) = match &namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::all(client.clone()),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
+    let cluster_api: Api<ClusterMailProfile> = Api::all(client.clone());
+
+    let (shutdown_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let signal = shutdown_tx.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = signal.send(());
+    });
+    let stopped = |tx: &tokio::sync::broadcast::Sender<()>| {
+        let mut rx = tx.subscribe();
+        async move {
+            let _ = rx.recv().await;
+        }
+    };
+
+    let (mp_tx, mp_rx) = mpsc::unbounded_channel::<ObjectRef<MailProfile>>();
+    let (cmp_tx, cmp_rx) = mpsc::unbounded_channel::<ObjectRef<ClusterMailProfile>>();
+
+    let profiles = Controller::new(profiles_api, watcher::Config::default())
+        .reconcile_on(UnboundedReceiverStream::new(mp_rx))
+        .graceful_shutdown_on(stopped(&shutdown_tx));
+    let _ = ctx.mail_profiles.set(profiles.store());
+    let cluster_profiles = Controller::new(cluster_api, watcher::Config::default())
+        .reconcile_on(UnboundedReceiverStream::new(cmp_rx))
+        .graceful_shutdown_on(stopped(&shutdown_tx));
+    let _ = ctx.cluster_profiles.set(cluster_profiles.store());
+    let messages = Controller::new(messages_api, watcher::Config::default())
+        .reconcile_on(UnboundedReceiverStream::new(woken))
+        .graceful_shutdown_on(stopped(&shutdown_tx));
+    let _ = ctx.messages.set(messages.store());
+
+    // Secrets are watched by metadata only: their data never sits in this process's memory, and a
+    // change to one that a profile references re-resolves that profile at once.
+    let secret_watch = {
+        let (mp_store, cmp_store) = (profiles.store(), cluster_profiles.store());
+        let mut stop = shutdown_tx.subscribe();
+        async move {
+            let stream = watcher(secrets_api, watcher::Config::default())
+                .default_backoff()
+                .touched_objects();
+            futures::pin_mut!(stream);
+            loop {
+                tokio::select! {
+                    _ = stop.recv() => break,
+                    item = stream.next() => match item {
+                        Some(Ok(secret)) => notify_profiles(&secret.namespace().unwrap_or_default(), &secret.name_any(), &mp_store, &cmp_store, &mp_tx, &cmp_tx),
+                        Some(Err(e)) => warn!(error = %e, "secret watch"),
+                        None => break,
+                    },
+                }
+            }
+        }
+    };
+
+    info!(namespace = ?namespace, "mailroom operator running");
+    let c1 = ctx.clone();
+    let c2 = ctx.clone();
+    let c3 = ctx.clone();
+    futures::join!(
+        profiles
+            .run(profile::reconcile_namespaced, profile_error, c1)
+            .for_each(|_| async {}),
+        cluster_profiles
+            .run(profile::reconcile_cluster, profile_error, c2)
+            .for_each(|_| async {}),
+        messages
+            .run(message::reconcile, message::error_policy, c3)
+            .for_each(|_| async {}),
+        secret_watch,
+    );
+    info!("mailroom operator stopped");
+}
+
+fn notify_profiles(
+    namespace: &str,
+    name: &str,
+    mp: &Store<MailProfile>,
+    cmp: &Store<ClusterMailProfile>,
+    mp_tx: &mpsc::UnboundedSender<ObjectRef<MailProfile>>,
+    cmp_tx: &mpsc::UnboundedSender<ObjectRef<ClusterMailProfile>>,
+) {
+    let wanted = (namespace.to_string(), name.to_string());
+    for p in mp.state() {
+        let key = ProfileKey::Namespaced {
+            namespace: p.namespace().unwrap_or_default(),
+            name: p.name_any(),
+        };
+        if profile::referenced_secrets(&key, &p.spec).contains(&wanted) {
+            let _ = mp_tx.send(ObjectRef::from(p.as_ref()));
+        }
+    }
+    for p in cmp.state() {
+        let key = ProfileKey::Cluster { name: p.name_any() };
+        if profile::referenced_secrets(&key, &p.spec.settings()).contains(&wanted) {
+            let _ = cmp_tx.send(ObjectRef::from(p.as_ref()));
+        }
+    }
+}
+
+fn profile_error<K>(_p: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(error = %err, "profile reconcile failed");
+    Action::requeue(std::time::Duration::from_secs(5))
+}

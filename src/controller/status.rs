@@ -1,0 +1,366 @@
+//! The status a message moves through, as pure functions producing the next status.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+
+use crate::api::{EmailMessageStatus, Phase, condition, conditions, set_condition};
+
+/// The longest reason text kept in a condition message.
+const MAX_MESSAGE: usize = 1024;
+
+/// Facts written when a message is claimed for an attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    /// The attempt number, from 1.
+    pub attempt: u32,
+    /// The stable Message-ID.
+    pub message_id: String,
+    /// Recipients in to, cc and bcc.
+    pub recipients: u32,
+    /// The transport name.
+    pub transport: String,
+    /// The sender's address.
+    pub from: String,
+}
+
+fn clip(s: &str) -> String {
+    if s.len() <= MAX_MESSAGE {
+        return s.to_string();
+    }
+    let mut end = MAX_MESSAGE;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// `Sending`, attempt N.
+pub fn claimed(
+    prev: &EmailMessageStatus,
+    claim: &Claim,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> EmailMessageStatus {
+    let mut s = prev.clone();
+    s.phase = Some(Phase::Sending);
+    s.attempts = Some(claim.attempt);
+    s.last_attempt_time = Some(Time(now));
+    s.next_attempt_time = None;
+    s.message_id = Some(claim.message_id.clone());
+    s.recipients = Some(claim.recipients);
+    s.transport = Some(claim.transport.clone());
+    s.from = Some(claim.from.clone());
+    s.observed_generation = generation;
+    let msg = format!(
+        "attempt {} in progress via {}",
+        claim.attempt, claim.transport
+    );
+    set_condition(
+        &mut s.conditions,
+        condition(
+            &prev.conditions,
+            conditions::SENT,
+            false,
+            "Sending",
+            msg,
+            generation,
+            Time(now),
+        ),
+    );
+    set_condition(
+        &mut s.conditions,
+        condition(
+            &prev.conditions,
+            conditions::WAITING,
+            false,
+            "Claimed",
+            "",
+            generation,
+            Time(now),
+        ),
+    );
+    s
+}
+
+/// `Sent`, with the provider's answer.
+pub fn sent(
+    prev: &EmailMessageStatus,
+    response: &str,
+    request_id: Option<&str>,
+    rejected: &[(String, String)],
+    generation: Option<i64>,
+    now: Timestamp,
+) -> EmailMessageStatus {
+    let mut s = prev.clone();
+    s.phase = Some(Phase::Sent);
+    s.sent_time = Some(Time(now));
+    s.next_attempt_time = None;
+    s.response = Some(clip(response));
+    s.request_id = request_id.map(str::to_string);
+    let (reason, msg) = if rejected.is_empty() {
+        ("Delivered", format!("accepted by the provider: {response}"))
+    } else {
+        let list: Vec<String> = rejected
+            .iter()
+            .map(|(r, why)| format!("{r} ({why})"))
+            .collect();
+        (
+            "PartiallyDelivered",
+            format!(
+                "accepted for some recipients; rejected: {}",
+                list.join("; ")
+            ),
+        )
+    };
+    set_condition(
+        &mut s.conditions,
+        condition(
+            &prev.conditions,
+            conditions::SENT,
+            true,
+            reason,
+            clip(&msg),
+            generation,
+            Time(now),
+        ),
+    );
+    s
+}
+
+/// Back to `Pending` until `next`, after a transient failure.
+pub fn retrying(
+    prev: &EmailMessageStatus,
+    reason: &str,
+    next: Timestamp,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> EmailMessageStatus {
+    let mut s = prev.clone();
+    s.phase = Some(Phase::Pending);
+    s.next_attempt_time = Some(Time(next));
+    let attempt = s.attempts.unwrap_or(0);
+    let msg = format!("attempt {attempt} failed, retrying at {next}: {reason}");
+    set_condition(
+        &mut s.conditions,
+        condition(
+            &prev.conditions,
+            conditions::SENT,
+            false,
+            "RetryScheduled",
+            clip(&msg),
+            generation,
+            Time(now),
+        ),
+    );
+    s
+}
+
+/// `Failed`, for good, with a reason a person can act on.
+pub fn failed(
+    prev: &EmailMessageStatus,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> EmailMessageStatus {
+    let mut s = prev.clone();
+    s.phase = Some(Phase::Failed);
+    s.next_attempt_time = None;
+    s.observed_generation = generation;
+    set_condition(
+        &mut s.conditions,
+        condition(
+            &prev.conditions,
+            conditions::SENT,
+            false,
+            reason,
+            clip(message),
+            generation,
+            Time(now),
+        ),
+    );
+    set_condition(
+        &mut s.conditions,
+        condition(
+            &prev.conditions,
+            conditions::FAILED,
+            true,
+            reason,
+            clip(message),
+            generation,
+            Time(now),
+        ),
+    );
+    set_condition(
+        &mut s.conditions,
+        condition(
+            &prev.conditions,
+            conditions::WAITING,
+            false,
+            reason,
+            "",
+            generation,
+            Time(now),
+        ),
+    );
+    s
+}
+
+/// `Pending`, waiting for something outside the message (a profile, a Secret).
+pub fn waiting(
+    prev: &EmailMessageStatus,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> EmailMessageStatus {
+    let mut s = prev.clone();
+    s.phase = Some(Phase::Pending);
+    s.observed_generation = generation;
+    set_condition(
+        &mut s.conditions,
+        condition(
+            &prev.conditions,
+            conditions::WAITING,
+            true,
+            reason,
+            clip(message),
+            generation,
+            Time(now),
+        ),
+    );
+    s
+}
+
+/// When the message finished (Sent or Failed), for `ttlSecondsAfterFinished`.
+pub fn finished_at(s: &EmailMessageStatus) -> Option<Timestamp> {
+    match s.phase {
+        Some(Phase::Sent) => s.sent_time.as_ref().map(|t| t.0),
+        Some(Phase::Failed) => crate::api::find_condition(&s.conditions, conditions::FAILED)
+            .map(|c| c.last_transition_time.0),
+        _ => None,
+    }
+}
+
+/// Whether writing `next` over `prev` changes anything a reader would see (ignoring times).
+pub fn differs(prev: &EmailMessageStatus, next: &EmailMessageStatus) -> bool {
+    let strip = |s: &EmailMessageStatus| {
+        let mut s = s.clone();
+        for c in &mut s.conditions {
+            c.last_transition_time = Time(Timestamp::UNIX_EPOCH);
+        }
+        s
+    };
+    strip(prev) != strip(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::find_condition;
+
+    fn ts(s: i64) -> Timestamp {
+        Timestamp::from_second(s).unwrap()
+    }
+
+    fn claim(n: u32) -> Claim {
+        Claim {
+            attempt: n,
+            message_id: "<a@b>".into(),
+            recipients: 2,
+            transport: "smtp-relay".into(),
+            from: "a@b".into(),
+        }
+    }
+
+    #[test]
+    fn claim_then_sent() {
+        let s = claimed(&EmailMessageStatus::default(), &claim(1), Some(1), ts(10));
+        assert_eq!(s.phase, Some(Phase::Sending));
+        assert_eq!(s.attempts, Some(1));
+        let s = sent(&s, "250 2.0.0 OK", None, &[], Some(1), ts(11));
+        assert_eq!(s.phase, Some(Phase::Sent));
+        let c = find_condition(&s.conditions, "Sent").unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "Delivered")
+        );
+        assert_eq!(c.last_transition_time, Time(ts(11)));
+        assert_eq!(finished_at(&s), Some(ts(11)));
+    }
+
+    #[test]
+    fn partial_delivery_names_rejected() {
+        let s = sent(
+            &EmailMessageStatus::default(),
+            "250 OK",
+            None,
+            &[("x@y.z".into(), "550 5.1.1 unknown".into())],
+            None,
+            ts(1),
+        );
+        let c = find_condition(&s.conditions, "Sent").unwrap();
+        assert_eq!(c.reason, "PartiallyDelivered");
+        assert!(
+            c.message.contains("x@y.z (550 5.1.1 unknown)"),
+            "{}",
+            c.message
+        );
+    }
+
+    #[test]
+    fn retry_then_fail() {
+        let s = claimed(&EmailMessageStatus::default(), &claim(1), None, ts(10));
+        let s = retrying(&s, "451 4.3.0 later", ts(20), None, ts(11));
+        assert_eq!(s.phase, Some(Phase::Pending));
+        assert_eq!(s.next_attempt_time, Some(Time(ts(20))));
+        assert!(
+            find_condition(&s.conditions, "Sent")
+                .unwrap()
+                .message
+                .contains("451 4.3.0 later")
+        );
+        let f = failed(
+            &s,
+            "Rejected",
+            "550 5.7.64 TenantAttribution; Relay Access Denied",
+            None,
+            ts(30),
+        );
+        assert_eq!(f.phase, Some(Phase::Failed));
+        assert_eq!(f.next_attempt_time, None);
+        assert_eq!(
+            find_condition(&f.conditions, "Failed").unwrap().status,
+            "True"
+        );
+        assert_eq!(finished_at(&f), Some(ts(30)));
+    }
+
+    #[test]
+    fn long_messages_are_clipped_on_char_boundary() {
+        let long = "é".repeat(2000);
+        let f = failed(&EmailMessageStatus::default(), "X", &long, None, ts(1));
+        assert!(
+            find_condition(&f.conditions, "Failed")
+                .unwrap()
+                .message
+                .len()
+                <= MAX_MESSAGE + 3
+        );
+    }
+
+    #[test]
+    fn waiting_twice_is_no_change() {
+        let a = waiting(
+            &EmailMessageStatus::default(),
+            "ProfileNotFound",
+            "m",
+            None,
+            ts(1),
+        );
+        let b = waiting(&a, "ProfileNotFound", "m", None, ts(2));
+        assert!(!differs(&a, &b));
+        let c = waiting(&b, "ProfileNotReady", "m", None, ts(3));
+        assert!(differs(&b, &c));
+    }
+}

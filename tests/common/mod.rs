@@ -1,0 +1,164 @@
+//! Shared by the integration tests: the API server from `make test`, namespaces, the operator
+//! process, and waiting on status.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, ObjectMeta, PostParams};
+use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// An environment variable that `make test` sets; integration tests never run without it.
+pub fn required_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: integration tests run through `make test`, which starts the local control plane")
+    })
+}
+
+/// A client for the test API server.
+pub async fn client() -> Client {
+    mailroom::tls::install_crypto_provider();
+    required_env("KUBECONFIG");
+    Client::try_default()
+        .await
+        .expect("a client for the test API server")
+}
+
+/// A fresh namespace named after the test, with the given labels.
+pub async fn namespace(client: &Client, prefix: &str, labels: &[(&str, &str)]) -> String {
+    let name = format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
+    name
+}
+
+/// Runs kubectl (from the control plane's cache, on PATH in `make test`) and returns its output.
+pub fn kubectl(args: &[&str]) -> std::process::Output {
+    Command::new("kubectl")
+        .args(args)
+        .output()
+        .expect("kubectl on PATH (make test puts it there)")
+}
+
+/// Polls `get` until `done` holds, failing after `timeout` with the last value seen.
+pub async fn wait_for<K, F>(api: &Api<K>, name: &str, timeout: Duration, done: F) -> K
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    F: Fn(&K) -> bool,
+{
+    let start = Instant::now();
+    let mut last = None;
+    while start.elapsed() < timeout {
+        if let Ok(Some(obj)) = api.get_opt(name).await {
+            if done(&obj) {
+                return obj;
+            }
+            last = Some(obj);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("timed out after {timeout:?} waiting for {name}; last seen: {last:#?}");
+}
+
+/// The operator as a child process, its log in target/test-logs.
+pub struct Operator {
+    child: Child,
+    /// Its combined output.
+    pub log: PathBuf,
+}
+
+impl Operator {
+    /// Starts `mailroom run` watching one namespace.
+    pub fn start(test: &str, namespace: &str, extra: &[&str]) -> Operator {
+        let bin = std::env::var("MAILROOM_BIN").unwrap_or_else(|_| {
+            repo_root()
+                .join("target/debug/mailroom")
+                .display()
+                .to_string()
+        });
+        let dir = repo_root().join("target/test-logs");
+        std::fs::create_dir_all(&dir).expect("log dir");
+        let log = dir.join(format!("{test}-{namespace}.log"));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = Command::new(bin)
+            .args([
+                "run",
+                "--namespace",
+                namespace,
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--health-addr",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .env("RUST_LOG", "info,mailroom=debug,kube=warn")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start the operator");
+        Operator { child, log }
+    }
+
+    /// Kills it at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Reads a file that another process writes atomically, waiting for it to appear.
+pub fn wait_for_file(path: &Path, timeout: Duration) -> String {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if let Ok(s) = std::fs::read_to_string(path)
+            && !s.is_empty()
+        {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{} did not appear within {timeout:?}", path.display());
+}
