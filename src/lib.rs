@@ -5,6 +5,8 @@ pub mod auth;
 pub mod controller;
 pub mod delivery;
 pub mod error;
+pub mod metrics;
+pub mod server;
 pub mod tls;
 pub mod transport;
 

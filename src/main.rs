@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use std::sync::Arc;
+
 use mailroom::controller::{self, OperatorConfig};
+use mailroom::metrics::Metrics;
+use mailroom::server::{self, Health};
 use mailroom::tls::{self, TrustRoots};
 use tracing_subscriber::EnvFilter;
 
@@ -73,11 +77,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Version => {
-            println!(
-                "mailroom {} (commit {})",
-                env!("CARGO_PKG_VERSION"),
-                env!("MAILROOM_GIT_COMMIT")
-            );
+            println!("mailroom {} (commit {})", env!("CARGO_PKG_VERSION"), env!("MAILROOM_GIT_COMMIT"));
             ExitCode::SUCCESS
         }
         Command::Run(args) => {
@@ -101,8 +101,7 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match format {
         LogFormat::Json => builder.json().init(),
@@ -113,16 +112,12 @@ fn init_logging(format: LogFormat) {
 async fn run(args: RunArgs) -> Result<(), String> {
     let trust = match &args.ca_bundle {
         Some(path) => {
-            let pem =
-                std::fs::read(path).map_err(|e| format!("--ca-bundle {}: {e}", path.display()))?;
-            TrustRoots::from_pem(&pem)
-                .map_err(|e| format!("--ca-bundle {}: {e}", path.display()))?
+            let pem = std::fs::read(path).map_err(|e| format!("--ca-bundle {}: {e}", path.display()))?;
+            TrustRoots::from_pem(&pem).map_err(|e| format!("--ca-bundle {}: {e}", path.display()))?
         }
         None => TrustRoots::default(),
     };
-    let client = kube::Client::try_default()
-        .await
-        .map_err(|e| format!("cannot reach the Kubernetes API: {e}"))?;
+    let client = kube::Client::try_default().await.map_err(|e| format!("cannot reach the Kubernetes API: {e}"))?;
     let instance = std::env::var("POD_NAME")
         .or_else(|_| std::env::var("HOSTNAME"))
         .unwrap_or_else(|_| format!("mailroom-{}", std::process::id()));
@@ -132,8 +127,13 @@ async fn run(args: RunArgs) -> Result<(), String> {
         trust,
         instance,
     };
-    let _ = (args.metrics_addr, args.health_addr, args.leader_elect);
-    controller::run(client, config, shutdown_signal()).await;
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::default());
+    server::serve(args.metrics_addr, args.health_addr, metrics.clone(), health.clone())
+        .await
+        .map_err(|e| format!("cannot listen on {} / {}: {e}", args.metrics_addr, args.health_addr))?;
+    let _ = args.leader_elect;
+    controller::run(client, config, metrics, health, shutdown_signal()).await;
     Ok(())
 }
 
@@ -141,14 +141,13 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -38,8 +38,7 @@ impl TrustRoots {
     pub fn add_pem(&mut self, pem: &[u8]) -> Result<(), TlsError> {
         let mut reader = pem;
         for cert in rustls_pemfile::certs(&mut reader) {
-            self.extra
-                .push(cert.map_err(|e| TlsError::Pem(e.to_string()))?);
+            self.extra.push(cert.map_err(|e| TlsError::Pem(e.to_string()))?);
         }
         Ok(())
     }
@@ -58,13 +57,9 @@ impl TrustRoots {
 
     /// A rustls client configuration on ring trusting web PKI roots and these.
     pub fn client_config(&self) -> Result<ClientConfig, TlsError> {
-        let mut store = RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
+        let mut store = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
         for cert in &self.extra {
-            store
-                .add(cert.clone())
-                .map_err(|e| TlsError::Certificate(e.to_string()))?;
+            store.add(cert.clone()).map_err(|e| TlsError::Certificate(e.to_string()))?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = ClientConfig::builder_with_provider(provider)

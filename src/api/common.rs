@@ -106,15 +106,7 @@ mod tests {
     #[test]
     fn transition_time_kept_when_status_unchanged() {
         let first = condition(&[], "Ready", false, "SecretMissing", "a", Some(1), at(10));
-        let again = condition(
-            &[first.clone()],
-            "Ready",
-            false,
-            "KeyMissing",
-            "b",
-            Some(2),
-            at(20),
-        );
+        let again = condition(&[first.clone()], "Ready", false, "KeyMissing", "b", Some(2), at(20));
         assert_eq!(again.last_transition_time, at(10));
         assert_eq!(again.reason, "KeyMissing");
         let flipped = condition(&[again], "Ready", true, "Ready", "c", Some(2), at(30));
@@ -124,14 +116,8 @@ mod tests {
     #[test]
     fn set_condition_replaces_same_type() {
         let mut all = vec![condition(&[], "Ready", false, "X", "x", None, at(1))];
-        set_condition(
-            &mut all,
-            condition(&[], "Ready", true, "Y", "y", None, at(2)),
-        );
-        set_condition(
-            &mut all,
-            condition(&[], "Sent", true, "Z", "z", None, at(3)),
-        );
+        set_condition(&mut all, condition(&[], "Ready", true, "Y", "y", None, at(2)));
+        set_condition(&mut all, condition(&[], "Sent", true, "Z", "z", None, at(3)));
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].reason, "Y");
     }

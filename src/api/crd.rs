@@ -8,14 +8,10 @@ use super::{ClusterMailProfile, EmailMessage, MailProfile};
 
 /// All three CRDs.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![
-        MailProfile::crd(),
-        ClusterMailProfile::crd(),
-        EmailMessage::crd(),
-    ]
-    .into_iter()
-    .map(kubernetes_formats)
-    .collect()
+    vec![MailProfile::crd(), ClusterMailProfile::crd(), EmailMessage::crd()]
+        .into_iter()
+        .map(kubernetes_formats)
+        .collect()
 }
 
 /// The CRDs as one multi-document YAML stream.

@@ -102,10 +102,7 @@ pub struct EmailMessageSpec {
 }
 
 fn mailbox_rule(var: &str) -> String {
-    format!(
-        "{var}.matches('{}')",
-        MAILBOX_PATTERN.replace('\\', "\\\\").replace('\'', "\\'")
-    )
+    format!("{var}.matches('{}')", MAILBOX_PATTERN.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
 fn mailbox_list_rule() -> String {
@@ -113,12 +110,7 @@ fn mailbox_list_rule() -> String {
 }
 
 fn header_name_rule() -> String {
-    format!(
-        "self.all(k, k.matches('{}'))",
-        HEADER_NAME_PATTERN
-            .replace('\\', "\\\\")
-            .replace('\'', "\\'")
-    )
+    format!("self.all(k, k.matches('{}'))", HEADER_NAME_PATTERN.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
 /// A custom header's value (one line, at most 998 characters as RFC 5322 allows).
@@ -233,26 +225,17 @@ pub struct Delivery {
 impl EmailMessageSpec {
     /// `delivery.maxAttempts`, defaulted.
     pub fn max_attempts(&self) -> u32 {
-        self.delivery
-            .as_ref()
-            .and_then(|d| d.max_attempts)
-            .unwrap_or(DEFAULT_MAX_ATTEMPTS)
+        self.delivery.as_ref().and_then(|d| d.max_attempts).unwrap_or(DEFAULT_MAX_ATTEMPTS)
     }
 
     /// `delivery.deadlineSeconds`, defaulted.
     pub fn deadline_seconds(&self) -> u64 {
-        self.delivery
-            .as_ref()
-            .and_then(|d| d.deadline_seconds)
-            .unwrap_or(DEFAULT_DEADLINE_SECONDS)
+        self.delivery.as_ref().and_then(|d| d.deadline_seconds).unwrap_or(DEFAULT_DEADLINE_SECONDS)
     }
 
     /// `delivery.onUncertain`, defaulted.
     pub fn on_uncertain(&self) -> OnUncertain {
-        self.delivery
-            .as_ref()
-            .and_then(|d| d.on_uncertain)
-            .unwrap_or_default()
+        self.delivery.as_ref().and_then(|d| d.on_uncertain).unwrap_or_default()
     }
 
     /// The number of recipients in to, cc and bcc.

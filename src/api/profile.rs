@@ -149,9 +149,7 @@ pub struct EntraCredentials {
 impl EntraCredentials {
     /// The authority host, defaulted.
     pub fn authority_host(&self) -> &str {
-        self.authority_host
-            .as_deref()
-            .unwrap_or(DEFAULT_AUTHORITY_HOST)
+        self.authority_host.as_deref().unwrap_or(DEFAULT_AUTHORITY_HOST)
     }
 }
 
@@ -271,18 +269,12 @@ pub struct Limits {
 impl MailProfileSpec {
     /// Messages per minute per mailbox, defaulted.
     pub fn messages_per_minute(&self) -> u32 {
-        self.limits
-            .as_ref()
-            .and_then(|l| l.messages_per_minute)
-            .unwrap_or(DEFAULT_MESSAGES_PER_MINUTE)
+        self.limits.as_ref().and_then(|l| l.messages_per_minute).unwrap_or(DEFAULT_MESSAGES_PER_MINUTE)
     }
 
     /// Concurrent sends per mailbox, defaulted.
     pub fn max_concurrent(&self) -> u32 {
-        self.limits
-            .as_ref()
-            .and_then(|l| l.max_concurrent)
-            .unwrap_or(DEFAULT_MAX_CONCURRENT)
+        self.limits.as_ref().and_then(|l| l.max_concurrent).unwrap_or(DEFAULT_MAX_CONCURRENT)
     }
 
     /// A short name of the transport, as the status and metrics show it.
@@ -290,9 +282,7 @@ impl MailProfileSpec {
         match (&self.graph, &self.smtp) {
             (Some(_), _) => "graph",
             (None, Some(s)) => match &s.auth {
-                Some(SmtpAuth {
-                    oauth2: Some(_), ..
-                }) => "smtp-oauth2",
+                Some(SmtpAuth { oauth2: Some(_), .. }) => "smtp-oauth2",
                 Some(_) => "smtp-password",
                 None => "smtp-relay",
             },

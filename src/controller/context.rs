@@ -12,7 +12,10 @@ use super::registry::ProfileKey;
 use super::registry::ProfileRegistry;
 use crate::api::{ClusterMailProfile, EmailMessage, MailProfile};
 use crate::delivery::limits::SendLimits;
+use crate::metrics::Metrics;
+use crate::server::Health;
 use crate::tls::TrustRoots;
+use std::sync::Arc;
 
 /// Settings from the command line.
 #[derive(Clone, Debug, Default)]
@@ -47,6 +50,10 @@ pub struct Context {
     pub mail_profiles: OnceCell<Store<MailProfile>>,
     /// The ClusterMailProfile cache, once it runs.
     pub cluster_profiles: OnceCell<Store<ClusterMailProfile>>,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Readiness for /readyz.
+    pub health: Arc<Health>,
     /// Wakes messages (a profile became ready).
     pub wake: mpsc::UnboundedSender<ObjectRef<EmailMessage>>,
 }
@@ -56,12 +63,11 @@ impl Context {
     pub fn new(
         client: Client,
         config: OperatorConfig,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
     ) -> (Self, mpsc::UnboundedReceiver<ObjectRef<EmailMessage>>) {
         let (wake, woken) = mpsc::unbounded_channel();
-        let reporter = Reporter {
-            controller: "mailroom".into(),
-            instance: Some(config.instance.clone()),
-        };
+        let reporter = Reporter { controller: "mailroom".into(), instance: Some(config.instance.clone()) };
         let recorder = Recorder::new(client.clone(), reporter);
         let ctx = Context {
             client,
@@ -73,6 +79,8 @@ impl Context {
             messages: OnceCell::new(),
             mail_profiles: OnceCell::new(),
             cluster_profiles: OnceCell::new(),
+            metrics,
+            health,
             wake,
         };
         (ctx, woken)
@@ -80,39 +88,28 @@ impl Context {
 
     /// Marks a message as claimed by this process; false when it already was.
     pub fn hold(&self, uid: &str) -> bool {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(uid.to_string())
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(uid.to_string())
     }
 
     /// Releases a claim.
     pub fn release(&self, uid: &str) {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(uid);
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(uid);
     }
 
     /// Whether this process holds a claim on the message.
     pub fn holds(&self, uid: &str) -> bool {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(uid)
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).contains(uid)
     }
 
     /// Whether the profile still exists (a deleted profile's resolution may linger in the registry).
     pub fn profile_exists(&self, key: &ProfileKey) -> bool {
         match key {
-            ProfileKey::Namespaced { namespace, name } => self
-                .mail_profiles
-                .get()
-                .is_none_or(|s| s.get(&ObjectRef::new(name).within(namespace)).is_some()),
-            ProfileKey::Cluster { name } => self
-                .cluster_profiles
-                .get()
-                .is_none_or(|s| s.get(&ObjectRef::new(name)).is_some()),
+            ProfileKey::Namespaced { namespace, name } => {
+                self.mail_profiles.get().is_none_or(|s| s.get(&ObjectRef::new(name).within(namespace)).is_some())
+            }
+            ProfileKey::Cluster { name } => {
+                self.cluster_profiles.get().is_none_or(|s| s.get(&ObjectRef::new(name)).is_some())
+            }
         }
     }
 }

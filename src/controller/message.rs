@@ -27,12 +27,8 @@ const WAIT_RECHECK: Duration = Duration::from_secs(60);
 
 /// Reconciles one EmailMessage.
 pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Action> {
-    let ns = msg
-        .namespace()
-        .ok_or_else(|| Error::Invalid("EmailMessage without namespace".into()))?;
-    let uid = msg
-        .uid()
-        .ok_or_else(|| Error::Invalid("EmailMessage without uid".into()))?;
+    let ns = msg.namespace().ok_or_else(|| Error::Invalid("EmailMessage without namespace".into()))?;
+    let uid = msg.uid().ok_or_else(|| Error::Invalid("EmailMessage without uid".into()))?;
     let api: Api<EmailMessage> = Api::namespaced(ctx.client.clone(), &ns);
     let status = msg.status.clone().unwrap_or_default();
     let phase = status.phase.unwrap_or_default();
@@ -60,13 +56,7 @@ pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Acti
                     "attempt {attempt} was interrupted (the operator stopped while sending); it may or may not have been delivered, and delivery.onUncertain is Fail"
                 );
                 let s = fresh.status.clone().unwrap_or_default();
-                let next = status::failed(
-                    &s,
-                    "DeliveryUncertain",
-                    &text,
-                    fresh.metadata.generation,
-                    now,
-                );
+                let next = status::failed(&s, "DeliveryUncertain", &text, fresh.metadata.generation, now);
                 write_status(&api, &fresh, &next, None).await?;
                 event(&ctx, &fresh, EventType::Warning, "DeliveryUncertain", &text).await;
                 return Ok(Action::await_change());
@@ -86,17 +76,11 @@ pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Acti
     {
         return Ok(Action::requeue(retry::until(now, next.0)));
     }
-    let created = msg
-        .metadata
-        .creation_timestamp
-        .as_ref()
-        .map(|t| t.0)
-        .unwrap_or(now);
+    let created = msg.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now);
     let deadline = retry::add(created, Duration::from_secs(msg.spec.deadline_seconds()));
     if now > deadline {
-        let text = format!(
-            "the deadline passed ({deadline}, delivery.deadlineSeconds) before the message could be sent"
-        );
+        let text =
+            format!("the deadline passed ({deadline}, delivery.deadlineSeconds) before the message could be sent");
         return fail(&ctx, &api, &msg, "DeadlineExceeded", &text).await;
     }
 
@@ -127,15 +111,8 @@ pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Acti
         }
         Err(e) => return fail(&ctx, &api, &msg, e.reason(), &e.to_string()).await,
     };
-    let message_id = status
-        .message_id
-        .clone()
-        .unwrap_or_else(|| outgoing::message_id(&uid, &from.email));
-    let limit = if profile.settings.graph.is_some() {
-        MAX_MESSAGE_BYTES
-    } else {
-        MAX_SMTP_MESSAGE_BYTES
-    };
+    let message_id = status.message_id.clone().unwrap_or_else(|| outgoing::message_id(&uid, &from.email));
+    let limit = if profile.settings.graph.is_some() { MAX_MESSAGE_BYTES } else { MAX_SMTP_MESSAGE_BYTES };
     let outgoing = match outgoing::build(&msg.spec, from, attachments, message_id.clone(), limit) {
         Ok(o) => o,
         Err(e) => return fail(&ctx, &api, &msg, e.reason(), &e.to_string()).await,
@@ -184,6 +161,8 @@ async fn claim_and_send(
         Err(kube::Error::Api(e)) if e.code == 409 => return Ok(Action::await_change()),
         Err(e) => return Err(e.into()),
     }
+    let profile_label = profile_label(&profile.key);
+    ctx.metrics.attempts.get_or_create(&crate::metrics::ProfileLabels { profile: profile_label.clone() }).inc();
     let started = std::time::Instant::now();
     let result = transport.send(outgoing).await;
     let now = Timestamp::now();
@@ -200,15 +179,16 @@ async fn claim_and_send(
             );
             write_status(api, msg, &next, None).await?;
             info!(message = %msg.name_any(), namespace = ?msg.namespace(), attempt, elapsed_ms = started.elapsed().as_millis() as u64, "sent");
-            let mut text = format!(
-                "sent via {} (attempt {attempt}): {}",
-                claim.transport, delivered.response
-            );
+            let mut text = format!("sent via {} (attempt {attempt}): {}", claim.transport, delivered.response);
             if !delivered.rejected.is_empty() {
                 let list: Vec<&str> = delivered.rejected.iter().map(|(r, _)| r.as_str()).collect();
                 text.push_str(&format!("; rejected: {}", list.join(", ")));
             }
             event(ctx, msg, EventType::Normal, "Sent", &text).await;
+            ctx.metrics.outcome(&profile_label, &claim.transport, "sent");
+            if let Some(created) = &msg.metadata.creation_timestamp {
+                ctx.metrics.delivery_seconds.observe(now.duration_since(created.0).as_secs_f64().max(0.0));
+            }
             Ok(expire_after(msg))
         }
         Err(SendError::Permanent { reason }) => {
@@ -216,18 +196,11 @@ async fn claim_and_send(
             write_status(api, msg, &next, None).await?;
             warn!(message = %msg.name_any(), attempt, %reason, "failed");
             event(ctx, msg, EventType::Warning, "Failed", &reason).await;
+            ctx.metrics.outcome(&profile_label, &claim.transport, "failed");
             Ok(expire_after(msg))
         }
-        Err(SendError::Transient {
-            reason,
-            retry_after,
-        }) => {
-            let created = msg
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| t.0)
-                .unwrap_or(now);
+        Err(SendError::Transient { reason, retry_after }) => {
+            let created = msg.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now);
             let policy = RetryPolicy {
                 max_attempts: msg.spec.max_attempts(),
                 deadline: retry::add(created, Duration::from_secs(msg.spec.deadline_seconds())),
@@ -254,6 +227,7 @@ async fn claim_and_send(
                     let next = status::failed(&claimed, "RetriesExhausted", &text, gen_, now);
                     write_status(api, msg, &next, None).await?;
                     event(ctx, msg, EventType::Warning, "Failed", &text).await;
+                    ctx.metrics.outcome(&profile_label, &claim.transport, "failed");
                     Ok(expire_after(msg))
                 }
             }
@@ -272,14 +246,8 @@ async fn check_policy(
     let name = profile.key.to_string();
     if let ProfileKey::Cluster { .. } = profile.key {
         let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
-        let labels = namespaces
-            .get_metadata_opt(ns)
-            .await?
-            .map(|n| n.labels().clone())
-            .unwrap_or_default();
-        if let Err(e) =
-            policy::check_namespace(&name, profile.allowed_namespaces.as_ref(), ns, &labels)
-        {
+        let labels = namespaces.get_metadata_opt(ns).await?.map(|n| n.labels().clone()).unwrap_or_default();
+        if let Err(e) = policy::check_namespace(&name, profile.allowed_namespaces.as_ref(), ns, &labels) {
             return Ok(Err(("NamespaceNotAdmitted", e.to_string())));
         }
     }
@@ -295,49 +263,42 @@ async fn check_policy(
         match crate::transport::parse_mailbox(a) {
             Ok(m) => bare.push(m.email),
             Err(e) => {
-                return Ok(Err((
-                    BuildError::Address {
-                        field: "to",
-                        reason: String::new(),
-                    }
-                    .reason(),
-                    e.to_string(),
-                )));
+                return Ok(Err((BuildError::Address { field: "to", reason: String::new() }.reason(), e.to_string())));
             }
         }
     }
-    if let Err(e) = policy::check_recipients(
-        &name,
-        profile.settings.recipient_domains.as_deref(),
-        bare.iter().map(String::as_str),
-    ) {
+    if let Err(e) =
+        policy::check_recipients(&name, profile.settings.recipient_domains.as_deref(), bare.iter().map(String::as_str))
+    {
         return Ok(Err(("RecipientDomainNotAllowed", e.to_string())));
     }
     Ok(Ok(()))
 }
 
-async fn fail(
-    ctx: &Context,
-    api: &Api<EmailMessage>,
-    msg: &EmailMessage,
-    reason: &str,
-    text: &str,
-) -> Result<Action> {
+/// The profile as metrics name it: `namespace/name`, or the cluster profile's name.
+pub fn profile_label(key: &ProfileKey) -> String {
+    match key {
+        ProfileKey::Namespaced { namespace, name } => format!("{namespace}/{name}"),
+        ProfileKey::Cluster { name } => name.clone(),
+    }
+}
+
+async fn fail(ctx: &Context, api: &Api<EmailMessage>, msg: &EmailMessage, reason: &str, text: &str) -> Result<Action> {
     let s = msg.status.clone().unwrap_or_default();
     let next = status::failed(&s, reason, text, msg.metadata.generation, Timestamp::now());
     write_status(api, msg, &next, None).await?;
     warn!(message = %msg.name_any(), namespace = ?msg.namespace(), reason, "failed");
     event(ctx, msg, EventType::Warning, reason, text).await;
+    let key = ProfileKey::for_message(
+        &msg.namespace().unwrap_or_default(),
+        msg.spec.profile_ref.kind(),
+        &msg.spec.profile_ref.name,
+    );
+    ctx.metrics.outcome(&profile_label(&key), "none", "failed");
     Ok(expire_after(msg))
 }
 
-async fn wait(
-    ctx: &Context,
-    api: &Api<EmailMessage>,
-    msg: &EmailMessage,
-    reason: &str,
-    text: &str,
-) -> Result<Action> {
+async fn wait(ctx: &Context, api: &Api<EmailMessage>, msg: &EmailMessage, reason: &str, text: &str) -> Result<Action> {
     let s = msg.status.clone().unwrap_or_default();
     let next = status::waiting(&s, reason, text, msg.metadata.generation, Timestamp::now());
     if status::differs(&s, &next) {
@@ -358,13 +319,7 @@ async fn write_status(
     if let Some(rv) = resource_version {
         patch["metadata"] = json!({ "resourceVersion": rv });
     }
-    api.patch_status(
-        &msg.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(patch),
-    )
-    .await
-    .map(|_| ())
+    api.patch_status(&msg.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await.map(|_| ())
 }
 
 fn expire_after(msg: &EmailMessage) -> Action {
@@ -381,10 +336,7 @@ async fn expire(
     status: &EmailMessageStatus,
     now: Timestamp,
 ) -> Result<Action> {
-    let (Some(ttl), Some(done)) = (
-        msg.spec.ttl_seconds_after_finished,
-        status::finished_at(status),
-    ) else {
+    let (Some(ttl), Some(done)) = (msg.spec.ttl_seconds_after_finished, status::finished_at(status)) else {
         return Ok(Action::await_change());
     };
     let at = retry::add(done, Duration::from_secs(ttl.max(0) as u64));
@@ -392,10 +344,7 @@ async fn expire(
         return Ok(Action::requeue(retry::until(now, at)));
     }
     let dp = DeleteParams {
-        preconditions: Some(Preconditions {
-            uid: msg.uid(),
-            resource_version: None,
-        }),
+        preconditions: Some(Preconditions { uid: msg.uid(), resource_version: None }),
         ..Default::default()
     };
     match api.delete(&msg.name_any(), &dp).await {
@@ -417,20 +366,18 @@ async fn event(ctx: &Context, msg: &EmailMessage, type_: EventType, reason: &str
         }
         note.truncate(end);
     }
-    let ev = Event {
-        type_,
-        reason: reason.to_string(),
-        note: Some(note),
-        action: "Send".into(),
-        secondary: None,
-    };
+    let ev = Event { type_, reason: reason.to_string(), note: Some(note), action: "Send".into(), secondary: None };
     if let Err(e) = ctx.recorder.publish(&ev, &msg.object_ref(&())).await {
         warn!(message = %msg.name_any(), error = %e, "could not publish event");
     }
 }
 
 /// Backoff for reconcile errors (API unavailable and the like).
-pub fn error_policy(_msg: Arc<EmailMessage>, err: &Error, _ctx: Arc<Context>) -> Action {
+pub fn error_policy(_msg: Arc<EmailMessage>, err: &Error, ctx: Arc<Context>) -> Action {
     warn!(error = %err, "reconcile failed");
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&crate::metrics::ErrorLabels { controller: "messages".into(), error: err.metric_label().into() })
+        .inc();
     Action::requeue(Duration::from_secs(5))
 }

@@ -45,9 +45,7 @@ pub enum BuildError {
         reason: String,
     },
     /// An attachment name is unsafe.
-    #[error(
-        "attachment name {0:?} must be a plain file name (no path separators, control characters or ..)"
-    )]
+    #[error("attachment name {0:?} must be a plain file name (no path separators, control characters or ..)")]
     AttachmentName(String),
     /// The Secret or ConfigMap an attachment names does not exist (yet).
     #[error("attachment {name}: {kind} {source_name} not found in namespace {namespace}")]
@@ -100,32 +98,19 @@ impl BuildError {
 
     /// Whether waiting can help (the source may be created later).
     pub fn may_resolve_later(&self) -> bool {
-        matches!(
-            self,
-            BuildError::SourceNotFound { .. } | BuildError::KeyNotFound { .. }
-        )
+        matches!(self, BuildError::SourceNotFound { .. } | BuildError::KeyNotFound { .. })
     }
 }
 
 /// The bare address of the sender: the spec's `from`, else the profile's default.
-pub fn sender(
-    spec: &EmailMessageSpec,
-    default: &str,
-) -> Result<crate::transport::Address, BuildError> {
+pub fn sender(spec: &EmailMessageSpec, default: &str) -> Result<crate::transport::Address, BuildError> {
     let raw = spec.from.as_deref().unwrap_or(default);
-    parse_mailbox(raw).map_err(|e| BuildError::Address {
-        field: "from",
-        reason: e.to_string(),
-    })
+    parse_mailbox(raw).map_err(|e| BuildError::Address { field: "from", reason: e.to_string() })
 }
 
 /// The stable Message-ID of a message: its uid at the sender's domain.
 pub fn message_id(uid: &str, sender_email: &str) -> String {
-    let domain = sender_email
-        .rsplit_once('@')
-        .map(|(_, d)| d)
-        .filter(|d| !d.is_empty())
-        .unwrap_or("mailroom.dev");
+    let domain = sender_email.rsplit_once('@').map(|(_, d)| d).filter(|d| !d.is_empty()).unwrap_or("mailroom.dev");
     format!("<{uid}.mailroom@{domain}>")
 }
 
@@ -142,10 +127,7 @@ pub fn safe_attachment_name(name: &str) -> bool {
 pub fn content_type(attachment: &Attachment) -> String {
     match &attachment.content_type {
         Some(ct) if !ct.trim().is_empty() => ct.trim().to_string(),
-        _ => mime_guess::from_path(&attachment.name)
-            .first_or_octet_stream()
-            .essence_str()
-            .to_string(),
+        _ => mime_guess::from_path(&attachment.name).first_or_octet_stream().essence_str().to_string(),
     }
 }
 
@@ -154,10 +136,7 @@ pub fn decode_inline(name: &str, data: &str) -> Result<Vec<u8>, BuildError> {
     let compact: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
     base64::engine::general_purpose::STANDARD
         .decode(compact)
-        .map_err(|e| BuildError::Base64 {
-            name: name.to_string(),
-            reason: e.to_string(),
-        })
+        .map_err(|e| BuildError::Base64 { name: name.to_string(), reason: e.to_string() })
 }
 
 /// Builds the message from the spec and the attachment bytes (in spec order).
@@ -170,12 +149,7 @@ pub fn build(
 ) -> Result<OutgoingMessage, BuildError> {
     let parse_all = |field: &'static str, list: &[String]| {
         list.iter()
-            .map(|a| {
-                parse_mailbox(a).map_err(|e| BuildError::Address {
-                    field,
-                    reason: e.to_string(),
-                })
-            })
+            .map(|a| parse_mailbox(a).map_err(|e| BuildError::Address { field, reason: e.to_string() }))
             .collect::<Result<Vec<_>, _>>()
     };
     if spec.subject.contains(['\r', '\n', '\0']) {
@@ -184,10 +158,7 @@ pub fn build(
     let mut headers = Vec::with_capacity(spec.headers.len());
     for (name, value) in &spec.headers {
         if !header_name_ok(name) {
-            return Err(BuildError::Header {
-                name: name.clone(),
-                reason: "names must be X- headers".into(),
-            });
+            return Err(BuildError::Header { name: name.clone(), reason: "names must be X- headers".into() });
         }
         let value = &value.0;
         if value.contains(['\r', '\n', '\0']) {
@@ -224,10 +195,7 @@ fn header_name_ok(name: &str) -> bool {
     let Some(rest) = name.strip_prefix("X-").or_else(|| name.strip_prefix("x-")) else {
         return false;
     };
-    !rest.is_empty()
-        && rest
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+.^_`|~-".contains(&b))
+    !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+.^_`|~-".contains(&b))
 }
 
 /// Loads every attachment's bytes: inline data, or a key of a Secret or ConfigMap in the
@@ -272,16 +240,9 @@ pub async fn load_attachments(
                 return Ok(Err(key_missing(a, "ConfigMap", &r.name, &r.key)));
             }
         } else {
-            return Ok(Err(BuildError::Base64 {
-                name: a.name.clone(),
-                reason: "no source given".into(),
-            }));
+            return Ok(Err(BuildError::Base64 { name: a.name.clone(), reason: "no source given".into() }));
         };
-        out.push(AttachmentData {
-            name: a.name.clone(),
-            content_type: content_type(a),
-            bytes,
-        });
+        out.push(AttachmentData { name: a.name.clone(), content_type: content_type(a), bytes });
     }
     Ok(Ok(out))
 }
@@ -296,12 +257,7 @@ fn not_found(a: &Attachment, kind: &'static str, source: &str, namespace: &str) 
 }
 
 fn key_missing(a: &Attachment, kind: &'static str, source: &str, key: &str) -> BuildError {
-    BuildError::KeyNotFound {
-        name: a.name.clone(),
-        kind,
-        source_name: source.to_string(),
-        key: key.to_string(),
-    }
+    BuildError::KeyNotFound { name: a.name.clone(), kind, source_name: source.to_string(), key: key.to_string() }
 }
 
 #[cfg(test)]
@@ -310,10 +266,7 @@ mod tests {
 
     #[test]
     fn message_id_uses_sender_domain() {
-        assert_eq!(
-            message_id("1234-ab", "alerts@contoso.com"),
-            "<1234-ab.mailroom@contoso.com>"
-        );
+        assert_eq!(message_id("1234-ab", "alerts@contoso.com"), "<1234-ab.mailroom@contoso.com>");
         assert_eq!(message_id("x", "broken"), "<x.mailroom@mailroom.dev>");
     }
 
@@ -336,10 +289,7 @@ mod tests {
             data: Some(String::new()),
         };
         assert_eq!(content_type(&a("report.csv", None)), "text/csv");
-        assert_eq!(
-            content_type(&a("x.unknownext", None)),
-            "application/octet-stream"
-        );
+        assert_eq!(content_type(&a("x.unknownext", None)), "application/octet-stream");
         assert_eq!(content_type(&a("x.csv", Some("text/plain"))), "text/plain");
     }
 
@@ -347,10 +297,7 @@ mod tests {
     fn inline_base64() {
         assert_eq!(decode_inline("h", "aGVsbG8K").unwrap(), b"hello\n");
         assert_eq!(decode_inline("h", "aGVs\nbG8K").unwrap(), b"hello\n");
-        assert_eq!(
-            decode_inline("h", "***").unwrap_err().reason(),
-            "InvalidAttachment"
-        );
+        assert_eq!(decode_inline("h", "***").unwrap_err().reason(), "InvalidAttachment");
     }
 
     #[test]

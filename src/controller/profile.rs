@@ -17,9 +17,8 @@ use super::context::Context;
 use super::registry::{NotReady, ProfileKey, ResolvedProfile};
 use super::wiring::{self, CredentialMaterial, TransportInputs};
 use crate::api::{
-    ClusterMailProfile, EmailMessage, EntraCredentials, MailProfile, MailProfileSpec,
-    MailProfileStatus, Phase, ProfileKind, SecretKeySelector, SecretReference, condition,
-    conditions, set_condition,
+    ClusterMailProfile, EmailMessage, EntraCredentials, MailProfile, MailProfileSpec, MailProfileStatus, Phase,
+    ProfileKind, SecretKeySelector, SecretReference, condition, conditions, set_condition,
 };
 use crate::error::{Error, Result};
 use crate::tls::TrustRoots;
@@ -31,32 +30,15 @@ pub const FEDERATED_TOKEN_ENV: &str = "AZURE_FEDERATED_TOKEN_FILE";
 
 /// Reconciles a MailProfile.
 pub async fn reconcile_namespaced(p: Arc<MailProfile>, ctx: Arc<Context>) -> Result<Action> {
-    let namespace = p
-        .namespace()
-        .ok_or_else(|| Error::Invalid("MailProfile without namespace".into()))?;
-    let key = ProfileKey::Namespaced {
-        namespace: namespace.clone(),
-        name: p.name_any(),
-    };
+    let namespace = p.namespace().ok_or_else(|| Error::Invalid("MailProfile without namespace".into()))?;
+    let key = ProfileKey::Namespaced { namespace: namespace.clone(), name: p.name_any() };
     let api: Api<MailProfile> = Api::namespaced(ctx.client.clone(), &namespace);
     let status = p.status.clone().unwrap_or_default();
-    reconcile(
-        &ctx,
-        key,
-        p.metadata.generation,
-        &p.spec,
-        None,
-        &status,
-        |patch| {
-            let api = api.clone();
-            let name = p.name_any();
-            async move {
-                api.patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
-                    .await
-                    .map(|_| ())
-            }
-        },
-    )
+    reconcile(&ctx, key, p.metadata.generation, &p.spec, None, &status, |patch| {
+        let api = api.clone();
+        let name = p.name_any();
+        async move { api.patch_status(&name, &PatchParams::default(), &Patch::Merge(patch)).await.map(|_| ()) }
+    })
     .await
 }
 
@@ -66,23 +48,11 @@ pub async fn reconcile_cluster(p: Arc<ClusterMailProfile>, ctx: Arc<Context>) ->
     let api: Api<ClusterMailProfile> = Api::all(ctx.client.clone());
     let status = p.status.clone().unwrap_or_default();
     let settings = p.spec.settings();
-    reconcile(
-        &ctx,
-        key,
-        p.metadata.generation,
-        &settings,
-        p.spec.allowed_namespaces.clone(),
-        &status,
-        |patch| {
-            let api = api.clone();
-            let name = p.name_any();
-            async move {
-                api.patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
-                    .await
-                    .map(|_| ())
-            }
-        },
-    )
+    reconcile(&ctx, key, p.metadata.generation, &settings, p.spec.allowed_namespaces.clone(), &status, |patch| {
+        let api = api.clone();
+        let name = p.name_any();
+        async move { api.patch_status(&name, &PatchParams::default(), &Patch::Merge(patch)).await.map(|_| ()) }
+    })
     .await
 }
 
@@ -105,15 +75,9 @@ where
     next.observed_generation = generation;
     next.transport = Some(settings.transport_name().to_string());
     let ready = match &state {
-        Ok(_) => condition(
-            &status.conditions,
-            conditions::READY,
-            true,
-            "Ready",
-            "profile can send",
-            generation,
-            Time(now),
-        ),
+        Ok(_) => {
+            condition(&status.conditions, conditions::READY, true, "Ready", "profile can send", generation, Time(now))
+        }
         Err(nr) => condition(
             &status.conditions,
             conditions::READY,
@@ -126,12 +90,7 @@ where
     };
     set_condition(&mut next.conditions, ready);
     let became_ready = state.is_ok();
-    ctx.profiles.put(ResolvedProfile {
-        key: key.clone(),
-        settings: settings.clone(),
-        allowed_namespaces,
-        state,
-    });
+    ctx.profiles.put(ResolvedProfile { key: key.clone(), settings: settings.clone(), allowed_namespaces, state });
     if differs(status, &next) {
         let patch = json!({ "status": next });
         write_status(patch).await?;
@@ -159,16 +118,11 @@ pub fn wake_messages(ctx: &Context, key: &ProfileKey) {
         return;
     };
     for m in store.state() {
-        if m.status
-            .as_ref()
-            .and_then(|s| s.phase)
-            .is_some_and(Phase::is_finished)
-        {
+        if m.status.as_ref().and_then(|s| s.phase).is_some_and(Phase::is_finished) {
             continue;
         }
         let ns = m.namespace().unwrap_or_default();
-        if &ProfileKey::for_message(&ns, m.spec.profile_ref.kind(), &m.spec.profile_ref.name) == key
-        {
+        if &ProfileKey::for_message(&ns, m.spec.profile_ref.kind(), &m.spec.profile_ref.name) == key {
             let _ = ctx.wake.send(ObjectRef::<EmailMessage>::from(m.as_ref()));
         }
     }
@@ -205,18 +159,11 @@ async fn resolve(
 }
 
 fn invalid(message: String) -> NotReady {
-    NotReady {
-        reason: "InvalidSettings".into(),
-        message,
-    }
+    NotReady { reason: "InvalidSettings".into(), message }
 }
 
 /// Checks what the CRD schema cannot: endpoints, and which namespaces Secret references name.
-pub fn validate(
-    key: &ProfileKey,
-    settings: &MailProfileSpec,
-    allow_insecure: bool,
-) -> Result<(), NotReady> {
+pub fn validate(key: &ProfileKey, settings: &MailProfileSpec, allow_insecure: bool) -> Result<(), NotReady> {
     let check_url = |field: &str, url: &str| -> Result<(), NotReady> {
         if url.starts_with("https://") || (allow_insecure && url.starts_with("http://")) {
             Ok(())
@@ -230,32 +177,20 @@ pub fn validate(
     };
     let entra = |prefix: &str, c: &EntraCredentials| -> Result<(), NotReady> {
         check_url(&format!("{prefix}.authorityHost"), c.authority_host())?;
-        let count = [
-            c.client_secret_ref.is_some(),
-            c.certificate_ref.is_some(),
-            c.workload_identity.is_some(),
-        ]
-        .iter()
-        .filter(|x| **x)
-        .count();
+        let count = [c.client_secret_ref.is_some(), c.certificate_ref.is_some(), c.workload_identity.is_some()]
+            .iter()
+            .filter(|x| **x)
+            .count();
         if count != 1 {
             return Err(invalid(format!(
                 "{prefix}: set exactly one of clientSecretRef, certificateRef, workloadIdentity"
             )));
         }
         if let Some(r) = &c.client_secret_ref {
-            check_ref_namespace(
-                key,
-                &format!("{prefix}.clientSecretRef"),
-                r.namespace.as_deref(),
-            )?;
+            check_ref_namespace(key, &format!("{prefix}.clientSecretRef"), r.namespace.as_deref())?;
         }
         if let Some(r) = &c.certificate_ref {
-            check_ref_namespace(
-                key,
-                &format!("{prefix}.certificateRef"),
-                r.namespace.as_deref(),
-            )?;
+            check_ref_namespace(key, &format!("{prefix}.certificateRef"), r.namespace.as_deref())?;
         }
         Ok(())
     };
@@ -267,43 +202,31 @@ pub fn validate(
         (None, Some(s)) => {
             if let Some(auth) = &s.auth {
                 match (&auth.password, &auth.oauth2) {
-                    (Some(p), None) => check_ref_namespace(
-                        key,
-                        "smtp.auth.password.secretRef",
-                        p.secret_ref.namespace.as_deref(),
-                    )?,
+                    (Some(p), None) => {
+                        check_ref_namespace(key, "smtp.auth.password.secretRef", p.secret_ref.namespace.as_deref())?
+                    }
                     (None, Some(o)) => entra("smtp.auth.oauth2", o)?,
                     _ => {
-                        return Err(invalid(
-                            "smtp.auth needs exactly one of password or oauth2".into(),
-                        ));
+                        return Err(invalid("smtp.auth needs exactly one of password or oauth2".into()));
                     }
                 }
             }
         }
         _ => {
-            return Err(invalid(
-                "a profile needs exactly one transport: graph or smtp".into(),
-            ));
+            return Err(invalid("a profile needs exactly one transport: graph or smtp".into()));
         }
     }
     Ok(())
 }
 
-fn check_ref_namespace(
-    key: &ProfileKey,
-    field: &str,
-    namespace: Option<&str>,
-) -> Result<(), NotReady> {
+fn check_ref_namespace(key: &ProfileKey, field: &str, namespace: Option<&str>) -> Result<(), NotReady> {
     match (key, namespace) {
-        (ProfileKey::Namespaced { namespace: own, .. }, Some(ns)) if ns != own => {
-            Err(invalid(format!(
-                "{field} names namespace {ns}; a MailProfile may only use Secrets in its own namespace {own}"
-            )))
-        }
-        (ProfileKey::Cluster { .. }, None) => Err(invalid(format!(
-            "{field} needs a namespace: a ClusterMailProfile's Secret references carry one"
+        (ProfileKey::Namespaced { namespace: own, .. }, Some(ns)) if ns != own => Err(invalid(format!(
+            "{field} names namespace {ns}; a MailProfile may only use Secrets in its own namespace {own}"
         ))),
+        (ProfileKey::Cluster { .. }, None) => {
+            Err(invalid(format!("{field} needs a namespace: a ClusterMailProfile's Secret references carry one")))
+        }
         _ => Ok(()),
     }
 }
@@ -336,22 +259,17 @@ async fn read_credential(
         return Ok(Err(invalid("no transport".into())));
     };
     if let Some(r) = &c.client_secret_ref {
-        return Ok(read_key(client, key, r).await?.map(|v| {
-            CredentialMaterial::ClientSecret(String::from_utf8_lossy(&v).trim().to_string())
-        }));
+        return Ok(read_key(client, key, r)
+            .await?
+            .map(|v| CredentialMaterial::ClientSecret(String::from_utf8_lossy(&v).trim().to_string())));
     }
     if let Some(r) = &c.certificate_ref {
         return read_certificate(client, key, r).await;
     }
     if let Some(w) = &c.workload_identity {
-        let path = w
-            .token_file
-            .clone()
-            .or_else(|| std::env::var(FEDERATED_TOKEN_ENV).ok());
+        let path = w.token_file.clone().or_else(|| std::env::var(FEDERATED_TOKEN_ENV).ok());
         return Ok(match path {
-            Some(p) if !p.is_empty() => {
-                Ok(CredentialMaterial::FederatedTokenFile(PathBuf::from(p)))
-            }
+            Some(p) if !p.is_empty() => Ok(CredentialMaterial::FederatedTokenFile(PathBuf::from(p))),
             _ => Err(NotReady {
                 reason: "FederatedTokenMissing".into(),
                 message: format!(
@@ -363,18 +281,13 @@ async fn read_credential(
     Ok(Err(invalid("no credential".into())))
 }
 
-async fn get_secret(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-) -> Result<Result<Secret, NotReady>> {
+async fn get_secret(client: &Client, namespace: &str, name: &str) -> Result<Result<Secret, NotReady>> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     Ok(match api.get_opt(name).await? {
         Some(s) => Ok(s),
-        None => Err(NotReady {
-            reason: "SecretNotFound".into(),
-            message: format!("Secret {namespace}/{name} not found"),
-        }),
+        None => {
+            Err(NotReady { reason: "SecretNotFound".into(), message: format!("Secret {namespace}/{name} not found") })
+        }
     })
 }
 
@@ -384,35 +297,20 @@ fn secret_value(secret: &Secret, key: &str) -> Option<Vec<u8>> {
         .as_ref()
         .and_then(|d| d.get(key))
         .map(|v| v.0.clone())
-        .or_else(|| {
-            secret
-                .string_data
-                .as_ref()
-                .and_then(|d| d.get(key))
-                .map(|v| v.clone().into_bytes())
-        })
+        .or_else(|| secret.string_data.as_ref().and_then(|d| d.get(key)).map(|v| v.clone().into_bytes()))
 }
 
 fn key_missing(namespace: &str, name: &str, key: &str) -> NotReady {
-    NotReady {
-        reason: "KeyNotFound".into(),
-        message: format!("Secret {namespace}/{name} has no key {key}"),
-    }
+    NotReady { reason: "KeyNotFound".into(), message: format!("Secret {namespace}/{name} has no key {key}") }
 }
 
-async fn read_key(
-    client: &Client,
-    key: &ProfileKey,
-    r: &SecretKeySelector,
-) -> Result<Result<Vec<u8>, NotReady>> {
+async fn read_key(client: &Client, key: &ProfileKey, r: &SecretKeySelector) -> Result<Result<Vec<u8>, NotReady>> {
     let ns = secret_namespace(key, r.namespace.as_deref());
     let secret = match get_secret(client, &ns, &r.name).await? {
         Ok(s) => s,
         Err(nr) => return Ok(Err(nr)),
     };
-    Ok(secret_value(&secret, &r.key)
-        .filter(|v| !v.is_empty())
-        .ok_or_else(|| key_missing(&ns, &r.name, &r.key)))
+    Ok(secret_value(&secret, &r.key).filter(|v| !v.is_empty()).ok_or_else(|| key_missing(&ns, &r.name, &r.key)))
 }
 
 async fn read_password(
@@ -461,16 +359,10 @@ pub fn referenced_secrets(key: &ProfileKey, settings: &MailProfileSpec) -> Vec<(
     let mut out = Vec::new();
     let mut entra = |c: &EntraCredentials| {
         if let Some(r) = &c.client_secret_ref {
-            out.push((
-                secret_namespace(key, r.namespace.as_deref()),
-                r.name.clone(),
-            ));
+            out.push((secret_namespace(key, r.namespace.as_deref()), r.name.clone()));
         }
         if let Some(r) = &c.certificate_ref {
-            out.push((
-                secret_namespace(key, r.namespace.as_deref()),
-                r.name.clone(),
-            ));
+            out.push((secret_namespace(key, r.namespace.as_deref()), r.name.clone()));
         }
     };
     if let Some(g) = &settings.graph {
@@ -481,10 +373,7 @@ pub fn referenced_secrets(key: &ProfileKey, settings: &MailProfileSpec) -> Vec<(
             entra(o);
         }
         if let Some(p) = &auth.password {
-            out.push((
-                secret_namespace(key, p.secret_ref.namespace.as_deref()),
-                p.secret_ref.name.clone(),
-            ));
+            out.push((secret_namespace(key, p.secret_ref.namespace.as_deref()), p.secret_ref.name.clone()));
         }
     }
     out
@@ -505,10 +394,7 @@ mod tests {
 
     fn graph(endpoint: &str, secret_ns: Option<&str>) -> MailProfileSpec {
         MailProfileSpec {
-            senders: Senders {
-                default: "a@contoso.com".into(),
-                allowed: None,
-            },
+            senders: Senders { default: "a@contoso.com".into(), allowed: None },
             graph: Some(GraphTransport {
                 credentials: EntraCredentials {
                     tenant_id: "t".into(),
@@ -533,10 +419,7 @@ mod tests {
     }
 
     fn ns_key() -> ProfileKey {
-        ProfileKey::Namespaced {
-            namespace: "team-a".into(),
-            name: "p".into(),
-        }
+        ProfileKey::Namespaced { namespace: "team-a".into(), name: "p".into() }
     }
 
     #[test]
@@ -544,26 +427,14 @@ mod tests {
         let err = validate(&ns_key(), &graph("http://127.0.0.1:1", None), false).unwrap_err();
         assert!(err.message.contains("plain http"), "{}", err.message);
         assert!(validate(&ns_key(), &graph("http://127.0.0.1:1", None), true).is_ok());
-        assert!(
-            validate(
-                &ns_key(),
-                &graph("https://graph.microsoft.com", None),
-                false
-            )
-            .is_ok()
-        );
+        assert!(validate(&ns_key(), &graph("https://graph.microsoft.com", None), false).is_ok());
         assert!(validate(&ns_key(), &graph("ftp://x", None), true).is_err());
     }
 
     #[test]
     fn namespaced_profile_cannot_reach_other_namespaces() {
         let err = validate(&ns_key(), &graph("https://g", Some("kube-system")), false).unwrap_err();
-        assert!(
-            err.message
-                .contains("only use Secrets in its own namespace"),
-            "{}",
-            err.message
-        );
+        assert!(err.message.contains("only use Secrets in its own namespace"), "{}", err.message);
         assert!(validate(&ns_key(), &graph("https://g", Some("team-a")), false).is_ok());
     }
 
@@ -581,12 +452,7 @@ mod tests {
     #[test]
     fn relay_needs_nothing() {
         let spec = MailProfileSpec {
-            smtp: Some(SmtpTransport {
-                host: "relay".into(),
-                port: Some(25),
-                tls: None,
-                auth: None,
-            }),
+            smtp: Some(SmtpTransport { host: "relay".into(), port: Some(25), tls: None, auth: None }),
             graph: None,
             ..graph("https://g", None)
         };

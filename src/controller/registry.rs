@@ -30,10 +30,7 @@ impl ProfileKey {
     /// The key a message's `profileRef` names.
     pub fn for_message(namespace: &str, kind: ProfileKind, name: &str) -> Self {
         match kind {
-            ProfileKind::MailProfile => ProfileKey::Namespaced {
-                namespace: namespace.into(),
-                name: name.into(),
-            },
+            ProfileKind::MailProfile => ProfileKey::Namespaced { namespace: namespace.into(), name: name.into() },
             ProfileKind::ClusterMailProfile => ProfileKey::Cluster { name: name.into() },
         }
     }
@@ -87,11 +84,7 @@ pub struct ProfileRegistry {
 impl ProfileRegistry {
     /// The profile, if the controllers have resolved it.
     pub fn get(&self, key: &ProfileKey) -> Option<Arc<ResolvedProfile>> {
-        self.map
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .cloned()
+        self.map.read().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
     }
 
     /// Records a profile's resolution.
@@ -102,9 +95,6 @@ impl ProfileRegistry {
 
     /// Forgets a deleted profile.
     pub fn remove(&self, key: &ProfileKey) {
-        self.map
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
+        self.map.write().unwrap_or_else(|e| e.into_inner()).remove(key);
     }
 }

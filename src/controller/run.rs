@@ -19,31 +19,29 @@ use super::registry::ProfileKey;
 use super::{message, profile};
 use crate::api::{ClusterMailProfile, EmailMessage, MailProfile};
 use crate::error::Error;
+use crate::metrics::{ErrorLabels, Metrics};
+use crate::server::Health;
 
 /// Runs the operator until `shutdown` completes.
 pub async fn run(
     client: Client,
     config: OperatorConfig,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let namespace = config.namespace.clone();
-    let (ctx, woken) = Context::new(client.clone(), config);
+    let (ctx, woken) = Context::new(client.clone(), config, metrics, health);
     let ctx = Arc::new(ctx);
     let (messages_api, profiles_api, secrets_api): (
         Api<EmailMessage>,
         Api<MailProfile>,
         Api<PartialObjectMeta<Secret>>,
     ) = match &namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-            Api::all(client.clone()),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-        ),
+        Some(ns) => {
+            (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::all(client.clone()))
+        }
+        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
     };
     let cluster_api: Api<ClusterMailProfile> = Api::all(client.clone());
 
@@ -82,9 +80,7 @@ pub async fn run(
         let (mp_store, cmp_store) = (profiles.store(), cluster_profiles.store());
         let mut stop = shutdown_tx.subscribe();
         async move {
-            let stream = watcher(secrets_api, watcher::Config::default())
-                .default_backoff()
-                .touched_objects();
+            let stream = watcher(secrets_api, watcher::Config::default()).default_backoff().touched_objects();
             futures::pin_mut!(stream);
             loop {
                 tokio::select! {
@@ -99,21 +95,49 @@ pub async fn run(
         }
     };
 
+    // Ready once the three caches hold the cluster's state; then count the unfinished messages.
+    let readiness = {
+        let ctx = ctx.clone();
+        let stores = (profiles.store(), cluster_profiles.store(), messages.store());
+        let mut stop = shutdown_tx.subscribe();
+        async move {
+            let synced = async {
+                let _ = stores.0.wait_until_ready().await;
+                let _ = stores.1.wait_until_ready().await;
+                let _ = stores.2.wait_until_ready().await;
+            };
+            tokio::select! {
+                _ = stop.recv() => return,
+                _ = synced => ctx.health.set_ready(true),
+            }
+            info!("caches synced; ready");
+            loop {
+                let depth = stores
+                    .2
+                    .state()
+                    .iter()
+                    .filter(|m| !m.status.as_ref().and_then(|s| s.phase).is_some_and(|p| p.is_finished()))
+                    .count();
+                ctx.metrics.queue_depth.set(depth as i64);
+                tokio::select! {
+                    _ = stop.recv() => break,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                }
+            }
+            ctx.health.set_ready(false);
+        }
+    };
+
     info!(namespace = ?namespace, "mailroom operator running");
     let c1 = ctx.clone();
     let c2 = ctx.clone();
     let c3 = ctx.clone();
     futures::join!(
-        profiles
-            .run(profile::reconcile_namespaced, profile_error, c1)
-            .for_each(|_| async {}),
-        cluster_profiles
-            .run(profile::reconcile_cluster, profile_error, c2)
-            .for_each(|_| async {}),
-        messages
-            .run(message::reconcile, message::error_policy, c3)
-            .for_each(|_| async {}),
+        profiles.run(profile::reconcile_namespaced, profile_error, c1).for_each(|_| async {}),
+        cluster_profiles.run(profile::reconcile_cluster, profile_error, c2).for_each(|_| async {}),
+        messages.run(message::reconcile, message::error_policy, c3).for_each(|_| async {}),
         secret_watch,
+        readiness,
     );
     info!("mailroom operator stopped");
 }
@@ -128,10 +152,7 @@ fn notify_profiles(
 ) {
     let wanted = (namespace.to_string(), name.to_string());
     for p in mp.state() {
-        let key = ProfileKey::Namespaced {
-            namespace: p.namespace().unwrap_or_default(),
-            name: p.name_any(),
-        };
+        let key = ProfileKey::Namespaced { namespace: p.namespace().unwrap_or_default(), name: p.name_any() };
         if profile::referenced_secrets(&key, &p.spec).contains(&wanted) {
             let _ = mp_tx.send(ObjectRef::from(p.as_ref()));
         }
@@ -144,7 +165,11 @@ fn notify_profiles(
     }
 }
 
-fn profile_error<K>(_p: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {
+fn profile_error<K>(_p: Arc<K>, err: &Error, ctx: Arc<Context>) -> Action {
     warn!(error = %err, "profile reconcile failed");
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&ErrorLabels { controller: "profiles".into(), error: err.metric_label().into() })
+        .inc();
     Action::requeue(std::time::Duration::from_secs(5))
 }

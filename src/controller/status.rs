@@ -51,33 +51,14 @@ pub fn claimed(
     s.transport = Some(claim.transport.clone());
     s.from = Some(claim.from.clone());
     s.observed_generation = generation;
-    let msg = format!(
-        "attempt {} in progress via {}",
-        claim.attempt, claim.transport
+    let msg = format!("attempt {} in progress via {}", claim.attempt, claim.transport);
+    set_condition(
+        &mut s.conditions,
+        condition(&prev.conditions, conditions::SENT, false, "Sending", msg, generation, Time(now)),
     );
     set_condition(
         &mut s.conditions,
-        condition(
-            &prev.conditions,
-            conditions::SENT,
-            false,
-            "Sending",
-            msg,
-            generation,
-            Time(now),
-        ),
-    );
-    set_condition(
-        &mut s.conditions,
-        condition(
-            &prev.conditions,
-            conditions::WAITING,
-            false,
-            "Claimed",
-            "",
-            generation,
-            Time(now),
-        ),
+        condition(&prev.conditions, conditions::WAITING, false, "Claimed", "", generation, Time(now)),
     );
     s
 }
@@ -100,29 +81,12 @@ pub fn sent(
     let (reason, msg) = if rejected.is_empty() {
         ("Delivered", format!("accepted by the provider: {response}"))
     } else {
-        let list: Vec<String> = rejected
-            .iter()
-            .map(|(r, why)| format!("{r} ({why})"))
-            .collect();
-        (
-            "PartiallyDelivered",
-            format!(
-                "accepted for some recipients; rejected: {}",
-                list.join("; ")
-            ),
-        )
+        let list: Vec<String> = rejected.iter().map(|(r, why)| format!("{r} ({why})")).collect();
+        ("PartiallyDelivered", format!("accepted for some recipients; rejected: {}", list.join("; ")))
     };
     set_condition(
         &mut s.conditions,
-        condition(
-            &prev.conditions,
-            conditions::SENT,
-            true,
-            reason,
-            clip(&msg),
-            generation,
-            Time(now),
-        ),
+        condition(&prev.conditions, conditions::SENT, true, reason, clip(&msg), generation, Time(now)),
     );
     s
 }
@@ -142,15 +106,7 @@ pub fn retrying(
     let msg = format!("attempt {attempt} failed, retrying at {next}: {reason}");
     set_condition(
         &mut s.conditions,
-        condition(
-            &prev.conditions,
-            conditions::SENT,
-            false,
-            "RetryScheduled",
-            clip(&msg),
-            generation,
-            Time(now),
-        ),
+        condition(&prev.conditions, conditions::SENT, false, "RetryScheduled", clip(&msg), generation, Time(now)),
     );
     s
 }
@@ -169,39 +125,15 @@ pub fn failed(
     s.observed_generation = generation;
     set_condition(
         &mut s.conditions,
-        condition(
-            &prev.conditions,
-            conditions::SENT,
-            false,
-            reason,
-            clip(message),
-            generation,
-            Time(now),
-        ),
+        condition(&prev.conditions, conditions::SENT, false, reason, clip(message), generation, Time(now)),
     );
     set_condition(
         &mut s.conditions,
-        condition(
-            &prev.conditions,
-            conditions::FAILED,
-            true,
-            reason,
-            clip(message),
-            generation,
-            Time(now),
-        ),
+        condition(&prev.conditions, conditions::FAILED, true, reason, clip(message), generation, Time(now)),
     );
     set_condition(
         &mut s.conditions,
-        condition(
-            &prev.conditions,
-            conditions::WAITING,
-            false,
-            reason,
-            "",
-            generation,
-            Time(now),
-        ),
+        condition(&prev.conditions, conditions::WAITING, false, reason, "", generation, Time(now)),
     );
     s
 }
@@ -219,15 +151,7 @@ pub fn waiting(
     s.observed_generation = generation;
     set_condition(
         &mut s.conditions,
-        condition(
-            &prev.conditions,
-            conditions::WAITING,
-            true,
-            reason,
-            clip(message),
-            generation,
-            Time(now),
-        ),
+        condition(&prev.conditions, conditions::WAITING, true, reason, clip(message), generation, Time(now)),
     );
     s
 }
@@ -236,8 +160,9 @@ pub fn waiting(
 pub fn finished_at(s: &EmailMessageStatus) -> Option<Timestamp> {
     match s.phase {
         Some(Phase::Sent) => s.sent_time.as_ref().map(|t| t.0),
-        Some(Phase::Failed) => crate::api::find_condition(&s.conditions, conditions::FAILED)
-            .map(|c| c.last_transition_time.0),
+        Some(Phase::Failed) => {
+            crate::api::find_condition(&s.conditions, conditions::FAILED).map(|c| c.last_transition_time.0)
+        }
         _ => None,
     }
 }
@@ -281,10 +206,7 @@ mod tests {
         let s = sent(&s, "250 2.0.0 OK", None, &[], Some(1), ts(11));
         assert_eq!(s.phase, Some(Phase::Sent));
         let c = find_condition(&s.conditions, "Sent").unwrap();
-        assert_eq!(
-            (c.status.as_str(), c.reason.as_str()),
-            ("True", "Delivered")
-        );
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Delivered"));
         assert_eq!(c.last_transition_time, Time(ts(11)));
         assert_eq!(finished_at(&s), Some(ts(11)));
     }
@@ -301,11 +223,7 @@ mod tests {
         );
         let c = find_condition(&s.conditions, "Sent").unwrap();
         assert_eq!(c.reason, "PartiallyDelivered");
-        assert!(
-            c.message.contains("x@y.z (550 5.1.1 unknown)"),
-            "{}",
-            c.message
-        );
+        assert!(c.message.contains("x@y.z (550 5.1.1 unknown)"), "{}", c.message);
     }
 
     #[test]
@@ -314,25 +232,11 @@ mod tests {
         let s = retrying(&s, "451 4.3.0 later", ts(20), None, ts(11));
         assert_eq!(s.phase, Some(Phase::Pending));
         assert_eq!(s.next_attempt_time, Some(Time(ts(20))));
-        assert!(
-            find_condition(&s.conditions, "Sent")
-                .unwrap()
-                .message
-                .contains("451 4.3.0 later")
-        );
-        let f = failed(
-            &s,
-            "Rejected",
-            "550 5.7.64 TenantAttribution; Relay Access Denied",
-            None,
-            ts(30),
-        );
+        assert!(find_condition(&s.conditions, "Sent").unwrap().message.contains("451 4.3.0 later"));
+        let f = failed(&s, "Rejected", "550 5.7.64 TenantAttribution; Relay Access Denied", None, ts(30));
         assert_eq!(f.phase, Some(Phase::Failed));
         assert_eq!(f.next_attempt_time, None);
-        assert_eq!(
-            find_condition(&f.conditions, "Failed").unwrap().status,
-            "True"
-        );
+        assert_eq!(find_condition(&f.conditions, "Failed").unwrap().status, "True");
         assert_eq!(finished_at(&f), Some(ts(30)));
     }
 
@@ -340,24 +244,12 @@ mod tests {
     fn long_messages_are_clipped_on_char_boundary() {
         let long = "é".repeat(2000);
         let f = failed(&EmailMessageStatus::default(), "X", &long, None, ts(1));
-        assert!(
-            find_condition(&f.conditions, "Failed")
-                .unwrap()
-                .message
-                .len()
-                <= MAX_MESSAGE + 3
-        );
+        assert!(find_condition(&f.conditions, "Failed").unwrap().message.len() <= MAX_MESSAGE + 3);
     }
 
     #[test]
     fn waiting_twice_is_no_change() {
-        let a = waiting(
-            &EmailMessageStatus::default(),
-            "ProfileNotFound",
-            "m",
-            None,
-            ts(1),
-        );
+        let a = waiting(&EmailMessageStatus::default(), "ProfileNotFound", "m", None, ts(1));
         let b = waiting(&a, "ProfileNotFound", "m", None, ts(2));
         assert!(!differs(&a, &b));
         let c = waiting(&b, "ProfileNotReady", "m", None, ts(3));

@@ -62,15 +62,6 @@ pub struct TransportInputs<'a> {
 
 /// The transport for a profile.
 pub async fn build_transport(inputs: TransportInputs<'_>) -> Result<Arc<dyn Transport>, NotReady> {
-    let _ = (
-        &inputs.profile,
-        inputs.allow_insecure,
-        TlsMode::None,
-        &inputs.trust,
-        &inputs.credential,
-    );
-    Err(NotReady {
-        reason: "TransportUnavailable".into(),
-        message: "transport not built yet".into(),
-    })
+    let _ = (&inputs.profile, inputs.allow_insecure, TlsMode::None, &inputs.trust, &inputs.credential);
+    Err(NotReady { reason: "TransportUnavailable".into(), message: "transport not built yet".into() })
 }

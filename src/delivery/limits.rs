@@ -29,18 +29,9 @@ pub struct SendPermit {
 impl SendLimits {
     /// Waits until the mailbox may send one more message now, then holds a concurrency slot.
     /// Changing a profile's limits takes effect for the next message.
-    pub async fn acquire(
-        &self,
-        profile: &str,
-        mailbox: &str,
-        per_minute: u32,
-        concurrent: u32,
-    ) -> SendPermit {
+    pub async fn acquire(&self, profile: &str, mailbox: &str, per_minute: u32, concurrent: u32) -> SendPermit {
         let limit = self.limit(profile, mailbox, per_minute, concurrent);
-        let slot = Arc::clone(&limit.slots)
-            .acquire_owned()
-            .await
-            .expect("semaphore is never closed");
+        let slot = Arc::clone(&limit.slots).acquire_owned().await.expect("semaphore is never closed");
         limit.bucket.until_ready().await;
         SendPermit { _slot: slot }
     }
@@ -52,13 +43,7 @@ impl SendLimits {
         }
     }
 
-    fn limit(
-        &self,
-        profile: &str,
-        mailbox: &str,
-        per_minute: u32,
-        concurrent: u32,
-    ) -> Arc<MailboxLimit> {
+    fn limit(&self, profile: &str, mailbox: &str, per_minute: u32, concurrent: u32) -> Arc<MailboxLimit> {
         let mut map = self.mailboxes.lock().unwrap_or_else(|e| e.into_inner());
         let key = (profile.to_string(), mailbox.to_ascii_lowercase());
         if let Some(existing) = map.get(&key)
@@ -122,14 +107,8 @@ mod tests {
         assert!(start.elapsed() < Duration::from_millis(400));
         // A different mailbox has its own bucket; 1 a minute lets exactly one through at once.
         drop(limits.acquire("ns/p", "b@contoso.com", 1, 4).await);
-        let second = tokio::time::timeout(
-            Duration::from_millis(200),
-            limits.acquire("ns/p", "b@contoso.com", 1, 4),
-        )
-        .await;
-        assert!(
-            second.is_err(),
-            "second message within the minute must wait"
-        );
+        let second =
+            tokio::time::timeout(Duration::from_millis(200), limits.acquire("ns/p", "b@contoso.com", 1, 4)).await;
+        assert!(second.is_err(), "second message within the minute must wait");
     }
 }

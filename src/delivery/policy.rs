@@ -21,9 +21,7 @@ pub enum PolicyError {
         allowed: String,
     },
     /// A recipient's domain is not in `recipientDomains`.
-    #[error(
-        "recipient {recipient} is not in the recipient domains of profile {profile} ({domains})"
-    )]
+    #[error("recipient {recipient} is not in the recipient domains of profile {profile} ({domains})")]
     RecipientDomainNotAllowed {
         /// The recipient.
         recipient: String,
@@ -33,9 +31,7 @@ pub enum PolicyError {
         domains: String,
     },
     /// A ClusterMailProfile's `allowedNamespaces` does not admit the namespace.
-    #[error(
-        "namespace {namespace} is not admitted by ClusterMailProfile {profile} (allowedNamespaces)"
-    )]
+    #[error("namespace {namespace} is not admitted by ClusterMailProfile {profile} (allowedNamespaces)")]
     NamespaceNotAdmitted {
         /// The message's namespace.
         namespace: String,
@@ -71,9 +67,9 @@ pub fn allowed_senders(senders: &Senders) -> Vec<String> {
 pub fn sender_matches(allowed: &str, address: &str) -> bool {
     let allowed = allowed.trim();
     match allowed.strip_prefix("*@") {
-        Some(domain) => address
-            .rsplit_once('@')
-            .is_some_and(|(local, d)| !local.is_empty() && d.eq_ignore_ascii_case(domain)),
+        Some(domain) => {
+            address.rsplit_once('@').is_some_and(|(local, d)| !local.is_empty() && d.eq_ignore_ascii_case(domain))
+        }
         None => allowed.eq_ignore_ascii_case(address),
     }
 }
@@ -96,11 +92,7 @@ pub fn check_sender(profile: &str, senders: &Senders, address: &str) -> Result<(
 pub fn domain_allowed(allowed: &[String], domain: &str) -> bool {
     let domain = domain.trim_end_matches('.').to_ascii_lowercase();
     allowed.iter().any(|a| {
-        let a = a
-            .trim()
-            .trim_start_matches("*.")
-            .trim_end_matches('.')
-            .to_ascii_lowercase();
+        let a = a.trim().trim_start_matches("*.").trim_end_matches('.').to_ascii_lowercase();
         domain == a || domain.ends_with(&format!(".{a}"))
     })
 }
@@ -135,29 +127,17 @@ pub fn check_namespace(
     namespace: &str,
     labels: &BTreeMap<String, String>,
 ) -> Result<(), PolicyError> {
-    let denied = || PolicyError::NamespaceNotAdmitted {
-        namespace: namespace.to_string(),
-        profile: profile.to_string(),
-    };
+    let denied =
+        || PolicyError::NamespaceNotAdmitted { namespace: namespace.to_string(), profile: profile.to_string() };
     let Some(selector) = selector else {
         return Err(denied());
     };
-    let selector =
-        Selector::try_from(selector.clone()).map_err(|e| PolicyError::InvalidSelector {
-            profile: profile.to_string(),
-            reason: e.to_string(),
-        })?;
+    let selector = Selector::try_from(selector.clone())
+        .map_err(|e| PolicyError::InvalidSelector { profile: profile.to_string(), reason: e.to_string() })?;
     let mut labels = labels.clone();
     // Every namespace carries its name as a label; selecting by name is the common case.
-    labels.insert(
-        "kubernetes.io/metadata.name".to_string(),
-        namespace.to_string(),
-    );
-    if selector.matches(&labels) {
-        Ok(())
-    } else {
-        Err(denied())
-    }
+    labels.insert("kubernetes.io/metadata.name".to_string(), namespace.to_string());
+    if selector.matches(&labels) { Ok(()) } else { Err(denied()) }
 }
 
 #[cfg(test)]
@@ -166,10 +146,7 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 
     fn senders(default: &str, allowed: Option<&[&str]>) -> Senders {
-        Senders {
-            default: default.to_string(),
-            allowed: allowed.map(|a| a.iter().map(|s| s.to_string()).collect()),
-        }
+        Senders { default: default.to_string(), allowed: allowed.map(|a| a.iter().map(|s| s.to_string()).collect()) }
     }
 
     #[test]
@@ -178,20 +155,14 @@ mod tests {
         assert!(check_sender("p", &s, "alerts@contoso.com").is_ok());
         assert!(check_sender("p", &s, "ALERTS@contoso.com").is_ok());
         let err = check_sender("p", &s, "ceo@contoso.com").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "sender ceo@contoso.com is not allowed by profile p (allowed: alerts@contoso.com)"
-        );
+        assert_eq!(err.to_string(), "sender ceo@contoso.com is not allowed by profile p (allowed: alerts@contoso.com)");
     }
 
     #[test]
     fn wildcard_domain_matches_only_that_domain() {
         let s = senders("alerts@contoso.com", Some(&["*@noreply.contoso.com"]));
         assert!(check_sender("p", &s, "build@noreply.contoso.com").is_ok());
-        assert!(
-            check_sender("p", &s, "alerts@contoso.com").is_ok(),
-            "default stays allowed"
-        );
+        assert!(check_sender("p", &s, "alerts@contoso.com").is_ok(), "default stays allowed");
         assert!(check_sender("p", &s, "x@evil.noreply.contoso.com").is_err());
         assert!(check_sender("p", &s, "@noreply.contoso.com").is_err());
         assert!(check_sender("p", &s, "x@contoso.com").is_err());
@@ -201,8 +172,7 @@ mod tests {
     fn recipient_domains_allow_subdomains_only() {
         let d = vec!["contoso.com".to_string()];
         assert!(check_recipients("p", Some(&d), ["a@contoso.com", "b@eu.contoso.com"]).is_ok());
-        let err =
-            check_recipients("p", Some(&d), ["a@contoso.com", "b@notcontoso.com"]).unwrap_err();
+        let err = check_recipients("p", Some(&d), ["a@contoso.com", "b@notcontoso.com"]).unwrap_err();
         assert!(err.to_string().contains("b@notcontoso.com"));
         assert!(check_recipients("p", None, ["x@anything.org"]).is_ok());
         assert!(check_recipients("p", Some(&[]), ["x@anything.org"]).is_ok());
@@ -218,13 +188,8 @@ mod tests {
         };
         assert!(check_namespace("c", Some(&sel), "team-a", &labels).is_ok());
         assert!(check_namespace("c", Some(&sel), "team-b", &BTreeMap::new()).is_err());
-        assert!(
-            check_namespace("c", None, "team-a", &labels).is_err(),
-            "absent admits none"
-        );
-        assert!(
-            check_namespace("c", Some(&LabelSelector::default()), "x", &BTreeMap::new()).is_ok()
-        );
+        assert!(check_namespace("c", None, "team-a", &labels).is_err(), "absent admits none");
+        assert!(check_namespace("c", Some(&LabelSelector::default()), "x", &BTreeMap::new()).is_ok());
         let by_name = LabelSelector {
             match_expressions: Some(vec![LabelSelectorRequirement {
                 key: "kubernetes.io/metadata.name".to_string(),

@@ -50,9 +50,7 @@ pub fn next_attempt(
     jitter: f64,
 ) -> RetryDecision {
     if attempts_made >= policy.max_attempts {
-        return RetryDecision::GiveUp(format!(
-            "gave up after {attempts_made} attempts (delivery.maxAttempts)"
-        ));
+        return RetryDecision::GiveUp(format!("gave up after {attempts_made} attempts (delivery.maxAttempts)"));
     }
     let delay = exponential_delay(attempts_made, policy.base_delay, policy.max_delay);
     let jitter = jitter.clamp(0.0, 1.0);
@@ -92,12 +90,7 @@ mod tests {
     }
 
     fn policy(max_attempts: u32, deadline: i64) -> RetryPolicy {
-        RetryPolicy {
-            max_attempts,
-            deadline: ts(deadline),
-            base_delay: BASE_DELAY,
-            max_delay: MAX_DELAY,
-        }
+        RetryPolicy { max_attempts, deadline: ts(deadline), base_delay: BASE_DELAY, max_delay: MAX_DELAY }
     }
 
     #[test]
@@ -113,10 +106,7 @@ mod tests {
     #[test]
     fn jitter_keeps_half_the_delay() {
         let p = policy(8, 100_000);
-        assert_eq!(
-            next_attempt(&p, 3, ts(1000), None, 0.0),
-            RetryDecision::RetryAt(ts(1004))
-        );
+        assert_eq!(next_attempt(&p, 3, ts(1000), None, 0.0), RetryDecision::RetryAt(ts(1004)));
         assert_eq!(
             next_attempt(&p, 3, ts(1000), None, 0.999_999),
             RetryDecision::RetryAt(ts(1007) + SignedDuration::from_micros(999_996))
@@ -136,10 +126,7 @@ mod tests {
     #[test]
     fn gives_up_at_max_attempts() {
         let p = policy(3, 100_000);
-        assert!(matches!(
-            next_attempt(&p, 2, ts(0), None, 0.0),
-            RetryDecision::RetryAt(_)
-        ));
+        assert!(matches!(next_attempt(&p, 2, ts(0), None, 0.0), RetryDecision::RetryAt(_)));
         match next_attempt(&p, 3, ts(0), None, 0.0) {
             RetryDecision::GiveUp(reason) => assert!(reason.contains("3 attempts"), "{reason}"),
             other => panic!("{other:?}"),

@@ -96,17 +96,12 @@ pub enum SendError {
 impl SendError {
     /// A transient error without Retry-After.
     pub fn transient(reason: impl Into<String>) -> Self {
-        SendError::Transient {
-            reason: reason.into(),
-            retry_after: None,
-        }
+        SendError::Transient { reason: reason.into(), retry_after: None }
     }
 
     /// A permanent error.
     pub fn permanent(reason: impl Into<String>) -> Self {
-        SendError::Permanent {
-            reason: reason.into(),
-        }
+        SendError::Permanent { reason: reason.into() }
     }
 
     /// Whether a retry can help.

@@ -11,6 +11,14 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 
+pub mod smtp_peer;
+
+/// A plain HTTP client for the test peers' control APIs.
+pub fn http() -> reqwest::Client {
+    mailroom::tls::install_crypto_provider();
+    reqwest::Client::new()
+}
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -27,43 +35,27 @@ pub fn required_env(name: &str) -> String {
 pub async fn client() -> Client {
     mailroom::tls::install_crypto_provider();
     required_env("KUBECONFIG");
-    Client::try_default()
-        .await
-        .expect("a client for the test API server")
+    Client::try_default().await.expect("a client for the test API server")
 }
 
 /// A fresh namespace named after the test, with the given labels.
 pub async fn namespace(client: &Client, prefix: &str, labels: &[(&str, &str)]) -> String {
-    let name = format!(
-        "{prefix}-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
+    let name = format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let ns = Namespace {
         metadata: ObjectMeta {
             name: Some(name.clone()),
-            labels: Some(
-                labels
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            ),
+            labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
             ..Default::default()
         },
         ..Default::default()
     };
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .expect("create namespace");
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
     name
 }
 
 /// Runs kubectl (from the control plane's cache, on PATH in `make test`) and returns its output.
 pub fn kubectl(args: &[&str]) -> std::process::Output {
-    Command::new("kubectl")
-        .args(args)
-        .output()
-        .expect("kubectl on PATH (make test puts it there)")
+    Command::new("kubectl").args(args).output().expect("kubectl on PATH (make test puts it there)")
 }
 
 /// Polls `get` until `done` holds, failing after `timeout` with the last value seen.
@@ -96,31 +88,15 @@ pub struct Operator {
 impl Operator {
     /// Starts `mailroom run` watching one namespace.
     pub fn start(test: &str, namespace: &str, extra: &[&str]) -> Operator {
-        let bin = std::env::var("MAILROOM_BIN").unwrap_or_else(|_| {
-            repo_root()
-                .join("target/debug/mailroom")
-                .display()
-                .to_string()
-        });
+        let bin = std::env::var("MAILROOM_BIN")
+            .unwrap_or_else(|_| repo_root().join("target/debug/mailroom").display().to_string());
         let dir = repo_root().join("target/test-logs");
         std::fs::create_dir_all(&dir).expect("log dir");
         let log = dir.join(format!("{test}-{namespace}.log"));
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("log file");
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let err = out.try_clone().expect("log file");
         let child = Command::new(bin)
-            .args([
-                "run",
-                "--namespace",
-                namespace,
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--health-addr",
-                "127.0.0.1:0",
-            ])
+            .args(["run", "--namespace", namespace, "--metrics-addr", "127.0.0.1:0", "--health-addr", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "info,mailroom=debug,kube=warn")
             .stdin(Stdio::null())
@@ -161,4 +137,46 @@ pub fn wait_for_file(path: &Path, timeout: Duration) -> String {
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!("{} did not appear within {timeout:?}", path.display());
+}
+
+/// Creates every document of a YAML stream in `namespace` (cluster-scoped kinds ignore it).
+pub async fn create_yaml(client: &Client, namespace: &str, yaml: &str) {
+    use kube::api::{ApiResource, DynamicObject};
+    use kube::discovery::Scope;
+    for doc in yaml.split("\n---").filter(|d| d.contains("kind:")) {
+        let obj: DynamicObject = serde_yaml::from_str(doc).unwrap_or_else(|e| panic!("bad test YAML: {e}\n{doc}"));
+        let types = obj.types.clone().expect("apiVersion and kind");
+        let gvk = kube::core::GroupVersionKind::try_from(&types).expect("gvk");
+        let (ar, caps): (ApiResource, _) = kube::discovery::pinned_kind(client, &gvk).await.expect("kind served");
+        let api: Api<DynamicObject> = match caps.scope {
+            Scope::Namespaced => Api::namespaced_with(client.clone(), namespace, &ar),
+            Scope::Cluster => Api::all_with(client.clone(), &ar),
+        };
+        api.create(&PostParams::default(), &obj).await.unwrap_or_else(|e| panic!("create failed: {e}\n{doc}"));
+    }
+}
+
+/// The phase of a message, if it has one.
+pub fn phase(m: &mailroom::api::EmailMessage) -> Option<mailroom::api::Phase> {
+    m.status.as_ref().and_then(|s| s.phase)
+}
+
+/// A condition of a message.
+pub fn message_condition(
+    m: &mailroom::api::EmailMessage,
+    type_: &str,
+) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    m.status.as_ref().and_then(|s| mailroom::api::find_condition(&s.conditions, type_).cloned())
+}
+
+/// The Events recorded for an object, as (reason, note).
+pub async fn events_for(client: &Client, namespace: &str, name: &str) -> Vec<(String, String)> {
+    use k8s_openapi::api::events::v1::Event;
+    let api: Api<Event> = Api::namespaced(client.clone(), namespace);
+    let list = api.list(&Default::default()).await.expect("list events");
+    list.items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
 }

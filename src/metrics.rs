@@ -1,0 +1,144 @@
+//! Prometheus metrics: what a platform team alerts on.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Labels of a message outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `namespace/name` or the cluster profile's name.
+    pub profile: String,
+    /// graph, smtp-relay, smtp-password, smtp-oauth2.
+    pub transport: String,
+    /// sent, failed, retried.
+    pub outcome: String,
+}
+
+/// Labels naming a profile.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProfileLabels {
+    /// The profile.
+    pub profile: String,
+}
+
+/// Labels of a reconcile error.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// messages or profiles.
+    pub controller: String,
+    /// The error's kind.
+    pub error: String,
+}
+
+/// Every metric the operator exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Messages by profile, transport and outcome.
+    pub messages: Family<OutcomeLabels, Counter>,
+    /// Send attempts by profile.
+    pub attempts: Family<ProfileLabels, Counter>,
+    /// Seconds from creation to Sent.
+    pub delivery_seconds: Histogram,
+    /// Token requests that succeeded, by profile.
+    pub token_refreshes: Family<ProfileLabels, Counter>,
+    /// Token requests that failed, by profile.
+    pub token_failures: Family<ProfileLabels, Counter>,
+    /// Seconds until the profile's token expires.
+    pub token_expiry_seconds: Family<ProfileLabels, Gauge<f64, AtomicU64>>,
+    /// Reconcile errors.
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
+    /// Messages not yet finished (Pending or Sending), as last counted.
+    pub queue_depth: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("mailroom");
+        let messages = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "messages",
+            "Messages by profile, transport and outcome (sent, failed, retried)",
+            messages.clone(),
+        );
+        let attempts = Family::<ProfileLabels, Counter>::default();
+        registry.register("send_attempts", "Send attempts started", attempts.clone());
+        let delivery_seconds = Histogram::new([0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0]);
+        registry.register(
+            "delivery_latency_seconds",
+            "Seconds from an EmailMessage's creation to Sent",
+            delivery_seconds.clone(),
+        );
+        let token_refreshes = Family::<ProfileLabels, Counter>::default();
+        registry.register("token_refreshes", "Tokens obtained from Microsoft Entra ID", token_refreshes.clone());
+        let token_failures = Family::<ProfileLabels, Counter>::default();
+        registry.register("token_refresh_failures", "Token requests that failed", token_failures.clone());
+        let token_expiry_seconds = Family::<ProfileLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "token_expiry_seconds",
+            "Seconds until the profile's current token expires",
+            token_expiry_seconds.clone(),
+        );
+        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        registry.register("reconcile_errors", "Reconciles that failed and were retried", reconcile_errors.clone());
+        let queue_depth = Gauge::default();
+        registry.register("queue_depth", "EmailMessages not yet Sent or Failed", queue_depth.clone());
+        Metrics {
+            registry,
+            messages,
+            attempts,
+            delivery_seconds,
+            token_refreshes,
+            token_failures,
+            token_expiry_seconds,
+            reconcile_errors,
+            queue_depth,
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts a message outcome.
+    pub fn outcome(&self, profile: &str, transport: &str, outcome: &str) {
+        self.messages
+            .get_or_create(&OutcomeLabels {
+                profile: profile.into(),
+                transport: transport.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_outcomes() {
+        let m = Metrics::default();
+        m.outcome("team-a/relay", "smtp-relay", "sent");
+        m.outcome("team-a/relay", "smtp-relay", "sent");
+        m.delivery_seconds.observe(0.3);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"mailroom_messages_total{profile="team-a/relay",transport="smtp-relay",outcome="sent"} 2"#),
+            "{text}"
+        );
+        assert!(text.contains("mailroom_delivery_latency_seconds_count 1"), "{text}");
+    }
+}
