@@ -630,6 +630,18 @@ impl Failure {
             }
             cause = current.source();
         }
+        // lettre reports a connection closed before a reply as this response error; it is the
+        // same event as an EOF, and says more to a reader as one.
+        if error.is_response()
+            && error
+                .source()
+                .is_some_and(|s| s.to_string() == "incomplete response")
+        {
+            return Failure::Io {
+                kind: io::ErrorKind::UnexpectedEof,
+                detail: "the server closed the connection".to_string(),
+            };
+        }
         if error.is_client() {
             Failure::Unsupported(
                 error
@@ -656,27 +668,29 @@ impl Failure {
 /// Classifies a failure at a stage of the session.
 pub fn classify(failure: &Failure, stage: Stage, server: &str) -> SendError {
     let context = stage.describe(server);
+    // Without a reply to the final dot nobody knows whether the server took the message.
+    let doubt = if stage == Stage::Message {
+        "; it is unknown whether the server accepted the message, so it will be sent again with the same Message-ID"
+    } else {
+        ""
+    };
     match failure {
         Failure::Reply(reply) => classify_reply(reply, &context),
-        Failure::Timeout(limit) => {
-            SendError::transient(format!("{context}: no answer within {}s", limit.as_secs()))
-        }
+        Failure::Timeout(limit) => SendError::transient(format!(
+            "{context}: no answer within {}s{doubt}",
+            limit.as_secs()
+        )),
         Failure::Io { kind, detail } => {
             let what = match kind {
-                io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
+                io::ErrorKind::ConnectionRefused => "connection refused",
                 io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => {
-                    "the connection was reset".to_string()
+                    "the connection was reset"
                 }
                 io::ErrorKind::UnexpectedEof | io::ErrorKind::BrokenPipe => {
-                    "the server closed the connection".to_string()
+                    "the server closed the connection"
                 }
-                io::ErrorKind::TimedOut => "timed out".to_string(),
-                _ => detail.clone(),
-            };
-            let doubt = if stage == Stage::Message {
-                "; it is unknown whether the message was accepted, so it will be sent again with the same Message-ID"
-            } else {
-                ""
+                io::ErrorKind::TimedOut => "timed out",
+                _ => detail.as_str(),
             };
             SendError::transient(format!("{context}: {what}{doubt}"))
         }
@@ -687,9 +701,11 @@ pub fn classify(failure: &Failure, stage: Stage, server: &str) -> SendError {
         Failure::TlsIncompatible(detail) => SendError::permanent(format!(
             "TLS with {server} is not possible: {detail}; the server needs TLS 1.2 or newer"
         )),
-        Failure::Tls(detail) => SendError::transient(format!("{context}: TLS error: {detail}")),
+        Failure::Tls(detail) => {
+            SendError::transient(format!("{context}: TLS error: {detail}{doubt}"))
+        }
         Failure::Unsupported(detail) => SendError::permanent(format!("{context}: {detail}")),
-        Failure::Protocol(detail) => SendError::transient(format!("{context}: {detail}")),
+        Failure::Protocol(detail) => SendError::transient(format!("{context}: {detail}{doubt}")),
     }
 }
 
@@ -940,6 +956,20 @@ mod tests {
         );
         assert!(e.is_transient());
         assert!(reason(&e).contains("same Message-ID"), "{e}");
+        let e = classify(
+            &Failure::Timeout(Duration::from_secs(300)),
+            Stage::Message,
+            SERVER,
+        );
+        assert!(
+            e.is_transient() && reason(&e).contains("same Message-ID"),
+            "{e}"
+        );
+        let e = classify(&reply(451, "4.3.0 Try again later"), Stage::Message, SERVER);
+        assert!(
+            !reason(&e).contains("same Message-ID"),
+            "a reply is a clear answer: {e}"
+        );
     }
 
     #[test]
