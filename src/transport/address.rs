@@ -37,10 +37,7 @@ pub struct AddressError {
 
 impl AddressError {
     fn new(input: &str, reason: &'static str) -> Self {
-        AddressError {
-            input: input.to_string(),
-            reason,
-        }
+        AddressError { input: input.to_string(), reason }
     }
 }
 
@@ -55,10 +52,7 @@ pub fn parse_mailbox(input: &str) -> Result<Address, AddressError> {
     // CR, LF and NUL could end the header line and start another; no control character has
     // any business in a mailbox, so all of them are refused before the grammar sees the input.
     if input.chars().any(char::is_control) {
-        return Err(AddressError::new(
-            input,
-            "it contains a line break or another control character",
-        ));
+        return Err(AddressError::new(input, "it contains a line break or another control character"));
     }
     if !input.contains('@') {
         return Err(AddressError::new(input, "it has no @"));
@@ -67,18 +61,12 @@ pub fn parse_mailbox(input: &str) -> Result<Address, AddressError> {
         if looks_like_several(input) {
             AddressError::new(input, "it names more than one mailbox; give one per entry")
         } else {
-            AddressError::new(
-                input,
-                "expected 'user@example.com' or 'Name <user@example.com>'",
-            )
+            AddressError::new(input, "expected 'user@example.com' or 'Name <user@example.com>'")
         }
     })?;
     let email = mailbox.email.to_string();
     check_address(input, &email)?;
-    let name = mailbox
-        .name
-        .map(|n| n.trim().to_string())
-        .filter(|n| !n.is_empty());
+    let name = mailbox.name.map(|n| n.trim().to_string()).filter(|n| !n.is_empty());
     Ok(Address { name, email })
 }
 
@@ -99,16 +87,10 @@ fn check_address(input: &str, email: &str) -> Result<(), AddressError> {
         return Err(AddressError::new(input, "the domain after @ is empty"));
     }
     if local.len() > MAX_LOCAL_PART_LEN {
-        return Err(AddressError::new(
-            input,
-            "the part before @ is longer than 64 octets",
-        ));
+        return Err(AddressError::new(input, "the part before @ is longer than 64 octets"));
     }
     if email.len() > MAX_ADDRESS_LEN {
-        return Err(AddressError::new(
-            input,
-            "the address is longer than 254 octets",
-        ));
+        return Err(AddressError::new(input, "the address is longer than 254 octets"));
     }
     Ok(())
 }
@@ -124,32 +106,22 @@ impl FromStr for Address {
 impl Address {
     /// The part after the last `@`, as written (compare case-insensitively).
     pub fn domain(&self) -> &str {
-        self.email
-            .rsplit_once('@')
-            .map(|(_, domain)| domain)
-            .unwrap_or("")
+        self.email.rsplit_once('@').map(|(_, domain)| domain).unwrap_or("")
     }
 
     /// The part before the last `@`.
     pub fn local_part(&self) -> &str {
-        self.email
-            .rsplit_once('@')
-            .map(|(local, _)| local)
-            .unwrap_or(&self.email)
+        self.email.rsplit_once('@').map(|(local, _)| local).unwrap_or(&self.email)
     }
 
     /// The address alone, as lettre's envelope needs it. Validates again, since the fields
     /// are public and may not have come from [`parse_mailbox`].
     pub fn to_lettre_address(&self) -> Result<lettre::Address, AddressError> {
         if self.email.chars().any(char::is_control) {
-            return Err(AddressError::new(
-                &self.email,
-                "it contains a line break or another control character",
-            ));
+            return Err(AddressError::new(&self.email, "it contains a line break or another control character"));
         }
         check_address(&self.email, &self.email)?;
-        lettre::Address::from_str(&self.email)
-            .map_err(|_| AddressError::new(&self.email, "lettre refuses the address"))
+        lettre::Address::from_str(&self.email).map_err(|_| AddressError::new(&self.email, "lettre refuses the address"))
     }
 
     /// The mailbox as lettre's header types need it (the name is RFC 2047-encoded on output).
@@ -157,10 +129,7 @@ impl Address {
         if let Some(name) = &self.name
             && name.chars().any(char::is_control)
         {
-            return Err(AddressError::new(
-                name,
-                "the display name contains a line break or another control character",
-            ));
+            return Err(AddressError::new(name, "the display name contains a line break or another control character"));
         }
         Ok(Mailbox::new(self.name.clone(), self.to_lettre_address()?))
     }
@@ -192,9 +161,7 @@ impl fmt::Display for Address {
 /// An RFC 5322 atom (RFC 6532: non-ASCII allowed), which needs no quotes in a phrase.
 fn is_atom(word: &str) -> bool {
     !word.is_empty()
-        && word.chars().all(|c| {
-            c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii()
-        })
+        && word.chars().all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii())
 }
 
 #[cfg(test)]
@@ -258,18 +225,9 @@ mod tests {
 
     #[test]
     fn utf8_display_names() {
-        assert_eq!(
-            ok("Zoë Çelik <zoe@example.com>").name.as_deref(),
-            Some("Zoë Çelik")
-        );
-        assert_eq!(
-            ok("運用チーム <ops@example.jp>").name.as_deref(),
-            Some("運用チーム")
-        );
-        assert_eq!(
-            ok("\"Ops 🚀, Night\" <ops@example.com>").name.as_deref(),
-            Some("Ops 🚀, Night")
-        );
+        assert_eq!(ok("Zoë Çelik <zoe@example.com>").name.as_deref(), Some("Zoë Çelik"));
+        assert_eq!(ok("運用チーム <ops@example.jp>").name.as_deref(), Some("運用チーム"));
+        assert_eq!(ok("\"Ops 🚀, Night\" <ops@example.com>").name.as_deref(), Some("Ops 🚀, Night"));
     }
 
     #[test]
@@ -389,14 +347,8 @@ mod tests {
             let shown = a.to_string();
             assert_eq!(ok(&shown), a, "{input:?} displayed as {shown:?}");
         }
-        assert_eq!(
-            ok("Ops Team <ops@contoso.com>").to_string(),
-            "Ops Team <ops@contoso.com>"
-        );
-        assert_eq!(
-            ok(r#""Doe, Jane" <jane@example.com>"#).to_string(),
-            r#""Doe, Jane" <jane@example.com>"#
-        );
+        assert_eq!(ok("Ops Team <ops@contoso.com>").to_string(), "Ops Team <ops@contoso.com>");
+        assert_eq!(ok(r#""Doe, Jane" <jane@example.com>"#).to_string(), r#""Doe, Jane" <jane@example.com>"#);
     }
 
     #[test]
@@ -409,20 +361,11 @@ mod tests {
 
     #[test]
     fn to_lettre_validates_hand_built_addresses() {
-        let forged = Address {
-            name: Some("Name\r\nBcc: x@example.org".into()),
-            email: "user@example.com".into(),
-        };
+        let forged = Address { name: Some("Name\r\nBcc: x@example.org".into()), email: "user@example.com".into() };
         assert!(forged.to_lettre().is_err());
-        let forged = Address {
-            name: None,
-            email: "user@example.com\r\nBcc: x@example.org".into(),
-        };
+        let forged = Address { name: None, email: "user@example.com\r\nBcc: x@example.org".into() };
         assert!(forged.to_lettre().is_err());
-        let forged = Address {
-            name: None,
-            email: "not-an-address".into(),
-        };
+        let forged = Address { name: None, email: "not-an-address".into() };
         assert!(forged.to_lettre().is_err());
     }
 

@@ -58,9 +58,7 @@ pub enum MimeError {
     #[error("attachment name {0:?} is empty or contains a line break or NUL")]
     AttachmentName(String),
     /// An attachment's content type is not a MIME type.
-    #[error(
-        "attachment {name:?}: content type {content_type:?} is not a MIME type such as text/csv"
-    )]
+    #[error("attachment {name:?}: content type {content_type:?} is not a MIME type such as text/csv")]
     ContentType {
         /// The attachment's file name.
         name: String,
@@ -121,8 +119,7 @@ pub fn envelope(msg: &OutgoingMessage) -> Result<Envelope, MimeError> {
     if recipients.is_empty() {
         return Err(MimeError::NoRecipients);
     }
-    Envelope::new(Some(msg.from.to_lettre_address()?), recipients)
-        .map_err(|e| MimeError::Build(e.to_string()))
+    Envelope::new(Some(msg.from.to_lettre_address()?), recipients).map_err(|e| MimeError::Build(e.to_string()))
 }
 
 enum Body {
@@ -135,10 +132,7 @@ fn body_part(msg: &OutgoingMessage) -> Result<Body, MimeError> {
     let content = match (&msg.text, &msg.html) {
         (Some(text), None) => Body::Single(SinglePart::plain(text.clone())),
         (None, Some(html)) => Body::Single(SinglePart::html(html.clone())),
-        (Some(text), Some(html)) => Body::Multi(MultiPart::alternative_plain_html(
-            text.clone(),
-            html.clone(),
-        )),
+        (Some(text), Some(html)) => Body::Multi(MultiPart::alternative_plain_html(text.clone(), html.clone())),
         (None, None) => return Err(MimeError::NoBody),
     };
     if msg.attachments.is_empty() {
@@ -154,8 +148,7 @@ fn body_part(msg: &OutgoingMessage) -> Result<Body, MimeError> {
             return Err(MimeError::AttachmentName(name.clone()));
         }
         let content_type = content_type(name, &attachment.content_type)?;
-        mixed = mixed
-            .singlepart(Attachment::new(name.clone()).body(attachment.bytes.clone(), content_type));
+        mixed = mixed.singlepart(Attachment::new(name.clone()).body(attachment.bytes.clone(), content_type));
     }
     Ok(Body::Multi(mixed))
 }
@@ -163,15 +156,8 @@ fn body_part(msg: &OutgoingMessage) -> Result<Body, MimeError> {
 /// Parses an attachment's content type; empty means `application/octet-stream`.
 fn content_type(name: &str, value: &str) -> Result<ContentType, MimeError> {
     let value = value.trim();
-    let value = if value.is_empty() {
-        "application/octet-stream"
-    } else {
-        value
-    };
-    let invalid = || MimeError::ContentType {
-        name: name.to_string(),
-        content_type: value.to_string(),
-    };
+    let value = if value.is_empty() { "application/octet-stream" } else { value };
+    let invalid = || MimeError::ContentType { name: name.to_string(), content_type: value.to_string() };
     if has_line_break_or_nul(value) || !value.is_ascii() {
         return Err(invalid());
     }
@@ -188,21 +174,10 @@ fn checked_subject(subject: &str) -> Result<String, MimeError> {
 /// Accepts `<left@right>` with printable ASCII and no spaces, brackets or second `@` inside.
 fn checked_message_id(id: &str) -> Result<String, MimeError> {
     let invalid = || MimeError::MessageId(id.to_string());
-    let inner = id
-        .strip_prefix('<')
-        .and_then(|s| s.strip_suffix('>'))
-        .ok_or_else(invalid)?;
+    let inner = id.strip_prefix('<').and_then(|s| s.strip_suffix('>')).ok_or_else(invalid)?;
     let (left, right) = inner.split_once('@').ok_or_else(invalid)?;
-    let printable = |s: &str| {
-        !s.is_empty()
-            && s.bytes()
-                .all(|b| b.is_ascii_graphic() && !b"<>@\"\\[]".contains(&b))
-    };
-    if printable(left) && printable(right) && id.len() <= 250 {
-        Ok(id.to_string())
-    } else {
-        Err(invalid())
-    }
+    let printable = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic() && !b"<>@\"\\[]".contains(&b));
+    if printable(left) && printable(right) && id.len() <= 250 { Ok(id.to_string()) } else { Err(invalid()) }
 }
 
 /// Validates the custom headers and encodes their values (RFC 2047 for non-ASCII), in order.
@@ -213,10 +188,7 @@ pub fn custom_headers(headers: &[(String, String)]) -> Result<Vec<HeaderValue>, 
         if !is_custom_header_name(name) {
             return Err(MimeError::HeaderName(name.clone()));
         }
-        if RESERVED_HEADERS
-            .iter()
-            .any(|reserved| reserved.eq_ignore_ascii_case(name))
-        {
+        if RESERVED_HEADERS.iter().any(|reserved| reserved.eq_ignore_ascii_case(name)) {
             return Err(MimeError::ReservedHeader(name.clone()));
         }
         if !seen.insert(name.to_ascii_lowercase()) {
@@ -225,8 +197,7 @@ pub fn custom_headers(headers: &[(String, String)]) -> Result<Vec<HeaderValue>, 
         if has_line_break_or_nul(value) {
             return Err(MimeError::HeaderValue(name.clone()));
         }
-        let header_name = HeaderName::new_from_ascii(name.clone())
-            .map_err(|_| MimeError::HeaderName(name.clone()))?;
+        let header_name = HeaderName::new_from_ascii(name.clone()).map_err(|_| MimeError::HeaderName(name.clone()))?;
         out.push(HeaderValue::new(header_name, value.clone()));
     }
     Ok(out)
@@ -239,9 +210,7 @@ pub fn is_custom_header_name(name: &str) -> bool {
     };
     name.len() <= MAX_HEADER_NAME_LEN
         && !rest.is_empty()
-        && rest
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+.^_`|~-".contains(&b))
+        && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+.^_`|~-".contains(&b))
 }
 
 /// `Importance` (RFC 2156, read by Outlook) and `X-Priority` (read by most other clients).
@@ -252,14 +221,8 @@ pub fn importance_headers(importance: Importance) -> [HeaderValue; 2] {
         Importance::High => ("high", "1"),
     };
     [
-        HeaderValue::new(
-            HeaderName::new_from_ascii_str("Importance"),
-            word.to_string(),
-        ),
-        HeaderValue::new(
-            HeaderName::new_from_ascii_str("X-Priority"),
-            priority.to_string(),
-        ),
+        HeaderValue::new(HeaderName::new_from_ascii_str("Importance"), word.to_string()),
+        HeaderValue::new(HeaderName::new_from_ascii_str("X-Priority"), priority.to_string()),
     ]
 }
 
@@ -300,26 +263,16 @@ mod tests {
     }
 
     fn parse(bytes: &[u8]) -> mail_parser::Message<'_> {
-        MessageParser::default()
-            .parse(bytes)
-            .expect("the built message parses")
+        MessageParser::default().parse(bytes).expect("the built message parses")
     }
 
     fn emails(list: Option<&mail_parser::Address<'_>>) -> Vec<String> {
-        list.map(|a| {
-            a.iter()
-                .filter_map(|a| a.address().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
+        list.map(|a| a.iter().filter_map(|a| a.address().map(str::to_string)).collect()).unwrap_or_default()
     }
 
     fn header_block(bytes: &[u8]) -> String {
         let text = String::from_utf8_lossy(bytes);
-        text.split("\r\n\r\n")
-            .next()
-            .unwrap_or_default()
-            .to_string()
+        text.split("\r\n\r\n").next().unwrap_or_default().to_string()
     }
 
     #[test]
@@ -331,16 +284,8 @@ mod tests {
         let from = parsed.from().and_then(|a| a.first()).unwrap();
         assert_eq!(from.address(), Some("alerts@contoso.com"));
         assert_eq!(from.name(), Some("Alerts Bot"));
-        assert_eq!(
-            emails(parsed.to()),
-            vec!["ops@contoso.com", "dev@contoso.com"]
-        );
-        let to_names: Vec<_> = parsed
-            .to()
-            .unwrap()
-            .iter()
-            .map(|a| a.name().map(str::to_string))
-            .collect();
+        assert_eq!(emails(parsed.to()), vec!["ops@contoso.com", "dev@contoso.com"]);
+        let to_names: Vec<_> = parsed.to().unwrap().iter().map(|a| a.name().map(str::to_string)).collect();
         assert_eq!(to_names, vec![Some("Ops Team".to_string()), None]);
         let cc = parsed.cc().and_then(|a| a.first()).unwrap();
         assert_eq!(cc.address(), Some("jane@contoso.com"));
@@ -354,10 +299,7 @@ mod tests {
         assert!(!headers.to_ascii_lowercase().contains("bcc"), "{headers}");
         assert!(!headers.contains("audit@contoso.com"), "{headers}");
         assert!(parsed.date().is_some());
-        assert_eq!(
-            parsed.header_raw("MIME-Version").map(str::trim),
-            Some("1.0")
-        );
+        assert_eq!(parsed.header_raw("MIME-Version").map(str::trim), Some("1.0"));
     }
 
     #[test]
@@ -366,20 +308,9 @@ mod tests {
         msg.bcc.push(addr("OPS@contoso.com"));
         let built = build(&msg).unwrap();
         let envelope = built.envelope();
-        assert_eq!(
-            envelope.from().map(|a| a.to_string()).as_deref(),
-            Some("alerts@contoso.com")
-        );
+        assert_eq!(envelope.from().map(|a| a.to_string()).as_deref(), Some("alerts@contoso.com"));
         let to: Vec<String> = envelope.to().iter().map(|a| a.to_string()).collect();
-        assert_eq!(
-            to,
-            vec![
-                "ops@contoso.com",
-                "dev@contoso.com",
-                "jane@contoso.com",
-                "audit@contoso.com"
-            ]
-        );
+        assert_eq!(to, vec!["ops@contoso.com", "dev@contoso.com", "jane@contoso.com", "audit@contoso.com"]);
     }
 
     #[test]
@@ -390,10 +321,7 @@ mod tests {
         let bytes = build_bytes(&msg).unwrap();
         let headers = header_block(&bytes);
         assert!(!headers.contains("audit@contoso.com"), "{headers}");
-        assert_eq!(
-            build(&msg).unwrap().envelope().to()[0].to_string(),
-            "audit@contoso.com"
-        );
+        assert_eq!(build(&msg).unwrap().envelope().to()[0].to_string(), "audit@contoso.com");
     }
 
     #[test]
@@ -403,16 +331,9 @@ mod tests {
         assert!(headers.contains("=?utf-8?"), "{headers}");
         // Unknown headers stay raw unless the parser is told to decode them as text; naming one
         // header replaces mail-parser's defaults, so the standard ones are named as well.
-        let parsed = MessageParser::new()
-            .with_minimal_headers()
-            .header_text("X-Team")
-            .parse(&bytes)
-            .unwrap();
+        let parsed = MessageParser::new().with_minimal_headers().header_text("X-Team").parse(&bytes).unwrap();
         assert_eq!(parsed.subject(), Some("Deploy finished ✅ — café déjà vu"));
-        assert_eq!(
-            parsed.header("X-Team").and_then(|h| h.as_text()),
-            Some("Équipe Ops")
-        );
+        assert_eq!(parsed.header("X-Team").and_then(|h| h.as_text()), Some("Équipe Ops"));
     }
 
     #[test]
@@ -427,36 +348,24 @@ mod tests {
     fn custom_headers_in_order() {
         let bytes = build_bytes(&message()).unwrap();
         let parsed = parse(&bytes);
-        assert_eq!(
-            parsed.header_raw("X-Pipeline-Run").map(str::trim),
-            Some("1234")
-        );
+        assert_eq!(parsed.header_raw("X-Pipeline-Run").map(str::trim), Some("1234"));
         assert_eq!(parsed.header_raw("X-A").map(str::trim), Some("first"));
-        let names: Vec<&str> = parsed
-            .headers()
-            .iter()
-            .map(|h| h.name())
-            .filter(|n| n.starts_with("X-") || n.starts_with("x-"))
-            .collect();
+        let names: Vec<&str> =
+            parsed.headers().iter().map(|h| h.name()).filter(|n| n.starts_with("X-") || n.starts_with("x-")).collect();
         assert_eq!(names, vec!["X-Pipeline-Run", "x-team", "X-A", "X-Priority"]);
     }
 
     #[test]
     fn importance_headers_for_each_level() {
-        for (importance, word, priority) in [
-            (Importance::Low, "low", "5"),
-            (Importance::Normal, "normal", "3"),
-            (Importance::High, "high", "1"),
-        ] {
+        for (importance, word, priority) in
+            [(Importance::Low, "low", "5"), (Importance::Normal, "normal", "3"), (Importance::High, "high", "1")]
+        {
             let mut msg = message();
             msg.importance = importance;
             let bytes = build_bytes(&msg).unwrap();
             let parsed = parse(&bytes);
             assert_eq!(parsed.header_raw("Importance").map(str::trim), Some(word));
-            assert_eq!(
-                parsed.header_raw("X-Priority").map(str::trim),
-                Some(priority)
-            );
+            assert_eq!(parsed.header_raw("X-Priority").map(str::trim), Some(priority));
         }
     }
 
@@ -469,15 +378,8 @@ mod tests {
         let ct = parsed.root_part().content_type().unwrap();
         assert_eq!((ct.ctype(), ct.subtype()), ("text", Some("plain")));
         assert_eq!(ct.attribute("charset"), Some("utf-8"));
-        assert_eq!(
-            single_body(parsed.body_text(0)).as_deref(),
-            Some("Version 1.4.2 is live.\r\nNaïve café ☕\r\n")
-        );
-        assert_eq!(
-            parsed.html_body_count(),
-            1,
-            "mail-parser derives HTML from text"
-        );
+        assert_eq!(single_body(parsed.body_text(0)).as_deref(), Some("Version 1.4.2 is live.\r\nNaïve café ☕\r\n"));
+        assert_eq!(parsed.html_body_count(), 1, "mail-parser derives HTML from text");
         assert_eq!(parsed.attachment_count(), 0);
     }
 
@@ -505,10 +407,7 @@ mod tests {
         let bytes = build_bytes(&message()).unwrap();
         let parsed = parse(&bytes);
         let ct = parsed.root_part().content_type().unwrap();
-        assert_eq!(
-            (ct.ctype(), ct.subtype()),
-            ("multipart", Some("alternative"))
-        );
+        assert_eq!((ct.ctype(), ct.subtype()), ("multipart", Some("alternative")));
         let subtypes: Vec<_> = parsed
             .parts
             .iter()
@@ -517,14 +416,8 @@ mod tests {
             .map(|c| format!("{}/{}", c.ctype(), c.subtype().unwrap_or_default()))
             .collect();
         assert_eq!(subtypes, vec!["text/plain", "text/html"]);
-        assert_eq!(
-            parsed.body_text(0).as_deref(),
-            Some("Version 1.4.2 is live.\r\nNaïve café ☕\r\n")
-        );
-        assert_eq!(
-            parsed.body_html(0).as_deref(),
-            Some("<p>Version <b>1.4.2</b> is live. Crème brûlée 🍮</p>")
-        );
+        assert_eq!(parsed.body_text(0).as_deref(), Some("Version 1.4.2 is live.\r\nNaïve café ☕\r\n"));
+        assert_eq!(parsed.body_html(0).as_deref(), Some("<p>Version <b>1.4.2</b> is live. Crème brûlée 🍮</p>"));
     }
 
     #[test]
@@ -537,14 +430,9 @@ mod tests {
                 content_type: "text/csv".into(),
                 bytes: b"a,b\n1,2\n".to_vec(),
             },
+            AttachmentData { name: "résumé.pdf".into(), content_type: "application/pdf".into(), bytes: pdf.clone() },
             AttachmentData {
-                name: "résumé.pdf".into(),
-                content_type: "application/pdf".into(),
-                bytes: pdf.clone(),
-            },
-            AttachmentData {
-                name: "a very long file name that does not fit on one header line at all.txt"
-                    .into(),
+                name: "a very long file name that does not fit on one header line at all.txt".into(),
                 content_type: String::new(),
                 bytes: b"hello\n".to_vec(),
             },
@@ -554,14 +442,8 @@ mod tests {
         let parsed = parse(&bytes);
         let ct = parsed.root_part().content_type().unwrap();
         assert_eq!((ct.ctype(), ct.subtype()), ("multipart", Some("mixed")));
-        assert_eq!(
-            parsed.body_text(0).as_deref(),
-            Some("Version 1.4.2 is live.\r\nNaïve café ☕\r\n")
-        );
-        assert_eq!(
-            parsed.body_html(0).as_deref(),
-            Some("<p>Version <b>1.4.2</b> is live. Crème brûlée 🍮</p>")
-        );
+        assert_eq!(parsed.body_text(0).as_deref(), Some("Version 1.4.2 is live.\r\nNaïve café ☕\r\n"));
+        assert_eq!(parsed.body_html(0).as_deref(), Some("<p>Version <b>1.4.2</b> is live. Crème brûlée 🍮</p>"));
 
         let attachments: Vec<_> = parsed.attachments().collect();
         assert_eq!(attachments.len(), 3);
@@ -583,10 +465,7 @@ mod tests {
                 format!("{}/{}", c.ctype(), c.subtype().unwrap_or_default())
             })
             .collect();
-        assert_eq!(
-            types,
-            vec!["text/csv", "application/pdf", "application/octet-stream"]
-        );
+        assert_eq!(types, vec!["text/csv", "application/pdf", "application/octet-stream"]);
         for a in &attachments {
             let disposition = a.content_disposition().unwrap();
             assert_eq!(disposition.ctype(), "attachment");
@@ -601,10 +480,7 @@ mod tests {
     fn rejects_header_injection_in_custom_headers() {
         let mut msg = message();
         msg.headers = vec![("X-Run".into(), "1\r\nBcc: victim@example.org".into())];
-        assert_eq!(
-            build(&msg).unwrap_err(),
-            MimeError::HeaderValue("X-Run".into())
-        );
+        assert_eq!(build(&msg).unwrap_err(), MimeError::HeaderValue("X-Run".into()));
         msg.headers = vec![("X-Run".into(), "1\nBcc: victim@example.org".into())];
         assert!(matches!(build(&msg), Err(MimeError::HeaderValue(_))));
         msg.headers = vec![("X-Run".into(), "1\0".into())];
@@ -623,10 +499,7 @@ mod tests {
             &format!("X-{}", "a".repeat(80)),
         ] {
             msg.headers = vec![(name.to_string(), "v".into())];
-            assert!(
-                matches!(build(&msg), Err(MimeError::HeaderName(_))),
-                "{name:?}"
-            );
+            assert!(matches!(build(&msg), Err(MimeError::HeaderName(_))), "{name:?}");
         }
     }
 
@@ -660,22 +533,11 @@ mod tests {
         msg.html = None;
         assert_eq!(build(&msg).unwrap_err(), MimeError::NoBody);
 
-        for id in [
-            "no-brackets@mailroom.dev",
-            "<no-at>",
-            "<a@b>\r\nBcc: x@y",
-            "<a b@c>",
-            "<@c>",
-            "<a@>",
-            "<a@b@c>",
-            "",
-        ] {
+        for id in ["no-brackets@mailroom.dev", "<no-at>", "<a@b>\r\nBcc: x@y", "<a b@c>", "<@c>", "<a@>", "<a@b@c>", ""]
+        {
             let mut msg = message();
             msg.message_id = id.into();
-            assert!(
-                matches!(build(&msg), Err(MimeError::MessageId(_))),
-                "{id:?}"
-            );
+            assert!(matches!(build(&msg), Err(MimeError::MessageId(_))), "{id:?}");
         }
     }
 
@@ -688,10 +550,7 @@ mod tests {
         assert_eq!(build(&msg).unwrap_err(), MimeError::NoRecipients);
 
         let mut msg = message();
-        msg.to.push(Address {
-            name: Some("Evil\r\nBcc: victim@example.org".into()),
-            email: "evil@example.org".into(),
-        });
+        msg.to.push(Address { name: Some("Evil\r\nBcc: victim@example.org".into()), email: "evil@example.org".into() });
         assert!(matches!(build(&msg), Err(MimeError::Address(_))));
     }
 
@@ -705,15 +564,8 @@ mod tests {
         }];
         assert!(matches!(build(&msg), Err(MimeError::AttachmentName(_))));
         for ct in ["not a type", "text/plain\r\nX: y", "tëxt/plain"] {
-            msg.attachments = vec![AttachmentData {
-                name: "a.txt".into(),
-                content_type: ct.into(),
-                bytes: vec![],
-            }];
-            assert!(
-                matches!(build(&msg), Err(MimeError::ContentType { .. })),
-                "{ct:?}"
-            );
+            msg.attachments = vec![AttachmentData { name: "a.txt".into(), content_type: ct.into(), bytes: vec![] }];
+            assert!(matches!(build(&msg), Err(MimeError::ContentType { .. })), "{ct:?}");
         }
     }
 

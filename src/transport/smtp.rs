@@ -30,9 +30,8 @@ use crate::tls::TrustRoots;
 pub mod classify;
 
 use classify::{
-    Failure, RecipientRefusal, Stage, TokenFingerprint, classify, classify_password_auth,
-    classify_token_refusal, every_recipient_refused, is_token_refusal, join_reply,
-    judge_token_refusal, recipient_refusal, token_error,
+    Failure, RecipientRefusal, Stage, TokenFingerprint, classify, classify_password_auth, classify_token_refusal,
+    every_recipient_refused, is_token_refusal, join_reply, judge_token_refusal, recipient_refusal, token_error,
 };
 
 /// Default time to open the TCP connection (and finish an implicit TLS handshake).
@@ -64,11 +63,9 @@ impl fmt::Debug for SmtpCredentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SmtpCredentials::None => f.write_str("None"),
-            SmtpCredentials::Password { username, .. } => f
-                .debug_struct("Password")
-                .field("username", username)
-                .field("password", &"<redacted>")
-                .finish(),
+            SmtpCredentials::Password { username, .. } => {
+                f.debug_struct("Password").field("username", username).field("password", &"<redacted>").finish()
+            }
             SmtpCredentials::XOAuth2(_) => f.write_str("XOAuth2(<token source>)"),
         }
     }
@@ -120,18 +117,8 @@ impl SmtpConfig {
     }
 
     /// A configuration from a profile's `smtp` section (host, port and TLS mode defaulted).
-    pub fn from_spec(
-        spec: &crate::api::SmtpTransport,
-        roots: TrustRoots,
-        credentials: SmtpCredentials,
-    ) -> Self {
-        SmtpConfig::new(
-            spec.host.clone(),
-            spec.port(),
-            spec.tls(),
-            roots,
-            credentials,
-        )
+    pub fn from_spec(spec: &crate::api::SmtpTransport, roots: TrustRoots, credentials: SmtpCredentials) -> Self {
+        SmtpConfig::new(spec.host.clone(), spec.port(), spec.tls(), roots, credentials)
     }
 }
 
@@ -251,30 +238,20 @@ impl SmtpTransport {
     }
 
     /// Logs in with the configured credentials, if any.
-    async fn authenticate(
-        &self,
-        conn: &mut AsyncSmtpConnection,
-        sender: &str,
-    ) -> Result<(), SendError> {
+    async fn authenticate(&self, conn: &mut AsyncSmtpConnection, sender: &str) -> Result<(), SendError> {
         let server = self.server();
         match &self.credentials {
             SmtpCredentials::None => Ok(()),
             SmtpCredentials::Password { username, password } => {
                 // Built per send and dropped after AUTH; lettre's Credentials never prints the password.
                 let credentials = Credentials::new(username.clone(), password.clone());
-                timed(
-                    self.command_timeout,
-                    conn.auth(&[Mechanism::Plain, Mechanism::Login], &credentials),
-                )
-                .await
-                .map(drop)
-                .map_err(|f| classify_password_auth(&f, &server, username))
+                timed(self.command_timeout, conn.auth(&[Mechanism::Plain, Mechanism::Login], &credentials))
+                    .await
+                    .map(drop)
+                    .map_err(|f| classify_password_auth(&f, &server, username))
             }
             SmtpCredentials::XOAuth2(tokens) => {
-                if !conn
-                    .server_info()
-                    .supports_auth_mechanism(Mechanism::Xoauth2)
-                {
+                if !conn.server_info().supports_auth_mechanism(Mechanism::Xoauth2) {
                     return Err(SendError::permanent(format!(
                         "{server} does not offer AUTH XOAUTH2 on this connection; Exchange Online offers it \
                          on smtp.office365.com:587 after STARTTLS"
@@ -282,11 +259,7 @@ impl SmtpTransport {
                 }
                 let token = tokens.token().await.map_err(token_error)?;
                 let fingerprint = TokenFingerprint::of(&token.secret);
-                let result = timed(
-                    self.command_timeout,
-                    xoauth2(conn, sender, token.secret.clone()),
-                )
-                .await;
+                let result = timed(self.command_timeout, xoauth2(conn, sender, token.secret.clone())).await;
                 drop(token);
                 match result {
                     Ok(()) => {
@@ -345,28 +318,17 @@ impl SmtpTransport {
             parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
         }
 
-        timed(
-            self.command_timeout,
-            conn.command(Mail::new(envelope.from().cloned(), parameters)),
-        )
-        .await
-        .map_err(|f| classify(&f, Stage::MailFrom, &server))?;
+        timed(self.command_timeout, conn.command(Mail::new(envelope.from().cloned(), parameters)))
+            .await
+            .map_err(|f| classify(&f, Stage::MailFrom, &server))?;
 
         let mut accepted = 0usize;
         let mut refused = Vec::new();
         for recipient in envelope.to() {
-            match timed(
-                self.command_timeout,
-                conn.command(Rcpt::new(recipient.clone(), vec![])),
-            )
-            .await
-            {
+            match timed(self.command_timeout, conn.command(Rcpt::new(recipient.clone(), vec![]))).await {
                 Ok(_) => accepted += 1,
                 Err(failure) => match recipient_refusal(&failure) {
-                    Some(reply) => refused.push(RecipientRefusal {
-                        recipient: recipient.to_string(),
-                        reply,
-                    }),
+                    Some(reply) => refused.push(RecipientRefusal { recipient: recipient.to_string(), reply }),
                     None => return Err(classify(&failure, Stage::Rcpt, &server)),
                 },
             }
@@ -375,19 +337,13 @@ impl SmtpTransport {
             return Err(every_recipient_refused(&refused, &server));
         }
 
-        timed(self.command_timeout, conn.command(Data))
-            .await
-            .map_err(|f| classify(&f, Stage::Data, &server))?;
-        let reply = timed(self.data_timeout, conn.message(bytes))
-            .await
-            .map_err(|f| classify(&f, Stage::Message, &server))?;
+        timed(self.command_timeout, conn.command(Data)).await.map_err(|f| classify(&f, Stage::Data, &server))?;
+        let reply =
+            timed(self.data_timeout, conn.message(bytes)).await.map_err(|f| classify(&f, Stage::Message, &server))?;
         Ok(Delivered {
             response: format_response(&reply),
             request_id: None,
-            rejected: refused
-                .into_iter()
-                .map(|r| (r.recipient, r.reply.to_string()))
-                .collect(),
+            rejected: refused.into_iter().map(|r| (r.recipient, r.reply.to_string())).collect(),
         })
     }
 }
@@ -395,8 +351,8 @@ impl SmtpTransport {
 #[async_trait]
 impl Transport for SmtpTransport {
     async fn send(&self, message: &OutgoingMessage) -> Result<Delivered, SendError> {
-        let built = mime::build(message)
-            .map_err(|e| SendError::permanent(format!("the message cannot be built: {e}")))?;
+        let built =
+            mime::build(message).map_err(|e| SendError::permanent(format!("the message cannot be built: {e}")))?;
         let bytes = built.formatted();
         let mut conn = self.connect().await?;
         let result = match self.authenticate(&mut conn, &message.from.email).await {
@@ -449,14 +405,10 @@ impl fmt::Display for EmptyLine {
 
 /// Builds lettre's rustls parameters: web PKI roots plus the extra ones, on ring.
 fn tls_parameters(host: &str, roots: &TrustRoots) -> Result<TlsParameters, SmtpConfigError> {
-    let tls_error = |reason: String| SmtpConfigError::Tls {
-        host: host.to_string(),
-        reason,
-    };
+    let tls_error = |reason: String| SmtpConfigError::Tls { host: host.to_string(), reason };
     let mut builder = TlsParameters::builder(host.to_string());
     for der in roots.extra() {
-        let certificate =
-            Certificate::from_der(der.to_vec()).map_err(|e| tls_error(e.to_string()))?;
+        let certificate = Certificate::from_der(der.to_vec()).map_err(|e| tls_error(e.to_string()))?;
         builder = builder.add_root_certificate(certificate);
     }
     builder.build_rustls().map_err(|e| tls_error(e.to_string()))
@@ -465,20 +417,14 @@ fn tls_parameters(host: &str, roots: &TrustRoots) -> Result<TlsParameters, SmtpC
 /// This host's name for EHLO, or `[127.0.0.1]` when it has none usable.
 fn default_hello_name() -> ClientId {
     match ClientId::default() {
-        ClientId::Domain(name) if !is_hello_name(&name) => {
-            ClientId::Ipv4(std::net::Ipv4Addr::LOCALHOST)
-        }
+        ClientId::Domain(name) if !is_hello_name(&name) => ClientId::Ipv4(std::net::Ipv4Addr::LOCALHOST),
         other => other,
     }
 }
 
 /// A name EHLO can carry: letters, digits, `-` and `.`.
 fn is_hello_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    !name.is_empty() && name.len() <= 253 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 /// Awaits a lettre future for at most `limit`.
@@ -506,15 +452,9 @@ mod tests {
 
     #[test]
     fn credentials_debug_hides_the_password() {
-        let c = SmtpCredentials::Password {
-            username: "mailer".into(),
-            password: "hunter2-secret".into(),
-        };
+        let c = SmtpCredentials::Password { username: "mailer".into(), password: "hunter2-secret".into() };
         let shown = format!("{c:?}");
-        assert!(
-            shown.contains("mailer") && !shown.contains("hunter2"),
-            "{shown}"
-        );
+        assert!(shown.contains("mailer") && !shown.contains("hunter2"), "{shown}");
     }
 
     #[test]
@@ -525,31 +465,20 @@ mod tests {
         assert!(!is_hello_name("bad name"));
         assert!(!is_hello_name("bad\r\nname"));
         let hello = default_hello_name().to_string();
-        assert!(
-            !hello.is_empty() && !hello.contains(['\r', '\n', ' ']),
-            "{hello}"
-        );
+        assert!(!hello.is_empty() && !hello.contains(['\r', '\n', ' ']), "{hello}");
     }
 
     #[test]
     fn config_checks_host_and_builds_tls() {
         crate::tls::install_crypto_provider();
-        let config = SmtpConfig::new(
-            "smtp.example.com",
-            587,
-            TlsMode::StartTLS,
-            TrustRoots::default(),
-            SmtpCredentials::None,
-        );
+        let config =
+            SmtpConfig::new("smtp.example.com", 587, TlsMode::StartTLS, TrustRoots::default(), SmtpCredentials::None);
         let transport = SmtpTransport::new(config.clone()).unwrap();
         assert!(transport.tls.is_some());
         assert_eq!(transport.server(), "smtp.example.com:587");
         let mut bad = config.clone();
         bad.host = "smtp.example.com\r\nX".into();
-        assert!(matches!(
-            SmtpTransport::new(bad),
-            Err(SmtpConfigError::Host(_))
-        ));
+        assert!(matches!(SmtpTransport::new(bad), Err(SmtpConfigError::Host(_))));
         let mut plain = config;
         plain.tls = TlsMode::None;
         assert!(SmtpTransport::new(plain).unwrap().tls.is_none());

@@ -94,10 +94,7 @@ impl Failure {
     pub(super) fn from_lettre(error: &lettre::transport::smtp::Error) -> Failure {
         if let Some(code) = error.status() {
             let text = error.source().map(|s| s.to_string()).unwrap_or_default();
-            return Failure::Reply(Reply {
-                code: u16::from(code),
-                text,
-            });
+            return Failure::Reply(Reply { code: u16::from(code), text });
         }
         let mut cause: Option<&(dyn StdError + 'static)> = error.source();
         while let Some(current) = cause {
@@ -106,43 +103,26 @@ impl Failure {
             }
             if let Some(io_error) = current.downcast_ref::<io::Error>() {
                 // io::Error::source() skips the wrapped error, so look inside it here.
-                if let Some(tls) = io_error
-                    .get_ref()
-                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                {
+                if let Some(tls) = io_error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
                     return Failure::from_rustls(tls);
                 }
                 if io_error.kind() == io::ErrorKind::TimedOut {
-                    return Failure::Io {
-                        kind: io::ErrorKind::TimedOut,
-                        detail: "timed out".to_string(),
-                    };
+                    return Failure::Io { kind: io::ErrorKind::TimedOut, detail: "timed out".to_string() };
                 }
-                return Failure::Io {
-                    kind: io_error.kind(),
-                    detail: io_error.to_string(),
-                };
+                return Failure::Io { kind: io_error.kind(), detail: io_error.to_string() };
             }
             cause = current.source();
         }
         // lettre reports a connection closed before a reply as this response error; it is the
         // same event as an EOF, and says more to a reader as one.
-        if error.is_response()
-            && error
-                .source()
-                .is_some_and(|s| s.to_string() == "incomplete response")
-        {
+        if error.is_response() && error.source().is_some_and(|s| s.to_string() == "incomplete response") {
             return Failure::Io {
                 kind: io::ErrorKind::UnexpectedEof,
                 detail: "the server closed the connection".to_string(),
             };
         }
         if error.is_client() {
-            Failure::Unsupported(
-                error
-                    .source()
-                    .map_or_else(|| error.to_string(), |s| s.to_string()),
-            )
+            Failure::Unsupported(error.source().map_or_else(|| error.to_string(), |s| s.to_string()))
         } else {
             Failure::Protocol(error.to_string())
         }
@@ -171,19 +151,14 @@ pub fn classify(failure: &Failure, stage: Stage, server: &str) -> SendError {
     };
     match failure {
         Failure::Reply(reply) => classify_reply(reply, &context),
-        Failure::Timeout(limit) => SendError::transient(format!(
-            "{context}: no answer within {}s{doubt}",
-            limit.as_secs()
-        )),
+        Failure::Timeout(limit) => {
+            SendError::transient(format!("{context}: no answer within {}s{doubt}", limit.as_secs()))
+        }
         Failure::Io { kind, detail } => {
             let what = match kind {
                 io::ErrorKind::ConnectionRefused => "connection refused",
-                io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => {
-                    "the connection was reset"
-                }
-                io::ErrorKind::UnexpectedEof | io::ErrorKind::BrokenPipe => {
-                    "the server closed the connection"
-                }
+                io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => "the connection was reset",
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::BrokenPipe => "the server closed the connection",
                 io::ErrorKind::TimedOut => "timed out",
                 _ => detail.as_str(),
             };
@@ -196,9 +171,7 @@ pub fn classify(failure: &Failure, stage: Stage, server: &str) -> SendError {
         Failure::TlsIncompatible(detail) => SendError::permanent(format!(
             "TLS with {server} is not possible: {detail}; the server needs TLS 1.2 or newer"
         )),
-        Failure::Tls(detail) => {
-            SendError::transient(format!("{context}: TLS error: {detail}{doubt}"))
-        }
+        Failure::Tls(detail) => SendError::transient(format!("{context}: TLS error: {detail}{doubt}")),
         Failure::Unsupported(detail) => SendError::permanent(format!("{context}: {detail}")),
         Failure::Protocol(detail) => SendError::transient(format!("{context}: {detail}{doubt}")),
     }
@@ -222,12 +195,10 @@ pub fn classify_password_auth(failure: &Failure, server: &str, username: &str) -
                  authentication for SMTP, so use smtp.auth.oauth2 or the graph transport instead"
             ))
         }
-        Failure::Reply(reply) if reply.code == 535 || reply.code == 534 => {
-            SendError::permanent(format!(
-                "{server} refused the login for user {username:?}: {reply}; check the username and \
+        Failure::Reply(reply) if reply.code == 535 || reply.code == 534 => SendError::permanent(format!(
+            "{server} refused the login for user {username:?}: {reply}; check the username and \
                  password in the profile's Secret"
-            ))
-        }
+        )),
         Failure::Unsupported(_) => SendError::permanent(format!(
             "{server} offers no AUTH PLAIN or LOGIN on this connection; check the port and tls mode \
              (most servers offer AUTH only after STARTTLS)"
@@ -277,10 +248,7 @@ pub enum TokenRefusal {
 }
 
 /// Judges a refusal from the fingerprint of the previously refused token (cleared on success).
-pub fn judge_token_refusal(
-    previous: Option<&TokenFingerprint>,
-    this: &TokenFingerprint,
-) -> TokenRefusal {
+pub fn judge_token_refusal(previous: Option<&TokenFingerprint>, this: &TokenFingerprint) -> TokenRefusal {
     match previous {
         Some(previous) if previous != this => TokenRefusal::NewTokenRefused,
         _ => TokenRefusal::MaybeStale,
@@ -288,12 +256,7 @@ pub fn judge_token_refusal(
 }
 
 /// The error for a refused XOAUTH2 token.
-pub fn classify_token_refusal(
-    failure: &Failure,
-    verdict: TokenRefusal,
-    server: &str,
-    sender: &str,
-) -> SendError {
+pub fn classify_token_refusal(failure: &Failure, verdict: TokenRefusal, server: &str, sender: &str) -> SendError {
     let reply = match failure {
         Failure::Reply(reply) => reply.to_string(),
         other => format!("{other:?}"),
@@ -324,20 +287,14 @@ pub struct RecipientRefusal {
 /// (network error, or 421: the server is closing the connection).
 pub fn recipient_refusal(failure: &Failure) -> Option<Reply> {
     match failure {
-        Failure::Reply(reply) if reply.code != 421 && (400..600).contains(&reply.code) => {
-            Some(reply.clone())
-        }
+        Failure::Reply(reply) if reply.code != 421 && (400..600).contains(&reply.code) => Some(reply.clone()),
         _ => None,
     }
 }
 
 /// Every recipient refused: permanent when every refusal is 5xx, else worth another attempt.
 pub fn every_recipient_refused(refused: &[RecipientRefusal], server: &str) -> SendError {
-    let list = refused
-        .iter()
-        .map(|r| format!("{}: {}", r.recipient, r.reply))
-        .collect::<Vec<_>>()
-        .join("; ");
+    let list = refused.iter().map(|r| format!("{}: {}", r.recipient, r.reply)).collect::<Vec<_>>().join("; ");
     let reason = format!("{server} refused every recipient: {list}");
     if !refused.is_empty() && refused.iter().all(|r| r.reply.code >= 500) {
         SendError::permanent(reason)
@@ -361,11 +318,7 @@ pub fn token_error(error: AuthError) -> SendError {
 /// `250 2.0.0 OK`: the code, then the text when there is one.
 pub(super) fn join_reply(code: &str, text: &str) -> String {
     let text = text.trim();
-    if text.is_empty() {
-        code.to_string()
-    } else {
-        format!("{code} {text}")
-    }
+    if text.is_empty() { code.to_string() } else { format!("{code} {text}") }
 }
 
 #[cfg(test)]
@@ -375,10 +328,7 @@ mod tests {
     const SERVER: &str = "smtp.example.com:587";
 
     fn reply(code: u16, text: &str) -> Failure {
-        Failure::Reply(Reply {
-            code,
-            text: text.to_string(),
-        })
+        Failure::Reply(Reply { code, text: text.to_string() })
     }
 
     fn reason(e: &SendError) -> &str {
@@ -389,11 +339,7 @@ mod tests {
 
     #[test]
     fn replies_4xx_transient_5xx_permanent_with_the_reply_quoted() {
-        let e = classify(
-            &reply(550, "5.7.64 TenantAttribution; Relay Access Denied"),
-            Stage::MailFrom,
-            SERVER,
-        );
+        let e = classify(&reply(550, "5.7.64 TenantAttribution; Relay Access Denied"), Stage::MailFrom, SERVER);
         assert!(!e.is_transient());
         assert_eq!(
             reason(&e),
@@ -402,20 +348,9 @@ mod tests {
         let e = classify(&reply(451, "4.3.0 Try again later"), Stage::Message, SERVER);
         assert!(e.is_transient());
         assert!(reason(&e).ends_with("451 4.3.0 Try again later"));
-        assert!(
-            classify(
-                &reply(421, "4.3.2 Service not available"),
-                Stage::Connect,
-                SERVER
-            )
-            .is_transient()
-        );
-        assert!(
-            !classify(&reply(554, "5.6.0 Message rejected"), Stage::Data, SERVER).is_transient()
-        );
-        assert!(
-            !classify(&reply(552, "5.3.4 Message too big"), Stage::Message, SERVER).is_transient()
-        );
+        assert!(classify(&reply(421, "4.3.2 Service not available"), Stage::Connect, SERVER).is_transient());
+        assert!(!classify(&reply(554, "5.6.0 Message rejected"), Stage::Data, SERVER).is_transient());
+        assert!(!classify(&reply(552, "5.3.4 Message too big"), Stage::Message, SERVER).is_transient());
     }
 
     #[test]
@@ -429,79 +364,33 @@ mod tests {
             io::ErrorKind::TimedOut,
             io::ErrorKind::Other,
         ] {
-            let failure = Failure::Io {
-                kind,
-                detail: "x".into(),
-            };
-            assert!(
-                classify(&failure, Stage::Connect, SERVER).is_transient(),
-                "{kind:?}"
-            );
+            let failure = Failure::Io { kind, detail: "x".into() };
+            assert!(classify(&failure, Stage::Connect, SERVER).is_transient(), "{kind:?}");
         }
         let e = classify(
-            &Failure::Io {
-                kind: io::ErrorKind::ConnectionRefused,
-                detail: "Connection refused (os error 111)".into(),
-            },
+            &Failure::Io { kind: io::ErrorKind::ConnectionRefused, detail: "Connection refused (os error 111)".into() },
             Stage::Connect,
             SERVER,
         );
-        assert_eq!(
-            reason(&e),
-            "cannot connect to SMTP server smtp.example.com:587: connection refused"
-        );
-        assert!(
-            classify(
-                &Failure::Timeout(Duration::from_secs(30)),
-                Stage::Data,
-                SERVER
-            )
-            .is_transient()
-        );
-        assert!(
-            classify(
-                &Failure::Tls("handshake interrupted".into()),
-                Stage::StartTls,
-                SERVER
-            )
-            .is_transient()
-        );
-        assert!(
-            classify(
-                &Failure::Protocol("incomplete response".into()),
-                Stage::Data,
-                SERVER
-            )
-            .is_transient()
-        );
+        assert_eq!(reason(&e), "cannot connect to SMTP server smtp.example.com:587: connection refused");
+        assert!(classify(&Failure::Timeout(Duration::from_secs(30)), Stage::Data, SERVER).is_transient());
+        assert!(classify(&Failure::Tls("handshake interrupted".into()), Stage::StartTls, SERVER).is_transient());
+        assert!(classify(&Failure::Protocol("incomplete response".into()), Stage::Data, SERVER).is_transient());
     }
 
     #[test]
     fn a_drop_during_the_message_says_the_outcome_is_unknown() {
         let e = classify(
-            &Failure::Io {
-                kind: io::ErrorKind::UnexpectedEof,
-                detail: String::new(),
-            },
+            &Failure::Io { kind: io::ErrorKind::UnexpectedEof, detail: String::new() },
             Stage::Message,
             SERVER,
         );
         assert!(e.is_transient());
         assert!(reason(&e).contains("same Message-ID"), "{e}");
-        let e = classify(
-            &Failure::Timeout(Duration::from_secs(300)),
-            Stage::Message,
-            SERVER,
-        );
-        assert!(
-            e.is_transient() && reason(&e).contains("same Message-ID"),
-            "{e}"
-        );
+        let e = classify(&Failure::Timeout(Duration::from_secs(300)), Stage::Message, SERVER);
+        assert!(e.is_transient() && reason(&e).contains("same Message-ID"), "{e}");
         let e = classify(&reply(451, "4.3.0 Try again later"), Stage::Message, SERVER);
-        assert!(
-            !reason(&e).contains("same Message-ID"),
-            "a reply is a clear answer: {e}"
-        );
+        assert!(!reason(&e).contains("same Message-ID"), "a reply is a clear answer: {e}");
     }
 
     #[test]
@@ -511,20 +400,11 @@ mod tests {
         assert!(matches!(failure, Failure::Certificate(_)));
         let e = classify(&failure, Stage::StartTls, SERVER);
         assert!(!e.is_transient());
-        assert!(
-            reason(&e).contains("caBundle") && reason(&e).contains("--ca-bundle"),
-            "{e}"
-        );
+        assert!(reason(&e).contains("caBundle") && reason(&e).contains("--ca-bundle"), "{e}");
         let expired = rustls::Error::InvalidCertificate(rustls::CertificateError::Expired);
-        assert!(matches!(
-            Failure::from_rustls(&expired),
-            Failure::Certificate(_)
-        ));
-        let incompatible =
-            rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered);
-        assert!(
-            !classify(&Failure::from_rustls(&incompatible), Stage::Connect, SERVER).is_transient()
-        );
+        assert!(matches!(Failure::from_rustls(&expired), Failure::Certificate(_)));
+        let incompatible = rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered);
+        assert!(!classify(&Failure::from_rustls(&incompatible), Stage::Connect, SERVER).is_transient());
         let alert = rustls::Error::AlertReceived(rustls::AlertDescription::InternalError);
         assert!(classify(&Failure::from_rustls(&alert), Stage::Connect, SERVER).is_transient());
     }
@@ -541,20 +421,12 @@ mod tests {
 
     #[test]
     fn password_refusal_is_permanent_with_a_hint_and_no_secret() {
-        let e = classify_password_auth(
-            &reply(535, "5.7.8 Authentication credentials invalid"),
-            SERVER,
-            "mailer",
-        );
+        let e = classify_password_auth(&reply(535, "5.7.8 Authentication credentials invalid"), SERVER, "mailer");
         assert!(!e.is_transient());
         assert!(reason(&e).contains("535 5.7.8 Authentication credentials invalid"));
         assert!(reason(&e).contains("Secret"));
         assert!(reason(&e).contains("\"mailer\""));
-        let e = classify_password_auth(
-            &reply(454, "4.7.0 Temporary authentication failure"),
-            SERVER,
-            "u",
-        );
+        let e = classify_password_auth(&reply(454, "4.7.0 Temporary authentication failure"), SERVER, "u");
         assert!(e.is_transient());
         let e = classify_password_auth(
             &Failure::Unsupported("No compatible authentication mechanism was found".into()),
@@ -564,21 +436,12 @@ mod tests {
         assert!(!e.is_transient() && reason(&e).contains("STARTTLS"));
         // Basic authentication switched off at Microsoft: permanent, quoted, pointing to OAuth2.
         for (code, text) in [
-            (
-                535,
-                "5.7.139 Authentication unsuccessful, basic authentication is disabled.",
-            ),
-            (
-                550,
-                "5.7.30 Basic authentication is not supported for Client Submission",
-            ),
+            (535, "5.7.139 Authentication unsuccessful, basic authentication is disabled."),
+            (550, "5.7.30 Basic authentication is not supported for Client Submission"),
         ] {
             let e = classify_password_auth(&reply(code, text), SERVER, "u");
             assert!(!e.is_transient());
-            assert!(
-                reason(&e).contains(text) && reason(&e).contains("oauth2"),
-                "{e}"
-            );
+            assert!(reason(&e).contains(text) && reason(&e).contains("oauth2"), "{e}");
         }
     }
 
@@ -589,36 +452,17 @@ mod tests {
         // First refusal: nothing refused before.
         assert_eq!(judge_token_refusal(None, &t1), TokenRefusal::MaybeStale);
         // The same stale token again (a concurrent send): still transient.
-        assert_eq!(
-            judge_token_refusal(Some(&t1), &t1),
-            TokenRefusal::MaybeStale
-        );
+        assert_eq!(judge_token_refusal(Some(&t1), &t1), TokenRefusal::MaybeStale);
         // A new token refused after the first: permanent.
-        assert_eq!(
-            judge_token_refusal(Some(&t1), &t2),
-            TokenRefusal::NewTokenRefused
-        );
+        assert_eq!(judge_token_refusal(Some(&t1), &t2), TokenRefusal::NewTokenRefused);
 
         let failure = reply(535, "5.7.3 Authentication unsuccessful");
         assert!(is_token_refusal(&failure));
-        assert!(!is_token_refusal(&reply(
-            454,
-            "4.7.0 Temporary authentication failure"
-        )));
-        let e = classify_token_refusal(
-            &failure,
-            TokenRefusal::MaybeStale,
-            SERVER,
-            "alerts@contoso.com",
-        );
+        assert!(!is_token_refusal(&reply(454, "4.7.0 Temporary authentication failure")));
+        let e = classify_token_refusal(&failure, TokenRefusal::MaybeStale, SERVER, "alerts@contoso.com");
         assert!(e.is_transient());
         assert!(reason(&e).contains("535 5.7.3 Authentication unsuccessful"));
-        let e = classify_token_refusal(
-            &failure,
-            TokenRefusal::NewTokenRefused,
-            SERVER,
-            "alerts@contoso.com",
-        );
+        let e = classify_token_refusal(&failure, TokenRefusal::NewTokenRefused, SERVER, "alerts@contoso.com");
         assert!(!e.is_transient());
         assert!(reason(&e).contains("SMTP.SendAsApp"));
     }
@@ -632,15 +476,8 @@ mod tests {
     #[test]
     fn token_source_errors() {
         assert!(token_error(AuthError::Unavailable("503".into())).is_transient());
-        assert!(
-            !token_error(AuthError::Rejected(
-                "AADSTS7000215: Invalid client secret".into()
-            ))
-            .is_transient()
-        );
-        assert!(
-            !token_error(AuthError::Credential("Secret graph/x missing".into())).is_transient()
-        );
+        assert!(!token_error(AuthError::Rejected("AADSTS7000215: Invalid client secret".into())).is_transient());
+        assert!(!token_error(AuthError::Credential("Secret graph/x missing".into())).is_transient());
     }
 
     #[test]
@@ -653,11 +490,7 @@ mod tests {
         assert!(recipient_refusal(&reply(421, "4.3.2 Closing")).is_none());
         assert!(recipient_refusal(&Failure::Timeout(Duration::from_secs(1))).is_none());
         assert!(
-            recipient_refusal(&Failure::Io {
-                kind: io::ErrorKind::ConnectionReset,
-                detail: String::new()
-            })
-            .is_none()
+            recipient_refusal(&Failure::Io { kind: io::ErrorKind::ConnectionReset, detail: String::new() }).is_none()
         );
     }
 
@@ -665,15 +498,10 @@ mod tests {
     fn every_recipient_refused_is_permanent_only_if_all_5xx() {
         let refusal = |r: &str, code, text: &str| RecipientRefusal {
             recipient: r.into(),
-            reply: Reply {
-                code,
-                text: text.into(),
-            },
+            reply: Reply { code, text: text.into() },
         };
-        let all_5xx = [
-            refusal("a@example.com", 550, "5.1.1 User unknown"),
-            refusal("b@example.com", 553, "5.1.3 Bad address"),
-        ];
+        let all_5xx =
+            [refusal("a@example.com", 550, "5.1.1 User unknown"), refusal("b@example.com", 553, "5.1.3 Bad address")];
         let e = every_recipient_refused(&all_5xx, SERVER);
         assert!(!e.is_transient());
         assert_eq!(
@@ -681,24 +509,16 @@ mod tests {
             "smtp.example.com:587 refused every recipient: a@example.com: 550 5.1.1 User unknown; \
              b@example.com: 553 5.1.3 Bad address"
         );
-        let mixed = [
-            refusal("a@example.com", 550, "5.1.1 User unknown"),
-            refusal("b@example.com", 450, "4.2.1 Mailbox busy"),
-        ];
+        let mixed =
+            [refusal("a@example.com", 550, "5.1.1 User unknown"), refusal("b@example.com", 450, "4.2.1 Mailbox busy")];
         assert!(every_recipient_refused(&mixed, SERVER).is_transient());
     }
 
     #[test]
     fn reply_display() {
-        let r = Reply {
-            code: 250,
-            text: "2.0.0 OK queued as X".into(),
-        };
+        let r = Reply { code: 250, text: "2.0.0 OK queued as X".into() };
         assert_eq!(r.to_string(), "250 2.0.0 OK queued as X");
-        let r = Reply {
-            code: 250,
-            text: String::new(),
-        };
+        let r = Reply { code: 250, text: String::new() };
         assert_eq!(r.to_string(), "250");
     }
 }
