@@ -19,19 +19,21 @@ use mailroom::api::{Importance, TlsMode};
 use mailroom::auth::{AccessToken, AuthError, TokenSource};
 use mailroom::tls::{TrustRoots, install_crypto_provider};
 use mailroom::transport::smtp::{SmtpConfig, SmtpCredentials, SmtpTransport};
-use mailroom::transport::{
-    AttachmentData, Delivered, OutgoingMessage, SendError, Transport, parse_mailbox,
-};
+use mailroom::transport::{AttachmentData, Delivered, OutgoingMessage, SendError, Transport, parse_mailbox};
 
 /// The repository root: where hack/ and tests/peers/ are.
 fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The venv's python, prepared once per test binary.
+/// The venv's python: `MAILROOM_PYTHON` when `make test` set it, else what hack/pyenv.sh
+/// prepares (once per test binary), so these tests also run with a plain `cargo test`.
 fn python() -> PathBuf {
     static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let result = PYTHON.get_or_init(|| {
+        if let Some(python) = std::env::var_os("MAILROOM_PYTHON").filter(|p| !p.is_empty()) {
+            return Ok(PathBuf::from(python));
+        }
         let script = repo_root().join("hack/pyenv.sh");
         if !script.is_file() {
             return Err(format!("{} is missing", script.display()));
@@ -147,12 +149,7 @@ impl Peer {
         config
     }
 
-    fn transport(
-        &self,
-        tls: TlsMode,
-        roots: TrustRoots,
-        credentials: SmtpCredentials,
-    ) -> SmtpTransport {
+    fn transport(&self, tls: TlsMode, roots: TrustRoots, credentials: SmtpCredentials) -> SmtpTransport {
         SmtpTransport::new(self.config(tls, roots, credentials)).expect("transport")
     }
 }
@@ -165,10 +162,7 @@ impl Drop for Peer {
 }
 
 fn port(value: &Value) -> u16 {
-    value
-        .as_u64()
-        .and_then(|p| u16::try_from(p).ok())
-        .expect("a port in ready.json")
+    value.as_u64().and_then(|p| u16::try_from(p).ok()).expect("a port in ready.json")
 }
 
 fn message() -> OutgoingMessage {
@@ -202,77 +196,40 @@ fn reason(error: &SendError) -> &str {
 fn rcpt_tos(record: &Value) -> Vec<String> {
     record["rcpt_tos"]
         .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect()
-        })
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
         .unwrap_or_default()
 }
 
 /// Checks the stored message: envelope, headers (no Bcc), bodies, attachment.
 fn check_received(record: &Value, delivered: &Delivered) {
     assert_eq!(record["mail_from"], "alerts@contoso.com");
-    assert_eq!(
-        rcpt_tos(record),
-        vec!["ops@contoso.com", "jane@contoso.com", "audit@contoso.com"]
-    );
+    assert_eq!(rcpt_tos(record), vec!["ops@contoso.com", "jane@contoso.com", "audit@contoso.com"]);
     assert_eq!(record["message_id"], "<smtp-test-1@mailroom.dev>");
     let queue_id = record["queue_id"].as_str().expect("queue id");
-    assert!(
-        delivered.response.starts_with("250 ") && delivered.response.contains(queue_id),
-        "{delivered:?}"
-    );
+    assert!(delivered.response.starts_with("250 ") && delivered.response.contains(queue_id), "{delivered:?}");
     assert!(delivered.rejected.is_empty());
 
     let raw = std::fs::read(record["eml"].as_str().expect("eml path")).expect("stored message");
-    let header_end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a header block");
+    let header_end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a header block");
     let headers = String::from_utf8_lossy(&raw[..header_end]).to_ascii_lowercase();
-    assert!(
-        !headers.contains("\nbcc:") && !headers.starts_with("bcc:"),
-        "{headers}"
-    );
+    assert!(!headers.contains("\nbcc:") && !headers.starts_with("bcc:"), "{headers}");
     assert!(!headers.contains("audit@contoso.com"), "{headers}");
 
-    let parsed = MessageParser::new()
-        .with_minimal_headers()
-        .with_message_ids()
-        .parse(&raw)
-        .expect("the stored message parses");
+    let parsed =
+        MessageParser::new().with_minimal_headers().with_message_ids().parse(&raw).expect("the stored message parses");
     assert_eq!(parsed.subject(), Some("Deploy finished ✅ déjà vu"));
     assert_eq!(parsed.message_id(), Some("smtp-test-1@mailroom.dev"));
     let to = parsed.to().and_then(|a| a.first()).expect("To");
-    assert_eq!(
-        (to.name(), to.address()),
-        (Some("Ops Team"), Some("ops@contoso.com"))
-    );
+    assert_eq!((to.name(), to.address()), (Some("Ops Team"), Some("ops@contoso.com")));
     let cc = parsed.cc().and_then(|a| a.first()).expect("Cc");
-    assert_eq!(
-        (cc.name(), cc.address()),
-        (Some("Doe, Jane"), Some("jane@contoso.com"))
-    );
+    assert_eq!((cc.name(), cc.address()), (Some("Doe, Jane"), Some("jane@contoso.com")));
     assert!(parsed.bcc().is_none());
-    assert_eq!(
-        parsed.body_text(0).as_deref(),
-        Some("Version 1.4.2 is live.\r\n")
-    );
-    assert_eq!(
-        parsed.body_html(0).as_deref(),
-        Some("<p>Version <b>1.4.2</b> is live.</p>")
-    );
+    assert_eq!(parsed.body_text(0).as_deref(), Some("Version 1.4.2 is live.\r\n"));
+    assert_eq!(parsed.body_html(0).as_deref(), Some("<p>Version <b>1.4.2</b> is live.</p>"));
     let attachment = parsed.attachments().next().expect("an attachment");
     assert_eq!(attachment.attachment_name(), Some("résumé.pdf"));
-    assert_eq!(
-        attachment.contents(),
-        (0..=255u8).collect::<Vec<_>>().as_slice()
-    );
-    assert_eq!(
-        parsed.header_raw("X-Pipeline-Run").map(str::trim),
-        Some("1234")
-    );
+    assert_eq!(attachment.contents(), (0..=255u8).collect::<Vec<_>>().as_slice());
+    assert_eq!(parsed.header_raw("X-Pipeline-Run").map(str::trim), Some("1234"));
     assert_eq!(parsed.header_raw("Importance").map(str::trim), Some("high"));
     assert_eq!(parsed.header_raw("X-Priority").map(str::trim), Some("1"));
 }
@@ -303,11 +260,7 @@ async fn starttls_trusting_the_peer_ca() {
 #[tokio::test]
 async fn starttls_with_an_untrusted_ca_is_permanent() {
     let peer = Peer::start(&["--self-signed", "--require-starttls"]).await;
-    let transport = peer.transport(
-        TlsMode::StartTLS,
-        TrustRoots::default(),
-        SmtpCredentials::None,
-    );
+    let transport = peer.transport(TlsMode::StartTLS, TrustRoots::default(), SmtpCredentials::None);
     let error = transport.send(&message()).await.expect_err("untrusted");
     assert!(!error.is_transient(), "{error:?}");
     assert!(reason(&error).contains("caBundle"), "{error}");
@@ -317,11 +270,7 @@ async fn starttls_with_an_untrusted_ca_is_permanent() {
 #[tokio::test]
 async fn starttls_required_but_not_offered_is_permanent() {
     let peer = Peer::start(&[]).await;
-    let transport = peer.transport(
-        TlsMode::StartTLS,
-        TrustRoots::default(),
-        SmtpCredentials::None,
-    );
+    let transport = peer.transport(TlsMode::StartTLS, TrustRoots::default(), SmtpCredentials::None);
     let error = transport.send(&message()).await.expect_err("no STARTTLS");
     assert!(!error.is_transient(), "{error:?}");
     assert!(reason(&error).contains("STARTTLS"), "{error}");
@@ -338,23 +287,13 @@ async fn implicit_tls() {
     check_received(&messages[0], &delivered);
 }
 
-const PASSWORD_PEER: &[&str] = &[
-    "--self-signed",
-    "--require-starttls",
-    "--require-auth",
-    "--auth-user",
-    "mailer",
-    "--auth-pass",
-    "s3cret-pass",
-];
+const PASSWORD_PEER: &[&str] =
+    &["--self-signed", "--require-starttls", "--require-auth", "--auth-user", "mailer", "--auth-pass", "s3cret-pass"];
 
 #[tokio::test]
 async fn password_auth_good() {
     let peer = Peer::start(PASSWORD_PEER).await;
-    let credentials = SmtpCredentials::Password {
-        username: "mailer".into(),
-        password: "s3cret-pass".into(),
-    };
+    let credentials = SmtpCredentials::Password { username: "mailer".into(), password: "s3cret-pass".into() };
     let transport = peer.transport(TlsMode::StartTLS, peer.ca(), credentials);
     let delivered = transport.send(&message()).await.expect("delivered");
     let messages = peer.messages().await;
@@ -366,10 +305,7 @@ async fn password_auth_good() {
 #[tokio::test]
 async fn password_auth_bad_is_permanent_without_the_password() {
     let peer = Peer::start(PASSWORD_PEER).await;
-    let credentials = SmtpCredentials::Password {
-        username: "mailer".into(),
-        password: "wrong-pass-xyz".into(),
-    };
+    let credentials = SmtpCredentials::Password { username: "mailer".into(), password: "wrong-pass-xyz".into() };
     let transport = peer.transport(TlsMode::StartTLS, peer.ca(), credentials);
     let error = transport.send(&message()).await.expect_err("refused");
     assert!(!error.is_transient(), "{error:?}");
@@ -382,44 +318,27 @@ async fn password_auth_bad_is_permanent_without_the_password() {
 #[tokio::test]
 async fn data_451_is_transient() {
     let peer = Peer::start(&[]).await;
-    peer.script(json!({"data": ["451 4.3.0 Try again later"]}))
-        .await;
+    peer.script(json!({"data": ["451 4.3.0 Try again later"]})).await;
     let transport = peer.transport(TlsMode::None, TrustRoots::default(), SmtpCredentials::None);
     let error = transport.send(&message()).await.expect_err("deferred");
     assert!(error.is_transient(), "{error:?}");
-    assert!(
-        reason(&error).contains("451 4.3.0 Try again later"),
-        "{error}"
-    );
+    assert!(reason(&error).contains("451 4.3.0 Try again later"), "{error}");
     assert!(peer.messages().await.is_empty());
     // The script is used up: the next attempt goes through.
-    transport
-        .send(&message())
-        .await
-        .expect("delivered on retry");
+    transport.send(&message()).await.expect("delivered on retry");
 }
 
 #[tokio::test]
 async fn one_of_two_recipients_refused_still_delivers() {
     let peer = Peer::start(&[]).await;
-    peer.script(json!({"rcpt": {"bad@example.com": "550 5.1.1 User unknown"}}))
-        .await;
+    peer.script(json!({"rcpt": {"bad@example.com": "550 5.1.1 User unknown"}})).await;
     let mut msg = message();
-    msg.to = vec![
-        parse_mailbox("good@example.com").unwrap(),
-        parse_mailbox("Bad <bad@example.com>").unwrap(),
-    ];
+    msg.to = vec![parse_mailbox("good@example.com").unwrap(), parse_mailbox("Bad <bad@example.com>").unwrap()];
     msg.cc.clear();
     msg.bcc.clear();
     let transport = peer.transport(TlsMode::None, TrustRoots::default(), SmtpCredentials::None);
     let delivered = transport.send(&msg).await.expect("delivered to one");
-    assert_eq!(
-        delivered.rejected,
-        vec![(
-            "bad@example.com".to_string(),
-            "550 5.1.1 User unknown".to_string()
-        )]
-    );
+    assert_eq!(delivered.rejected, vec![("bad@example.com".to_string(), "550 5.1.1 User unknown".to_string())]);
     assert!(delivered.response.starts_with("250 "), "{delivered:?}");
     let messages = peer.messages().await;
     assert_eq!(messages.len(), 1);
@@ -429,17 +348,11 @@ async fn one_of_two_recipients_refused_still_delivers() {
 #[tokio::test]
 async fn every_recipient_refused_is_permanent() {
     let peer = Peer::start(&[]).await;
-    peer.script(
-        json!({"rcpt": {"@contoso.com": "550 5.7.64 TenantAttribution; Relay Access Denied"}}),
-    )
-    .await;
+    peer.script(json!({"rcpt": {"@contoso.com": "550 5.7.64 TenantAttribution; Relay Access Denied"}})).await;
     let transport = peer.transport(TlsMode::None, TrustRoots::default(), SmtpCredentials::None);
     let error = transport.send(&message()).await.expect_err("all refused");
     assert!(!error.is_transient(), "{error:?}");
-    assert!(
-        reason(&error).contains("550 5.7.64 TenantAttribution; Relay Access Denied"),
-        "{error}"
-    );
+    assert!(reason(&error).contains("550 5.7.64 TenantAttribution; Relay Access Denied"), "{error}");
     assert!(reason(&error).contains("audit@contoso.com"), "{error}");
     assert!(peer.messages().await.is_empty());
 }
@@ -452,13 +365,7 @@ async fn connection_refused_is_transient() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.local_addr().expect("address").port()
     };
-    let config = SmtpConfig::new(
-        "127.0.0.1",
-        port,
-        TlsMode::None,
-        TrustRoots::default(),
-        SmtpCredentials::None,
-    );
+    let config = SmtpConfig::new("127.0.0.1", port, TlsMode::None, TrustRoots::default(), SmtpCredentials::None);
     let transport = SmtpTransport::new(config).expect("transport");
     let error = transport.send(&message()).await.expect_err("refused");
     assert!(error.is_transient(), "{error:?}");
@@ -485,11 +392,7 @@ async fn drop_in_data_is_transient() {
     let transport = peer.transport(TlsMode::None, TrustRoots::default(), SmtpCredentials::None);
     let error = transport.send(&message()).await.expect_err("dropped");
     assert!(error.is_transient(), "{error:?}");
-    assert!(
-        reason(&error).contains("closed the connection")
-            && reason(&error).contains("same Message-ID"),
-        "{error}"
-    );
+    assert!(reason(&error).contains("closed the connection") && reason(&error).contains("same Message-ID"), "{error}");
     assert!(peer.messages().await.is_empty());
 }
 
@@ -515,16 +418,9 @@ impl ScriptedTokens {
 impl TokenSource for ScriptedTokens {
     async fn token(&self) -> Result<AccessToken, AuthError> {
         let mut tokens = self.tokens.lock().expect("lock");
-        let secret = if tokens.len() > 1 {
-            tokens.pop()
-        } else {
-            tokens.last().copied()
-        }
-        .ok_or_else(|| AuthError::Unavailable("no token".into()))?;
-        Ok(AccessToken {
-            secret: secret.to_string(),
-            expires_at: Timestamp::now() + SignedDuration::from_secs(3600),
-        })
+        let secret = if tokens.len() > 1 { tokens.pop() } else { tokens.last().copied() }
+            .ok_or_else(|| AuthError::Unavailable("no token".into()))?;
+        Ok(AccessToken { secret: secret.to_string(), expires_at: Timestamp::now() + SignedDuration::from_secs(3600) })
     }
 
     fn invalidate(&self) {
@@ -591,25 +487,14 @@ fn complete_body(request: &[u8]) -> Option<&[u8]> {
 
 async fn xoauth2_peer() -> Peer {
     let url = introspection_server().await;
-    Peer::start(&[
-        "--self-signed",
-        "--require-starttls",
-        "--require-auth",
-        "--xoauth2-introspect",
-        &url,
-    ])
-    .await
+    Peer::start(&["--self-signed", "--require-starttls", "--require-auth", "--xoauth2-introspect", &url]).await
 }
 
 #[tokio::test]
 async fn xoauth2_as_the_sender() {
     let peer = xoauth2_peer().await;
     let tokens = ScriptedTokens::new(&["good-token"]);
-    let transport = peer.transport(
-        TlsMode::StartTLS,
-        peer.ca(),
-        SmtpCredentials::XOAuth2(tokens.clone()),
-    );
+    let transport = peer.transport(TlsMode::StartTLS, peer.ca(), SmtpCredentials::XOAuth2(tokens.clone()));
     let delivered = transport.send(&message()).await.expect("delivered");
     let messages = peer.messages().await;
     assert_eq!(messages.len(), 1);
@@ -623,20 +508,13 @@ async fn xoauth2_as_the_sender() {
 async fn xoauth2_stale_token_is_transient_once_and_replaced() {
     let peer = xoauth2_peer().await;
     let tokens = ScriptedTokens::new(&["stale-token", "good-token"]);
-    let transport = peer.transport(
-        TlsMode::StartTLS,
-        peer.ca(),
-        SmtpCredentials::XOAuth2(tokens.clone()),
-    );
+    let transport = peer.transport(TlsMode::StartTLS, peer.ca(), SmtpCredentials::XOAuth2(tokens.clone()));
     let error = transport.send(&message()).await.expect_err("stale");
     assert!(error.is_transient(), "{error:?}");
     assert!(reason(&error).contains("535"), "{error}");
     assert!(!reason(&error).contains("stale-token"), "{error}");
     assert_eq!(tokens.invalidations.load(Ordering::SeqCst), 1);
-    transport
-        .send(&message())
-        .await
-        .expect("delivered with the new token");
+    transport.send(&message()).await.expect("delivered with the new token");
     assert_eq!(peer.messages().await.len(), 1);
 }
 
@@ -644,11 +522,7 @@ async fn xoauth2_stale_token_is_transient_once_and_replaced() {
 async fn xoauth2_new_token_refused_too_is_permanent() {
     let peer = xoauth2_peer().await;
     let tokens = ScriptedTokens::new(&["refused-1", "refused-2"]);
-    let transport = peer.transport(
-        TlsMode::StartTLS,
-        peer.ca(),
-        SmtpCredentials::XOAuth2(tokens.clone()),
-    );
+    let transport = peer.transport(TlsMode::StartTLS, peer.ca(), SmtpCredentials::XOAuth2(tokens.clone()));
     let first = transport.send(&message()).await.expect_err("refused");
     assert!(first.is_transient(), "{first:?}");
     let second = transport.send(&message()).await.expect_err("refused again");
