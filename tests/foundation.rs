@@ -19,12 +19,7 @@ fn resource_for(kind: &str) -> ApiResource {
 }
 
 /// Creates a manifest (server-side dry run); returns the API server's error message, if any.
-async fn try_create(
-    client: &kube::Client,
-    ns: &str,
-    yaml: &str,
-    dry_run: bool,
-) -> Result<(), String> {
+async fn try_create(client: &kube::Client, ns: &str, yaml: &str, dry_run: bool) -> Result<(), String> {
     let obj: DynamicObject = serde_yaml::from_str(yaml).expect("test manifest parses");
     let kind = obj.types.as_ref().expect("kind").kind.clone();
     let ar = resource_for(&kind);
@@ -33,14 +28,8 @@ async fn try_create(
     } else {
         Api::namespaced_with(client.clone(), ns, &ar)
     };
-    let pp = PostParams {
-        dry_run,
-        ..Default::default()
-    };
-    api.create(&pp, &obj)
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    let pp = PostParams { dry_run, ..Default::default() };
+    api.create(&pp, &obj).await.map(|_| ()).map_err(|e| e.to_string())
 }
 
 #[tokio::test]
@@ -50,26 +39,19 @@ async fn crds_install_and_become_established() {
     let ssapply = PatchParams::apply("mailroom-tests").force();
     for crd in mailroom::api::crd::all() {
         let name = crd.metadata.name.clone().unwrap();
-        crds.patch(&name, &ssapply, &Patch::Apply(&crd))
-            .await
-            .expect("apply CRD");
+        crds.patch(&name, &ssapply, &Patch::Apply(&crd)).await.expect("apply CRD");
         let established = common::wait_for(&crds, &name, Duration::from_secs(30), |c| {
             c.status
                 .as_ref()
                 .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| {
-                    cs.iter()
-                        .any(|c| c.type_ == "Established" && c.status == "True")
-                })
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Established" && c.status == "True"))
         })
         .await;
         assert_eq!(established.spec.group, "mailroom.dev");
     }
     // The API server serves them.
     let gvk = GroupVersionKind::gvk("mailroom.dev", "v1alpha1", "EmailMessage");
-    let (ar, _) = kube::discovery::pinned_kind(&client, &gvk)
-        .await
-        .expect("discovered");
+    let (ar, _) = kube::discovery::pinned_kind(&client, &gvk).await.expect("discovered");
     assert_eq!(ar.plural, "emailmessages");
 }
 
@@ -146,18 +128,10 @@ async fn invalid_manifests_are_rejected_with_a_message_naming_the_problem() {
     let ns = common::namespace(&client, "invalid", &[]).await;
     let graph_secret = "  graph: {tenantId: t, clientId: c, clientSecretRef: {name: s, key: k}}";
     let cases: Vec<(&str, String, &str)> = vec![
-        (
-            "profile without transport",
-            with(PROFILE, "smtp:", ""),
-            "exactly one transport",
-        ),
+        ("profile without transport", with(PROFILE, "smtp:", ""), "exactly one transport"),
         (
             "profile with both transports",
-            with(
-                PROFILE,
-                "smtp:",
-                &format!("  smtp: {{host: relay}}\n{graph_secret}"),
-            ),
+            with(PROFILE, "smtp:", &format!("  smtp: {{host: relay}}\n{graph_secret}")),
             "exactly one transport",
         ),
         (
@@ -192,43 +166,15 @@ async fn invalid_manifests_are_rejected_with_a_message_naming_the_problem() {
             ),
             "exactly one of password or oauth2",
         ),
-        (
-            "no recipients",
-            with(MESSAGE, "to:", ""),
-            "at least one recipient",
-        ),
-        (
-            "empty recipient lists",
-            with(MESSAGE, "to:", "  to: []\n  cc: []\n  bcc: []"),
-            "at least one recipient",
-        ),
-        (
-            "no body",
-            with(MESSAGE, "body:", "  body: {}"),
-            "body needs text, html, or both",
-        ),
-        (
-            "malformed to",
-            with(MESSAGE, "to:", "  to: [\"not an address\"]"),
-            "every address in to",
-        ),
-        (
-            "malformed cc",
-            with(MESSAGE, "to:", "  to: [a@contoso.com]\n  cc: [\"a@b@c\"]"),
-            "every address in cc",
-        ),
-        (
-            "malformed bcc",
-            with(MESSAGE, "to:", "  to: [a@contoso.com]\n  bcc: [\"<>\"]"),
-            "every address in bcc",
-        ),
+        ("no recipients", with(MESSAGE, "to:", ""), "at least one recipient"),
+        ("empty recipient lists", with(MESSAGE, "to:", "  to: []\n  cc: []\n  bcc: []"), "at least one recipient"),
+        ("no body", with(MESSAGE, "body:", "  body: {}"), "body needs text, html, or both"),
+        ("malformed to", with(MESSAGE, "to:", "  to: [\"not an address\"]"), "every address in to"),
+        ("malformed cc", with(MESSAGE, "to:", "  to: [a@contoso.com]\n  cc: [\"a@b@c\"]"), "every address in cc"),
+        ("malformed bcc", with(MESSAGE, "to:", "  to: [a@contoso.com]\n  bcc: [\"<>\"]"), "every address in bcc"),
         (
             "malformed replyTo",
-            with(
-                MESSAGE,
-                "to:",
-                "  to: [a@contoso.com]\n  replyTo: [\"x y@z\"]",
-            ),
+            with(MESSAGE, "to:", "  to: [a@contoso.com]\n  replyTo: [\"x y@z\"]"),
             "every address in replyTo",
         ),
         (
@@ -238,20 +184,12 @@ async fn invalid_manifests_are_rejected_with_a_message_naming_the_problem() {
         ),
         (
             "display name with line break",
-            with(
-                MESSAGE,
-                "to:",
-                "  to: [\"Evil\\r\\nBcc: x@y.z <a@contoso.com>\"]",
-            ),
+            with(MESSAGE, "to:", "  to: [\"Evil\\r\\nBcc: x@y.z <a@contoso.com>\"]"),
             "every address in to",
         ),
         (
             "subject with LF",
-            with(
-                MESSAGE,
-                "subject:",
-                "  subject: \"Hi\\nBcc: victim@example.com\"",
-            ),
+            with(MESSAGE, "subject:", "  subject: \"Hi\\nBcc: victim@example.com\""),
             "subject must not contain CR or LF",
         ),
         (
@@ -261,38 +199,22 @@ async fn invalid_manifests_are_rejected_with_a_message_naming_the_problem() {
         ),
         (
             "header value with CR LF",
-            with(
-                MESSAGE,
-                "subject:",
-                "  subject: ok\n  headers: {X-Run: \"1\\r\\nBcc: x@y.z\"}",
-            ),
+            with(MESSAGE, "subject:", "  subject: ok\n  headers: {X-Run: \"1\\r\\nBcc: x@y.z\"}"),
             "header values must not contain CR or LF",
         ),
         (
             "header not X-",
-            with(
-                MESSAGE,
-                "subject:",
-                "  subject: ok\n  headers: {Bcc: \"x@y.z\"}",
-            ),
+            with(MESSAGE, "subject:", "  subject: ok\n  headers: {Bcc: \"x@y.z\"}"),
             "header names must be X- headers",
         ),
         (
             "header name with colon",
-            with(
-                MESSAGE,
-                "subject:",
-                "  subject: ok\n  headers: {\"X-A:B\": \"1\"}",
-            ),
+            with(MESSAGE, "subject:", "  subject: ok\n  headers: {\"X-A:B\": \"1\"}"),
             "header names must be X- headers",
         ),
         (
             "attachment without source",
-            with(
-                MESSAGE,
-                "subject:",
-                "  subject: ok\n  attachments: [{name: a.txt}]",
-            ),
+            with(MESSAGE, "subject:", "  subject: ok\n  attachments: [{name: a.txt}]"),
             "exactly one of secretRef, configMapRef or data",
         ),
         (
@@ -311,20 +233,13 @@ async fn invalid_manifests_are_rejected_with_a_message_naming_the_problem() {
             Ok(()) => {
                 panic!("{what}: accepted, expected rejection containing {expected:?}\n{yaml}")
             }
-            Err(e) => assert!(
-                e.contains(expected),
-                "{what}: rejection {e:?} does not contain {expected:?}"
-            ),
+            Err(e) => assert!(e.contains(expected), "{what}: rejection {e:?} does not contain {expected:?}"),
         }
     }
     assert!(total >= 20);
     // The valid base documents are accepted, so the rejections above are about the change alone.
-    try_create(&client, &ns, MESSAGE, true)
-        .await
-        .expect("valid message accepted");
-    try_create(&client, &ns, PROFILE, true)
-        .await
-        .expect("valid profile accepted");
+    try_create(&client, &ns, MESSAGE, true).await.expect("valid message accepted");
+    try_create(&client, &ns, PROFILE, true).await.expect("valid profile accepted");
 }
 
 #[tokio::test]
@@ -335,20 +250,14 @@ async fn message_spec_is_immutable() {
     let mut msg: EmailMessage = serde_yaml::from_str(MESSAGE).unwrap();
     msg.metadata.generate_name = None;
     msg.metadata.name = Some("fixed".into());
-    api.create(&PostParams::default(), &msg)
-        .await
-        .expect("create");
+    api.create(&PostParams::default(), &msg).await.expect("create");
     let patch = serde_json::json!({"spec": {"subject": "changed"}});
-    let err = api
-        .patch("fixed", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .expect_err("spec change refused");
+    let err =
+        api.patch("fixed", &PatchParams::default(), &Patch::Merge(&patch)).await.expect_err("spec change refused");
     assert!(err.to_string().contains("spec is immutable"), "{err}");
     // Metadata may still change (labels for GitOps tools).
     let patch = serde_json::json!({"metadata": {"labels": {"team": "a"}}});
-    api.patch("fixed", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .expect("labels can change");
+    api.patch("fixed", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("labels can change");
 }
 
 #[tokio::test]
@@ -359,52 +268,20 @@ async fn kubectl_get_shows_the_printer_columns() {
     let mut msg: EmailMessage = serde_yaml::from_str(MESSAGE).unwrap();
     msg.metadata.generate_name = None;
     msg.metadata.name = Some("cols".into());
-    api.create(&PostParams::default(), &msg)
-        .await
-        .expect("create");
+    api.create(&PostParams::default(), &msg).await.expect("create");
     let status = serde_json::json!({"status": {"phase": "Sent", "recipients": 3, "attempts": 1}});
-    api.patch_status("cols", &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .expect("status");
+    api.patch_status("cols", &PatchParams::default(), &Patch::Merge(&status)).await.expect("status");
     let out = common::kubectl(&["get", "em", "-n", &ns]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let header: Vec<&str> = text
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    assert_eq!(
-        header,
-        ["NAME", "PHASE", "PROFILE", "RECIPIENTS", "ATTEMPTS", "AGE"]
-    );
-    let row: Vec<&str> = text
-        .lines()
-        .nth(1)
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let header: Vec<&str> = text.lines().next().unwrap_or_default().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "PHASE", "PROFILE", "RECIPIENTS", "ATTEMPTS", "AGE"]);
+    let row: Vec<&str> = text.lines().nth(1).unwrap_or_default().split_whitespace().collect();
     assert_eq!(&row[..5], ["cols", "Sent", "p", "3", "1"]);
-    for (short, header) in [
-        ("mp", "TRANSPORT"),
-        ("cmp", "TRANSPORT"),
-        ("email", "PHASE"),
-    ] {
+    for (short, header) in [("mp", "TRANSPORT"), ("cmp", "TRANSPORT"), ("email", "PHASE")] {
         let out = common::kubectl(&["get", short, "-A"]);
-        assert!(
-            out.status.success(),
-            "kubectl get {short}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "kubectl get {short}: {}", String::from_utf8_lossy(&out.stderr));
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            text.is_empty() || text.contains(header),
-            "kubectl get {short}: {text}"
-        );
+        assert!(text.is_empty() || text.contains(header), "kubectl get {short}: {text}");
     }
 }

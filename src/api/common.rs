@@ -106,7 +106,7 @@ mod tests {
     #[test]
     fn transition_time_kept_when_status_unchanged() {
         let first = condition(&[], "Ready", false, "SecretMissing", "a", Some(1), at(10));
-        let again = condition(&[first.clone()], "Ready", false, "KeyMissing", "b", Some(2), at(20));
+        let again = condition(std::slice::from_ref(&first), "Ready", false, "KeyMissing", "b", Some(2), at(20));
         assert_eq!(again.last_transition_time, at(10));
         assert_eq!(again.reason, "KeyMissing");
         let flipped = condition(&[again], "Ready", true, "Ready", "c", Some(2), at(30));

@@ -69,7 +69,7 @@ where
     F: FnOnce(serde_json::Value) -> Fut,
     Fut: std::future::Future<Output = Result<(), kube::Error>>,
 {
-    let state = resolve(ctx, &key, settings).await?;
+    let (state, fingerprint) = resolve(ctx, &key, settings).await?;
     let now = Timestamp::now();
     let mut next = status.clone();
     next.observed_generation = generation;
@@ -89,13 +89,21 @@ where
         ),
     };
     set_condition(&mut next.conditions, ready);
-    let became_ready = state.is_ok();
-    ctx.profiles.put(ResolvedProfile { key: key.clone(), settings: settings.clone(), allowed_namespaces, state });
+    // Waiting messages are told about every change: they go out when it is ready, and their
+    // Waiting condition names the profile's current problem when it is not.
+    let changed = state.is_ok() || differs(status, &next);
+    ctx.profiles.put(ResolvedProfile {
+        key: key.clone(),
+        settings: settings.clone(),
+        allowed_namespaces,
+        state,
+        fingerprint,
+    });
     if differs(status, &next) {
         let patch = json!({ "status": next });
         write_status(patch).await?;
     }
-    if became_ready {
+    if changed {
         wake_messages(ctx, &key);
     }
     Ok(Action::requeue(RESYNC))
@@ -123,29 +131,42 @@ pub fn wake_messages(ctx: &Context, key: &ProfileKey) {
         }
         let ns = m.namespace().unwrap_or_default();
         if &ProfileKey::for_message(&ns, m.spec.profile_ref.kind(), &m.spec.profile_ref.name) == key {
+            tracing::debug!(message = %m.name_any(), profile = %key, "profile ready: waking message");
             let _ = ctx.wake.send(ObjectRef::<EmailMessage>::from(m.as_ref()));
         }
     }
 }
 
-/// The profile's transport, or why it cannot have one. API errors are returned as errors.
-async fn resolve(
-    ctx: &Context,
-    key: &ProfileKey,
-    settings: &MailProfileSpec,
-) -> Result<Result<Arc<dyn crate::transport::Transport>, NotReady>> {
+type Resolution = (Result<Arc<dyn crate::transport::Transport>, NotReady>, u64);
+
+/// The profile's transport, or why it cannot have one, and the digest of its inputs. API errors
+/// are returned as errors. An unchanged profile keeps its transport (and what it has learned).
+async fn resolve(ctx: &Context, key: &ProfileKey, settings: &MailProfileSpec) -> Result<Resolution> {
     if let Err(nr) = validate(key, settings, ctx.config.allow_insecure_endpoints) {
-        return Ok(Err(nr));
+        return Ok((Err(nr), 0));
     }
     let credential = match read_credential(&ctx.client, key, settings).await? {
         Ok(c) => c,
-        Err(nr) => return Ok(Err(nr)),
+        Err(nr) => return Ok((Err(nr), 0)),
     };
+    let fingerprint = {
+        use std::hash::{DefaultHasher, Hash, Hasher};
+        let mut h = DefaultHasher::new();
+        serde_json::to_string(settings).unwrap_or_default().hash(&mut h);
+        credential.hash(&mut h);
+        h.finish()
+    };
+    if let Some(existing) = ctx.profiles.get(key)
+        && existing.fingerprint == fingerprint
+        && let Ok(transport) = &existing.state
+    {
+        return Ok((Ok(Arc::clone(transport)), fingerprint));
+    }
     let mut trust = ctx.config.trust.clone();
     if let Some(pem) = &settings.ca_bundle {
         match TrustRoots::from_pem(pem.as_bytes()) {
             Ok(extra) => trust = trust.with(&extra),
-            Err(e) => return Ok(Err(invalid(format!("caBundle: {e}")))),
+            Err(e) => return Ok((Err(invalid(format!("caBundle: {e}"))), 0)),
         }
     }
     let inputs = TransportInputs {
@@ -155,7 +176,7 @@ async fn resolve(
         trust,
         allow_insecure: ctx.config.allow_insecure_endpoints,
     };
-    Ok(wiring::build_transport(inputs).await)
+    Ok((wiring::build_transport(inputs).await, fingerprint))
 }
 
 fn invalid(message: String) -> NotReady {

@@ -154,6 +154,7 @@ fn notify_profiles(
     for p in mp.state() {
         let key = ProfileKey::Namespaced { namespace: p.namespace().unwrap_or_default(), name: p.name_any() };
         if profile::referenced_secrets(&key, &p.spec).contains(&wanted) {
+            tracing::debug!(secret = %name, profile = %key, "referenced Secret changed");
             let _ = mp_tx.send(ObjectRef::from(p.as_ref()));
         }
     }

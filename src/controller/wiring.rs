@@ -4,12 +4,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::registry::NotReady;
-use crate::api::{MailProfileSpec, TlsMode};
+use crate::api::MailProfileSpec;
 use crate::tls::TrustRoots;
 use crate::transport::Transport;
+use crate::transport::smtp::{SmtpConfig, SmtpCredentials, SmtpTransport};
 
 /// A credential read from a Secret or a file. Its Debug never shows the secret.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub enum CredentialMaterial {
     /// No credential (an IP-authenticated relay).
     None,
@@ -62,6 +63,30 @@ pub struct TransportInputs<'a> {
 
 /// The transport for a profile.
 pub async fn build_transport(inputs: TransportInputs<'_>) -> Result<Arc<dyn Transport>, NotReady> {
-    let _ = (&inputs.profile, inputs.allow_insecure, TlsMode::None, &inputs.trust, &inputs.credential);
-    Err(NotReady { reason: "TransportUnavailable".into(), message: "transport not built yet".into() })
+    let settings = inputs.settings;
+    if let Some(smtp) = &settings.smtp {
+        let credentials = match (&inputs.credential, smtp.auth.as_ref().and_then(|a| a.oauth2.as_ref())) {
+            (CredentialMaterial::None, _) => SmtpCredentials::None,
+            (CredentialMaterial::Password { username, password }, _) => {
+                SmtpCredentials::Password { username: username.clone(), password: password.clone() }
+            }
+            (_, Some(_)) => {
+                return Err(NotReady {
+                    reason: "TransportUnavailable".into(),
+                    message: "SMTP with OAuth 2.0 is not available in this build".into(),
+                });
+            }
+            (_, None) => {
+                return Err(NotReady { reason: "InvalidSettings".into(), message: "unexpected credential".into() });
+            }
+        };
+        let config = SmtpConfig::from_spec(smtp, inputs.trust.clone(), credentials);
+        return SmtpTransport::new(config)
+            .map(|t| Arc::new(t) as Arc<dyn Transport>)
+            .map_err(|e| NotReady { reason: "InvalidSettings".into(), message: e.to_string() });
+    }
+    Err(NotReady {
+        reason: "TransportUnavailable".into(),
+        message: "Microsoft Graph is not available in this build".into(),
+    })
 }
