@@ -2,6 +2,7 @@
 
 mod assertion;
 mod credential;
+mod provider;
 mod request;
 mod response;
 
@@ -9,6 +10,7 @@ pub use assertion::{
     ASSERTION_ALGORITHM, ASSERTION_LIFETIME, AssertionClaims, CertificateKey, assertion_claims,
 };
 pub use credential::{Credential, DEFAULT_AUTHORITY_HOST, EntraApp, check_authority_host};
+pub use provider::{EntraTokenProvider, TokenIssuer};
 pub use request::{
     ClientAuthentication, JWT_BEARER_ASSERTION_TYPE, TokenRequest, token_request, token_url,
 };
