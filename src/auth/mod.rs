@@ -1,14 +1,22 @@
 //! OAuth 2.0 app tokens from Microsoft Entra ID, cached per profile and scope.
+//!
+//! The controller resolves a profile's Secrets into an [`EntraApp`]; [`TokenCaches`] keeps one
+//! [`TokenCache`] per profile and scope, which asks an [`EntraTokenProvider`] for tokens.
 
 mod assertion;
+mod cache;
+mod caches;
 mod credential;
 mod provider;
 mod request;
 mod response;
+mod schedule;
 
 pub use assertion::{
     ASSERTION_ALGORITHM, ASSERTION_LIFETIME, AssertionClaims, CertificateKey, assertion_claims,
 };
+pub use cache::{TokenCache, TokenState};
+pub use caches::TokenCaches;
 pub use credential::{Credential, DEFAULT_AUTHORITY_HOST, EntraApp, check_authority_host};
 pub use provider::{EntraTokenProvider, TokenIssuer};
 pub use request::{
@@ -17,6 +25,7 @@ pub use request::{
 pub use response::{
     IssuedToken, aadsts_hint, describe_token_error, parse_token_response, token_roles,
 };
+pub use schedule::{TokenCacheConfig, refresh_delay, retry_backoff, usable_for};
 
 use std::fmt;
 
