@@ -182,7 +182,8 @@ impl TokenCache {
         self.shared.status.borrow().clone()
     }
 
-    /// A receiver that sees every refresh and failure.
+    /// A receiver that sees every refresh and failure. Clone what you need out of `borrow()`
+    /// rather than holding it across calls into the cache.
     pub fn subscribe(&self) -> watch::Receiver<TokenState> {
         self.shared.status.subscribe()
     }
