@@ -1,4 +1,31 @@
 //! OAuth 2.0 app tokens from Microsoft Entra ID, cached per profile and scope.
+//!
+//! The controller resolves a profile's Secrets into an [`EntraApp`]; [`TokenCaches`] keeps one
+//! [`TokenCache`] per profile and scope, which asks an [`EntraTokenProvider`] for tokens.
+
+mod assertion;
+mod cache;
+mod caches;
+mod credential;
+mod provider;
+mod request;
+mod response;
+mod schedule;
+
+pub use assertion::{
+    ASSERTION_ALGORITHM, ASSERTION_LIFETIME, AssertionClaims, CertificateKey, assertion_claims,
+};
+pub use cache::{TokenCache, TokenState};
+pub use caches::TokenCaches;
+pub use credential::{Credential, DEFAULT_AUTHORITY_HOST, EntraApp, check_authority_host};
+pub use provider::{EntraTokenProvider, TokenIssuer};
+pub use request::{
+    ClientAuthentication, JWT_BEARER_ASSERTION_TYPE, TokenRequest, token_request, token_url,
+};
+pub use response::{
+    IssuedToken, aadsts_hint, describe_token_error, parse_token_response, token_roles,
+};
+pub use schedule::{TokenCacheConfig, refresh_delay, retry_backoff, usable_for};
 
 use std::fmt;
 
@@ -47,4 +74,10 @@ pub trait TokenSource: Send + Sync {
     async fn token(&self) -> Result<AccessToken, AuthError>;
     /// Drops the cached token (after a 401) so the next call fetches a new one.
     fn invalidate(&self);
+    /// Drops the cached token only if it is `token` (the one a 401 answered), so many senders
+    /// failing with the same old token cause one new request, not one each.
+    fn invalidate_token(&self, token: &AccessToken) {
+        let _ = token;
+        self.invalidate();
+    }
 }

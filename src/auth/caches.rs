@@ -1,0 +1,172 @@
+//! The token caches of all profiles, keyed by profile and scope.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::cache::{TokenCache, TokenState};
+use super::credential::EntraApp;
+use super::provider::TokenIssuer;
+use super::schedule::TokenCacheConfig;
+
+/// Every profile's [`TokenCache`], one per (profile key, scope). The profile key is the
+/// controller's choice, e.g. `MailProfile/team-a/m365-graph`.
+pub struct TokenCaches {
+    config: TokenCacheConfig,
+    caches: Mutex<HashMap<(String, String), Arc<TokenCache>>>,
+}
+
+impl TokenCaches {
+    /// An empty registry whose caches use `config`.
+    pub fn new(config: TokenCacheConfig) -> Self {
+        TokenCaches {
+            config,
+            caches: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The cache of `profile` for `scope`, created for `app` if there is none. An existing
+    /// cache asks `issuer` from now on (its trust roots may have changed) and keeps its token,
+    /// unless `app` differs (a referenced Secret changed): then the credential is replaced and
+    /// the token dropped at once.
+    pub fn get_or_create(
+        &self,
+        profile: &str,
+        scope: &str,
+        app: EntraApp,
+        issuer: Arc<dyn TokenIssuer>,
+    ) -> Arc<TokenCache> {
+        let mut caches = self.lock();
+        let key = (profile.to_owned(), scope.to_owned());
+        if let Some(cache) = caches.get(&key) {
+            cache.set_issuer(issuer);
+            if *cache.app() != app {
+                cache.replace_credential(app);
+            }
+            return cache.clone();
+        }
+        let cache = Arc::new(TokenCache::new(app, scope, issuer, self.config.clone()));
+        caches.insert(key, cache.clone());
+        cache
+    }
+
+    /// The cache of `profile` for `scope`, if any.
+    pub fn get(&self, profile: &str, scope: &str) -> Option<Arc<TokenCache>> {
+        self.lock()
+            .get(&(profile.to_owned(), scope.to_owned()))
+            .cloned()
+    }
+
+    /// Removes the cache of `profile` for `scope` and stops its refreshes.
+    pub fn remove(&self, profile: &str, scope: &str) -> Option<Arc<TokenCache>> {
+        let removed = self.lock().remove(&(profile.to_owned(), scope.to_owned()));
+        if let Some(cache) = &removed {
+            cache.shutdown();
+        }
+        removed
+    }
+
+    /// Removes every cache of `profile` (deleted, or no longer using OAuth) and stops them.
+    pub fn remove_profile(&self, profile: &str) {
+        self.lock().retain(|(key, _), cache| {
+            let keep = key != profile;
+            if !keep {
+                cache.shutdown();
+            }
+            keep
+        });
+    }
+
+    /// The state of every cache, as `(profile, scope, state)`, for metrics.
+    pub fn snapshots(&self) -> Vec<(String, String, TokenState)> {
+        let mut all: Vec<_> = self
+            .lock()
+            .iter()
+            .map(|((profile, scope), cache)| (profile.clone(), scope.clone(), cache.snapshot()))
+            .collect();
+        all.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        all
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<(String, String), Arc<TokenCache>>> {
+        self.caches.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl std::fmt::Debug for TokenCaches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenCaches")
+            .field("caches", &self.lock().len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::auth::response::IssuedToken;
+    use crate::auth::{AuthError, Credential, GRAPH_SCOPE, OUTLOOK_SCOPE, TokenSource};
+
+    struct EchoIssuer;
+
+    #[async_trait]
+    impl TokenIssuer for EchoIssuer {
+        async fn issue(&self, app: &EntraApp, scope: &str) -> Result<IssuedToken, AuthError> {
+            let Credential::ClientSecret(secret) = &app.credential else {
+                return Err(AuthError::Credential("secret only".into()));
+            };
+            Ok(IssuedToken {
+                secret: format!("{secret}@{scope}"),
+                lifetime: Duration::from_secs(3600),
+            })
+        }
+    }
+
+    fn app(secret: &str) -> EntraApp {
+        EntraApp {
+            authority_host: "https://login.example".into(),
+            tenant_id: "t".into(),
+            client_id: "c".into(),
+            credential: Credential::ClientSecret(secret.into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn one_cache_per_profile_and_scope() {
+        let caches = TokenCaches::new(TokenCacheConfig::default());
+        let issuer: Arc<dyn TokenIssuer> = Arc::new(EchoIssuer);
+        let get = |profile: &str, scope: &str, secret: &str| {
+            caches.get_or_create(profile, scope, app(secret), issuer.clone())
+        };
+        let graph = get("MailProfile/a/p", GRAPH_SCOPE, "s1");
+        assert_eq!(
+            graph.token().await.expect("token").secret,
+            format!("s1@{GRAPH_SCOPE}")
+        );
+        let again = get("MailProfile/a/p", GRAPH_SCOPE, "s1");
+        assert!(Arc::ptr_eq(&graph, &again));
+        assert!(again.snapshot().expires_at.is_some(), "token kept");
+        let outlook = get("MailProfile/a/p", OUTLOOK_SCOPE, "s1");
+        assert!(!Arc::ptr_eq(&graph, &outlook));
+        assert_eq!(outlook.scope(), OUTLOOK_SCOPE);
+        assert_eq!(caches.snapshots().len(), 2);
+
+        // A changed Secret replaces the credential of the same cache.
+        let changed = get("MailProfile/a/p", GRAPH_SCOPE, "s2");
+        assert!(Arc::ptr_eq(&graph, &changed));
+        assert_eq!(
+            changed.token().await.expect("token").secret,
+            format!("s2@{GRAPH_SCOPE}")
+        );
+
+        assert!(caches.remove("MailProfile/a/p", OUTLOOK_SCOPE).is_some());
+        assert!(caches.get("MailProfile/a/p", OUTLOOK_SCOPE).is_none());
+        get("MailProfile/b/q", GRAPH_SCOPE, "s3");
+        caches.remove_profile("MailProfile/a/p");
+        assert!(caches.get("MailProfile/a/p", GRAPH_SCOPE).is_none());
+        assert_eq!(caches.snapshots()[0].0, "MailProfile/b/q");
+    }
+}
