@@ -189,7 +189,8 @@ impl GraphTransport {
                 draft.body.clone(),
             )
             .await
-            .map_err(|e| in_step(e, "creating the draft"))?;
+            .map_err(|e| in_step(e, "creating the draft"))
+            .map_err(draft_permission_hint)?;
         let id = serde_json::from_slice::<Created>(&created.body)
             .map_err(|_| SendError::transient("Graph created a draft but did not return its id"))?
             .id;
@@ -423,17 +424,32 @@ fn network_error(error: reqwest::Error) -> SendError {
 
 /// Says which step of a draft send failed.
 fn in_step(error: SendError, step: &str) -> SendError {
+    map_reason(error, |reason| format!("{step}: {reason}"))
+}
+
+/// Creating a draft needs Mail.ReadWrite, which an app made for `sendMail` often lacks.
+fn draft_permission_hint(error: SendError) -> SendError {
+    if !error.to_string().contains("ErrorAccessDenied") {
+        return error;
+    }
+    map_reason(error, |reason| {
+        format!(
+            "{reason}; a message over 4 MB is sent as a draft, which also needs the \
+             Mail.ReadWrite application permission"
+        )
+    })
+}
+
+fn map_reason(error: SendError, f: impl FnOnce(String) -> String) -> SendError {
     match error {
         SendError::Transient {
             reason,
             retry_after,
         } => SendError::Transient {
-            reason: format!("{step}: {reason}"),
+            reason: f(reason),
             retry_after,
         },
-        SendError::Permanent { reason } => SendError::Permanent {
-            reason: format!("{step}: {reason}"),
-        },
+        SendError::Permanent { reason } => SendError::Permanent { reason: f(reason) },
     }
 }
 
@@ -505,6 +521,18 @@ mod tests {
         );
         assert!(token_error(AuthError::Unavailable("503".into())).is_transient());
         assert!(!token_error(AuthError::Credential("no key".into())).is_transient());
+    }
+
+    #[test]
+    fn draft_access_denied_names_mail_read_write() {
+        let denied = SendError::permanent("creating the draft: Graph 403 ErrorAccessDenied: no");
+        assert!(
+            draft_permission_hint(denied)
+                .to_string()
+                .ends_with("also needs the Mail.ReadWrite application permission")
+        );
+        let other = SendError::permanent("creating the draft: Graph 403 ErrorSendAsDenied: no");
+        assert_eq!(draft_permission_hint(other.clone()), other);
     }
 
     #[test]
