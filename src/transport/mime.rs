@@ -11,12 +11,18 @@ use super::OutgoingMessage;
 #[error("{0}")]
 pub struct MimeError(pub String);
 
-/// The RFC 5322 bytes of a message (stub: headers and the text body only).
+/// The RFC 5322 bytes of a message (stub: a few headers and the text body only).
 pub fn build_bytes(msg: &OutgoingMessage) -> Result<Vec<u8>, MimeError> {
     let mut out = format!(
         "From: {}\r\nSubject: {}\r\nMessage-ID: {}\r\n",
         msg.from.email, msg.subject, msg.message_id
     );
+    for (field, list) in [("To", &msg.to), ("Cc", &msg.cc)] {
+        if !list.is_empty() {
+            let emails: Vec<&str> = list.iter().map(|a| a.email.as_str()).collect();
+            out.push_str(&format!("{field}: {}\r\n", emails.join(", ")));
+        }
+    }
     for (name, value) in &msg.headers {
         out.push_str(&format!("{name}: {value}\r\n"));
     }
