@@ -47,10 +47,7 @@ pub struct CertificateKey {
 
 impl fmt::Debug for CertificateKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CertificateKey")
-            .field("x5t#S256", &self.x5t_s256)
-            .field("key", &"<redacted>")
-            .finish()
+        f.debug_struct("CertificateKey").field("x5t#S256", &self.x5t_s256).field("key", &"<redacted>").finish()
     }
 }
 
@@ -102,12 +99,7 @@ impl CertificateKey {
 }
 
 /// The claims of an assertion issued at `now`.
-pub fn assertion_claims(
-    token_url: &str,
-    client_id: &str,
-    now: Timestamp,
-    jti: Uuid,
-) -> AssertionClaims {
+pub fn assertion_claims(token_url: &str, client_id: &str, now: Timestamp, jti: Uuid) -> AssertionClaims {
     let now = now.as_second();
     AssertionClaims {
         aud: token_url.to_owned(),
@@ -142,8 +134,8 @@ pub(crate) mod tests {
         validation.set_issuer(&[CLIENT]);
         validation.set_required_spec_claims(&["exp", "nbf", "aud", "iss", "sub"]);
         let key = DecodingKey::from_rsa_pem(PUBLIC.as_bytes()).expect("public key");
-        let data = jsonwebtoken::decode::<AssertionClaims>(jwt, &key, &validation)
-            .expect("signature and claims verify");
+        let data =
+            jsonwebtoken::decode::<AssertionClaims>(jwt, &key, &validation).expect("signature and claims verify");
         (data.header, data.claims)
     }
 
@@ -172,9 +164,7 @@ pub(crate) mod tests {
     #[test]
     fn header_json_uses_the_x5t_s256_name() {
         let cert = CertificateKey::from_pem(CERT.as_bytes(), KEY_PKCS8.as_bytes()).expect("loads");
-        let jwt = cert
-            .client_assertion(URL, CLIENT, Timestamp::now(), Uuid::new_v4())
-            .expect("signs");
+        let jwt = cert.client_assertion(URL, CLIENT, Timestamp::now(), Uuid::new_v4()).expect("signs");
         let header = jwt.split('.').next().expect("header");
         let json: serde_json::Value =
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).expect("b64")).expect("json");
@@ -208,10 +198,7 @@ pub(crate) mod tests {
         assert!(matches!(no_cert, Err(AuthError::Credential(m)) if m.contains("tls.crt")));
         let key_is_cert = CertificateKey::from_pem(CERT.as_bytes(), CERT.as_bytes());
         assert!(matches!(key_is_cert, Err(AuthError::Credential(m)) if m.contains("tls.key")));
-        let debug = format!(
-            "{:?}",
-            CertificateKey::from_pem(CERT.as_bytes(), KEY_PKCS8.as_bytes()).expect("loads")
-        );
+        let debug = format!("{:?}", CertificateKey::from_pem(CERT.as_bytes(), KEY_PKCS8.as_bytes()).expect("loads"));
         assert!(debug.contains("<redacted>") && !debug.contains("PRIVATE"));
     }
 }

@@ -83,19 +83,13 @@ enum Attempt {
 
 impl State {
     fn usable(&self, now: Instant) -> Option<&AccessToken> {
-        self.cached
-            .as_ref()
-            .filter(|cached| now < cached.usable_until)
-            .map(|cached| &cached.token)
+        self.cached.as_ref().filter(|cached| now < cached.usable_until).map(|cached| &cached.token)
     }
 
     /// The last error while its retry is not yet due: callers get it without a new request, so
     /// a failing endpoint is asked at the backoff's pace, not once per message.
     fn pending_failure(&self, now: Instant) -> Option<&AuthError> {
-        self.failure
-            .as_ref()
-            .filter(|failure| now < failure.retry_at)
-            .map(|failure| &failure.error)
+        self.failure.as_ref().filter(|failure| now < failure.retry_at).map(|failure| &failure.error)
     }
 
     /// When the background task should next request a token; `None`: when woken.
@@ -137,10 +131,7 @@ impl TokenCache {
         let task = tokio::runtime::Handle::try_current()
             .ok()
             .map(|runtime| runtime.spawn(refresh_in_background(shared.clone())));
-        TokenCache {
-            shared,
-            task: Mutex::new(task),
-        }
+        TokenCache { shared, task: Mutex::new(task) }
     }
 
     /// The scope tokens are requested for.
@@ -305,9 +296,7 @@ impl Shared {
         let outcome = match result {
             Ok(issued) => {
                 let token = AccessToken {
-                    expires_at: started_wall
-                        .checked_add(issued.lifetime)
-                        .unwrap_or(Timestamp::MAX),
+                    expires_at: started_wall.checked_add(issued.lifetime).unwrap_or(Timestamp::MAX),
                     secret: issued.secret,
                 };
                 state.cached = Some(Cached {
@@ -343,11 +332,7 @@ impl Shared {
                 if let Some(cached) = state.cached.as_ref().filter(|c| c.usable_until > now) {
                     retry_at = retry_at.min(cached.usable_until);
                 }
-                state.failure = Some(Failure {
-                    error: error.clone(),
-                    retry_at,
-                    backoff,
-                });
+                state.failure = Some(Failure { error: error.clone(), retry_at, backoff });
                 tracing::warn!(
                     client_id = %app.client_id,
                     scope = %self.scope,
@@ -372,9 +357,7 @@ impl Shared {
 /// prefetch) whenever there is none.
 async fn refresh_in_background(shared: Arc<Shared>) {
     loop {
-        let due = shared
-            .lock()
-            .next_due(shared.config.prefetch, Instant::now());
+        let due = shared.lock().next_due(shared.config.prefetch, Instant::now());
         let woken = shared.wake.notified();
         match due {
             Some(at) => {
@@ -391,10 +374,7 @@ async fn refresh_in_background(shared: Arc<Shared>) {
         let _flight = shared.flight.lock().await;
         // A caller may have requested a token while we waited for the flight.
         let now = Instant::now();
-        let still_due = shared
-            .lock()
-            .next_due(shared.config.prefetch, now)
-            .is_some_and(|at| at <= now);
+        let still_due = shared.lock().next_due(shared.config.prefetch, now).is_some_and(|at| at <= now);
         if still_due {
             shared.attempt().await;
         }
@@ -443,16 +423,9 @@ mod tests {
             tokio::time::sleep(self.latency).await;
             let answer = {
                 let mut answers = self.answers.lock().expect("lock");
-                if answers.len() > 1 {
-                    answers.remove(0)
-                } else {
-                    answers[0].clone()
-                }
+                if answers.len() > 1 { answers.remove(0) } else { answers[0].clone() }
             };
-            answer.map(|seconds| IssuedToken {
-                secret: format!("token-{n}"),
-                lifetime: Duration::from_secs(seconds),
-            })
+            answer.map(|seconds| IssuedToken { secret: format!("token-{n}"), lifetime: Duration::from_secs(seconds) })
         }
     }
 
@@ -466,21 +439,14 @@ mod tests {
     }
 
     fn cache(issuer: &Arc<ScriptedIssuer>, prefetch: bool) -> TokenCache {
-        let config = TokenCacheConfig {
-            prefetch,
-            ..TokenCacheConfig::default()
-        };
+        let config = TokenCacheConfig { prefetch, ..TokenCacheConfig::default() };
         TokenCache::new(app("one"), "scope", issuer.clone(), config)
     }
 
     /// How long until the background task requests a token.
     fn due_in(cache: &TokenCache) -> Option<Duration> {
         let now = Instant::now();
-        cache
-            .shared
-            .lock()
-            .next_due(cache.shared.config.prefetch, now)
-            .map(|at| at.saturating_duration_since(now))
+        cache.shared.lock().next_due(cache.shared.config.prefetch, now).map(|at| at.saturating_duration_since(now))
     }
 
     fn unavailable() -> AuthError {
@@ -526,10 +492,7 @@ mod tests {
         let mut status = cache.subscribe();
         status.changed().await.expect("first token");
         assert_eq!(issuer.requests(), 1);
-        assert_eq!(
-            due_in(&cache),
-            Some(Duration::from_secs(2880) - Duration::from_millis(100))
-        );
+        assert_eq!(due_in(&cache), Some(Duration::from_secs(2880) - Duration::from_millis(100)));
         // Just before the refresh point nothing happens; after it, one new token.
         tokio::time::sleep(Duration::from_secs(2879)).await;
         assert_eq!(issuer.requests(), 1);
@@ -542,35 +505,20 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn failed_refresh_keeps_the_old_token_and_retries_with_backoff() {
-        let issuer = ScriptedIssuer::new(vec![
-            Ok(600),
-            Err(unavailable()),
-            Err(unavailable()),
-            Ok(600),
-        ]);
+        let issuer = ScriptedIssuer::new(vec![Ok(600), Err(unavailable()), Err(unavailable()), Ok(600)]);
         let cache = cache(&issuer, true);
         assert_eq!(cache.token().await.expect("first").secret, "token-1");
         let mut status = cache.subscribe();
         // Refresh due at 300 s fails; the old token is still served.
-        status
-            .wait_for(|s| s.failures == 1)
-            .await
-            .expect("first failure");
+        status.wait_for(|s| s.failures == 1).await.expect("first failure");
         assert_eq!(cache.token().await.expect("old").secret, "token-1");
         let failed = cache.snapshot();
         assert_eq!(failed.last_error, Some(unavailable()));
         assert!(failed.expires_at.is_some());
         // Retries within seconds (1 s, then 2 s, with jitter), then succeeds.
         let waited = Instant::now();
-        status
-            .wait_for(|s| s.refreshes == 2)
-            .await
-            .expect("recovered");
-        assert!(
-            waited.elapsed() < Duration::from_secs(10),
-            "{:?}",
-            waited.elapsed()
-        );
+        status.wait_for(|s| s.refreshes == 2).await.expect("recovered");
+        assert!(waited.elapsed() < Duration::from_secs(10), "{:?}", waited.elapsed());
         assert_eq!(issuer.requests(), 4);
         assert_eq!(cache.snapshot().last_error, None);
         assert_eq!(cache.snapshot().failures, 2);
@@ -600,10 +548,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(10)).await;
         cache.replace_credential(app("two"));
         let token = first.await.expect("task").expect("token");
-        assert_eq!(
-            token.secret, "token-2",
-            "the old credential's token is void"
-        );
+        assert_eq!(token.secret, "token-2", "the old credential's token is void");
         assert_eq!(*issuer.secrets.lock().expect("lock"), ["one", "two"]);
     }
 
@@ -626,17 +571,10 @@ mod tests {
         let issuer = ScriptedIssuer::new(vec![Err(rejected.clone()), Ok(3600)]);
         let cache = cache(&issuer, true);
         let mut status = cache.subscribe();
-        let failed = status
-            .wait_for(|s| s.failures == 1)
-            .await
-            .expect("fails")
-            .clone();
+        let failed = status.wait_for(|s| s.failures == 1).await.expect("fails").clone();
         assert_eq!(failed.last_error, Some(rejected.clone()));
         assert_eq!(cache.token().await, Err(rejected));
-        status
-            .wait_for(|s| s.refreshes == 1)
-            .await
-            .expect("recovers");
+        status.wait_for(|s| s.refreshes == 1).await.expect("recovers");
         assert_eq!(cache.token().await.expect("token").secret, "token-2");
     }
 
@@ -663,10 +601,6 @@ mod tests {
         drop(cache);
         tokio::time::sleep(Duration::from_secs(120)).await;
         assert_eq!(issuer.requests(), 1);
-        assert_eq!(
-            Arc::strong_count(&issuer),
-            1,
-            "the task released the issuer"
-        );
+        assert_eq!(Arc::strong_count(&issuer), 1, "the task released the issuer");
     }
 }

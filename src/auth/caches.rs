@@ -18,10 +18,7 @@ pub struct TokenCaches {
 impl TokenCaches {
     /// An empty registry whose caches use `config`.
     pub fn new(config: TokenCacheConfig) -> Self {
-        TokenCaches {
-            config,
-            caches: Mutex::new(HashMap::new()),
-        }
+        TokenCaches { config, caches: Mutex::new(HashMap::new()) }
     }
 
     /// The cache of `profile` for `scope`, created for `app` if there is none. An existing
@@ -51,9 +48,7 @@ impl TokenCaches {
 
     /// The cache of `profile` for `scope`, if any.
     pub fn get(&self, profile: &str, scope: &str) -> Option<Arc<TokenCache>> {
-        self.lock()
-            .get(&(profile.to_owned(), scope.to_owned()))
-            .cloned()
+        self.lock().get(&(profile.to_owned(), scope.to_owned())).cloned()
     }
 
     /// Removes the cache of `profile` for `scope` and stops its refreshes.
@@ -94,9 +89,7 @@ impl TokenCaches {
 
 impl std::fmt::Debug for TokenCaches {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenCaches")
-            .field("caches", &self.lock().len())
-            .finish_non_exhaustive()
+        f.debug_struct("TokenCaches").field("caches", &self.lock().len()).finish_non_exhaustive()
     }
 }
 
@@ -118,10 +111,7 @@ mod tests {
             let Credential::ClientSecret(secret) = &app.credential else {
                 return Err(AuthError::Credential("secret only".into()));
             };
-            Ok(IssuedToken {
-                secret: format!("{secret}@{scope}"),
-                lifetime: Duration::from_secs(3600),
-            })
+            Ok(IssuedToken { secret: format!("{secret}@{scope}"), lifetime: Duration::from_secs(3600) })
         }
     }
 
@@ -142,10 +132,7 @@ mod tests {
             caches.get_or_create(profile, scope, app(secret), issuer.clone())
         };
         let graph = get("MailProfile/a/p", GRAPH_SCOPE, "s1");
-        assert_eq!(
-            graph.token().await.expect("token").secret,
-            format!("s1@{GRAPH_SCOPE}")
-        );
+        assert_eq!(graph.token().await.expect("token").secret, format!("s1@{GRAPH_SCOPE}"));
         let again = get("MailProfile/a/p", GRAPH_SCOPE, "s1");
         assert!(Arc::ptr_eq(&graph, &again));
         assert!(again.snapshot().expires_at.is_some(), "token kept");
@@ -157,10 +144,7 @@ mod tests {
         // A changed Secret replaces the credential of the same cache.
         let changed = get("MailProfile/a/p", GRAPH_SCOPE, "s2");
         assert!(Arc::ptr_eq(&graph, &changed));
-        assert_eq!(
-            changed.token().await.expect("token").secret,
-            format!("s2@{GRAPH_SCOPE}")
-        );
+        assert_eq!(changed.token().await.expect("token").secret, format!("s2@{GRAPH_SCOPE}"));
 
         assert!(caches.remove("MailProfile/a/p", OUTLOOK_SCOPE).is_some());
         assert!(caches.get("MailProfile/a/p", OUTLOOK_SCOPE).is_none());

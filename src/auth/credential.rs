@@ -49,9 +49,7 @@ impl fmt::Debug for Credential {
                 .field("key_pem", &"<redacted>")
                 .finish(),
             // The path is configuration, not a secret.
-            Credential::FederatedTokenFile(path) => {
-                f.debug_tuple("FederatedTokenFile").field(path).finish()
-            }
+            Credential::FederatedTokenFile(path) => f.debug_tuple("FederatedTokenFile").field(path).finish(),
         }
     }
 }
@@ -83,12 +81,10 @@ impl EntraApp {
                 Err(AuthError::Credential("the client secret is empty".into()))
             }
             Credential::ClientSecret(_) => Ok(()),
-            Credential::Certificate { cert_pem, key_pem } => {
-                CertificateKey::from_pem(cert_pem, key_pem).map(|_| ())
+            Credential::Certificate { cert_pem, key_pem } => CertificateKey::from_pem(cert_pem, key_pem).map(|_| ()),
+            Credential::FederatedTokenFile(path) if path.as_os_str().is_empty() => {
+                Err(AuthError::Credential("the federated token file path is empty".into()))
             }
-            Credential::FederatedTokenFile(path) if path.as_os_str().is_empty() => Err(
-                AuthError::Credential("the federated token file path is empty".into()),
-            ),
             Credential::FederatedTokenFile(_) => Ok(()),
         }
     }
@@ -100,9 +96,7 @@ pub fn check_authority_host(host: &str, allow_insecure: bool) -> Result<(), Auth
     let url = reqwest::Url::parse(host)
         .map_err(|e| AuthError::Credential(format!("authorityHost {host:?} is not a URL: {e}")))?;
     if url.host_str().is_none() {
-        return Err(AuthError::Credential(format!(
-            "authorityHost {host:?} has no host"
-        )));
+        return Err(AuthError::Credential(format!("authorityHost {host:?} has no host")));
     }
     match url.scheme() {
         "https" => Ok(()),
@@ -111,25 +105,16 @@ pub fn check_authority_host(host: &str, allow_insecure: bool) -> Result<(), Auth
             "authorityHost {host} is plain http; refused unless the operator runs with \
              --allow-insecure-endpoints"
         ))),
-        other => Err(AuthError::Credential(format!(
-            "authorityHost {host} has scheme {other:?}; only https is supported"
-        ))),
+        other => {
+            Err(AuthError::Credential(format!("authorityHost {host} has scheme {other:?}; only https is supported")))
+        }
     }
 }
 
 /// A tenant goes into the token URL's path, so only ID and domain characters are allowed.
 fn check_tenant_id(tenant: &str) -> Result<(), AuthError> {
-    let ok = !tenant.is_empty()
-        && tenant
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
-    if ok {
-        Ok(())
-    } else {
-        Err(AuthError::Credential(format!(
-            "tenantId {tenant:?} is not a tenant ID or domain"
-        )))
-    }
+    let ok = !tenant.is_empty() && tenant.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if ok { Ok(()) } else { Err(AuthError::Credential(format!("tenantId {tenant:?} is not a tenant ID or domain"))) }
 }
 
 #[cfg(test)]
@@ -152,17 +137,11 @@ mod tests {
             cert_pem: b"CERT".to_vec(),
             key_pem: b"-----BEGIN PRIVATE KEY----- KEYMATERIAL".to_vec(),
         };
-        let shown = format!(
-            "{secret:?} {cert:?} {:?}",
-            app(DEFAULT_AUTHORITY_HOST, secret.clone())
-        );
+        let shown = format!("{secret:?} {cert:?} {:?}", app(DEFAULT_AUTHORITY_HOST, secret.clone()));
         assert!(!shown.contains("s3cr3t"), "{shown}");
         assert!(!shown.contains("KEYMATERIAL"), "{shown}");
         assert!(shown.contains("<redacted>"));
-        let file = format!(
-            "{:?}",
-            Credential::FederatedTokenFile("/var/run/token".into())
-        );
+        let file = format!("{:?}", Credential::FederatedTokenFile("/var/run/token".into()));
         assert!(file.contains("/var/run/token"));
     }
 
@@ -188,21 +167,12 @@ mod tests {
         let mut bad = ok.clone();
         bad.client_id = " ".into();
         assert!(bad.validate(false).is_err());
-        let empty = app(
-            DEFAULT_AUTHORITY_HOST,
-            Credential::ClientSecret(String::new()),
-        );
+        let empty = app(DEFAULT_AUTHORITY_HOST, Credential::ClientSecret(String::new()));
         assert!(empty.validate(false).is_err());
         let garbage = app(
             DEFAULT_AUTHORITY_HOST,
-            Credential::Certificate {
-                cert_pem: b"nope".to_vec(),
-                key_pem: b"nope".to_vec(),
-            },
+            Credential::Certificate { cert_pem: b"nope".to_vec(), key_pem: b"nope".to_vec() },
         );
-        assert!(matches!(
-            garbage.validate(false),
-            Err(AuthError::Credential(_))
-        ));
+        assert!(matches!(garbage.validate(false), Err(AuthError::Credential(_))));
     }
 }

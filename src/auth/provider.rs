@@ -32,17 +32,13 @@ pub struct EntraTokenProvider {
 impl EntraTokenProvider {
     /// A provider on `http`; `allow_insecure` admits `http://` authority hosts.
     pub fn new(http: reqwest::Client, allow_insecure: bool) -> Self {
-        EntraTokenProvider {
-            http,
-            allow_insecure,
-        }
+        EntraTokenProvider { http, allow_insecure }
     }
 
     /// A provider whose HTTPS client trusts `roots` besides the web PKI.
     pub fn from_trust_roots(roots: &TrustRoots, allow_insecure: bool) -> Result<Self, AuthError> {
-        let http = roots
-            .http_client()
-            .map_err(|e| AuthError::Credential(format!("cannot build the HTTPS client: {e}")))?;
+        let http =
+            roots.http_client().map_err(|e| AuthError::Credential(format!("cannot build the HTTPS client: {e}")))?;
         Ok(Self::new(http, allow_insecure))
     }
 
@@ -60,28 +56,17 @@ impl EntraTokenProvider {
             Credential::ClientSecret(secret) => Ok(ClientAuthentication::Secret(secret.clone())),
             Credential::Certificate { cert_pem, key_pem } => {
                 let key = CertificateKey::from_pem(cert_pem, key_pem)?;
-                let assertion = key.client_assertion(
-                    token_url,
-                    &app.client_id,
-                    Timestamp::now(),
-                    Uuid::new_v4(),
-                )?;
+                let assertion = key.client_assertion(token_url, &app.client_id, Timestamp::now(), Uuid::new_v4())?;
                 Ok(ClientAuthentication::Assertion(assertion))
             }
             Credential::FederatedTokenFile(path) => {
                 // Read on every request: the kubelet replaces the file before the token expires.
                 let content = tokio::fs::read_to_string(path).await.map_err(|e| {
-                    AuthError::Credential(format!(
-                        "cannot read the federated token file {}: {e}",
-                        path.display()
-                    ))
+                    AuthError::Credential(format!("cannot read the federated token file {}: {e}", path.display()))
                 })?;
                 let assertion = content.trim();
                 if assertion.is_empty() {
-                    return Err(AuthError::Credential(format!(
-                        "the federated token file {} is empty",
-                        path.display()
-                    )));
+                    return Err(AuthError::Credential(format!("the federated token file {} is empty", path.display())));
                 }
                 Ok(ClientAuthentication::Assertion(assertion.to_owned()))
             }
@@ -89,11 +74,7 @@ impl EntraTokenProvider {
     }
 
     /// Requests a token for `app` and `scope`.
-    pub async fn request_token(
-        &self,
-        app: &EntraApp,
-        scope: &str,
-    ) -> Result<IssuedToken, AuthError> {
+    pub async fn request_token(&self, app: &EntraApp, scope: &str) -> Result<IssuedToken, AuthError> {
         app.validate(self.allow_insecure)?;
         let url = token_url(&app.authority_host, &app.tenant_id);
         let auth = self.client_authentication(app, &url).await?;
@@ -105,23 +86,11 @@ impl EntraTokenProvider {
             scope,
             "requesting token"
         );
-        let response = self
-            .http
-            .post(&request.url)
-            .form(&request.form)
-            .send()
-            .await
-            .map_err(|e| unreachable(&request.url, &e))?;
+        let response =
+            self.http.post(&request.url).form(&request.form).send().await.map_err(|e| unreachable(&request.url, &e))?;
         let status = response.status();
-        let body = response
-            .text()
-            .await
-            .map_err(|e| unreachable(&request.url, &e))?;
-        if status == StatusCode::OK {
-            parse_token_response(&body)
-        } else {
-            Err(describe_token_error(status, &body))
-        }
+        let body = response.text().await.map_err(|e| unreachable(&request.url, &e))?;
+        if status == StatusCode::OK { parse_token_response(&body) } else { Err(describe_token_error(status, &body)) }
     }
 }
 

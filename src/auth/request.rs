@@ -5,16 +5,11 @@ use std::fmt;
 use super::credential::EntraApp;
 
 /// The `client_assertion_type` of a JWT client assertion (RFC 7523).
-pub const JWT_BEARER_ASSERTION_TYPE: &str =
-    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+pub const JWT_BEARER_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 /// The token endpoint of a tenant: `{authority_host}/{tenant}/oauth2/v2.0/token`.
 pub fn token_url(authority_host: &str, tenant_id: &str) -> String {
-    format!(
-        "{}/{}/oauth2/v2.0/token",
-        authority_host.trim_end_matches('/'),
-        tenant_id.trim_matches('/')
-    )
+    format!("{}/{}/oauth2/v2.0/token", authority_host.trim_end_matches('/'), tenant_id.trim_matches('/'))
 }
 
 /// How the client proves itself in one request. `Debug` hides the value.
@@ -54,10 +49,7 @@ impl fmt::Debug for TokenRequest {
                 _ => (*name, value.as_str()),
             })
             .collect();
-        f.debug_struct("TokenRequest")
-            .field("url", &self.url)
-            .field("form", &form)
-            .finish()
+        f.debug_struct("TokenRequest").field("url", &self.url).field("form", &form).finish()
     }
 }
 
@@ -71,17 +63,11 @@ pub fn token_request(app: &EntraApp, scope: &str, auth: ClientAuthentication) ->
     match auth {
         ClientAuthentication::Secret(secret) => form.push(("client_secret", secret)),
         ClientAuthentication::Assertion(assertion) => {
-            form.push((
-                "client_assertion_type",
-                JWT_BEARER_ASSERTION_TYPE.to_owned(),
-            ));
+            form.push(("client_assertion_type", JWT_BEARER_ASSERTION_TYPE.to_owned()));
             form.push(("client_assertion", assertion));
         }
     }
-    TokenRequest {
-        url: token_url(&app.authority_host, &app.tenant_id),
-        form,
-    }
+    TokenRequest { url: token_url(&app.authority_host, &app.tenant_id), form }
 }
 
 #[cfg(test)]
@@ -99,11 +85,7 @@ mod tests {
     }
 
     fn field<'a>(request: &'a TokenRequest, name: &str) -> Option<&'a str> {
-        request
-            .form
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| v.as_str())
+        request.form.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
     }
 
     #[test]
@@ -112,28 +94,18 @@ mod tests {
             token_url("https://login.microsoftonline.com/", "contoso.com"),
             "https://login.microsoftonline.com/contoso.com/oauth2/v2.0/token"
         );
-        assert_eq!(
-            token_url("http://127.0.0.1:8080", "t"),
-            "http://127.0.0.1:8080/t/oauth2/v2.0/token"
-        );
+        assert_eq!(token_url("http://127.0.0.1:8080", "t"), "http://127.0.0.1:8080/t/oauth2/v2.0/token");
     }
 
     #[test]
     fn secret_form() {
-        let request = token_request(
-            &app(),
-            GRAPH_SCOPE,
-            ClientAuthentication::Secret("pa$$".into()),
-        );
+        let request = token_request(&app(), GRAPH_SCOPE, ClientAuthentication::Secret("pa$$".into()));
         assert_eq!(
             request.url,
             "https://login.microsoftonline.com/00000000-0000-0000-0000-000000000000/oauth2/v2.0/token"
         );
         assert_eq!(field(&request, "grant_type"), Some("client_credentials"));
-        assert_eq!(
-            field(&request, "client_id"),
-            Some("11111111-1111-1111-1111-111111111111")
-        );
+        assert_eq!(field(&request, "client_id"), Some("11111111-1111-1111-1111-111111111111"));
         assert_eq!(field(&request, "scope"), Some(GRAPH_SCOPE));
         assert_eq!(field(&request, "client_secret"), Some("pa$$"));
         assert_eq!(field(&request, "client_assertion"), None);
@@ -142,24 +114,14 @@ mod tests {
 
     #[test]
     fn assertion_form() {
-        let request = token_request(
-            &app(),
-            GRAPH_SCOPE,
-            ClientAuthentication::Assertion("eyJ.jwt.sig".into()),
-        );
+        let request = token_request(&app(), GRAPH_SCOPE, ClientAuthentication::Assertion("eyJ.jwt.sig".into()));
         assert_eq!(
             field(&request, "client_assertion_type"),
             Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
         );
         assert_eq!(field(&request, "client_assertion"), Some("eyJ.jwt.sig"));
         assert_eq!(field(&request, "client_secret"), None);
-        let shown = format!(
-            "{request:?} {:?}",
-            ClientAuthentication::Secret("x1".into())
-        );
-        assert!(
-            !shown.contains("eyJ.jwt.sig") && !shown.contains("x1"),
-            "{shown}"
-        );
+        let shown = format!("{request:?} {:?}", ClientAuthentication::Secret("x1".into()));
+        assert!(!shown.contains("eyJ.jwt.sig") && !shown.contains("x1"), "{shown}");
     }
 }

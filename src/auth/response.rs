@@ -24,10 +24,7 @@ pub struct IssuedToken {
 
 impl fmt::Debug for IssuedToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IssuedToken")
-            .field("secret", &"<redacted>")
-            .field("lifetime", &self.lifetime)
-            .finish()
+        f.debug_struct("IssuedToken").field("secret", &"<redacted>").field("lifetime", &self.lifetime).finish()
     }
 }
 
@@ -45,8 +42,7 @@ pub fn parse_token_response(body: &str) -> Result<IssuedToken, AuthError> {
             "token endpoint answered 200 but {what}; is authorityHost an Entra ID endpoint?"
         ))
     };
-    let parsed: SuccessBody =
-        serde_json::from_str(body).map_err(|_| unusable("not with a token response"))?;
+    let parsed: SuccessBody = serde_json::from_str(body).map_err(|_| unusable("not with a token response"))?;
     if parsed.access_token.is_empty() {
         return Err(unusable("with an empty access_token"));
     }
@@ -56,10 +52,7 @@ pub fn parse_token_response(body: &str) -> Result<IssuedToken, AuthError> {
         _ => None,
     }
     .ok_or_else(|| unusable("without a valid expires_in"))?;
-    Ok(IssuedToken {
-        secret: parsed.access_token,
-        lifetime: Duration::from_secs(seconds),
-    })
+    Ok(IssuedToken { secret: parsed.access_token, lifetime: Duration::from_secs(seconds) })
 }
 
 /// Microsoft's error answer, e.g. `{"error":"invalid_client","error_description":"AADSTS7000215: ...",
@@ -75,13 +68,8 @@ struct ErrorBody {
 }
 
 /// OAuth errors that mean the request or the credentials are wrong, not the service.
-const REJECTING_ERRORS: &[&str] = &[
-    "invalid_client",
-    "unauthorized_client",
-    "invalid_grant",
-    "invalid_request",
-    "invalid_scope",
-];
+const REJECTING_ERRORS: &[&str] =
+    &["invalid_client", "unauthorized_client", "invalid_grant", "invalid_request", "invalid_scope"];
 
 /// What a person should check for well-known AADSTS codes.
 pub fn aadsts_hint(code: u64) -> Option<&'static str> {
@@ -121,16 +109,14 @@ pub fn describe_token_error(status: StatusCode, body: &str) -> AuthError {
     if retryable {
         return AuthError::Unavailable(with_summary(format!("token endpoint answered {status}")));
     }
-    let client_error = matches!(status, StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED)
-        && REJECTING_ERRORS.contains(&oauth_error);
+    let client_error =
+        matches!(status, StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED) && REJECTING_ERRORS.contains(&oauth_error);
     match summary {
         Some(summary) if client_error => AuthError::Rejected(summary),
         _ if status.is_client_error() => AuthError::Rejected(with_summary(format!(
             "token endpoint answered {status}; check authorityHost, tenantId and clientId"
         ))),
-        _ => AuthError::Unavailable(with_summary(format!(
-            "token endpoint answered {status} unexpectedly"
-        ))),
+        _ => AuthError::Unavailable(with_summary(format!("token endpoint answered {status} unexpectedly"))),
     }
 }
 
@@ -300,24 +286,14 @@ mod tests {
 
     #[test]
     fn unknown_codes_keep_microsofts_sentence() {
-        let body = entra_error(
-            "invalid_scope",
-            1002012,
-            "The provided value for scope x is not valid. More text.",
-        );
-        assert_eq!(
-            rejected(400, &body),
-            "AADSTS1002012: The provided value for scope x is not valid."
-        );
+        let body = entra_error("invalid_scope", 1002012, "The provided value for scope x is not valid. More text.");
+        assert_eq!(rejected(400, &body), "AADSTS1002012: The provided value for scope x is not valid.");
     }
 
     #[test]
     fn code_from_error_codes_when_the_description_has_none() {
         let body = r#"{"error":"invalid_client","error_description":"Bad secret.","error_codes":[7000215]}"#;
-        assert_eq!(
-            rejected(401, body),
-            "AADSTS7000215: invalid client secret (Bad secret.)"
-        );
+        assert_eq!(rejected(401, body), "AADSTS7000215: invalid client secret (Bad secret.)");
         let bare = r#"{"error":"invalid_grant","error_description":"Nope. More."}"#;
         assert_eq!(rejected(400, bare), "invalid_grant: Nope.");
     }
@@ -325,20 +301,10 @@ mod tests {
     #[test]
     fn server_errors_and_throttling_are_retryable() {
         for status in [500, 502, 503, 504, 429, 408] {
-            let error = describe_token_error(
-                StatusCode::from_u16(status).expect("status"),
-                "<html>busy</html>",
-            );
-            assert!(
-                matches!(&error, AuthError::Unavailable(m) if m.contains(&status.to_string())),
-                "{error:?}"
-            );
+            let error = describe_token_error(StatusCode::from_u16(status).expect("status"), "<html>busy</html>");
+            assert!(matches!(&error, AuthError::Unavailable(m) if m.contains(&status.to_string())), "{error:?}");
         }
-        let body = entra_error(
-            "temporarily_unavailable",
-            50001,
-            "The service is temporarily unavailable. Retry.",
-        );
+        let body = entra_error("temporarily_unavailable", 50001, "The service is temporarily unavailable. Retry.");
         assert!(matches!(
             describe_token_error(StatusCode::BAD_REQUEST, &body),
             AuthError::Unavailable(m) if m.contains("AADSTS50001")
@@ -377,17 +343,13 @@ mod tests {
             r#"{"access_token":"a"}"#,
             r#"{"access_token":"a","expires_in":-1}"#,
         ] {
-            assert!(
-                matches!(parse_token_response(bad), Err(AuthError::Unavailable(_))),
-                "{bad}"
-            );
+            assert!(matches!(parse_token_response(bad), Err(AuthError::Unavailable(_))), "{bad}");
         }
     }
 
     #[test]
     fn roles_are_read_from_the_payload() {
-        let payload =
-            URL_SAFE_NO_PAD.encode(r#"{"aud":"x","roles":["Mail.Send","SMTP.SendAsApp"]}"#);
+        let payload = URL_SAFE_NO_PAD.encode(r#"{"aud":"x","roles":["Mail.Send","SMTP.SendAsApp"]}"#);
         let token = format!("eyJhbGciOiJSUzI1NiJ9.{payload}.sig");
         assert_eq!(token_roles(&token), ["Mail.Send", "SMTP.SendAsApp"]);
         let no_roles = format!("h.{}.s", URL_SAFE_NO_PAD.encode(r#"{"aud":"x"}"#));

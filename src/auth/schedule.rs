@@ -47,10 +47,7 @@ impl Default for TokenCacheConfig {
 pub fn refresh_delay(lifetime: Duration, config: &TokenCacheConfig) -> Duration {
     let by_lead = lifetime.saturating_sub(config.refresh_before);
     let by_fraction = lifetime.mul_f64(config.refresh_fraction.clamp(0.0, 1.0));
-    by_lead
-        .min(by_fraction)
-        .max(lifetime / 2)
-        .max(MIN_REFRESH_DELAY)
+    by_lead.min(by_fraction).max(lifetime / 2).max(MIN_REFRESH_DELAY)
 }
 
 /// How long after issue a token of `lifetime` is still handed out.
@@ -82,54 +79,30 @@ mod tests {
         assert_eq!(delay, Duration::from_secs(48 * MIN));
         // At the latest five minutes before expiry.
         assert!(Duration::from_secs(3600) - delay >= config.refresh_before);
-        assert_eq!(
-            refresh_delay(Duration::from_secs(90 * MIN), &config),
-            Duration::from_secs(72 * MIN)
-        );
+        assert_eq!(refresh_delay(Duration::from_secs(90 * MIN), &config), Duration::from_secs(72 * MIN));
     }
 
     #[test]
     fn ten_minute_tokens_refresh_five_minutes_before_expiry() {
         let config = TokenCacheConfig::default();
-        assert_eq!(
-            refresh_delay(Duration::from_secs(10 * MIN), &config),
-            Duration::from_secs(5 * MIN)
-        );
+        assert_eq!(refresh_delay(Duration::from_secs(10 * MIN), &config), Duration::from_secs(5 * MIN));
     }
 
     #[test]
     fn short_tokens_refresh_no_sooner_than_half_their_lifetime() {
         let config = TokenCacheConfig::default();
-        assert_eq!(
-            refresh_delay(Duration::from_secs(6 * MIN), &config),
-            Duration::from_secs(3 * MIN)
-        );
-        assert_eq!(
-            refresh_delay(Duration::from_secs(3), &config),
-            Duration::from_millis(1500)
-        );
+        assert_eq!(refresh_delay(Duration::from_secs(6 * MIN), &config), Duration::from_secs(3 * MIN));
+        assert_eq!(refresh_delay(Duration::from_secs(3), &config), Duration::from_millis(1500));
         assert_eq!(refresh_delay(Duration::ZERO, &config), MIN_REFRESH_DELAY);
-        let quick = TokenCacheConfig {
-            refresh_before: Duration::from_secs(1),
-            ..TokenCacheConfig::default()
-        };
-        assert_eq!(
-            refresh_delay(Duration::from_secs(3), &quick),
-            Duration::from_secs(2)
-        );
+        let quick = TokenCacheConfig { refresh_before: Duration::from_secs(1), ..TokenCacheConfig::default() };
+        assert_eq!(refresh_delay(Duration::from_secs(3), &quick), Duration::from_secs(2));
     }
 
     #[test]
     fn tokens_stop_being_handed_out_shortly_before_expiry() {
         let config = TokenCacheConfig::default();
-        assert_eq!(
-            usable_for(Duration::from_secs(3600), &config),
-            Duration::from_secs(3570)
-        );
-        assert_eq!(
-            usable_for(Duration::from_secs(10), &config),
-            Duration::from_secs(9)
-        );
+        assert_eq!(usable_for(Duration::from_secs(3600), &config), Duration::from_secs(3570));
+        assert_eq!(usable_for(Duration::from_secs(10), &config), Duration::from_secs(9));
         assert_eq!(usable_for(Duration::ZERO, &config), Duration::ZERO);
     }
 

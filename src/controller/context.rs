@@ -11,6 +11,7 @@ use tokio::sync::{OnceCell, mpsc};
 use super::registry::ProfileKey;
 use super::registry::ProfileRegistry;
 use crate::api::{ClusterMailProfile, EmailMessage, MailProfile};
+use crate::auth::{TokenCacheConfig, TokenCaches};
 use crate::delivery::limits::SendLimits;
 use crate::metrics::Metrics;
 use crate::server::Health;
@@ -56,17 +57,32 @@ pub struct Context {
     pub health: Arc<Health>,
     /// Wakes messages (a profile became ready).
     pub wake: mpsc::UnboundedSender<ObjectRef<EmailMessage>>,
+    /// Re-reconciles a MailProfile (its token changed).
+    pub wake_profile: mpsc::UnboundedSender<ObjectRef<MailProfile>>,
+    /// Re-reconciles a ClusterMailProfile (its token changed).
+    pub wake_cluster_profile: mpsc::UnboundedSender<ObjectRef<ClusterMailProfile>>,
+    /// One token cache per profile and scope.
+    pub token_caches: TokenCaches,
+    /// Token caches whose changes are already followed (by address).
+    pub followed_caches: Mutex<HashSet<usize>>,
+}
+
+/// The extra triggers of the three controllers.
+pub struct Triggers {
+    /// Messages to reconcile.
+    pub messages: mpsc::UnboundedReceiver<ObjectRef<EmailMessage>>,
+    /// MailProfiles to reconcile.
+    pub mail_profiles: mpsc::UnboundedReceiver<ObjectRef<MailProfile>>,
+    /// ClusterMailProfiles to reconcile.
+    pub cluster_profiles: mpsc::UnboundedReceiver<ObjectRef<ClusterMailProfile>>,
 }
 
 impl Context {
     /// A context; the receiver feeds the message controller's extra triggers.
-    pub fn new(
-        client: Client,
-        config: OperatorConfig,
-        metrics: Arc<Metrics>,
-        health: Arc<Health>,
-    ) -> (Self, mpsc::UnboundedReceiver<ObjectRef<EmailMessage>>) {
+    pub fn new(client: Client, config: OperatorConfig, metrics: Arc<Metrics>, health: Arc<Health>) -> (Self, Triggers) {
         let (wake, woken) = mpsc::unbounded_channel();
+        let (wake_profile, profiles) = mpsc::unbounded_channel();
+        let (wake_cluster_profile, cluster_profiles) = mpsc::unbounded_channel();
         let reporter = Reporter { controller: "mailroom".into(), instance: Some(config.instance.clone()) };
         let recorder = Recorder::new(client.clone(), reporter);
         let ctx = Context {
@@ -82,8 +98,12 @@ impl Context {
             metrics,
             health,
             wake,
+            wake_profile,
+            wake_cluster_profile,
+            token_caches: TokenCaches::new(TokenCacheConfig::default()),
+            followed_caches: Mutex::new(HashSet::new()),
         };
-        (ctx, woken)
+        (ctx, Triggers { messages: woken, mail_profiles: profiles, cluster_profiles })
     }
 
     /// Marks a message as claimed by this process; false when it already was.

@@ -15,12 +15,14 @@ use serde_json::json;
 
 use super::context::Context;
 use super::registry::{NotReady, ProfileKey, ResolvedProfile};
-use super::wiring::{self, CredentialMaterial, TransportInputs};
+use super::wiring::{self, Built, CredentialMaterial, TransportInputs};
 use crate::api::{
     ClusterMailProfile, EmailMessage, EntraCredentials, MailProfile, MailProfileSpec, MailProfileStatus, Phase,
-    ProfileKind, SecretKeySelector, SecretReference, condition, conditions, set_condition,
+    ProfileKind, SecretKeySelector, SecretReference, TokenStatus, condition, conditions, set_condition,
 };
+use crate::auth::{TokenCache, TokenState};
 use crate::error::{Error, Result};
+use crate::metrics::ProfileLabels;
 use crate::tls::TrustRoots;
 
 /// Re-checks a profile this often even without changes (Secrets rotated outside a watch, etc.).
@@ -69,14 +71,25 @@ where
     F: FnOnce(serde_json::Value) -> Fut,
     Fut: std::future::Future<Output = Result<(), kube::Error>>,
 {
-    let (state, fingerprint) = resolve(ctx, &key, settings).await?;
+    let (built, fingerprint) = resolve(ctx, &key, settings).await?;
     let now = Timestamp::now();
     let mut next = status.clone();
     next.observed_generation = generation;
     next.transport = Some(settings.transport_name().to_string());
-    let ready = match &state {
-        Ok(_) => {
-            condition(&status.conditions, conditions::READY, true, "Ready", "profile can send", generation, Time(now))
+    let tokens = built.as_ref().ok().and_then(|b| b.tokens.clone());
+    if let Some(cache) = &tokens {
+        follow_token(ctx, &key, cache);
+        if cache.snapshot().expires_at.is_none() && cache.snapshot().last_error.is_none() {
+            // The first token is on its way: wait for it briefly, so Ready says whether the
+            // credential works before any message is sent.
+            let _ = tokio::time::timeout(FIRST_TOKEN_WAIT, crate::auth::TokenSource::token(cache.as_ref())).await;
+        }
+    }
+    let judged = judge(built.map(|b| b.transport), tokens.as_ref().map(|c| c.snapshot()), now);
+    next.token = judged.token;
+    let ready = match &judged.condition {
+        Ok(message) => {
+            condition(&status.conditions, conditions::READY, true, "Ready", message.clone(), generation, Time(now))
         }
         Err(nr) => condition(
             &status.conditions,
@@ -91,12 +104,13 @@ where
     set_condition(&mut next.conditions, ready);
     // Waiting messages are told about every change: they go out when it is ready, and their
     // Waiting condition names the profile's current problem when it is not.
-    let changed = state.is_ok() || differs(status, &next);
+    let changed = judged.state.is_ok() || differs(status, &next);
     ctx.profiles.put(ResolvedProfile {
         key: key.clone(),
         settings: settings.clone(),
         allowed_namespaces,
-        state,
+        state: judged.state,
+        tokens,
         fingerprint,
     });
     if differs(status, &next) {
@@ -107,6 +121,102 @@ where
         wake_messages(ctx, &key);
     }
     Ok(Action::requeue(RESYNC))
+}
+
+/// How long a reconcile waits for a new profile's first token.
+const FIRST_TOKEN_WAIT: Duration = Duration::from_secs(15);
+
+/// What a profile's status and registry entry say, given its transport and token state.
+pub struct Judgement {
+    /// The transport for messages, or why they must wait.
+    pub state: Result<Arc<dyn crate::transport::Transport>, NotReady>,
+    /// The Ready condition: Ok(message) or the reason it is not ready.
+    pub condition: Result<String, NotReady>,
+    /// `status.token`.
+    pub token: Option<TokenStatus>,
+}
+
+/// Decides readiness from the transport and the token cache's state. A failed refresh while the
+/// current token is still valid keeps messages flowing but shows `Ready=False`, so people see it
+/// before the token runs out.
+pub fn judge(
+    transport: Result<Arc<dyn crate::transport::Transport>, NotReady>,
+    token: Option<TokenState>,
+    now: Timestamp,
+) -> Judgement {
+    let transport = match transport {
+        Ok(t) => t,
+        Err(nr) => return Judgement { state: Err(nr.clone()), condition: Err(nr), token: None },
+    };
+    let Some(token) = token else {
+        return Judgement { state: Ok(transport), condition: Ok("profile can send".into()), token: None };
+    };
+    let status = TokenStatus {
+        expires_at: token.expires_at.map(Time),
+        last_refresh_time: token.last_refresh_time.map(Time),
+        roles: token.roles.clone(),
+    };
+    let valid = token.expires_at.is_some_and(|e| e > now);
+    match (&token.last_error, valid) {
+        (Some(err), true) => Judgement {
+            state: Ok(transport),
+            condition: Err(NotReady {
+                reason: "TokenRefreshFailed".into(),
+                message: format!("{err}; the current token stays in use until it expires"),
+            }),
+            token: Some(status),
+        },
+        (Some(err), false) => {
+            let nr = NotReady { reason: "TokenRequestFailed".into(), message: err.to_string() };
+            Judgement { state: Err(nr.clone()), condition: Err(nr), token: Some(status) }
+        }
+        (None, true) => Judgement {
+            state: Ok(transport),
+            condition: Ok("token acquired; profile can send".into()),
+            token: Some(status),
+        },
+        (None, false) => {
+            let nr = NotReady {
+                reason: "TokenPending".into(),
+                message: "waiting for the first token from Microsoft Entra ID".into(),
+            };
+            Judgement { state: Err(nr.clone()), condition: Err(nr), token: Some(status) }
+        }
+    }
+}
+
+/// Re-reconciles the profile whenever its token cache refreshes or fails, and keeps the token
+/// metrics. One follower per cache.
+fn follow_token(ctx: &Context, key: &ProfileKey, cache: &Arc<TokenCache>) {
+    let address = Arc::as_ptr(cache) as usize;
+    if !ctx.followed_caches.lock().unwrap_or_else(|e| e.into_inner()).insert(address) {
+        return;
+    }
+    let mut rx = cache.subscribe();
+    let key = key.clone();
+    let label = ProfileLabels { profile: super::message::profile_label(&key) };
+    let metrics = Arc::clone(&ctx.metrics);
+    let (mp, cmp) = (ctx.wake_profile.clone(), ctx.wake_cluster_profile.clone());
+    tokio::spawn(async move {
+        let (mut refreshes, mut failures) = (0u64, 0u64);
+        loop {
+            let state = rx.borrow_and_update().clone();
+            metrics.token_refreshes.get_or_create(&label).inc_by(state.refreshes.saturating_sub(refreshes));
+            metrics.token_failures.get_or_create(&label).inc_by(state.failures.saturating_sub(failures));
+            (refreshes, failures) = (state.refreshes, state.failures);
+            if let Some(exp) = state.expires_at {
+                let left = exp.duration_since(Timestamp::now()).as_secs_f64();
+                metrics.token_expiry_seconds.get_or_create(&label).set(left);
+            }
+            let sent = match &key {
+                ProfileKey::Namespaced { namespace, name } => mp.send(ObjectRef::new(name).within(namespace)).is_ok(),
+                ProfileKey::Cluster { name } => cmp.send(ObjectRef::new(name)).is_ok(),
+            };
+            if !sent || rx.changed().await.is_err() {
+                break;
+            }
+        }
+    });
 }
 
 fn differs(a: &MailProfileStatus, b: &MailProfileStatus) -> bool {
@@ -137,7 +247,7 @@ pub fn wake_messages(ctx: &Context, key: &ProfileKey) {
     }
 }
 
-type Resolution = (Result<Arc<dyn crate::transport::Transport>, NotReady>, u64);
+type Resolution = (Result<Built, NotReady>, u64);
 
 /// The profile's transport, or why it cannot have one, and the digest of its inputs. API errors
 /// are returned as errors. An unchanged profile keeps its transport (and what it has learned).
@@ -160,7 +270,7 @@ async fn resolve(ctx: &Context, key: &ProfileKey, settings: &MailProfileSpec) ->
         && existing.fingerprint == fingerprint
         && let Ok(transport) = &existing.state
     {
-        return Ok((Ok(Arc::clone(transport)), fingerprint));
+        return Ok((Ok(Built { transport: Arc::clone(transport), tokens: existing.tokens.clone() }), fingerprint));
     }
     let mut trust = ctx.config.trust.clone();
     if let Some(pem) = &settings.ca_bundle {
@@ -176,7 +286,7 @@ async fn resolve(ctx: &Context, key: &ProfileKey, settings: &MailProfileSpec) ->
         trust,
         allow_insecure: ctx.config.allow_insecure_endpoints,
     };
-    Ok((wiring::build_transport(inputs).await, fingerprint))
+    Ok((wiring::build_transport(inputs, &ctx.token_caches).await, fingerprint))
 }
 
 fn invalid(message: String) -> NotReady {

@@ -73,6 +73,8 @@ pub struct ResolvedProfile {
     pub allowed_namespaces: Option<LabelSelector>,
     /// The transport when ready, or why not.
     pub state: Result<Arc<dyn Transport>, NotReady>,
+    /// The token cache behind the transport (OAuth profiles).
+    pub tokens: Option<Arc<crate::auth::TokenCache>>,
     /// A digest of what the transport was built from; the same digest reuses the transport.
     pub fingerprint: u64,
 }

@@ -31,7 +31,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let namespace = config.namespace.clone();
-    let (ctx, woken) = Context::new(client.clone(), config, metrics, health);
+    let (ctx, triggers) = Context::new(client.clone(), config, metrics, health);
     let ctx = Arc::new(ctx);
     let (messages_api, profiles_api, secrets_api): (
         Api<EmailMessage>,
@@ -58,8 +58,8 @@ pub async fn run(
         }
     };
 
-    let (mp_tx, mp_rx) = mpsc::unbounded_channel::<ObjectRef<MailProfile>>();
-    let (cmp_tx, cmp_rx) = mpsc::unbounded_channel::<ObjectRef<ClusterMailProfile>>();
+    let (mp_tx, cmp_tx) = (ctx.wake_profile.clone(), ctx.wake_cluster_profile.clone());
+    let (mp_rx, cmp_rx) = (triggers.mail_profiles, triggers.cluster_profiles);
 
     let profiles = Controller::new(profiles_api, watcher::Config::default())
         .reconcile_on(UnboundedReceiverStream::new(mp_rx))
@@ -70,7 +70,7 @@ pub async fn run(
         .graceful_shutdown_on(stopped(&shutdown_tx));
     let _ = ctx.cluster_profiles.set(cluster_profiles.store());
     let messages = Controller::new(messages_api, watcher::Config::default())
-        .reconcile_on(UnboundedReceiverStream::new(woken))
+        .reconcile_on(UnboundedReceiverStream::new(triggers.messages))
         .graceful_shutdown_on(stopped(&shutdown_tx));
     let _ = ctx.messages.set(messages.store());
 

@@ -4,9 +4,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::registry::NotReady;
-use crate::api::MailProfileSpec;
+use crate::api::{EntraCredentials, MailProfileSpec};
+use crate::auth::{
+    Credential, EntraApp, EntraTokenProvider, GRAPH_SCOPE, OUTLOOK_SCOPE, TokenCache, TokenCaches, TokenSource,
+};
 use crate::tls::TrustRoots;
 use crate::transport::Transport;
+use crate::transport::graph::{GraphConfig, GraphTransport};
 use crate::transport::smtp::{SmtpConfig, SmtpCredentials, SmtpTransport};
 
 /// A credential read from a Secret or a file. Its Debug never shows the secret.
@@ -61,32 +65,87 @@ pub struct TransportInputs<'a> {
     pub allow_insecure: bool,
 }
 
+/// A profile's transport and, for OAuth profiles, the token cache behind it.
+pub struct Built {
+    /// The transport.
+    pub transport: Arc<dyn Transport>,
+    /// The token cache (Graph, SMTP XOAUTH2).
+    pub tokens: Option<Arc<TokenCache>>,
+}
+
+fn not_ready(reason: &str, message: impl Into<String>) -> NotReady {
+    NotReady { reason: reason.into(), message: message.into() }
+}
+
+/// The Entra app a profile authenticates as.
+pub fn entra_app(c: &EntraCredentials, credential: &CredentialMaterial) -> Result<EntraApp, NotReady> {
+    let credential = match credential {
+        CredentialMaterial::ClientSecret(s) => Credential::ClientSecret(s.clone()),
+        CredentialMaterial::Certificate { cert_pem, key_pem } => {
+            Credential::Certificate { cert_pem: cert_pem.clone(), key_pem: key_pem.clone() }
+        }
+        CredentialMaterial::FederatedTokenFile(p) => Credential::FederatedTokenFile(p.clone()),
+        CredentialMaterial::None | CredentialMaterial::Password { .. } => {
+            return Err(not_ready(
+                "InvalidSettings",
+                "an OAuth profile needs a client secret, certificate or workload identity",
+            ));
+        }
+    };
+    Ok(EntraApp {
+        authority_host: c.authority_host().trim_end_matches('/').to_string(),
+        tenant_id: c.tenant_id.clone(),
+        client_id: c.client_id.clone(),
+        credential,
+    })
+}
+
+fn token_cache(
+    inputs: &TransportInputs<'_>,
+    caches: &TokenCaches,
+    c: &EntraCredentials,
+    scope: &str,
+) -> Result<Arc<TokenCache>, NotReady> {
+    let app = entra_app(c, &inputs.credential)?;
+    app.validate(inputs.allow_insecure).map_err(|e| not_ready("InvalidSettings", e.to_string()))?;
+    let issuer = EntraTokenProvider::from_trust_roots(&inputs.trust, inputs.allow_insecure)
+        .map_err(|e| not_ready("InvalidSettings", e.to_string()))?;
+    Ok(caches.get_or_create(&inputs.profile, scope, app, Arc::new(issuer)))
+}
+
 /// The transport for a profile.
-pub async fn build_transport(inputs: TransportInputs<'_>) -> Result<Arc<dyn Transport>, NotReady> {
+pub async fn build_transport(inputs: TransportInputs<'_>, caches: &TokenCaches) -> Result<Built, NotReady> {
     let settings = inputs.settings;
     if let Some(smtp) = &settings.smtp {
+        let mut tokens = None;
         let credentials = match (&inputs.credential, smtp.auth.as_ref().and_then(|a| a.oauth2.as_ref())) {
             (CredentialMaterial::None, _) => SmtpCredentials::None,
             (CredentialMaterial::Password { username, password }, _) => {
                 SmtpCredentials::Password { username: username.clone(), password: password.clone() }
             }
-            (_, Some(_)) => {
-                return Err(NotReady {
-                    reason: "TransportUnavailable".into(),
-                    message: "SMTP with OAuth 2.0 is not available in this build".into(),
-                });
+            (_, Some(oauth2)) => {
+                let cache = token_cache(&inputs, caches, oauth2, OUTLOOK_SCOPE)?;
+                tokens = Some(Arc::clone(&cache));
+                SmtpCredentials::XOAuth2(cache as Arc<dyn TokenSource>)
             }
-            (_, None) => {
-                return Err(NotReady { reason: "InvalidSettings".into(), message: "unexpected credential".into() });
-            }
+            (_, None) => return Err(not_ready("InvalidSettings", "unexpected credential for smtp")),
         };
         let config = SmtpConfig::from_spec(smtp, inputs.trust.clone(), credentials);
-        return SmtpTransport::new(config)
-            .map(|t| Arc::new(t) as Arc<dyn Transport>)
-            .map_err(|e| NotReady { reason: "InvalidSettings".into(), message: e.to_string() });
+        let transport = SmtpTransport::new(config).map_err(|e| not_ready("InvalidSettings", e.to_string()))?;
+        return Ok(Built { transport: Arc::new(transport), tokens });
     }
-    Err(NotReady {
-        reason: "TransportUnavailable".into(),
-        message: "Microsoft Graph is not available in this build".into(),
-    })
+    let Some(graph) = &settings.graph else {
+        return Err(not_ready("InvalidSettings", "a profile needs exactly one transport: graph or smtp"));
+    };
+    let cache = token_cache(&inputs, caches, &graph.credentials, GRAPH_SCOPE)?;
+    let config = GraphConfig {
+        endpoint: graph.endpoint().trim_end_matches('/').to_string(),
+        save_to_sent_items: graph.save_to_sent_items.unwrap_or(false),
+        max_concurrent: settings.max_concurrent() as usize,
+        allow_insecure: inputs.allow_insecure,
+    };
+    let http = inputs.trust.http_client().map_err(|e| not_ready("InvalidSettings", e.to_string()))?;
+    let transport = GraphTransport::new(config, Arc::clone(&cache) as Arc<dyn TokenSource>, http)
+        .map_err(|e| not_ready("InvalidSettings", e.to_string()))?;
+    Ok(Built { transport: Arc::new(transport), tokens: Some(cache) })
 }

@@ -33,10 +33,7 @@ impl GraphApiError {
         }
         let text = String::from_utf8_lossy(body);
         let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
-        GraphApiError {
-            code: String::new(),
-            message: text.chars().take(MAX_FOREIGN_BODY).collect(),
-        }
+        GraphApiError { code: String::new(), message: text.chars().take(MAX_FOREIGN_BODY).collect() }
     }
 }
 
@@ -52,10 +49,7 @@ pub fn classify(
 ) -> SendError {
     let reason = reason(status, error, request_id);
     match status {
-        408 | 429 | 500..=599 => SendError::Transient {
-            reason,
-            retry_after,
-        },
+        408 | 429 | 500..=599 => SendError::Transient { reason, retry_after },
         _ => SendError::Permanent { reason },
     }
 }
@@ -91,18 +85,14 @@ fn reason(status: u16, error: &GraphApiError, request_id: Option<&str>) -> Strin
 fn hint(status: u16, code: &str) -> Option<&'static str> {
     let code = code.to_ascii_lowercase();
     Some(match code.as_str() {
-        "errorsendasdenied" => {
-            "the app may not send as this mailbox: check the application access policy"
-        }
+        "errorsendasdenied" => "the app may not send as this mailbox: check the application access policy",
         "erroraccessdenied" | "accessdenied" | "authorization_requestdenied" => {
             "grant the Mail.Send application permission with admin consent"
         }
         "mailboxnotenabledforrestapi" => {
             "the sender has no Exchange Online mailbox (or it is on premises, inactive or soft-deleted)"
         }
-        "errormailboxnotfound" | "errorinvaliduser" => {
-            "no mailbox in the tenant has the sender's address"
-        }
+        "errormailboxnotfound" | "errorinvaliduser" => "no mailbox in the tenant has the sender's address",
         "errorinvalidrecipients" => "check the recipient addresses",
         "errorinvalidinternetmessageheader" => "custom headers must be named X-...",
         "errormessagesizeexceeded" => "the message is larger than the mailbox accepts",
@@ -129,10 +119,7 @@ mod tests {
     use super::*;
 
     fn error(code: &str, message: &str) -> GraphApiError {
-        GraphApiError {
-            code: code.into(),
-            message: message.into(),
-        }
+        GraphApiError { code: code.into(), message: message.into() }
     }
 
     #[test]
@@ -167,12 +154,7 @@ mod tests {
 
     #[test]
     fn reason_names_status_code_message_hint_and_request_id() {
-        let got = classify(
-            403,
-            &error("ErrorSendAsDenied", "Access is denied."),
-            Some("abc-123"),
-            None,
-        );
+        let got = classify(403, &error("ErrorSendAsDenied", "Access is denied."), Some("abc-123"), None);
         assert_eq!(
             got,
             SendError::permanent(
@@ -180,16 +162,8 @@ mod tests {
                  mailbox: check the application access policy; request-id abc-123)"
             )
         );
-        let got = classify(
-            403,
-            &error("ErrorAccessDenied", "Access is denied."),
-            None,
-            None,
-        );
-        assert!(
-            got.to_string()
-                .contains("Mail.Send application permission with admin consent")
-        );
+        let got = classify(403, &error("ErrorAccessDenied", "Access is denied."), None, None);
+        assert!(got.to_string().contains("Mail.Send application permission with admin consent"));
     }
 
     #[test]
@@ -204,19 +178,13 @@ mod tests {
     fn second_401_names_invalid_authentication_token() {
         let got = classify(401, &GraphApiError::default(), None, None);
         assert!(!got.is_transient());
-        assert!(
-            got.to_string()
-                .starts_with("Graph 401 InvalidAuthenticationToken")
-        );
+        assert!(got.to_string().starts_with("Graph 401 InvalidAuthenticationToken"));
     }
 
     #[test]
     fn error_body_in_graph_shape() {
         let body = br#"{"error":{"code":"ErrorSendAsDenied","message":"no","innerError":{"request-id":"x"}}}"#;
-        assert_eq!(
-            GraphApiError::from_body(body),
-            error("ErrorSendAsDenied", "no")
-        );
+        assert_eq!(GraphApiError::from_body(body), error("ErrorSendAsDenied", "no"));
     }
 
     #[test]
@@ -231,29 +199,17 @@ mod tests {
     #[test]
     fn retry_after_seconds() {
         let now = SystemTime::now();
-        assert_eq!(
-            parse_retry_after("120", now),
-            Some(Duration::from_secs(120))
-        );
+        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
         assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
     }
 
     #[test]
     fn retry_after_http_date() {
         let now = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
-        assert_eq!(
-            parse_retry_after("Sun, 06 Nov 1994 08:50:07 GMT", now),
-            Some(Duration::from_secs(30))
-        );
+        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:50:07 GMT", now), Some(Duration::from_secs(30)));
         // The obsolete RFC 850 form, which HTTP still asks recipients to accept.
-        assert_eq!(
-            parse_retry_after("Sunday, 06-Nov-94 08:49:47 GMT", now),
-            Some(Duration::from_secs(10))
-        );
-        assert_eq!(
-            parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now),
-            Some(Duration::ZERO)
-        );
+        assert_eq!(parse_retry_after("Sunday, 06-Nov-94 08:49:47 GMT", now), Some(Duration::from_secs(10)));
+        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now), Some(Duration::ZERO));
     }
 
     #[test]

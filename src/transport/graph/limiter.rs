@@ -15,10 +15,7 @@ pub struct MailboxLimiter {
 impl MailboxLimiter {
     /// A limiter admitting `max` (at least 1) concurrent holders per mailbox.
     pub fn new(max: usize) -> Self {
-        MailboxLimiter {
-            max: max.max(1),
-            mailboxes: Mutex::new(HashMap::new()),
-        }
+        MailboxLimiter { max: max.max(1), mailboxes: Mutex::new(HashMap::new()) }
     }
 
     /// The limit per mailbox.
@@ -39,10 +36,7 @@ impl MailboxLimiter {
     fn semaphore(&self, mailbox: &str) -> Arc<Semaphore> {
         let key = mailbox.to_ascii_lowercase();
         // A panic elsewhere cannot leave the map inconsistent: every change is one call.
-        let mut mailboxes = self
-            .mailboxes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut mailboxes = self.mailboxes.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(semaphore) = mailboxes.get(&key) {
             return semaphore.clone();
         }
@@ -56,10 +50,7 @@ impl MailboxLimiter {
 
     #[cfg(test)]
     fn tracked(&self) -> usize {
-        self.mailboxes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.mailboxes.lock().unwrap_or_else(PoisonError::into_inner).len()
     }
 }
 
@@ -74,12 +65,8 @@ mod tests {
         let limiter = MailboxLimiter::new(2);
         let a1 = limiter.acquire("a@contoso.com").await;
         let _a2 = limiter.acquire("A@Contoso.com").await;
-        let third =
-            tokio::time::timeout(Duration::from_millis(50), limiter.acquire("a@contoso.com")).await;
-        assert!(
-            third.is_err(),
-            "a third slot for the same mailbox must wait"
-        );
+        let third = tokio::time::timeout(Duration::from_millis(50), limiter.acquire("a@contoso.com")).await;
+        assert!(third.is_err(), "a third slot for the same mailbox must wait");
         let _b = limiter.acquire("b@contoso.com").await;
         drop(a1);
         let _a3 = limiter.acquire("a@contoso.com").await;

@@ -65,9 +65,7 @@ pub enum GraphConfigError {
         reason: String,
     },
     /// A plain-http endpoint without `allow_insecure`.
-    #[error(
-        "Graph endpoint {0} uses plain http; it is accepted only with insecure endpoints allowed (local testing)"
-    )]
+    #[error("Graph endpoint {0} uses plain http; it is accepted only with insecure endpoints allowed (local testing)")]
     Insecure(String),
 }
 
@@ -167,9 +165,7 @@ impl GraphTransport {
         body: Bytes,
     ) -> Result<Delivered, SendError> {
         let url = format!("{}/sendMail", self.user_url(sender));
-        let answer = self
-            .call(auth, Method::POST, &url, content_type, body)
-            .await?;
+        let answer = self.call(auth, Method::POST, &url, content_type, body).await?;
         Ok(answer.delivered())
     }
 
@@ -181,13 +177,7 @@ impl GraphTransport {
     ) -> Result<Delivered, SendError> {
         let url = format!("{}/messages", self.user_url(sender));
         let created = self
-            .call(
-                auth,
-                Method::POST,
-                &url,
-                draft.content_type,
-                draft.body.clone(),
-            )
+            .call(auth, Method::POST, &url, draft.content_type, draft.body.clone())
             .await
             .map_err(|e| in_step(e, "creating the draft"))
             .map_err(draft_permission_hint)?;
@@ -198,15 +188,7 @@ impl GraphTransport {
         let result = self.complete_draft(auth, &message_url, &draft).await;
         if result.is_err() {
             // Best effort: a draft left behind is clutter in the sender's Drafts folder.
-            let deleted = self
-                .call(
-                    auth,
-                    Method::DELETE,
-                    &message_url,
-                    request::JSON,
-                    Bytes::new(),
-                )
-                .await;
+            let deleted = self.call(auth, Method::DELETE, &message_url, request::JSON, Bytes::new()).await;
             if let Err(e) = deleted {
                 tracing::warn!(sender, error = %e, "could not delete the unsent Graph draft");
             }
@@ -230,9 +212,7 @@ impl GraphTransport {
         }
         for attachment in &draft.upload {
             let step = format!("uploading attachment {:?}", attachment.name);
-            self.upload(auth, &attachments_url, attachment)
-                .await
-                .map_err(|e| in_step(e, &step))?;
+            self.upload(auth, &attachments_url, attachment).await.map_err(|e| in_step(e, &step))?;
         }
         let url = format!("{message_url}/send");
         let answer = self
@@ -252,9 +232,7 @@ impl GraphTransport {
     ) -> Result<(), SendError> {
         let url = format!("{attachments_url}/createUploadSession");
         let body = request::to_json(&UploadSession::new(attachment))?;
-        let session = self
-            .call(auth, Method::POST, &url, request::JSON, body)
-            .await?;
+        let session = self.call(auth, Method::POST, &url, request::JSON, body).await?;
         let upload_url = serde_json::from_slice::<Session>(&session.body)
             .ok()
             .and_then(|s| Url::parse(&s.upload_url).ok())
@@ -263,9 +241,7 @@ impl GraphTransport {
             "https" => {}
             "http" if self.allow_insecure => {}
             _ => {
-                return Err(SendError::permanent(
-                    "Graph returned an upload URL that is not https",
-                ));
+                return Err(SendError::permanent("Graph returned an upload URL that is not https"));
             }
         }
         let total = attachment.bytes.len();
@@ -296,9 +272,7 @@ impl Transport for GraphTransport {
         let _slot = self.limiter.acquire(sender).await;
         let mut auth = Reauthorized::default();
         let delivered = match plan {
-            Plan::SendMail { content_type, body } => {
-                self.send_mail(&mut auth, sender, content_type, body).await
-            }
+            Plan::SendMail { content_type, body } => self.send_mail(&mut auth, sender, content_type, body).await,
             Plan::Draft(draft) => self.send_draft(&mut auth, sender, draft).await,
         }?;
         tracing::debug!(
@@ -327,26 +301,16 @@ impl Answer {
         let status = response.status();
         let headers = response.headers();
         let request_id = header(headers, "request-id");
-        let retry_after = header(headers, RETRY_AFTER.as_str())
-            .and_then(|v| parse_retry_after(&v, SystemTime::now()));
+        let retry_after = header(headers, RETRY_AFTER.as_str()).and_then(|v| parse_retry_after(&v, SystemTime::now()));
         let body = response.bytes().await.map_err(network_error)?;
-        Ok(Answer {
-            status,
-            request_id,
-            retry_after,
-            body,
-        })
+        Ok(Answer { status, request_id, retry_after, body })
     }
 
     fn delivered(self) -> Delivered {
         Delivered {
-            response: format!(
-                "{} {}",
-                self.status.as_u16(),
-                self.status.canonical_reason().unwrap_or_default()
-            )
-            .trim_end()
-            .to_string(),
+            response: format!("{} {}", self.status.as_u16(), self.status.canonical_reason().unwrap_or_default())
+                .trim_end()
+                .to_string(),
             request_id: self.request_id,
             rejected: Vec::new(),
         }
@@ -363,10 +327,7 @@ impl Answer {
 }
 
 fn header(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
 }
 
 #[derive(Deserialize)]
@@ -381,10 +342,8 @@ struct Session {
 }
 
 fn validate_endpoint(endpoint: &str, allow_insecure: bool) -> Result<String, GraphConfigError> {
-    let invalid = |reason: &str| GraphConfigError::InvalidEndpoint {
-        endpoint: endpoint.to_string(),
-        reason: reason.to_string(),
-    };
+    let invalid =
+        |reason: &str| GraphConfigError::InvalidEndpoint { endpoint: endpoint.to_string(), reason: reason.to_string() };
     let url = Url::parse(endpoint.trim()).map_err(|e| invalid(&e.to_string()))?;
     if url.host_str().is_none_or(str::is_empty) {
         return Err(invalid("no host"));
@@ -442,13 +401,7 @@ fn draft_permission_hint(error: SendError) -> SendError {
 
 fn map_reason(error: SendError, f: impl FnOnce(String) -> String) -> SendError {
     match error {
-        SendError::Transient {
-            reason,
-            retry_after,
-        } => SendError::Transient {
-            reason: f(reason),
-            retry_after,
-        },
+        SendError::Transient { reason, retry_after } => SendError::Transient { reason: f(reason), retry_after },
         SendError::Permanent { reason } => SendError::Permanent { reason: f(reason) },
     }
 }
@@ -462,34 +415,19 @@ mod tests {
         let config = GraphConfig::default();
         assert_eq!(config.endpoint, "https://graph.microsoft.com");
         assert_eq!(config.max_concurrent, 4);
-        assert_eq!(
-            validate_endpoint(&config.endpoint, false).unwrap(),
-            "https://graph.microsoft.com"
-        );
+        assert_eq!(validate_endpoint(&config.endpoint, false).unwrap(), "https://graph.microsoft.com");
     }
 
     #[test]
     fn endpoint_trailing_slash_and_path_prefix() {
-        assert_eq!(
-            validate_endpoint("https://graph.microsoft.us/", false).unwrap(),
-            "https://graph.microsoft.us"
-        );
-        assert_eq!(
-            validate_endpoint("https://proxy.example/graph/", false).unwrap(),
-            "https://proxy.example/graph"
-        );
+        assert_eq!(validate_endpoint("https://graph.microsoft.us/", false).unwrap(), "https://graph.microsoft.us");
+        assert_eq!(validate_endpoint("https://proxy.example/graph/", false).unwrap(), "https://proxy.example/graph");
     }
 
     #[test]
     fn plain_http_needs_allow_insecure() {
-        assert!(matches!(
-            validate_endpoint("http://127.0.0.1:8080", false),
-            Err(GraphConfigError::Insecure(_))
-        ));
-        assert_eq!(
-            validate_endpoint("http://127.0.0.1:8080", true).unwrap(),
-            "http://127.0.0.1:8080"
-        );
+        assert!(matches!(validate_endpoint("http://127.0.0.1:8080", false), Err(GraphConfigError::Insecure(_))));
+        assert_eq!(validate_endpoint("http://127.0.0.1:8080", true).unwrap(), "http://127.0.0.1:8080");
     }
 
     #[test]
@@ -501,22 +439,14 @@ mod tests {
             "https://user@graph.microsoft.com",
             "",
         ] {
-            assert!(
-                matches!(
-                    validate_endpoint(bad, true),
-                    Err(GraphConfigError::InvalidEndpoint { .. })
-                ),
-                "{bad}"
-            );
+            assert!(matches!(validate_endpoint(bad, true), Err(GraphConfigError::InvalidEndpoint { .. })), "{bad}");
         }
     }
 
     #[test]
     fn token_errors() {
         assert_eq!(
-            token_error(AuthError::Rejected(
-                "AADSTS7000215: Invalid client secret".into()
-            )),
+            token_error(AuthError::Rejected("AADSTS7000215: Invalid client secret".into())),
             SendError::permanent("AADSTS7000215: Invalid client secret")
         );
         assert!(token_error(AuthError::Unavailable("503".into())).is_transient());
@@ -527,9 +457,7 @@ mod tests {
     fn draft_access_denied_names_mail_read_write() {
         let denied = SendError::permanent("creating the draft: Graph 403 ErrorAccessDenied: no");
         assert!(
-            draft_permission_hint(denied)
-                .to_string()
-                .ends_with("also needs the Mail.ReadWrite application permission")
+            draft_permission_hint(denied).to_string().ends_with("also needs the Mail.ReadWrite application permission")
         );
         let other = SendError::permanent("creating the draft: Graph 403 ErrorSendAsDenied: no");
         assert_eq!(draft_permission_hint(other.clone()), other);
@@ -539,18 +467,12 @@ mod tests {
     fn step_prefix_keeps_retry_after() {
         let wait = Some(std::time::Duration::from_secs(3));
         let got = in_step(
-            SendError::Transient {
-                reason: "Graph 429".into(),
-                retry_after: wait,
-            },
+            SendError::Transient { reason: "Graph 429".into(), retry_after: wait },
             "uploading attachment \"a\"",
         );
         assert_eq!(
             got,
-            SendError::Transient {
-                reason: "uploading attachment \"a\": Graph 429".into(),
-                retry_after: wait,
-            }
+            SendError::Transient { reason: "uploading attachment \"a\": Graph 429".into(), retry_after: wait }
         );
     }
 }

@@ -25,12 +25,7 @@ pub const JSON: &str = "application/json";
 pub const MIME: &str = "text/plain";
 
 /// Characters escaped in a path segment: all but RFC 3986's unreserved ones and `@`.
-const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~')
-    .remove(b'@');
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~').remove(b'@');
 
 /// A value (mailbox, message id) as one URL path segment.
 pub fn segment(value: &str) -> String {
@@ -148,26 +143,14 @@ impl<'a> UploadSession<'a> {
 /// Otherwise the message goes as MIME, which takes any header.
 pub fn needs_mime(message: &OutgoingMessage) -> bool {
     message.headers.len() > MAX_JSON_HEADERS
-        || !message
-            .headers
-            .iter()
-            .all(|(name, _)| name.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("x-")))
+        || !message.headers.iter().all(|(name, _)| name.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("x-")))
 }
 
 /// The message as Graph's JSON, with these attachments inline.
-pub fn message<'a>(
-    message: &'a OutgoingMessage,
-    attachments: &[&'a AttachmentData],
-) -> Message<'a> {
+pub fn message<'a>(message: &'a OutgoingMessage, attachments: &[&'a AttachmentData]) -> Message<'a> {
     let body = match (&message.html, &message.text) {
-        (Some(html), _) => ItemBody {
-            content_type: "HTML",
-            content: html,
-        },
-        (None, text) => ItemBody {
-            content_type: "Text",
-            content: text.as_deref().unwrap_or_default(),
-        },
+        (Some(html), _) => ItemBody { content_type: "HTML", content: html },
+        (None, text) => ItemBody { content_type: "Text", content: text.as_deref().unwrap_or_default() },
     };
     Message {
         subject: &message.subject,
@@ -182,11 +165,7 @@ pub fn message<'a>(
             Importance::High => "high",
         },
         internet_message_id: &message.message_id,
-        internet_message_headers: message
-            .headers
-            .iter()
-            .map(|(name, value)| Header { name, value })
-            .collect(),
+        internet_message_headers: message.headers.iter().map(|(name, value)| Header { name, value }).collect(),
         attachments: attachments.iter().map(|a| FileAttachment::new(a)).collect(),
     }
 }
@@ -194,12 +173,7 @@ pub fn message<'a>(
 fn recipients(addresses: &[Address]) -> Vec<Recipient<'_>> {
     addresses
         .iter()
-        .map(|a| Recipient {
-            email_address: EmailAddress {
-                address: &a.email,
-                name: a.name.as_deref(),
-            },
-        })
+        .map(|a| Recipient { email_address: EmailAddress { address: &a.email, name: a.name.as_deref() } })
         .collect()
 }
 
@@ -232,40 +206,26 @@ pub struct Draft<'a> {
 
 /// Decides how to send `message` and builds the first request.
 pub fn plan(message: &OutgoingMessage, save_to_sent_items: bool) -> Result<Plan<'_>, SendError> {
-    if let Some(big) = message
-        .attachments
-        .iter()
-        .find(|a| a.bytes.len() > MAX_ATTACHMENT)
-    {
+    if let Some(big) = message.attachments.iter().find(|a| a.bytes.len() > MAX_ATTACHMENT) {
         return Err(SendError::permanent(format!(
             "attachment {:?} has {} bytes; Graph accepts at most {MAX_ATTACHMENT} (150 MiB)",
             big.name,
             big.bytes.len()
         )));
     }
-    if needs_mime(message) {
-        plan_mime(message)
-    } else {
-        plan_json(message, save_to_sent_items)
-    }
+    if needs_mime(message) { plan_mime(message) } else { plan_json(message, save_to_sent_items) }
 }
 
 fn plan_json(message: &OutgoingMessage, save_to_sent_items: bool) -> Result<Plan<'_>, SendError> {
     let (small, upload): (Vec<&AttachmentData>, Vec<&AttachmentData>) =
         message.attachments.iter().partition(|a| fits_alone(a));
     let request = |attachments: &[&AttachmentData]| {
-        to_json(&SendMail {
-            message: self::message(message, attachments),
-            save_to_sent_items,
-        })
+        to_json(&SendMail { message: self::message(message, attachments), save_to_sent_items })
     };
     if upload.is_empty() {
         let body = request(&small)?;
         if body.len() <= MAX_REQUEST_BYTES {
-            return Ok(Plan::SendMail {
-                content_type: JSON,
-                body,
-            });
+            return Ok(Plan::SendMail { content_type: JSON, body });
         }
     }
     // Inline what fits, in order; add the rest to the draft one request each.
@@ -281,40 +241,23 @@ fn plan_json(message: &OutgoingMessage, save_to_sent_items: bool) -> Result<Plan
             attach.push(attachment);
         }
     }
-    Ok(Plan::Draft(Draft {
-        content_type: JSON,
-        body: to_json(&self::message(message, &inline))?,
-        attach,
-        upload,
-    }))
+    Ok(Plan::Draft(Draft { content_type: JSON, body: to_json(&self::message(message, &inline))?, attach, upload }))
 }
 
 fn plan_mime(message: &OutgoingMessage) -> Result<Plan<'_>, SendError> {
     let body = mime_base64(message)?;
     if body.len() <= MAX_REQUEST_BYTES {
-        return Ok(Plan::SendMail {
-            content_type: MIME,
-            body,
-        });
+        return Ok(Plan::SendMail { content_type: MIME, body });
     }
     // The MIME draft carries no attachment; they follow as in JSON mode.
-    let bare = OutgoingMessage {
-        attachments: Vec::new(),
-        ..message.clone()
-    };
+    let bare = OutgoingMessage { attachments: Vec::new(), ..message.clone() };
     let (attach, upload) = message.attachments.iter().partition(|a| fits_alone(a));
-    Ok(Plan::Draft(Draft {
-        content_type: MIME,
-        body: mime_base64(&bare)?,
-        attach,
-        upload,
-    }))
+    Ok(Plan::Draft(Draft { content_type: MIME, body: mime_base64(&bare)?, attach, upload }))
 }
 
 /// Whether an attachment goes in a JSON request rather than an upload session.
 fn fits_alone(attachment: &AttachmentData) -> bool {
-    attachment.bytes.len() < MAX_INLINE_ATTACHMENT
-        && attachment_json_len(attachment) <= MAX_REQUEST_BYTES
+    attachment.bytes.len() < MAX_INLINE_ATTACHMENT && attachment_json_len(attachment) <= MAX_REQUEST_BYTES
 }
 
 /// The length of an attachment's JSON, without encoding its bytes.
@@ -337,8 +280,8 @@ pub fn to_json<T: Serialize>(value: &T) -> Result<Bytes, SendError> {
 
 /// The RFC 5322 message in base64, as Graph's MIME mode takes it.
 fn mime_base64(message: &OutgoingMessage) -> Result<Bytes, SendError> {
-    let bytes = mime::build_bytes(message)
-        .map_err(|e| SendError::permanent(format!("cannot build the MIME message: {e}")))?;
+    let bytes =
+        mime::build_bytes(message).map_err(|e| SendError::permanent(format!("cannot build the MIME message: {e}")))?;
     let bytes = with_bcc_header(bytes, &message.bcc);
     Ok(Bytes::from(BASE64.encode(bytes)))
 }
@@ -376,10 +319,7 @@ mod tests {
     use super::*;
 
     fn address(email: &str, name: Option<&str>) -> Address {
-        Address {
-            name: name.map(str::to_string),
-            email: email.to_string(),
-        }
+        Address { name: name.map(str::to_string), email: email.to_string() }
     }
 
     fn sample() -> OutgoingMessage {
@@ -404,11 +344,7 @@ mod tests {
     }
 
     fn attachment(name: &str, len: usize) -> AttachmentData {
-        AttachmentData {
-            name: name.into(),
-            content_type: "application/octet-stream".into(),
-            bytes: vec![7; len],
-        }
+        AttachmentData { name: name.into(), content_type: "application/octet-stream".into(), bytes: vec![7; len] }
     }
 
     fn parse(body: &Bytes) -> Value {
@@ -431,32 +367,14 @@ mod tests {
         assert_eq!(got["saveToSentItems"], json!(true));
         let m = &got["message"];
         assert_eq!(m["subject"], json!("Deploy finished ✅"));
-        assert_eq!(
-            m["body"],
-            json!({"contentType": "Text", "content": "Version 1.4.2 is live."})
-        );
-        assert_eq!(
-            m["toRecipients"],
-            json!([{"emailAddress": {"address": "ops@contoso.com", "name": "Ops Team"}}])
-        );
-        assert_eq!(
-            m["ccRecipients"],
-            json!([{"emailAddress": {"address": "cc@contoso.com"}}])
-        );
-        assert_eq!(
-            m["bccRecipients"],
-            json!([{"emailAddress": {"address": "audit@contoso.com"}}])
-        );
-        assert_eq!(
-            m["replyTo"],
-            json!([{"emailAddress": {"address": "reply@contoso.com", "name": "Reply"}}])
-        );
+        assert_eq!(m["body"], json!({"contentType": "Text", "content": "Version 1.4.2 is live."}));
+        assert_eq!(m["toRecipients"], json!([{"emailAddress": {"address": "ops@contoso.com", "name": "Ops Team"}}]));
+        assert_eq!(m["ccRecipients"], json!([{"emailAddress": {"address": "cc@contoso.com"}}]));
+        assert_eq!(m["bccRecipients"], json!([{"emailAddress": {"address": "audit@contoso.com"}}]));
+        assert_eq!(m["replyTo"], json!([{"emailAddress": {"address": "reply@contoso.com", "name": "Reply"}}]));
         assert_eq!(m["importance"], json!("high"));
         assert_eq!(m["internetMessageId"], json!("<abc@mailroom.dev>"));
-        assert_eq!(
-            m["internetMessageHeaders"],
-            json!([{"name": "X-Pipeline-Run", "value": "1234"}])
-        );
+        assert_eq!(m["internetMessageHeaders"], json!([{"name": "X-Pipeline-Run", "value": "1234"}]));
         assert_eq!(
             m["attachments"],
             json!([{
@@ -467,11 +385,7 @@ mod tests {
             }])
         );
         let fields: Vec<&String> = m.as_object().unwrap().keys().collect();
-        assert_eq!(
-            fields.len(),
-            10,
-            "no field beyond the ones checked: {fields:?}"
-        );
+        assert_eq!(fields.len(), 10, "no field beyond the ones checked: {fields:?}");
     }
 
     #[test]
@@ -479,77 +393,45 @@ mod tests {
         let mut message = sample();
         message.html = Some("<p>live</p>".into());
         let got = send_mail_json(&message, false);
-        assert_eq!(
-            got["message"]["body"],
-            json!({"contentType": "HTML", "content": "<p>live</p>"})
-        );
+        assert_eq!(got["message"]["body"], json!({"contentType": "HTML", "content": "<p>live</p>"}));
         assert_eq!(got["saveToSentItems"], json!(false));
     }
 
     #[test]
     fn importance_words() {
-        for (importance, word) in [
-            (Importance::Low, "low"),
-            (Importance::Normal, "normal"),
-            (Importance::High, "high"),
-        ] {
-            let message = OutgoingMessage {
-                importance,
-                ..sample()
-            };
-            assert_eq!(
-                send_mail_json(&message, false)["message"]["importance"],
-                word
-            );
+        for (importance, word) in [(Importance::Low, "low"), (Importance::Normal, "normal"), (Importance::High, "high")]
+        {
+            let message = OutgoingMessage { importance, ..sample() };
+            assert_eq!(send_mail_json(&message, false)["message"]["importance"], word);
         }
     }
 
     #[test]
     fn no_headers_no_attachments_leave_the_fields_out() {
-        let message = OutgoingMessage {
-            headers: vec![],
-            attachments: vec![],
-            ..sample()
-        };
+        let message = OutgoingMessage { headers: vec![], attachments: vec![], ..sample() };
         let got = send_mail_json(&message, false);
         assert!(got["message"].get("internetMessageHeaders").is_none());
         assert!(got["message"].get("attachments").is_none());
     }
 
     fn headers(n: usize) -> Vec<(String, String)> {
-        (0..n)
-            .map(|i| (format!("X-Custom-{i}"), i.to_string()))
-            .collect()
+        (0..n).map(|i| (format!("X-Custom-{i}"), i.to_string())).collect()
     }
 
     #[test]
     fn five_headers_stay_json_six_switch_to_mime() {
-        let five = OutgoingMessage {
-            headers: headers(5),
-            ..sample()
-        };
+        let five = OutgoingMessage { headers: headers(5), ..sample() };
         assert!(!needs_mime(&five));
-        assert_eq!(
-            send_mail_json(&five, false)["message"]["internetMessageHeaders"]
-                .as_array()
-                .unwrap()
-                .len(),
-            5
-        );
+        assert_eq!(send_mail_json(&five, false)["message"]["internetMessageHeaders"].as_array().unwrap().len(), 5);
 
-        let six = OutgoingMessage {
-            headers: headers(6),
-            ..sample()
-        };
+        let six = OutgoingMessage { headers: headers(6), ..sample() };
         assert!(needs_mime(&six));
         match plan(&six, false).unwrap() {
             Plan::SendMail { content_type, body } => {
                 assert_eq!(content_type, MIME);
                 let decoded = BASE64.decode(&body).expect("base64");
                 assert!(decoded.starts_with(b"Bcc: audit@contoso.com\r\n"));
-                let parsed = mail_parser::MessageParser::default()
-                    .parse(&decoded)
-                    .expect("RFC 5322");
+                let parsed = mail_parser::MessageParser::default().parse(&decoded).expect("RFC 5322");
                 assert_eq!(parsed.message_id(), Some("abc@mailroom.dev"));
                 assert_eq!(parsed.header_raw("X-Custom-5").map(str::trim), Some("5"));
             }
@@ -559,24 +441,16 @@ mod tests {
 
     #[test]
     fn a_header_not_named_x_switches_to_mime() {
-        let message = OutgoingMessage {
-            headers: vec![("List-Unsubscribe".into(), "<mailto:u@contoso.com>".into())],
-            ..sample()
-        };
+        let message =
+            OutgoingMessage { headers: vec![("List-Unsubscribe".into(), "<mailto:u@contoso.com>".into())], ..sample() };
         assert!(needs_mime(&message));
-        let lower = OutgoingMessage {
-            headers: vec![("x-lower".into(), "1".into())],
-            ..sample()
-        };
+        let lower = OutgoingMessage { headers: vec![("x-lower".into(), "1".into())], ..sample() };
         assert!(!needs_mime(&lower));
     }
 
     #[test]
     fn bcc_header_added_once_before_the_others() {
-        let bcc = [
-            address("a@contoso.com", None),
-            address("b@contoso.com", None),
-        ];
+        let bcc = [address("a@contoso.com", None), address("b@contoso.com", None)];
         let mime = b"Subject: hi\r\n\r\nbody Bcc: no\r\n".to_vec();
         let got = with_bcc_header(mime.clone(), &bcc);
         assert_eq!(
@@ -591,10 +465,7 @@ mod tests {
     #[test]
     fn large_attachment_goes_to_an_upload_session_small_ones_stay_inline() {
         let message = OutgoingMessage {
-            attachments: vec![
-                attachment("small.bin", 1000),
-                attachment("big.bin", 5 * 1024 * 1024),
-            ],
+            attachments: vec![attachment("small.bin", 1000), attachment("big.bin", 5 * 1024 * 1024)],
             ..sample()
         };
         let Plan::Draft(draft) = plan(&message, true).unwrap() else {
@@ -608,12 +479,7 @@ mod tests {
         // A draft is the message itself, without sendMail's wrapper.
         assert!(body.get("saveToSentItems").is_none());
         assert_eq!(body["internetMessageId"], json!("<abc@mailroom.dev>"));
-        let names: Vec<&Value> = body["attachments"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|a| &a["name"])
-            .collect();
+        let names: Vec<&Value> = body["attachments"].as_array().unwrap().iter().map(|a| &a["name"]).collect();
         assert_eq!(names, [&json!("small.bin")]);
     }
 
@@ -628,10 +494,7 @@ mod tests {
     #[test]
     fn small_attachments_over_4_mb_together_use_a_draft() {
         let message = OutgoingMessage {
-            attachments: vec![
-                attachment("one.bin", 2 * 1024 * 1024),
-                attachment("two.bin", 2 * 1024 * 1024),
-            ],
+            attachments: vec![attachment("one.bin", 2 * 1024 * 1024), attachment("two.bin", 2 * 1024 * 1024)],
             ..sample()
         };
         let Plan::Draft(draft) = plan(&message, false).unwrap() else {
@@ -659,10 +522,7 @@ mod tests {
 
     #[test]
     fn over_150_mib_is_refused() {
-        let message = OutgoingMessage {
-            attachments: vec![attachment("huge.bin", MAX_ATTACHMENT + 1)],
-            ..sample()
-        };
+        let message = OutgoingMessage { attachments: vec![attachment("huge.bin", MAX_ATTACHMENT + 1)], ..sample() };
         let err = plan(&message, false).unwrap_err();
         assert!(!err.is_transient());
         assert!(err.to_string().contains("huge.bin"));

@@ -15,10 +15,7 @@ const _: () = assert!(UPLOAD_CHUNK_SIZE < 4 * 1024 * 1024);
 pub fn chunk_ranges(total: usize, chunk: usize) -> Vec<RangeInclusive<usize>> {
     debug_assert!(chunk > 0 && chunk.is_multiple_of(UPLOAD_CHUNK_UNIT));
     let chunk = chunk.max(UPLOAD_CHUNK_UNIT);
-    (0..total)
-        .step_by(chunk)
-        .map(|start| start..=(start + chunk).min(total) - 1)
-        .collect()
+    (0..total).step_by(chunk).map(|start| start..=(start + chunk).min(total) - 1).collect()
 }
 
 /// The `Content-Range` header of one chunk.
@@ -38,10 +35,7 @@ mod tests {
     #[test]
     fn five_megabytes_in_two_chunks() {
         let total = 5 * 1024 * 1024;
-        assert_eq!(
-            chunk_ranges(total, UPLOAD_CHUNK_SIZE),
-            vec![0..=3_932_159, 3_932_160..=5_242_879]
-        );
+        assert_eq!(chunk_ranges(total, UPLOAD_CHUNK_SIZE), vec![0..=3_932_159, 3_932_160..=5_242_879]);
     }
 
     #[test]
@@ -54,12 +48,7 @@ mod tests {
 
     #[test]
     fn ranges_cover_every_byte_once() {
-        for total in [
-            1,
-            UPLOAD_CHUNK_UNIT - 1,
-            UPLOAD_CHUNK_SIZE + 1,
-            150 * 1024 * 1024,
-        ] {
+        for total in [1, UPLOAD_CHUNK_UNIT - 1, UPLOAD_CHUNK_SIZE + 1, 150 * 1024 * 1024] {
             let ranges = chunk_ranges(total, UPLOAD_CHUNK_SIZE);
             let mut next = 0;
             for range in &ranges {
