@@ -25,15 +25,12 @@ const SECRET: &str = "emulator-client-secret";
 const SENDER: &str = "alerts@contoso.com";
 
 fn emulator_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("M365_EMULATOR") {
+    if let Some(path) = std::env::var_os("MAILROOM_EMULATOR_BIN") {
         return PathBuf::from(path);
     }
     // This test runs from <target>/<profile>/deps/; the emulator is in <target>/<profile>/.
     let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target directory");
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target directory");
     profile_dir.join(format!("m365-emulator{}", std::env::consts::EXE_SUFFIX))
 }
 
@@ -51,11 +48,7 @@ impl Emulator {
     async fn start(roles: &[&str]) -> Self {
         mailroom::tls::install_crypto_provider();
         let binary = emulator_binary();
-        assert!(
-            binary.exists(),
-            "{} is missing: build it with `cargo build -p m365-emulator`",
-            binary.display()
-        );
+        assert!(binary.exists(), "{} is missing: build it with `cargo build -p m365-emulator`", binary.display());
         let state = tempfile::tempdir().expect("state dir");
         let child = Command::new(&binary)
             .args(["--listen", "127.0.0.1:0", "--state-dir"])
@@ -81,13 +74,7 @@ impl Emulator {
         let ca = std::fs::read(state.path().join("ca.pem")).expect("ca.pem");
         let trust = TrustRoots::from_pem(&ca).expect("emulator CA");
         let admin = trust.http_client().expect("client");
-        let emulator = Emulator {
-            _child: child,
-            _state: state,
-            url,
-            admin,
-            trust,
-        };
+        let emulator = Emulator { _child: child, _state: state, url, admin, trust };
         emulator
             .post(
                 "/_emulator/apps",
@@ -99,18 +86,8 @@ impl Emulator {
     }
 
     async fn post(&self, path: &str, body: Value) -> Value {
-        let response = self
-            .admin
-            .post(format!("{}{path}", self.url))
-            .json(&body)
-            .send()
-            .await
-            .expect("admin request");
-        assert!(
-            response.status().is_success(),
-            "{path}: {}",
-            response.status()
-        );
+        let response = self.admin.post(format!("{}{path}", self.url)).json(&body).send().await.expect("admin request");
+        assert!(response.status().is_success(), "{path}: {}", response.status());
         response.json().await.unwrap_or(Value::Null)
     }
 
@@ -126,11 +103,7 @@ impl Emulator {
     }
 
     fn transport(&self, tokens: Arc<EmulatorTokens>, max_concurrent: usize) -> GraphTransport {
-        let config = GraphConfig {
-            endpoint: self.url.clone(),
-            max_concurrent,
-            ..GraphConfig::default()
-        };
+        let config = GraphConfig { endpoint: self.url.clone(), max_concurrent, ..GraphConfig::default() };
         let client = self.trust.http_client().expect("client");
         GraphTransport::new(config, tokens, client).expect("transport")
     }
@@ -158,10 +131,7 @@ struct EmulatorTokens {
 impl TokenSource for EmulatorTokens {
     async fn token(&self) -> Result<AccessToken, AuthError> {
         if self.stale_first && self.invalidations.load(Ordering::SeqCst) == 0 {
-            return Ok(AccessToken {
-                secret: "not-a-token".into(),
-                expires_at: Timestamp::now(),
-            });
+            return Ok(AccessToken { secret: "not-a-token".into(), expires_at: Timestamp::now() });
         }
         let response = self
             .client
@@ -175,17 +145,10 @@ impl TokenSource for EmulatorTokens {
             .send()
             .await
             .map_err(|e| AuthError::Unavailable(e.to_string()))?;
-        let body: Value = response
-            .json()
-            .await
-            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
-        let secret = body["access_token"]
-            .as_str()
-            .ok_or_else(|| AuthError::Rejected(body["error_description"].to_string()))?;
-        Ok(AccessToken {
-            secret: secret.to_string(),
-            expires_at: Timestamp::now(),
-        })
+        let body: Value = response.json().await.map_err(|e| AuthError::Unavailable(e.to_string()))?;
+        let secret =
+            body["access_token"].as_str().ok_or_else(|| AuthError::Rejected(body["error_description"].to_string()))?;
+        Ok(AccessToken { secret: secret.to_string(), expires_at: Timestamp::now() })
     }
 
     fn invalidate(&self) {
@@ -194,10 +157,7 @@ impl TokenSource for EmulatorTokens {
 }
 
 fn address(email: &str, name: Option<&str>) -> Address {
-    Address {
-        name: name.map(str::to_string),
-        email: email.to_string(),
-    }
+    Address { name: name.map(str::to_string), email: email.to_string() }
 }
 
 fn message(id: &str) -> OutgoingMessage {
@@ -224,22 +184,14 @@ fn message(id: &str) -> OutgoingMessage {
 /// The one accepted message with this Message-ID.
 async fn accepted(emulator: &Emulator, message_id: &str) -> Value {
     let messages = emulator.get("/_emulator/messages").await;
-    let found: Vec<&Value> = messages
-        .as_array()
-        .expect("message list")
-        .iter()
-        .filter(|m| m["messageId"] == message_id)
-        .collect();
+    let found: Vec<&Value> =
+        messages.as_array().expect("message list").iter().filter(|m| m["messageId"] == message_id).collect();
     assert_eq!(found.len(), 1, "{messages:#}");
     found[0].clone()
 }
 
 fn addresses(list: &Value) -> Vec<&str> {
-    list.as_array()
-        .expect("address list")
-        .iter()
-        .filter_map(|a| a["address"].as_str())
-        .collect()
+    list.as_array().expect("address list").iter().filter_map(|a| a["address"].as_str()).collect()
 }
 
 #[tokio::test]
@@ -252,10 +204,7 @@ async fn sends_json_and_mime_through_the_emulator() {
     let delivered = transport.send(&msg).await.expect("sent as JSON");
     assert_eq!(delivered.response, "202 Accepted");
     let record = accepted(&emulator, &msg.message_id).await;
-    assert_eq!(
-        record["requestId"].as_str(),
-        delivered.request_id.as_deref()
-    );
+    assert_eq!(record["requestId"].as_str(), delivered.request_id.as_deref());
     assert_eq!(record["mode"], "json");
     assert_eq!(record["messageIdFromClient"], true);
     assert_eq!(record["sender"], SENDER);
@@ -271,9 +220,7 @@ async fn sends_json_and_mime_through_the_emulator() {
 
     // Six custom headers: base64 MIME, Bcc recipients kept.
     let mut msg = message("mime-1");
-    msg.headers = (0..6)
-        .map(|i| (format!("X-Custom-{i}"), i.to_string()))
-        .collect();
+    msg.headers = (0..6).map(|i| (format!("X-Custom-{i}"), i.to_string())).collect();
     transport.send(&msg).await.expect("sent as MIME");
     let record = accepted(&emulator, &msg.message_id).await;
     assert_eq!(record["mode"], "mime");
@@ -304,21 +251,10 @@ async fn five_megabytes_go_through_a_draft_and_an_upload_session() {
         .as_array()
         .expect("attachments")
         .iter()
-        .map(|a| {
-            (
-                a["name"].as_str().unwrap_or("").to_string(),
-                a["size"].as_u64().unwrap_or(0),
-            )
-        })
+        .map(|a| (a["name"].as_str().unwrap_or("").to_string(), a["size"].as_u64().unwrap_or(0)))
         .collect();
     sizes.sort();
-    assert_eq!(
-        sizes,
-        [
-            ("hello.txt".to_string(), 6),
-            ("report.bin".to_string(), 5_242_880)
-        ]
-    );
+    assert_eq!(sizes, [("hello.txt".to_string(), 6), ("report.bin".to_string(), 5_242_880)]);
 }
 
 #[tokio::test]
@@ -326,27 +262,19 @@ async fn a_draft_without_mail_read_write_says_so() {
     let emulator = Emulator::start(&["Mail.Send"]).await;
     let transport = emulator.transport(emulator.tokens(), 4);
 
-    let err = transport
-        .send(&with_large_attachment("draft-2"))
-        .await
-        .unwrap_err();
+    let err = transport.send(&with_large_attachment("draft-2")).await.unwrap_err();
 
     assert!(!err.is_transient(), "{err:?}");
     let reason = err.to_string();
-    assert!(
-        reason.starts_with("creating the draft: Graph 403 ErrorAccessDenied"),
-        "{reason}"
-    );
+    assert!(reason.starts_with("creating the draft: Graph 403 ErrorAccessDenied"), "{reason}");
     assert!(reason.contains("Mail.ReadWrite"), "{reason}");
 }
 
 #[tokio::test]
 async fn a_refused_token_is_replaced_once() {
     let emulator = Emulator::start(&["Mail.Send"]).await;
-    let tokens = Arc::new(EmulatorTokens {
-        stale_first: true,
-        ..Arc::into_inner(emulator.tokens()).expect("sole owner")
-    });
+    let tokens =
+        Arc::new(EmulatorTokens { stale_first: true, ..Arc::into_inner(emulator.tokens()).expect("sole owner") });
     let transport = emulator.transport(tokens.clone(), 4);
 
     let msg = message("refresh-1");
@@ -362,10 +290,7 @@ async fn injected_errors_are_classified() {
     let transport = emulator.transport(emulator.tokens(), 4);
 
     emulator
-        .post(
-            "/_emulator/faults",
-            json!({"target": "graph", "status": 503, "count": 1, "retryAfterSeconds": 9}),
-        )
+        .post("/_emulator/faults", json!({"target": "graph", "status": 503, "count": 1, "retryAfterSeconds": 9}))
         .await;
     let err = transport.send(&message("fault-1")).await.unwrap_err();
     let SendError::Transient { retry_after, .. } = &err else {
@@ -374,17 +299,11 @@ async fn injected_errors_are_classified() {
     assert_eq!(*retry_after, Some(Duration::from_secs(9)));
 
     emulator
-        .post(
-            "/_emulator/faults",
-            json!({"target": "graph", "status": 403, "count": 1, "code": "ErrorSendAsDenied"}),
-        )
+        .post("/_emulator/faults", json!({"target": "graph", "status": 403, "count": 1, "code": "ErrorSendAsDenied"}))
         .await;
     let err = transport.send(&message("fault-2")).await.unwrap_err();
     assert!(!err.is_transient(), "{err:?}");
-    assert!(
-        err.to_string().starts_with("Graph 403 ErrorSendAsDenied"),
-        "{err}"
-    );
+    assert!(err.to_string().starts_with("Graph 403 ErrorSendAsDenied"), "{err}");
     assert!(err.to_string().contains("request-id"), "{err}");
 }
 
@@ -393,12 +312,7 @@ async fn the_mailbox_limit_keeps_the_emulator_from_throttling() {
     let emulator = Emulator::start(&["Mail.Send"]).await;
     let transport = Arc::new(emulator.transport(emulator.tokens(), 4));
     // Slow answers so that sends pile up; more than 4 in flight would get 429s.
-    emulator
-        .post(
-            "/_emulator/faults",
-            json!({"target": "graph", "latencyMs": 300, "count": 10}),
-        )
-        .await;
+    emulator.post("/_emulator/faults", json!({"target": "graph", "latencyMs": 300, "count": 10})).await;
 
     let sends = (0..10).map(|i| {
         let transport = transport.clone();
