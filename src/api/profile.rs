@@ -69,42 +69,19 @@ pub struct MailProfileSpec {
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.graph) != has(self.smtp)").message("a profile needs exactly one transport: set either graph or smtp"))]
 pub struct ClusterMailProfileSpec {
     /// Namespaces whose messages may use this profile; absent admits none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_namespaces: Option<LabelSelector>,
-    /// Who may appear as the sender.
-    pub senders: Senders,
-    /// Send through Microsoft Graph `sendMail`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub graph: Option<GraphTransport>,
-    /// Send through an SMTP server.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub smtp: Option<SmtpTransport>,
-    /// Sending limits per sender mailbox.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub limits: Option<Limits>,
-    /// When set, every recipient's domain must be one of these (or a subdomain of one).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 256))]
-    pub recipient_domains: Option<Vec<String>>,
-    /// PEM roots trusted, besides the operator's, for this profile's endpoints.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ca_bundle: Option<String>,
+    /// The sending settings, the same fields as a MailProfile's.
+    #[serde(flatten)]
+    pub profile: MailProfileSpec,
 }
 
 impl ClusterMailProfileSpec {
     /// The sending settings, shaped as a namespaced profile's.
     pub fn settings(&self) -> MailProfileSpec {
-        MailProfileSpec {
-            senders: self.senders.clone(),
-            graph: self.graph.clone(),
-            smtp: self.smtp.clone(),
-            limits: self.limits.clone(),
-            recipient_domains: self.recipient_domains.clone(),
-            ca_bundle: self.ca_bundle.clone(),
-        }
+        self.profile.clone()
     }
 }
 
