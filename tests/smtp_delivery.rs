@@ -414,3 +414,97 @@ async fn rate_limit_spaces_messages_per_mailbox() {
     let spread = times[6].duration_since(times[0]);
     assert!(spread.as_secs_f64() >= 8.0, "7 messages at 6/minute went out within {spread:?}");
 }
+
+#[tokio::test]
+async fn a_partial_delivery_names_the_refused_recipients() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "smtp-partial", &[]).await;
+    let peer = SmtpPeer::start(&[]);
+    let _op = Operator::start("smtp-partial", &ns, &[]);
+    create_yaml(&client, &ns, &relay_profile("relay", peer.smtp_port, "")).await;
+    peer.script(json!({"rcpt": {"gone@contoso.com": "550 5.1.1 User unknown"}})).await;
+    create_yaml(&client, &ns, &message("partial", "relay", "  cc: [gone@contoso.com]")).await;
+    let api: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);
+    let sent = wait_phase(&api, "partial", Phase::Sent).await;
+    let c = message_condition(&sent, "Sent").unwrap();
+    assert_eq!(c.reason, "PartiallyDelivered");
+    assert!(c.message.contains("gone@contoso.com (550 5.1.1 User unknown)"), "{c:?}");
+    let env = peer.wait_messages(1, WAIT).await;
+    assert_eq!(env[0]["rcpt_tos"], json!(["ops@contoso.com"]));
+}
+
+#[tokio::test]
+async fn profiles_say_why_they_are_not_ready() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "profile-ready", &[]).await;
+    let _op = Operator::start("profile-ready", &ns, &[]);
+    create_yaml(
+        &client,
+        &ns,
+        r#"
+apiVersion: v1
+kind: Secret
+metadata: {name: login}
+stringData: {username: mailer}
+---
+apiVersion: mailroom.dev/v1alpha1
+kind: MailProfile
+metadata: {name: no-secret}
+spec:
+  senders: {default: a@contoso.com}
+  smtp: {host: 127.0.0.1, auth: {password: {secretRef: {name: missing}}}}
+---
+apiVersion: mailroom.dev/v1alpha1
+kind: MailProfile
+metadata: {name: no-key}
+spec:
+  senders: {default: a@contoso.com}
+  smtp: {host: 127.0.0.1, auth: {password: {secretRef: {name: login}}}}
+---
+apiVersion: mailroom.dev/v1alpha1
+kind: MailProfile
+metadata: {name: plain-http}
+spec:
+  senders: {default: a@contoso.com}
+  graph: {tenantId: t, clientId: c, clientSecretRef: {name: login, key: username}, endpoint: "http://127.0.0.1:9"}
+---
+apiVersion: mailroom.dev/v1alpha1
+kind: MailProfile
+metadata: {name: other-namespace}
+spec:
+  senders: {default: a@contoso.com}
+  smtp: {host: 127.0.0.1, auth: {password: {secretRef: {name: login, namespace: kube-system}}}}
+---
+apiVersion: mailroom.dev/v1alpha1
+kind: MailProfile
+metadata: {name: relay}
+spec:
+  senders: {default: a@contoso.com}
+  smtp: {host: 127.0.0.1, port: 2525, tls: None}
+"#,
+    )
+    .await;
+    let profiles: Api<MailProfile> = Api::namespaced(client.clone(), &ns);
+    for (name, status, reason, words) in [
+        ("no-secret", "False", "SecretNotFound", "missing"),
+        ("no-key", "False", "KeyNotFound", "has no key password"),
+        ("plain-http", "False", "InvalidSettings", "plain http"),
+        ("other-namespace", "False", "InvalidSettings", "only use Secrets in its own namespace"),
+        ("relay", "True", "Ready", ""),
+    ] {
+        let p = common::wait_for(&profiles, name, WAIT, |p| {
+            p.status.as_ref().and_then(|s| mailroom::api::find_condition(&s.conditions, "Ready")).is_some()
+        })
+        .await;
+        let s = p.status.unwrap();
+        let c = mailroom::api::find_condition(&s.conditions, "Ready").unwrap().clone();
+        assert_eq!((c.status.as_str(), c.reason.as_str()), (status, reason), "{name}: {c:?}");
+        assert!(c.message.contains(words), "{name}: {c:?}");
+        assert_eq!(c.observed_generation, p.metadata.generation, "{name}");
+    }
+    let out = common::kubectl(&["get", "mp", "-n", &ns, "relay"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let header: Vec<&str> = text.lines().next().unwrap_or_default().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "TRANSPORT", "READY", "TOKEN", "EXPIRES", "AGE"]);
+    assert!(text.lines().nth(1).unwrap_or_default().contains("smtp-relay"), "{text}");
+}

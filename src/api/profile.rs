@@ -28,7 +28,7 @@ pub const DEFAULT_MAX_CONCURRENT: u32 = 4;
     category = "mailroom",
     printcolumn = r#"{"name":"Transport","type":"string","jsonPath":".status.transport"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
-    printcolumn = r#"{"name":"Token Expires","type":"date","jsonPath":".status.token.expiresAt"}"#,
+    printcolumn = r#"{"name":"Token Expires","type":"string","jsonPath":".status.token.expiresAt"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -65,7 +65,7 @@ pub struct MailProfileSpec {
     category = "mailroom",
     printcolumn = r#"{"name":"Transport","type":"string","jsonPath":".status.transport"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
-    printcolumn = r#"{"name":"Token Expires","type":"date","jsonPath":".status.token.expiresAt"}"#,
+    printcolumn = r#"{"name":"Token Expires","type":"string","jsonPath":".status.token.expiresAt"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]

@@ -178,7 +178,7 @@ async fn claim_and_send(
                 now,
             );
             write_status(api, msg, &next, None).await?;
-            info!(message = %msg.name_any(), namespace = ?msg.namespace(), attempt, elapsed_ms = started.elapsed().as_millis() as u64, "sent");
+            info!(message = %msg.name_any(), namespace = msg.namespace().unwrap_or_default(), attempt, elapsed_ms = started.elapsed().as_millis() as u64, "sent");
             let mut text = format!("sent via {} (attempt {attempt}): {}", claim.transport, delivered.response);
             if !delivered.rejected.is_empty() {
                 let list: Vec<&str> = delivered.rejected.iter().map(|(r, _)| r.as_str()).collect();
@@ -287,7 +287,7 @@ async fn fail(ctx: &Context, api: &Api<EmailMessage>, msg: &EmailMessage, reason
     let s = msg.status.clone().unwrap_or_default();
     let next = status::failed(&s, reason, text, msg.metadata.generation, Timestamp::now());
     write_status(api, msg, &next, None).await?;
-    warn!(message = %msg.name_any(), namespace = ?msg.namespace(), reason, "failed");
+    warn!(message = %msg.name_any(), namespace = msg.namespace().unwrap_or_default(), reason, "failed");
     event(ctx, msg, EventType::Warning, reason, text).await;
     let key = ProfileKey::for_message(
         &msg.namespace().unwrap_or_default(),

@@ -128,7 +128,7 @@ pub async fn run(
         }
     };
 
-    info!(namespace = ?namespace, "mailroom operator running");
+    info!(namespace = namespace.as_deref().unwrap_or("(all)"), "mailroom operator running");
     let c1 = ctx.clone();
     let c2 = ctx.clone();
     let c3 = ctx.clone();

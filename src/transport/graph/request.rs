@@ -46,6 +46,8 @@ pub struct SendMail<'a> {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Message<'a> {
+    /// The sender with its display name (the mailbox in the URL sends it).
+    from: Recipient<'a>,
     subject: &'a str,
     body: ItemBody<'a>,
     to_recipients: Vec<Recipient<'a>>,
@@ -153,6 +155,9 @@ pub fn message<'a>(message: &'a OutgoingMessage, attachments: &[&'a AttachmentDa
         (None, text) => ItemBody { content_type: "Text", content: text.as_deref().unwrap_or_default() },
     };
     Message {
+        from: Recipient {
+            email_address: EmailAddress { address: &message.from.email, name: message.from.name.as_deref() },
+        },
         subject: &message.subject,
         body,
         to_recipients: recipients(&message.to),
@@ -367,6 +372,7 @@ mod tests {
         assert_eq!(got["saveToSentItems"], json!(true));
         let m = &got["message"];
         assert_eq!(m["subject"], json!("Deploy finished ✅"));
+        assert_eq!(m["from"], json!({"emailAddress": {"address": "alerts@contoso.com"}}));
         assert_eq!(m["body"], json!({"contentType": "Text", "content": "Version 1.4.2 is live."}));
         assert_eq!(m["toRecipients"], json!([{"emailAddress": {"address": "ops@contoso.com", "name": "Ops Team"}}]));
         assert_eq!(m["ccRecipients"], json!([{"emailAddress": {"address": "cc@contoso.com"}}]));
