@@ -7,8 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mailroom::auth::{
-    AuthError, Credential, EntraApp, EntraTokenProvider, GRAPH_SCOPE, TokenCache, TokenCacheConfig,
-    TokenSource,
+    AuthError, Credential, EntraApp, EntraTokenProvider, GRAPH_SCOPE, TokenCache, TokenCacheConfig, TokenSource,
 };
 use mailroom::tls::TrustRoots;
 use serde_json::{Value, json};
@@ -29,9 +28,8 @@ struct Emulator {
 
 impl Emulator {
     fn start() -> Emulator {
-        let bin = std::env::var("MAILROOM_EMULATOR_BIN").unwrap_or_else(|_| {
-            panic!("MAILROOM_EMULATOR_BIN is not set: integration tests run through `make test`")
-        });
+        let bin = std::env::var("MAILROOM_EMULATOR_BIN")
+            .unwrap_or_else(|_| panic!("MAILROOM_EMULATOR_BIN is not set: integration tests run through `make test`"));
         let state = tempfile::tempdir().expect("state dir");
         let child = Command::new(&bin)
             .args(["--listen", "127.0.0.1:0", "--state-dir"])
@@ -61,21 +59,12 @@ impl Emulator {
             .send()
             .await
             .expect("admin API");
-        assert!(
-            response.status().is_success(),
-            "{path}: {}",
-            response.status()
-        );
+        assert!(response.status().is_success(), "{path}: {}", response.status());
         response.json().await.unwrap_or(Value::Null)
     }
 
     fn app(&self, credential: Credential) -> EntraApp {
-        EntraApp {
-            authority_host: self.url.clone(),
-            tenant_id: TENANT.into(),
-            client_id: CLIENT.into(),
-            credential,
-        }
+        EntraApp { authority_host: self.url.clone(), tenant_id: TENANT.into(), client_id: CLIENT.into(), credential }
     }
 }
 
@@ -94,11 +83,7 @@ fn wait_for_file(path: &Path, timeout: Duration) -> String {
         {
             return text;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{} did not appear",
-            path.display()
-        );
+        assert!(Instant::now() < deadline, "{} did not appear", path.display());
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -120,45 +105,25 @@ async fn tokens_for_a_secret_and_a_certificate() {
         )
         .await;
     // HTTPS with the emulator's CA; plain http stays refused.
-    let provider =
-        Arc::new(EntraTokenProvider::from_trust_roots(&emulator.roots, false).expect("provider"));
+    let provider = Arc::new(EntraTokenProvider::from_trust_roots(&emulator.roots, false).expect("provider"));
 
-    let certificate = Credential::Certificate {
-        cert_pem: CERT.as_bytes().to_vec(),
-        key_pem: KEY.as_bytes().to_vec(),
-    };
+    let certificate = Credential::Certificate { cert_pem: CERT.as_bytes().to_vec(), key_pem: KEY.as_bytes().to_vec() };
     for credential in [Credential::ClientSecret(SECRET.into()), certificate] {
         let kind = credential.kind();
-        let cache = TokenCache::new(
-            emulator.app(credential),
-            GRAPH_SCOPE,
-            provider.clone(),
-            TokenCacheConfig::default(),
-        );
-        let token = cache
-            .token()
-            .await
-            .unwrap_or_else(|e| panic!("{kind}: {e}"));
+        let cache =
+            TokenCache::new(emulator.app(credential), GRAPH_SCOPE, provider.clone(), TokenCacheConfig::default());
+        let token = cache.token().await.unwrap_or_else(|e| panic!("{kind}: {e}"));
         assert_eq!(cache.snapshot().roles, ["Mail.Send"], "{kind}");
-        let seconds_left =
-            token.expires_at.as_second() - k8s_openapi::jiff::Timestamp::now().as_second();
-        assert!(
-            (3000..=3600).contains(&seconds_left),
-            "{kind}: {seconds_left}"
-        );
-        let introspected = emulator
-            .admin("/_emulator/introspect", json!({"token": token.secret}))
-            .await;
+        let seconds_left = token.expires_at.as_second() - k8s_openapi::jiff::Timestamp::now().as_second();
+        assert!((3000..=3600).contains(&seconds_left), "{kind}: {seconds_left}");
+        let introspected = emulator.admin("/_emulator/introspect", json!({"token": token.secret})).await;
         assert_eq!(introspected["active"], true, "{kind}");
         assert_eq!(introspected["clientId"], CLIENT, "{kind}");
         assert_eq!(introspected["tenantId"], TENANT, "{kind}");
     }
 
     let wrong = provider
-        .request_token(
-            &emulator.app(Credential::ClientSecret("not-the-secret".into())),
-            GRAPH_SCOPE,
-        )
+        .request_token(&emulator.app(Credential::ClientSecret("not-the-secret".into())), GRAPH_SCOPE)
         .await
         .expect_err("wrong secret");
     assert!(

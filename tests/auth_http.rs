@@ -8,8 +8,8 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use mailroom::auth::{
-    AssertionClaims, AuthError, Credential, EntraApp, EntraTokenProvider, GRAPH_SCOPE, TokenCache,
-    TokenCacheConfig, TokenIssuer, TokenSource, token_url,
+    AssertionClaims, AuthError, Credential, EntraApp, EntraTokenProvider, GRAPH_SCOPE, TokenCache, TokenCacheConfig,
+    TokenIssuer, TokenSource, token_url,
 };
 use mailroom::tls::TrustRoots;
 use serde_json::json;
@@ -61,9 +61,7 @@ fn numbered_tokens(expires_in: u64, delay: Duration) -> impl Fn(&Request) -> Res
     let count = AtomicUsize::new(0);
     move |_: &Request| {
         let n = count.fetch_add(1, Ordering::SeqCst) + 1;
-        ResponseTemplate::new(200)
-            .set_body_json(token_body(&format!("token-{n}"), expires_in))
-            .set_delay(delay)
+        ResponseTemplate::new(200).set_body_json(token_body(&format!("token-{n}"), expires_in)).set_delay(delay)
     }
 }
 
@@ -91,10 +89,7 @@ fn form(request: &Request) -> Vec<(String, String)> {
 }
 
 fn field(request: &Request, name: &str) -> Option<String> {
-    form(request)
-        .into_iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v)
+    form(request).into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
 }
 
 fn quick_config() -> TokenCacheConfig {
@@ -120,10 +115,7 @@ async fn secret_request_sends_the_client_credentials_form() {
         .expect(1)
         .mount(&server)
         .await;
-    let issued = provider()
-        .request_token(&app(&server, secret("s3cret")), GRAPH_SCOPE)
-        .await
-        .expect("token");
+    let issued = provider().request_token(&app(&server, secret("s3cret")), GRAPH_SCOPE).await.expect("token");
     assert_eq!(issued.lifetime, Duration::from_secs(3599));
     let requests = server.received_requests().await.expect("recorded");
     let request = &requests[0];
@@ -153,16 +145,8 @@ async fn fifty_concurrent_callers_cause_one_request() {
         .expect(1)
         .mount(&server)
         .await;
-    let config = TokenCacheConfig {
-        prefetch: false,
-        ..TokenCacheConfig::default()
-    };
-    let cache = Arc::new(TokenCache::new(
-        app(&server, secret("s")),
-        GRAPH_SCOPE,
-        provider(),
-        config,
-    ));
+    let config = TokenCacheConfig { prefetch: false, ..TokenCacheConfig::default() };
+    let cache = Arc::new(TokenCache::new(app(&server, secret("s")), GRAPH_SCOPE, provider(), config));
     let calls = (0..50).map(|_| {
         let cache = cache.clone();
         tokio::spawn(async move { cache.token().await })
@@ -185,12 +169,7 @@ async fn short_lived_tokens_are_refreshed_in_the_background_before_expiry() {
         .respond_with(numbered_tokens(3, Duration::from_millis(300)))
         .mount(&server)
         .await;
-    let cache = TokenCache::new(
-        app(&server, secret("s")),
-        GRAPH_SCOPE,
-        provider(),
-        quick_config(),
-    );
+    let cache = TokenCache::new(app(&server, secret("s")), GRAPH_SCOPE, provider(), quick_config());
     let first = cache.token().await.expect("first");
     assert_eq!(name_of(&first), "token-1");
     // Callers keep getting a token at once while the refresh happens behind them.
@@ -201,18 +180,11 @@ async fn short_lived_tokens_are_refreshed_in_the_background_before_expiry() {
         let asked = Instant::now();
         let token = cache.token().await.expect("token");
         slowest = slowest.max(asked.elapsed());
-        assert!(
-            name_of(&token) == "token-1" || name_of(&token) == "token-2",
-            "{}",
-            name_of(&token)
-        );
+        assert!(name_of(&token) == "token-1" || name_of(&token) == "token-2", "{}", name_of(&token));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // A caller that waited for the refresh would have taken the endpoint's 300 ms.
-    assert!(
-        slowest < Duration::from_millis(100),
-        "a caller waited {slowest:?}"
-    );
+    assert!(slowest < Duration::from_millis(100), "a caller waited {slowest:?}");
     let state = cache.snapshot();
     let refreshed = state.last_refresh_time.expect("refreshed");
     assert!(refreshed < first.expires_at, "refreshed after expiry");
@@ -239,31 +211,16 @@ async fn failed_refresh_keeps_the_old_token_and_retries() {
         .with_priority(3)
         .mount(&server)
         .await;
-    let cache = TokenCache::new(
-        app(&server, secret("s")),
-        GRAPH_SCOPE,
-        provider(),
-        quick_config(),
-    );
+    let cache = TokenCache::new(app(&server, secret("s")), GRAPH_SCOPE, provider(), quick_config());
     assert_eq!(name_of(&cache.token().await.expect("first")), "token-1");
     let mut status = cache.subscribe();
-    let failed = status
-        .wait_for(|s| s.failures >= 1)
-        .await
-        .expect("failure")
-        .clone();
-    assert!(
-        matches!(&failed.last_error, Some(AuthError::Unavailable(m)) if m.contains("503")),
-        "{failed:?}"
-    );
+    let failed = status.wait_for(|s| s.failures >= 1).await.expect("failure").clone();
+    assert!(matches!(&failed.last_error, Some(AuthError::Unavailable(m)) if m.contains("503")), "{failed:?}");
     assert_eq!(name_of(&cache.token().await.expect("old")), "token-1");
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        status.wait_for(|s| s.refreshes == 2),
-    )
-    .await
-    .expect("retried in time")
-    .expect("recovered");
+    tokio::time::timeout(Duration::from_secs(5), status.wait_for(|s| s.refreshes == 2))
+        .await
+        .expect("retried in time")
+        .expect("recovered");
     let state = cache.snapshot();
     assert_eq!((state.failures, state.last_error), (2, None));
     assert_eq!(name_of(&cache.token().await.expect("new")), "token-2");
@@ -283,12 +240,8 @@ async fn replace_credential_requests_with_the_new_secret() {
         .expect(1)
         .mount(&server)
         .await;
-    let cache = TokenCache::new(
-        app(&server, secret("old-secret")),
-        GRAPH_SCOPE,
-        provider(),
-        TokenCacheConfig::default(),
-    );
+    let cache =
+        TokenCache::new(app(&server, secret("old-secret")), GRAPH_SCOPE, provider(), TokenCacheConfig::default());
     assert_eq!(name_of(&cache.token().await.expect("old")), "old");
     cache.replace_credential(app(&server, secret("new-secret")));
     assert_eq!(name_of(&cache.token().await.expect("new")), "new");
@@ -310,26 +263,17 @@ async fn invalid_client_secret_is_rejected_with_the_aadsts_code() {
         ))
         .mount(&server)
         .await;
-    let error = provider()
-        .request_token(&app(&server, secret("wrong-value")), GRAPH_SCOPE)
-        .await
-        .expect_err("rejected");
+    let error =
+        provider().request_token(&app(&server, secret("wrong-value")), GRAPH_SCOPE).await.expect_err("rejected");
     let AuthError::Rejected(message) = &error else {
         panic!("expected Rejected, got {error:?}");
     };
-    assert!(
-        message.starts_with("AADSTS7000215: invalid client secret"),
-        "{message}"
-    );
+    assert!(message.starts_with("AADSTS7000215: invalid client secret"), "{message}");
     assert!(!message.contains("wrong-value") && !message.contains("Trace ID"));
 
     // Through a cache: the failure is in the status, the token request is not repeated per call.
-    let cache = TokenCache::new(
-        app(&server, secret("wrong-value")),
-        GRAPH_SCOPE,
-        provider(),
-        TokenCacheConfig::default(),
-    );
+    let cache =
+        TokenCache::new(app(&server, secret("wrong-value")), GRAPH_SCOPE, provider(), TokenCacheConfig::default());
     assert_eq!(cache.token().await, Err(error.clone()));
     assert_eq!(cache.token().await, Err(error.clone()));
     assert_eq!(cache.snapshot().last_error, Some(error));
@@ -343,33 +287,22 @@ async fn service_unavailable_is_retryable() {
         .respond_with(ResponseTemplate::new(503).set_body_string("<html>unavailable</html>"))
         .mount(&server)
         .await;
-    let error = provider()
-        .request_token(&app(&server, secret("s")), GRAPH_SCOPE)
-        .await
-        .expect_err("unavailable");
-    assert!(
-        matches!(&error, AuthError::Unavailable(m) if m.contains("503") && !m.contains("html")),
-        "{error:?}"
-    );
+    let error = provider().request_token(&app(&server, secret("s")), GRAPH_SCOPE).await.expect_err("unavailable");
+    assert!(matches!(&error, AuthError::Unavailable(m) if m.contains("503") && !m.contains("html")), "{error:?}");
 }
 
 #[tokio::test]
 async fn unreachable_endpoint_is_retryable() {
     // Bind and drop a listener so the port is (almost certainly) closed.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("port")
-        .port();
+    let port =
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|listener| listener.local_addr()).expect("port").port();
     let app = EntraApp {
         authority_host: format!("http://127.0.0.1:{port}"),
         tenant_id: TENANT.into(),
         client_id: CLIENT.into(),
         credential: secret("never-shown"),
     };
-    let error = provider()
-        .request_token(&app, GRAPH_SCOPE)
-        .await
-        .expect_err("unreachable");
+    let error = provider().request_token(&app, GRAPH_SCOPE).await.expect_err("unreachable");
     assert!(
         matches!(&error, AuthError::Unavailable(m) if m.contains("unreachable") && !m.contains("never-shown")),
         "{error:?}"
@@ -379,87 +312,50 @@ async fn unreachable_endpoint_is_retryable() {
 #[tokio::test]
 async fn plain_http_is_refused_unless_allowed() {
     let server = MockServer::start().await;
-    let strict =
-        EntraTokenProvider::from_trust_roots(&TrustRoots::default(), false).expect("client");
-    let error = strict
-        .request_token(&app(&server, secret("s")), GRAPH_SCOPE)
-        .await
-        .expect_err("refused");
-    assert!(
-        matches!(&error, AuthError::Credential(m) if m.contains("--allow-insecure-endpoints")),
-        "{error:?}"
-    );
-    assert!(
-        server
-            .received_requests()
-            .await
-            .expect("recorded")
-            .is_empty()
-    );
+    let strict = EntraTokenProvider::from_trust_roots(&TrustRoots::default(), false).expect("client");
+    let error = strict.request_token(&app(&server, secret("s")), GRAPH_SCOPE).await.expect_err("refused");
+    assert!(matches!(&error, AuthError::Credential(m) if m.contains("--allow-insecure-endpoints")), "{error:?}");
+    assert!(server.received_requests().await.expect("recorded").is_empty());
 }
 
 #[tokio::test]
 async fn federated_token_file_is_read_for_every_request() {
     let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(numbered_tokens(3600, Duration::ZERO))
-        .mount(&server)
-        .await;
+    Mock::given(method("POST")).respond_with(numbered_tokens(3600, Duration::ZERO)).mount(&server).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("azure-identity-token");
     std::fs::write(&file, "eyJ.first-projected-token.sig\n").expect("write");
     let provider = provider();
     let app = app(&server, Credential::FederatedTokenFile(file.clone()));
-    provider
-        .issue(&app, GRAPH_SCOPE)
-        .await
-        .expect("first token");
+    provider.issue(&app, GRAPH_SCOPE).await.expect("first token");
     // The kubelet rotates the file.
     std::fs::write(&file, "eyJ.second-projected-token.sig").expect("rewrite");
-    provider
-        .issue(&app, GRAPH_SCOPE)
-        .await
-        .expect("second token");
+    provider.issue(&app, GRAPH_SCOPE).await.expect("second token");
     let requests = server.received_requests().await.expect("recorded");
     let assertions: Vec<_> = requests
         .iter()
         .map(|r| {
-            (
-                field(r, "client_assertion_type").unwrap_or_default(),
-                field(r, "client_assertion").unwrap_or_default(),
-            )
+            (field(r, "client_assertion_type").unwrap_or_default(), field(r, "client_assertion").unwrap_or_default())
         })
         .collect();
     let jwt_bearer = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".to_owned();
     assert_eq!(
         assertions,
         [
-            (
-                jwt_bearer.clone(),
-                "eyJ.first-projected-token.sig".to_owned()
-            ),
+            (jwt_bearer.clone(), "eyJ.first-projected-token.sig".to_owned()),
             (jwt_bearer, "eyJ.second-projected-token.sig".to_owned()),
         ]
     );
 
     std::fs::remove_file(&file).expect("remove");
-    let error = provider
-        .issue(&app, GRAPH_SCOPE)
-        .await
-        .expect_err("missing file");
-    assert!(
-        matches!(&error, AuthError::Credential(m) if m.contains("federated token file")),
-        "{error:?}"
-    );
+    let error = provider.issue(&app, GRAPH_SCOPE).await.expect_err("missing file");
+    assert!(matches!(&error, AuthError::Credential(m) if m.contains("federated token file")), "{error:?}");
 }
 
 /// Verifies a certificate assertion as Entra ID does: signature with the registered
 /// certificate's key, `x5t#S256` naming that certificate, audience, issuer and subject.
 fn verify_assertion(expected_aud: String) -> impl Fn(&Request) -> ResponseTemplate {
-    let cert_der = rustls_pemfile::certs(&mut CERT.as_bytes())
-        .next()
-        .expect("cert")
-        .expect("pem");
+    let cert_der = rustls_pemfile::certs(&mut CERT.as_bytes()).next().expect("cert").expect("pem");
     let thumbprint = URL_SAFE_NO_PAD.encode(Sha256::digest(cert_der.as_ref()));
     let key = DecodingKey::from_rsa_pem(PUBLIC.as_bytes()).expect("public key");
     move |request: &Request| {
@@ -496,21 +392,9 @@ fn verify_assertion(expected_aud: String) -> impl Fn(&Request) -> ResponseTempla
 async fn certificate_assertion_is_accepted_by_a_verifying_endpoint() {
     let server = MockServer::start().await;
     let expected_aud = token_url(&server.uri(), TENANT);
-    Mock::given(method("POST"))
-        .and(path(TOKEN_PATH))
-        .respond_with(verify_assertion(expected_aud))
-        .mount(&server)
-        .await;
-    let certificate = Credential::Certificate {
-        cert_pem: CERT.as_bytes().to_vec(),
-        key_pem: KEY.as_bytes().to_vec(),
-    };
-    let cache = TokenCache::new(
-        app(&server, certificate),
-        GRAPH_SCOPE,
-        provider(),
-        TokenCacheConfig::default(),
-    );
+    Mock::given(method("POST")).and(path(TOKEN_PATH)).respond_with(verify_assertion(expected_aud)).mount(&server).await;
+    let certificate = Credential::Certificate { cert_pem: CERT.as_bytes().to_vec(), key_pem: KEY.as_bytes().to_vec() };
+    let cache = TokenCache::new(app(&server, certificate), GRAPH_SCOPE, provider(), TokenCacheConfig::default());
     let token = cache.token().await.expect("accepted");
     assert_eq!(name_of(&token), "cert-token");
 
@@ -520,10 +404,7 @@ async fn certificate_assertion_is_accepted_by_a_verifying_endpoint() {
         .expect("client")
         .post(format!("{}{TOKEN_PATH}", server.uri()))
         .form(&[
-            (
-                "client_assertion_type",
-                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-            ),
+            ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
             ("client_assertion", "eyJhbGciOiJSUzI1NiJ9.e30.AAAA"),
         ])
         .send()

@@ -45,26 +45,16 @@ impl TokenSource for CountingTokens {
 }
 
 fn transport(server: &MockServer, tokens: Arc<CountingTokens>, max: usize) -> GraphTransport {
-    let config = GraphConfig {
-        endpoint: server.uri(),
-        save_to_sent_items: false,
-        max_concurrent: max,
-        allow_insecure: true,
-    };
+    let config =
+        GraphConfig { endpoint: server.uri(), save_to_sent_items: false, max_concurrent: max, allow_insecure: true };
     let client = TrustRoots::default().http_client().expect("client");
     GraphTransport::new(config, tokens, client).expect("transport")
 }
 
 fn message() -> OutgoingMessage {
     OutgoingMessage {
-        from: Address {
-            name: None,
-            email: SENDER.into(),
-        },
-        to: vec![Address {
-            name: Some("Ops".into()),
-            email: "ops@contoso.com".into(),
-        }],
+        from: Address { name: None, email: SENDER.into() },
+        to: vec![Address { name: Some("Ops".into()), email: "ops@contoso.com".into() }],
         cc: vec![],
         bcc: vec![],
         reply_to: vec![],
@@ -95,10 +85,7 @@ async fn accepted_with_request_id() {
         .await;
     let tokens = Arc::new(CountingTokens::default());
 
-    let delivered = transport(&server, tokens.clone(), 4)
-        .send(&message())
-        .await
-        .expect("sent");
+    let delivered = transport(&server, tokens.clone(), 4).send(&message()).await.expect("sent");
 
     assert_eq!(delivered.response, "202 Accepted");
     assert_eq!(delivered.request_id.as_deref(), Some("rid-1"));
@@ -123,23 +110,13 @@ async fn throttled_is_transient_with_retry_after() {
         .mount(&server)
         .await;
 
-    let err = transport(&server, Arc::default(), 4)
-        .send(&message())
-        .await
-        .unwrap_err();
+    let err = transport(&server, Arc::default(), 4).send(&message()).await.unwrap_err();
 
-    let SendError::Transient {
-        reason,
-        retry_after,
-    } = err
-    else {
+    let SendError::Transient { reason, retry_after } = err else {
         panic!("429 must be transient: {err:?}");
     };
     assert_eq!(retry_after, Some(Duration::from_secs(17)));
-    assert!(
-        reason.starts_with("Graph 429 ApplicationThrottled"),
-        "{reason}"
-    );
+    assert!(reason.starts_with("Graph 429 ApplicationThrottled"), "{reason}");
     assert!(reason.contains("request-id rid-429"), "{reason}");
 }
 
@@ -162,10 +139,7 @@ async fn unauthorized_once_invalidates_and_retries() {
         .await;
     let tokens = Arc::new(CountingTokens::default());
 
-    let delivered = transport(&server, tokens.clone(), 4)
-        .send(&message())
-        .await
-        .expect("sent after one refresh");
+    let delivered = transport(&server, tokens.clone(), 4).send(&message()).await.expect("sent after one refresh");
 
     assert_eq!(delivered.request_id.as_deref(), Some("rid-2"));
     assert_eq!(tokens.invalidations.load(Ordering::SeqCst), 1);
@@ -176,27 +150,17 @@ async fn unauthorized_twice_is_permanent_and_names_no_token() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path(SEND_MAIL))
-        .respond_with(graph_error(
-            401,
-            "InvalidAuthenticationToken",
-            "Access token is empty.",
-        ))
+        .respond_with(graph_error(401, "InvalidAuthenticationToken", "Access token is empty."))
         .expect(2)
         .mount(&server)
         .await;
     let tokens = Arc::new(CountingTokens::default());
 
-    let err = transport(&server, tokens.clone(), 4)
-        .send(&message())
-        .await
-        .unwrap_err();
+    let err = transport(&server, tokens.clone(), 4).send(&message()).await.unwrap_err();
 
     assert!(!err.is_transient());
     let reason = err.to_string();
-    assert!(
-        reason.starts_with("Graph 401 InvalidAuthenticationToken"),
-        "{reason}"
-    );
+    assert!(reason.starts_with("Graph 401 InvalidAuthenticationToken"), "{reason}");
     assert!(!reason.contains("token-"), "{reason}");
     assert_eq!(tokens.invalidations.load(Ordering::SeqCst), 1);
 }
@@ -206,25 +170,16 @@ async fn send_as_denied_is_permanent_with_the_code() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path(SEND_MAIL))
-        .respond_with(
-            graph_error(403, "ErrorSendAsDenied", "Access is denied.")
-                .insert_header("request-id", "rid-403"),
-        )
+        .respond_with(graph_error(403, "ErrorSendAsDenied", "Access is denied.").insert_header("request-id", "rid-403"))
         .mount(&server)
         .await;
 
-    let err = transport(&server, Arc::default(), 4)
-        .send(&message())
-        .await
-        .unwrap_err();
+    let err = transport(&server, Arc::default(), 4).send(&message()).await.unwrap_err();
 
     let SendError::Permanent { reason } = err else {
         panic!("403 must be permanent: {err:?}");
     };
-    assert!(
-        reason.starts_with("Graph 403 ErrorSendAsDenied: Access is denied."),
-        "{reason}"
-    );
+    assert!(reason.starts_with("Graph 403 ErrorSendAsDenied: Access is denied."), "{reason}");
     assert!(reason.contains("application access policy"), "{reason}");
     assert!(reason.contains("request-id rid-403"), "{reason}");
 }
@@ -232,34 +187,19 @@ async fn send_as_denied_is_permanent_with_the_code() {
 #[tokio::test]
 async fn token_errors_send_nothing() {
     let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(202))
-        .expect(0)
-        .mount(&server)
-        .await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(202)).expect(0).mount(&server).await;
     let rejected = Arc::new(CountingTokens {
-        fail: Some(AuthError::Rejected(
-            "AADSTS7000215: Invalid client secret provided.".into(),
-        )),
+        fail: Some(AuthError::Rejected("AADSTS7000215: Invalid client secret provided.".into())),
         ..Default::default()
     });
-    let err = transport(&server, rejected, 4)
-        .send(&message())
-        .await
-        .unwrap_err();
-    assert_eq!(
-        err,
-        SendError::permanent("AADSTS7000215: Invalid client secret provided.")
-    );
+    let err = transport(&server, rejected, 4).send(&message()).await.unwrap_err();
+    assert_eq!(err, SendError::permanent("AADSTS7000215: Invalid client secret provided."));
 
     let unavailable = Arc::new(CountingTokens {
         fail: Some(AuthError::Unavailable("token endpoint answered 503".into())),
         ..Default::default()
     });
-    let err = transport(&server, unavailable, 4)
-        .send(&message())
-        .await
-        .unwrap_err();
+    let err = transport(&server, unavailable, 4).send(&message()).await.unwrap_err();
     assert!(err.is_transient());
 }
 
@@ -269,14 +209,9 @@ async fn network_error_is_transient() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     drop(listener);
-    let config = GraphConfig {
-        endpoint,
-        allow_insecure: true,
-        ..GraphConfig::default()
-    };
+    let config = GraphConfig { endpoint, allow_insecure: true, ..GraphConfig::default() };
     let client = TrustRoots::default().http_client().unwrap();
-    let transport =
-        GraphTransport::new(config, Arc::new(CountingTokens::default()), client).unwrap();
+    let transport = GraphTransport::new(config, Arc::new(CountingTokens::default()), client).unwrap();
 
     let err = transport.send(&message()).await.unwrap_err();
 
@@ -295,20 +230,13 @@ async fn six_headers_go_as_base64_mime() {
         .mount(&server)
         .await;
     let mut msg = message();
-    msg.headers = (0..6)
-        .map(|i| (format!("X-Custom-{i}"), format!("{i}")))
-        .collect();
+    msg.headers = (0..6).map(|i| (format!("X-Custom-{i}"), format!("{i}"))).collect();
 
-    transport(&server, Arc::default(), 4)
-        .send(&msg)
-        .await
-        .expect("sent");
+    transport(&server, Arc::default(), 4).send(&msg).await.expect("sent");
 
     let requests = server.received_requests().await.unwrap();
     let mime = BASE64.decode(&requests[0].body).expect("base64 body");
-    let parsed = mail_parser::MessageParser::default()
-        .parse(&mime)
-        .expect("RFC 5322");
+    let parsed = mail_parser::MessageParser::default().parse(&mime).expect("RFC 5322");
     assert_eq!(parsed.subject(), Some("Deploy finished"));
     assert_eq!(parsed.message_id(), Some("uid-1@mailroom.dev"));
     assert_eq!(parsed.header_raw("X-Custom-5").map(str::trim), Some("5"));
@@ -319,23 +247,14 @@ struct UploadResponder;
 
 impl Respond for UploadResponder {
     fn respond(&self, request: &Request) -> ResponseTemplate {
-        let range = request
-            .headers
-            .get("content-range")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
-        let last = range
-            .strip_prefix("bytes ")
-            .and_then(|r| r.split_once('/'))
-            .and_then(|(span, total)| {
-                let end: u64 = span.split_once('-')?.1.parse().ok()?;
-                Some(end + 1 == total.parse::<u64>().ok()?)
-            });
+        let range = request.headers.get("content-range").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let last = range.strip_prefix("bytes ").and_then(|r| r.split_once('/')).and_then(|(span, total)| {
+            let end: u64 = span.split_once('-')?.1.parse().ok()?;
+            Some(end + 1 == total.parse::<u64>().ok()?)
+        });
         match last {
             Some(true) => ResponseTemplate::new(201).set_body_json(json!({"id": "att-1"})),
-            Some(false) => {
-                ResponseTemplate::new(202).set_body_json(json!({"nextExpectedRanges": []}))
-            }
+            Some(false) => ResponseTemplate::new(202).set_body_json(json!({"nextExpectedRanges": []})),
             None => ResponseTemplate::new(400),
         }
     }
@@ -390,18 +309,12 @@ async fn five_megabytes_go_through_a_draft_and_an_upload_session() {
         .expect(1)
         .mount(&server)
         .await;
-    let small = AttachmentData {
-        name: "hello.txt".into(),
-        content_type: "text/plain".into(),
-        bytes: b"hello\n".to_vec(),
-    };
+    let small =
+        AttachmentData { name: "hello.txt".into(), content_type: "text/plain".into(), bytes: b"hello\n".to_vec() };
     let mut msg = message();
     msg.attachments = vec![small, big_attachment()];
 
-    let delivered = transport(&server, Arc::default(), 4)
-        .send(&msg)
-        .await
-        .expect("sent");
+    let delivered = transport(&server, Arc::default(), 4).send(&msg).await.expect("sent");
 
     assert_eq!(delivered.response, "202 Accepted");
     assert_eq!(delivered.request_id.as_deref(), Some("rid-send"));
@@ -420,30 +333,15 @@ async fn five_megabytes_go_through_a_draft_and_an_upload_session() {
             "contentType": "application/octet-stream",
         }})
     );
-    let puts: Vec<&Request> = requests
-        .iter()
-        .filter(|r| r.method.as_str() == "PUT")
-        .collect();
-    let ranges: Vec<&str> = puts
-        .iter()
-        .map(|r| r.headers.get("content-range").unwrap().to_str().unwrap())
-        .collect();
-    assert_eq!(
-        ranges,
-        ["bytes 0-3932159/5242880", "bytes 3932160-5242879/5242880"]
-    );
+    let puts: Vec<&Request> = requests.iter().filter(|r| r.method.as_str() == "PUT").collect();
+    let ranges: Vec<&str> = puts.iter().map(|r| r.headers.get("content-range").unwrap().to_str().unwrap()).collect();
+    assert_eq!(ranges, ["bytes 0-3932159/5242880", "bytes 3932160-5242879/5242880"]);
     for put in &puts {
-        assert!(
-            put.headers.get("authorization").is_none(),
-            "no token on upload"
-        );
+        assert!(put.headers.get("authorization").is_none(), "no token on upload");
         assert_eq!(put.url.query(), Some("authtoken=upload-secret"));
     }
     let uploaded: Vec<u8> = puts.iter().flat_map(|r| r.body.clone()).collect();
-    assert!(
-        uploaded == big_attachment().bytes,
-        "the chunks are the attachment"
-    );
+    assert!(uploaded == big_attachment().bytes, "the chunks are the attachment");
     assert_eq!(requests.last().unwrap().url.path(), format!("{DRAFT}/send"));
 }
 
@@ -453,9 +351,7 @@ async fn failed_upload_deletes_the_draft() {
     mount_draft(&server).await;
     Mock::given(method("PUT"))
         .and(path("/upload/session-1"))
-        .respond_with(
-            graph_error(503, "ServiceUnavailable", "try later").insert_header("retry-after", "5"),
-        )
+        .respond_with(graph_error(503, "ServiceUnavailable", "try later").insert_header("retry-after", "5"))
         .mount(&server)
         .await;
     Mock::given(method("DELETE"))
@@ -468,23 +364,13 @@ async fn failed_upload_deletes_the_draft() {
     let mut msg = message();
     msg.attachments = vec![big_attachment()];
 
-    let err = transport(&server, Arc::default(), 4)
-        .send(&msg)
-        .await
-        .unwrap_err();
+    let err = transport(&server, Arc::default(), 4).send(&msg).await.unwrap_err();
 
-    let SendError::Transient {
-        reason,
-        retry_after,
-    } = err
-    else {
+    let SendError::Transient { reason, retry_after } = err else {
         panic!("503 must be transient: {err:?}");
     };
     assert_eq!(retry_after, Some(Duration::from_secs(5)));
-    assert!(
-        reason.starts_with("uploading attachment \"report.bin\": Graph 503 ServiceUnavailable"),
-        "{reason}"
-    );
+    assert!(reason.starts_with("uploading attachment \"report.bin\": Graph 503 ServiceUnavailable"), "{reason}");
     assert!(!reason.contains("upload-secret"), "{reason}");
 }
 
@@ -506,16 +392,7 @@ impl Arrivals {
     /// from its arrival until `DELAY` later, when the mock answers it.
     fn max_in_flight(&self) -> usize {
         let arrivals = self.0.lock().unwrap();
-        arrivals
-            .iter()
-            .map(|&t| {
-                arrivals
-                    .iter()
-                    .filter(|&&s| s <= t && t < s + DELAY)
-                    .count()
-            })
-            .max()
-            .unwrap_or(0)
+        arrivals.iter().map(|&t| arrivals.iter().filter(|&&s| s <= t && t < s + DELAY).count()).max().unwrap_or(0)
     }
 }
 
@@ -523,12 +400,7 @@ impl Arrivals {
 async fn at_most_four_requests_in_flight_per_mailbox() {
     let server = MockServer::start().await;
     let arrivals = Arrivals::default();
-    Mock::given(method("POST"))
-        .and(path(SEND_MAIL))
-        .respond_with(arrivals.clone())
-        .expect(10)
-        .mount(&server)
-        .await;
+    Mock::given(method("POST")).and(path(SEND_MAIL)).respond_with(arrivals.clone()).expect(10).mount(&server).await;
     let transport = Arc::new(transport(&server, Arc::default(), 4));
 
     let sends = (0..10).map(|_| {

@@ -180,3 +180,28 @@ pub async fn events_for(client: &Client, namespace: &str, name: &str) -> Vec<(St
         .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
         .collect()
 }
+
+impl Operator {
+    /// Starts `mailroom run` watching one namespace, with extra environment variables (for
+    /// example a KUBECONFIG with another identity).
+    pub fn start_with_env(test: &str, namespace: &str, extra: &[&str], env: &[(&str, &str)]) -> Operator {
+        let bin = std::env::var("MAILROOM_BIN")
+            .unwrap_or_else(|_| repo_root().join("target/debug/mailroom").display().to_string());
+        let dir = repo_root().join("target/test-logs");
+        std::fs::create_dir_all(&dir).expect("log dir");
+        let log = dir.join(format!("{test}-{namespace}.log"));
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = Command::new(bin)
+            .args(["run", "--namespace", namespace, "--metrics-addr", "127.0.0.1:0", "--health-addr", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUST_LOG", "info,mailroom=debug,kube=warn")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start the operator");
+        Operator { child, log }
+    }
+}

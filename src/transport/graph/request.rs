@@ -391,7 +391,7 @@ mod tests {
             }])
         );
         let fields: Vec<&String> = m.as_object().unwrap().keys().collect();
-        assert_eq!(fields.len(), 10, "no field beyond the ones checked: {fields:?}");
+        assert_eq!(fields.len(), 11, "no field beyond the ones checked: {fields:?}");
     }
 
     #[test]
