@@ -39,6 +39,8 @@ unit:
 crds:
 	@mkdir -p crds
 	$(CARGO) run --quiet -- crd > crds/mailroom.dev.yaml
+	cp crds/mailroom.dev.yaml deploy/base/crds/mailroom.dev.yaml
+	cp crds/mailroom.dev.yaml deploy/helm/mailroom/files/crds/mailroom.dev.yaml
 	@echo "==> wrote crds/mailroom.dev.yaml"
 
 ## testenv: start etcd and kube-apiserver on loopback (builds them once, cached in ~/.cache/mailroom)

@@ -25,6 +25,10 @@ say "preparing the Python environment for the SMTP test server"
 MAILROOM_PYTHON="$(bash hack/pyenv.sh | tail -n 1)"
 export MAILROOM_PYTHON
 
+say "building helm for the chart tests (once per machine; a first build takes several minutes)"
+MAILROOM_HELM="$(bash hack/helm.sh | tail -n 1)"
+export MAILROOM_HELM
+
 export MAILROOM_TESTENV_DIR="${MAILROOM_TESTENV_DIR:-$REPO_ROOT/target/testenv-test}"
 say "starting the local control plane (state in $MAILROOM_TESTENV_DIR)"
 bash hack/testenv.sh up
