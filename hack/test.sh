@@ -42,7 +42,7 @@ trap cleanup EXIT
 eval "$(bash hack/testenv.sh env)"
 
 say "installing the CRDs"
-kubectl apply --server-side -f crds/mailroom.dev.yaml >/dev/null
+kubectl apply --server-side --force-conflicts -f crds/mailroom.dev.yaml >/dev/null
 kubectl wait --for=condition=Established --timeout=60s \
   crd/mailprofiles.mailroom.dev crd/clustermailprofiles.mailroom.dev crd/emailmessages.mailroom.dev >/dev/null
 
