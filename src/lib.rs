@@ -5,6 +5,7 @@ pub mod auth;
 pub mod controller;
 pub mod delivery;
 pub mod error;
+pub mod leader;
 pub mod metrics;
 pub mod server;
 pub mod tls;

@@ -3,14 +3,18 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::sync::Arc;
 
 use mailroom::controller::{self, OperatorConfig};
+use mailroom::leader::{self, Election, ElectionConfig};
 use mailroom::metrics::Metrics;
 use mailroom::server::{self, Health};
 use mailroom::tls::{self, TrustRoots};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 /// A Kubernetes operator that sends email from custom resources.
@@ -54,6 +58,13 @@ struct RunArgs {
     /// Run only while holding the leader Lease (for more than one replica).
     #[arg(long, env = "MAILROOM_LEADER_ELECT")]
     leader_elect: bool,
+    /// Namespace of the leader Lease `mailroom-leader`; it must exist (default: $POD_NAMESPACE, else mailroom-system).
+    #[arg(long, env = "MAILROOM_LEADER_ELECTION_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// Seconds a shutdown waits for the sends in flight; keep it below the pod's
+    /// terminationGracePeriodSeconds (default 30), so that the Lease is released in time.
+    #[arg(long, env = "MAILROOM_SHUTDOWN_TIMEOUT", value_name = "SECONDS", default_value_t = 25)]
+    shutdown_timeout: u64,
     /// Log as text or JSON.
     #[arg(long, env = "MAILROOM_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -111,6 +122,8 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn run(args: RunArgs) -> Result<(), String> {
+    // Installed first, so that a SIGTERM while waiting for the Lease is handled, not fatal.
+    let shutdown = Shutdown::install(Duration::from_secs(args.shutdown_timeout));
     let trust = match &args.ca_bundle {
         Some(path) => {
             let pem = std::fs::read(path).map_err(|e| format!("--ca-bundle {}: {e}", path.display()))?;
@@ -133,9 +146,103 @@ async fn run(args: RunArgs) -> Result<(), String> {
     server::serve(args.metrics_addr, args.health_addr, metrics.clone(), health.clone())
         .await
         .map_err(|e| format!("cannot listen on {} / {}: {e}", args.metrics_addr, args.health_addr))?;
-    let _ = args.leader_elect;
-    controller::run(client, config, metrics, health, shutdown_signal()).await;
-    Ok(())
+
+    if !args.leader_elect {
+        metrics.leader.set(1);
+        return drain(controller::run(client, config, metrics, health, shutdown.wait()), &shutdown).await;
+    }
+
+    let namespace = leader::election_namespace(
+        args.leader_election_namespace.as_deref(),
+        std::env::var("POD_NAMESPACE").ok().as_deref(),
+    );
+    let identity =
+        leader::identity(std::env::var("POD_NAME").ok().as_deref(), hostname().as_deref(), std::process::id());
+    let election =
+        Election::new(client.clone(), ElectionConfig::new(namespace, identity)).map_err(|e| e.to_string())?;
+    // A replica waiting for the Lease is healthy: /readyz answers ok so that a Deployment rolls
+    // out; `mailroom_leader` tells which replica sends.
+    health.set_ready(true);
+    let leadership = tokio::select! {
+        leadership = election.acquire() => leadership.map_err(|e| e.to_string())?,
+        () = shutdown.wait() => {
+            info!("stopped before becoming the leader");
+            return Ok(());
+        }
+    };
+    metrics.leader.set(1);
+    let controllers = controller::run(client, config, metrics.clone(), health, shutdown.wait());
+    let drained = tokio::select! {
+        drained = drain(controllers, &shutdown) => drained,
+        reason = leadership.lost() => {
+            // Another replica may take the Lease over from now on and send. Stopping the whole
+            // process at once, without waiting for the sends in flight, is the only safe answer:
+            // those messages stay Sending and the next leader handles them per
+            // delivery.onUncertain. The Deployment restarts this process as a follower.
+            error!(%reason, identity = %leadership.identity(), "lost the leader Lease; stopping at once");
+            std::process::exit(1);
+        }
+    };
+    metrics.leader.set(0);
+    match leadership.release().await {
+        Ok(()) => info!("released the leader Lease"),
+        Err(e) => warn!(error = %e, "could not release the leader Lease; it expires on its own"),
+    }
+    drained
+}
+
+/// Runs the controllers until they stopped after the shutdown signal. Sends still in flight
+/// `--shutdown-timeout` after the signal are abandoned (dropping the controllers aborts them): they
+/// stay Sending and the next leader handles them per delivery.onUncertain.
+async fn drain(controllers: impl std::future::Future<Output = ()>, shutdown: &Shutdown) -> Result<(), String> {
+    let deadline = async {
+        shutdown.wait().await;
+        tokio::time::sleep(shutdown.timeout).await;
+    };
+    tokio::select! {
+        () = controllers => Ok(()),
+        () = deadline => Err(format!(
+            "sends still in flight {} s after the shutdown signal were abandoned; they stay Sending and the next leader handles them per delivery.onUncertain",
+            shutdown.timeout.as_secs()
+        )),
+    }
+}
+
+/// The host name, for the Lease identity outside a pod.
+fn hostname() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
+/// SIGTERM or Ctrl-C, observed by every part that stops on it.
+#[derive(Clone)]
+struct Shutdown {
+    signalled: watch::Receiver<bool>,
+    /// How long the sends in flight may take after the signal.
+    timeout: Duration,
+}
+
+impl Shutdown {
+    fn install(timeout: Duration) -> Shutdown {
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            info!("shutdown signal received");
+            tx.send_replace(true);
+        });
+        Shutdown { signalled: rx, timeout }
+    }
+
+    /// Completes once the signal came.
+    fn wait(&self) -> impl std::future::Future<Output = ()> + Send + Sync + 'static {
+        let mut rx = self.signalled.clone();
+        async move {
+            let _ = rx.wait_for(|signalled| *signalled).await;
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     /// Messages not yet finished (Pending or Sending), as last counted.
     pub queue_depth: Gauge,
+    /// 1 while this process leads (holds the leader Lease, or runs without leader election).
+    pub leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -88,6 +90,8 @@ impl Default for Metrics {
         registry.register("reconcile_errors", "Reconciles that failed and were retried", reconcile_errors.clone());
         let queue_depth = Gauge::default();
         registry.register("queue_depth", "EmailMessages not yet Sent or Failed", queue_depth.clone());
+        let leader = Gauge::default();
+        registry.register("leader", "1 while this process holds the leader Lease and sends, else 0", leader.clone());
         Metrics {
             registry,
             messages,
@@ -98,6 +102,7 @@ impl Default for Metrics {
             token_expiry_seconds,
             reconcile_errors,
             queue_depth,
+            leader,
         }
     }
 }

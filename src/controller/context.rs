@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
-use tokio::sync::{OnceCell, mpsc};
+use tokio::sync::{OnceCell, mpsc, watch};
 
 use super::registry::ProfileKey;
 use super::registry::ProfileRegistry;
@@ -65,6 +65,8 @@ pub struct Context {
     pub token_caches: TokenCaches,
     /// Token caches whose changes are already followed (by address).
     pub followed_caches: Mutex<HashSet<usize>>,
+    /// True once a graceful shutdown began: from then on no message is claimed.
+    pub stopping: watch::Sender<bool>,
 }
 
 /// The extra triggers of the three controllers.
@@ -102,6 +104,7 @@ impl Context {
             wake_cluster_profile,
             token_caches: TokenCaches::new(TokenCacheConfig::default()),
             followed_caches: Mutex::new(HashSet::new()),
+            stopping: watch::Sender::new(false),
         };
         (ctx, Triggers { messages: woken, mail_profiles: profiles, cluster_profiles })
     }
@@ -119,6 +122,22 @@ impl Context {
     /// Whether this process holds a claim on the message.
     pub fn holds(&self, uid: &str) -> bool {
         self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).contains(uid)
+    }
+
+    /// Begins a graceful shutdown: sends in flight finish, messages not yet claimed stay for the next leader.
+    pub fn begin_shutdown(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Whether a graceful shutdown began.
+    pub fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
+    /// Completes once a graceful shutdown began.
+    pub async fn stopped(&self) {
+        let mut rx = self.stopping.subscribe();
+        let _ = rx.wait_for(|stopping| *stopping).await;
     }
 
     /// Whether the profile still exists (a deleted profile's resolution may linger in the registry).

@@ -118,16 +118,19 @@ pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Acti
         Err(e) => return fail(&ctx, &api, &msg, e.reason(), &e.to_string()).await,
     };
 
-    let permit = ctx
-        .limits
-        .acquire(
-            &key.to_string(),
-            &outgoing.from.email,
-            profile.settings.messages_per_minute(),
-            profile.settings.max_concurrent(),
-        )
-        .await;
-    if !ctx.hold(&uid) {
+    let limits_key = key.to_string();
+    let acquire = ctx.limits.acquire(
+        &limits_key,
+        &outgoing.from.email,
+        profile.settings.messages_per_minute(),
+        profile.settings.max_concurrent(),
+    );
+    // Graceful shutdown: a message still waiting for its turn is not claimed; the next leader sends it.
+    let permit = tokio::select! {
+        permit = acquire => permit,
+        () = ctx.stopped() => return Ok(Action::await_change()),
+    };
+    if ctx.is_stopping() || !ctx.hold(&uid) {
         return Ok(Action::await_change());
     }
     let result = claim_and_send(&ctx, &api, &msg, &profile, &outgoing, transport.as_ref()).await;

@@ -47,8 +47,11 @@ pub async fn run(
 
     let (shutdown_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let signal = shutdown_tx.clone();
+    let stopping = ctx.clone();
     tokio::spawn(async move {
         shutdown.await;
+        info!("shutting down: no new sends; waiting for the sends in flight");
+        stopping.begin_shutdown();
         let _ = signal.send(());
     });
     let stopped = |tx: &tokio::sync::broadcast::Sender<()>| {
