@@ -246,11 +246,11 @@ async fn receive(
 ) -> Response {
     match rx.handle(&namespace, &route, &headers, body).await {
         Ok(Accepted::Created(name)) => {
-            info!(route = %format!("{namespace}/{route}"), message = %name, "notification received; EmailMessage created");
+            info!(route = %format!("{namespace}/{route}"), email_message = %name, "notification received; EmailMessage created");
             (StatusCode::CREATED, format!("created EmailMessage {namespace}/{name}\n")).into_response()
         }
         Ok(Accepted::AlreadyCreated(name)) => {
-            info!(route = %format!("{namespace}/{route}"), message = %name, "notification received again; nothing created");
+            info!(route = %format!("{namespace}/{route}"), email_message = %name, "notification received again; nothing created");
             (StatusCode::OK, format!("already received: EmailMessage {namespace}/{name}\n")).into_response()
         }
         Err(e) => {
