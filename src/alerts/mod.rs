@@ -101,4 +101,33 @@ mod tests {
         }
         assert_eq!(AlertError::Payload(payload::PayloadError::Invalid("x".into())).status().as_u16(), 422);
     }
+
+    /// examples/alert-route.yaml and examples/alertmanager.yml work together, and the example
+    /// templates render without error.
+    #[test]
+    fn the_examples_agree_and_their_templates_render() {
+        use k8s_openapi::api::core::v1::ConfigMap;
+        let docs: Vec<&str> = include_str!("../../examples/alert-route.yaml").split("\n---").collect();
+        let find = |kind: &str| docs.iter().find(|d| d.contains(&format!("kind: {kind}\n"))).copied().unwrap();
+        let route: crate::api::AlertRoute = serde_yaml::from_str(find("AlertRoute")).unwrap();
+        let cm: ConfigMap = serde_yaml::from_str(find("ConfigMap")).unwrap();
+        assert_eq!(route.spec.template_ref.as_ref().map(|t| t.name.as_str()), cm.metadata.name.as_deref());
+
+        let am: serde_yaml::Value = serde_yaml::from_str(include_str!("../../examples/alertmanager.yml")).unwrap();
+        let url = am["receivers"][0]["webhook_configs"][0]["url"].as_str().unwrap();
+        let ns = route.metadata.namespace.as_deref().unwrap();
+        let name = route.metadata.name.as_deref().unwrap();
+        assert!(url.ends_with(&format!("/alerts/{ns}/{name}")), "{url}");
+        let auth = &am["receivers"][0]["webhook_configs"][0]["http_config"]["authorization"];
+        assert_eq!(auth["type"].as_str(), Some("Bearer"));
+
+        let n = payload::parse(include_bytes!("../../tests/fixtures/alertmanager-firing.json")).unwrap();
+        let templates = render::Templates::from_config_map(&cm.data.unwrap());
+        let who = render::RouteName { namespace: ns.into(), name: name.into() };
+        let r = render::render(&n, &who, Some(&templates)).unwrap();
+        assert!(r.template_error.is_none(), "{:?}", r.template_error);
+        assert_eq!(r.mail.subject, "[FIRING] KubePodCrashLooping shop (2 firing)");
+        let text = r.mail.text.unwrap();
+        assert!(text.starts_with("FIRING KubePodCrashLooping [critical] since 2025-10-14 08:21:37 UTC"), "{text}");
+    }
 }
