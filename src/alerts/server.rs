@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use super::AlertError;
 use super::auth::{bearer_token, stored_token, token_matches};
 use super::payload::{self, MAX_PAYLOAD_BYTES, Notification};
-use super::render::{self, RouteName, Templates};
+use super::render::{self, RenderedMail, RouteName, Templates};
 use super::route::{self, Earlier, NOTIFICATION_LABEL, Occurrence, ROUTE_LABEL};
 use crate::api::{AlertRoute, EmailMessage};
 
@@ -51,6 +51,16 @@ pub struct AlertReceiver {
     in_flight: Semaphore,
 }
 
+/// The templates a route asks for.
+enum TemplateChoice {
+    /// It names none.
+    Defaults,
+    /// Its ConfigMap's.
+    Route(Templates),
+    /// It names a ConfigMap that is missing or empty: why.
+    Unusable(String),
+}
+
 /// What became of an accepted notification.
 #[derive(Debug)]
 enum Accepted {
@@ -68,8 +78,35 @@ impl AlertReceiver {
         AlertReceiver { client, config, recorder, in_flight: Semaphore::new(MAX_IN_FLIGHT) }
     }
 
+    /// The pipeline: authenticate → read → retry or not → render → create.
     async fn handle(&self, ns: &str, name: &str, headers: &HeaderMap, body: Body) -> Result<Accepted, AlertError> {
         let _permit = self.in_flight.try_acquire().map_err(|_| AlertError::Busy)?;
+        let route = self.authorized_route(ns, name, headers).await?;
+        let notification = read_notification(headers, body).await?;
+        let message_name = match self.occurrence(ns, &route, &notification).await? {
+            Occurrence::Retry(existing) => return Ok(Accepted::AlreadyCreated(existing)),
+            Occurrence::Create(n) => n,
+        };
+        let (mail, template_error) = self.render(ns, &route, &notification).await?;
+        let message =
+            route::email_message(ns, name, &route.spec, &notification, &message_name, mail, template_error.as_deref());
+        let messages: Api<EmailMessage> = Api::namespaced(self.client.clone(), ns);
+        let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+        match messages.create(&params, &message).await {
+            Ok(_) => {
+                let note = summary(&notification, &message_name);
+                self.event(&route, EventType::Normal, "MessageCreated", &note).await;
+                Ok(Accepted::Created(message_name))
+            }
+            // Another copy of the same notification got there first.
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(Accepted::AlreadyCreated(message_name)),
+            Err(kube::Error::Api(s)) if s.code == 400 || s.code == 422 => Err(AlertError::Refused(s.message.clone())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The route, once the caller has shown its token.
+    async fn authorized_route(&self, ns: &str, name: &str, headers: &HeaderMap) -> Result<AlertRoute, AlertError> {
         let qualified = format!("{ns}/{name}");
         if !is_object_name(ns) || !is_object_name(name) {
             return Err(AlertError::RouteNotFound(qualified));
@@ -80,18 +117,14 @@ impl AlertReceiver {
         // Anonymous requests are turned away before any call to the API server.
         let presented = bearer_token(headers).ok_or(AlertError::Unauthorized)?;
         let routes: Api<AlertRoute> = Api::namespaced(self.client.clone(), ns);
-        let route = routes.get_opt(name).await?.ok_or_else(|| AlertError::RouteNotFound(qualified.clone()))?;
+        let route = routes.get_opt(name).await?.ok_or(AlertError::RouteNotFound(qualified))?;
         self.authenticate(ns, &route, presented).await?;
+        Ok(route)
+    }
 
-        // A declared length over the limit is refused without reading; a body that grows past it
-        // while being read is refused there.
-        if declared_length(headers).is_some_and(|n| n > MAX_PAYLOAD_BYTES as u64) {
-            return Err(AlertError::TooLarge);
-        }
-        let body = read_body(body, MAX_PAYLOAD_BYTES, BODY_TIMEOUT).await?;
-        let notification = payload::parse(&body)?;
-        let key = notification.key();
-
+    /// Whether the notification is a retry of one that already has its message.
+    async fn occurrence(&self, ns: &str, route: &AlertRoute, n: &Notification) -> Result<Occurrence, AlertError> {
+        let (name, key) = (route.name_any(), n.key());
         let messages: Api<EmailMessage> = Api::namespaced(self.client.clone(), ns);
         let selector = format!("{ROUTE_LABEL}={name},{NOTIFICATION_LABEL}={key}");
         let earlier: Vec<Earlier> = messages
@@ -102,53 +135,31 @@ impl AlertReceiver {
             .map(|m| Earlier { name: m.name_any(), created: m.metadata.creation_timestamp.map(|t| t.0) })
             .collect();
         let window = SignedDuration::from_secs(route.spec.retry_window_seconds());
-        let message_name = match route::occurrence(name, &key, &earlier, Timestamp::now(), window) {
-            Occurrence::Retry(existing) => return Ok(Accepted::AlreadyCreated(existing)),
-            Occurrence::Create(n) => n,
-        };
+        Ok(route::occurrence(&name, &key, &earlier, Timestamp::now(), window))
+    }
 
-        let route_name = RouteName { namespace: ns.to_string(), name: name.to_string() };
-        let (rendering, template_error) = match self.templates(ns, &route).await? {
-            Ok(custom) => {
-                let r = render::render(&notification, &route_name, custom.as_ref())?;
-                let e = r.template_error.as_ref().map(ToString::to_string);
-                (r, e)
+    /// The email, with the route's templates or, when they cannot be used, the defaults and why.
+    async fn render(
+        &self,
+        ns: &str,
+        route: &AlertRoute,
+        n: &Notification,
+    ) -> Result<(RenderedMail, Option<String>), AlertError> {
+        let who = RouteName { namespace: ns.to_string(), name: route.name_any() };
+        let (mail, template_error) = match self.templates(ns, route).await? {
+            TemplateChoice::Defaults => (render::render(n, &who, None)?.mail, None),
+            TemplateChoice::Route(custom) => {
+                let r = render::render(n, &who, Some(&custom))?;
+                (r.mail, r.template_error.map(|e| e.to_string()))
             }
-            Err(unusable) => (render::render(&notification, &route_name, None)?, Some(unusable)),
+            TemplateChoice::Unusable(why) => (render::render(n, &who, None)?.mail, Some(why)),
         };
         if let Some(reason) = &template_error {
-            warn!(route = %qualified, reason = %reason, "the route's template cannot be used; the default is");
-            self.event(
-                &route,
-                EventType::Warning,
-                "TemplateFailed",
-                &format!("{reason}; the default template was used"),
-            )
-            .await;
+            warn!(route = %format!("{ns}/{}", who.name), reason = %reason, "the route's template cannot be used; the default is");
+            let note = format!("{reason}; the default template was used");
+            self.event(route, EventType::Warning, "TemplateFailed", &note).await;
         }
-        let message = route::email_message(
-            ns,
-            name,
-            &route.spec,
-            &notification,
-            &message_name,
-            rendering.mail,
-            template_error.as_deref(),
-        );
-        match messages
-            .create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &message)
-            .await
-        {
-            Ok(_) => {
-                let note = summary(&notification, &message_name);
-                self.event(&route, EventType::Normal, "MessageCreated", &note).await;
-                Ok(Accepted::Created(message_name))
-            }
-            // A retry that raced the first delivery of the same notification.
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(Accepted::AlreadyCreated(message_name)),
-            Err(kube::Error::Api(s)) if s.code == 400 || s.code == 422 => Err(AlertError::Refused(s.message.clone())),
-            Err(e) => Err(e.into()),
-        }
+        Ok((mail, template_error))
     }
 
     /// Compares the presented token with the one in the route's Secret.
@@ -170,22 +181,22 @@ impl AlertReceiver {
         if token_matches(presented, expected) { Ok(()) } else { Err(AlertError::Unauthorized) }
     }
 
-    /// The route's templates: none, its ConfigMap's, or why they cannot be used (the outer error
-    /// is the API's; the inner one is the route's own fault and falls back to the defaults).
-    async fn templates(&self, ns: &str, route: &AlertRoute) -> Result<Result<Option<Templates>, String>, AlertError> {
+    /// Which templates the route asks for, and whether they can be had.
+    async fn templates(&self, ns: &str, route: &AlertRoute) -> Result<TemplateChoice, AlertError> {
         let Some(r) = &route.spec.template_ref else {
-            return Ok(Ok(None));
+            return Ok(TemplateChoice::Defaults);
         };
         let config_maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
         let Some(cm) = config_maps.get_opt(&r.name).await? else {
-            return Ok(Err(format!("the template ConfigMap {ns}/{} was not found", r.name)));
+            return Ok(TemplateChoice::Unusable(format!("the template ConfigMap {ns}/{} was not found", r.name)));
         };
         let templates = Templates::from_config_map(&cm.data.unwrap_or_default());
         if templates.is_empty() {
             let keys = render::TEMPLATE_KEYS.join(", ");
-            return Ok(Err(format!("the template ConfigMap {ns}/{} has none of the keys {keys}", r.name)));
+            let why = format!("the template ConfigMap {ns}/{} has none of the keys {keys}", r.name);
+            return Ok(TemplateChoice::Unusable(why));
         }
-        Ok(Ok(Some(templates)))
+        Ok(TemplateChoice::Route(templates))
     }
 
     async fn event(&self, route: &AlertRoute, type_: EventType, reason: &str, note: &str) {
@@ -214,6 +225,17 @@ fn is_object_name(s: &str) -> bool {
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
         && s.starts_with(|c: char| c.is_ascii_alphanumeric())
         && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// The notification in the body: no larger than the limit, in time, valid.
+async fn read_notification(headers: &HeaderMap, body: Body) -> Result<Notification, AlertError> {
+    // A declared length over the limit is refused without reading; a body that grows past it
+    // while being read is refused there.
+    if declared_length(headers).is_some_and(|n| n > MAX_PAYLOAD_BYTES as u64) {
+        return Err(AlertError::TooLarge);
+    }
+    let body = read_body(body, MAX_PAYLOAD_BYTES, BODY_TIMEOUT).await?;
+    Ok(payload::parse(&body)?)
 }
 
 /// The Content-Length the client declared.
