@@ -1,5 +1,6 @@
 //! mailroom: a Kubernetes operator that sends email from custom resources.
 
+pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod controller;

@@ -71,6 +71,9 @@ struct RunArgs {
     /// Accept plain http:// Graph and authority endpoints (local testing only).
     #[arg(long, env = "MAILROOM_ALLOW_INSECURE_ENDPOINTS")]
     allow_insecure_endpoints: bool,
+    /// Address of the Alertmanager webhook receiver (POST /alerts/{namespace}/{alertroute}); off when unset.
+    #[arg(long, env = "MAILROOM_ALERTS_ADDR")]
+    alerts_addr: Option<SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -146,6 +149,15 @@ async fn run(args: RunArgs) -> Result<(), String> {
     server::serve(args.metrics_addr, args.health_addr, metrics.clone(), health.clone())
         .await
         .map_err(|e| format!("cannot listen on {} / {}: {e}", args.metrics_addr, args.health_addr))?;
+    if let Some(addr) = args.alerts_addr {
+        // Every replica serves webhooks, leader or not: message names are deterministic, so two
+        // replicas receiving the same notification still create one message.
+        let alerts =
+            mailroom::alerts::AlertsConfig { namespace: args.namespace.clone(), instance: config.instance.clone() };
+        mailroom::alerts::serve(addr, client.clone(), alerts)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    }
 
     if !args.leader_elect {
         metrics.leader.set(1);

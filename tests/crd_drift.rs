@@ -27,4 +27,10 @@ fn crds_have_short_names_columns_and_status() {
     assert_eq!(find("MailProfile").spec.names.short_names.as_deref(), Some(&["mp".to_string()][..]));
     assert_eq!(find("ClusterMailProfile").spec.names.short_names.as_deref(), Some(&["cmp".to_string()][..]));
     assert_eq!(find("ClusterMailProfile").spec.scope, "Cluster");
+    let ar = find("AlertRoute");
+    assert_eq!(ar.spec.names.short_names.as_deref(), Some(&["ar".to_string()][..]));
+    assert_eq!(ar.spec.scope, "Namespaced");
+    let cols: Vec<_> =
+        ar.spec.versions[0].additional_printer_columns.as_ref().unwrap().iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(cols, ["Profile", "To", "Template", "Age"]);
 }

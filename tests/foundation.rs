@@ -7,13 +7,14 @@ use std::time::Duration;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
-use mailroom::api::{ClusterMailProfile, EmailMessage, MailProfile};
+use mailroom::api::{AlertRoute, ClusterMailProfile, EmailMessage, MailProfile};
 
 fn resource_for(kind: &str) -> ApiResource {
     match kind {
         "EmailMessage" => ApiResource::erase::<EmailMessage>(&()),
         "MailProfile" => ApiResource::erase::<MailProfile>(&()),
         "ClusterMailProfile" => ApiResource::erase::<ClusterMailProfile>(&()),
+        "AlertRoute" => ApiResource::erase::<AlertRoute>(&()),
         other => panic!("unknown kind {other}"),
     }
 }
@@ -100,6 +101,16 @@ metadata: {generateName: p-}
 spec:
   senders: {default: alerts@contoso.com}
   smtp: {host: relay.contoso.com}
+"#;
+
+const ROUTE: &str = r#"
+apiVersion: mailroom.dev/v1alpha1
+kind: AlertRoute
+metadata: {name: on-call}
+spec:
+  profileRef: {name: p}
+  to: ["Ops Team <ops@contoso.com>"]
+  tokenSecretRef: {name: am, key: token}
 "#;
 
 /// Replaces the `line` that starts with the same key (after indentation) in a manifest.
@@ -226,6 +237,28 @@ async fn invalid_manifests_are_rejected_with_a_message_naming_the_problem() {
             ),
             "exactly one of secretRef, configMapRef or data",
         ),
+        ("route without recipients", with(ROUTE, "to:", "  to: []"), "at least one recipient is required in to or cc"),
+        ("route with a malformed cc", with(ROUTE, "to:", "  cc: [\"a@b@c\"]"), "every address in cc"),
+        ("route without a token", with(ROUTE, "tokenSecretRef:", ""), "tokenSecretRef: Required value"),
+        (
+            "route name over 63",
+            with(ROUTE, "metadata:", &format!("metadata: {{name: {}}}", "r".repeat(64))),
+            "at most 63",
+        ),
+        (
+            "route importance that is not one",
+            with(
+                ROUTE,
+                "tokenSecretRef:",
+                "  tokenSecretRef: {name: am, key: token}\n  importanceBySeverity: {critical: urgent}",
+            ),
+            "Unsupported value: \"urgent\"",
+        ),
+        (
+            "route retry window under 10 s",
+            with(ROUTE, "tokenSecretRef:", "  tokenSecretRef: {name: am, key: token}\n  retryWindowSeconds: 1"),
+            "greater than or equal to 10",
+        ),
     ];
     let total = cases.len();
     for (what, yaml, expected) in cases {
@@ -240,6 +273,7 @@ async fn invalid_manifests_are_rejected_with_a_message_naming_the_problem() {
     // The valid base documents are accepted, so the rejections above are about the change alone.
     try_create(&client, &ns, MESSAGE, true).await.expect("valid message accepted");
     try_create(&client, &ns, PROFILE, true).await.expect("valid profile accepted");
+    try_create(&client, &ns, ROUTE, true).await.expect("valid route accepted");
 }
 
 #[tokio::test]

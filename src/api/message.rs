@@ -101,11 +101,11 @@ pub struct EmailMessageSpec {
     pub ttl_seconds_after_finished: Option<i64>,
 }
 
-fn mailbox_rule(var: &str) -> String {
+pub(crate) fn mailbox_rule(var: &str) -> String {
     format!("{var}.matches('{}')", MAILBOX_PATTERN.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
-fn mailbox_list_rule() -> String {
+pub(crate) fn mailbox_list_rule() -> String {
     format!("self.all(a, {})", mailbox_rule("a"))
 }
 

@@ -1,10 +1,12 @@
-//! The custom resources: `MailProfile`, `ClusterMailProfile`, `EmailMessage`.
+//! The custom resources: `MailProfile`, `ClusterMailProfile`, `EmailMessage`, `AlertRoute`.
 
+pub mod alert_route;
 pub mod common;
 pub mod crd;
 pub mod message;
 pub mod profile;
 
+pub use alert_route::*;
 pub use common::*;
 pub use message::*;
 pub use profile::*;

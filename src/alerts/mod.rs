@@ -1,0 +1,133 @@
+//! The Alertmanager webhook receiver: `POST /alerts/{namespace}/{route}` turns each notification
+//! into one EmailMessage, as the AlertRoute declares.
+//!
+//! `payload` reads and validates Alertmanager's JSON and names a notification; `auth` checks the
+//! bearer token; `render` makes the email; `route` decides retry or repeat and builds the
+//! EmailMessage; `server` is the HTTP endpoint that strings them together.
+
+pub mod auth;
+pub mod payload;
+pub mod render;
+pub mod route;
+pub mod server;
+
+use axum::http::StatusCode;
+
+pub use server::{AlertsConfig, serve};
+
+/// Why a notification was not turned into a message; each says what to fix, and maps to the HTTP
+/// status Alertmanager acts on (it retries 5xx, and gives up on 4xx).
+#[derive(Debug, thiserror::Error)]
+pub enum AlertError {
+    /// No bearer token, or not the route's.
+    #[error("unauthorized: send the AlertRoute's token as `Authorization: Bearer <token>`")]
+    Unauthorized,
+    /// No such AlertRoute, or a name that cannot be one.
+    #[error("AlertRoute {0} not found")]
+    RouteNotFound(String),
+    /// The operator does not serve that namespace (`--namespace`).
+    #[error("namespace {0} is not served by this operator")]
+    NamespaceNotServed(String),
+    /// The route's token Secret or key is missing or empty.
+    #[error("the AlertRoute's token cannot be read: {0}")]
+    TokenUnavailable(String),
+    /// The body is over the limit.
+    #[error("the payload is larger than {} bytes", payload::MAX_PAYLOAD_BYTES)]
+    TooLarge,
+    /// The body did not arrive in time.
+    #[error("the payload did not arrive within {0} seconds")]
+    Timeout(u64),
+    /// The body could not be read.
+    #[error("the payload could not be read: {0}")]
+    Body(String),
+    /// The payload is not a valid Alertmanager notification.
+    #[error(transparent)]
+    Payload(#[from] payload::PayloadError),
+    /// The notification could not be rendered.
+    #[error(transparent)]
+    Render(#[from] render::RenderError),
+    /// The API server refused the EmailMessage.
+    #[error("the EmailMessage was refused: {0}")]
+    Refused(String),
+    /// A call to the Kubernetes API failed.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// Too many requests at once.
+    #[error("too many notifications in progress; retry later")]
+    Busy,
+}
+
+impl AlertError {
+    /// The HTTP status for Alertmanager.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AlertError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AlertError::RouteNotFound(_) | AlertError::NamespaceNotServed(_) => StatusCode::NOT_FOUND,
+            AlertError::TokenUnavailable(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AlertError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            AlertError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            AlertError::Body(_) => StatusCode::BAD_REQUEST,
+            AlertError::Payload(e) => StatusCode::from_u16(e.status_code()).unwrap_or(StatusCode::BAD_REQUEST),
+            AlertError::Render(render::RenderError::TooLarge(_)) => StatusCode::UNPROCESSABLE_ENTITY,
+            AlertError::Render(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AlertError::Refused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            AlertError::Kube(kube::Error::Api(s)) if s.code == 403 => StatusCode::INTERNAL_SERVER_ERROR,
+            AlertError::Kube(_) | AlertError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alertmanager_retries_only_what_may_succeed_later() {
+        let permanent = [
+            AlertError::Unauthorized,
+            AlertError::RouteNotFound("a/b".into()),
+            AlertError::TooLarge,
+            AlertError::Payload(payload::PayloadError::Malformed("x".into())),
+            AlertError::Payload(payload::PayloadError::Invalid("x".into())),
+            AlertError::Render(render::RenderError::TooLarge(2 << 20)),
+            AlertError::Refused("x".into()),
+        ];
+        for e in permanent {
+            assert!(e.status().is_client_error(), "{e}: {}", e.status());
+        }
+        let transient = [AlertError::Busy, AlertError::TokenUnavailable("Secret a not found".into())];
+        for e in transient {
+            assert!(e.status().is_server_error(), "{e}: {}", e.status());
+        }
+        assert_eq!(AlertError::Payload(payload::PayloadError::Invalid("x".into())).status().as_u16(), 422);
+    }
+
+    /// examples/alert-route.yaml and examples/alertmanager.yml work together, and the example
+    /// templates render without error.
+    #[test]
+    fn the_examples_agree_and_their_templates_render() {
+        use k8s_openapi::api::core::v1::ConfigMap;
+        let docs: Vec<&str> = include_str!("../../examples/alert-route.yaml").split("\n---").collect();
+        let find = |kind: &str| docs.iter().find(|d| d.contains(&format!("kind: {kind}\n"))).copied().unwrap();
+        let route: crate::api::AlertRoute = serde_yaml::from_str(find("AlertRoute")).unwrap();
+        let cm: ConfigMap = serde_yaml::from_str(find("ConfigMap")).unwrap();
+        assert_eq!(route.spec.template_ref.as_ref().map(|t| t.name.as_str()), cm.metadata.name.as_deref());
+
+        let am: serde_yaml::Value = serde_yaml::from_str(include_str!("../../examples/alertmanager.yml")).unwrap();
+        let url = am["receivers"][0]["webhook_configs"][0]["url"].as_str().unwrap();
+        let ns = route.metadata.namespace.as_deref().unwrap();
+        let name = route.metadata.name.as_deref().unwrap();
+        assert!(url.ends_with(&format!("/alerts/{ns}/{name}")), "{url}");
+        let auth = &am["receivers"][0]["webhook_configs"][0]["http_config"]["authorization"];
+        assert_eq!(auth["type"].as_str(), Some("Bearer"));
+
+        let n = payload::parse(include_bytes!("../../tests/fixtures/alertmanager-firing.json")).unwrap();
+        let templates = render::Templates::from_config_map(&cm.data.unwrap());
+        let who = render::RouteName { namespace: ns.into(), name: name.into() };
+        let r = render::render(&n, &who, Some(&templates)).unwrap();
+        assert!(r.template_error.is_none(), "{:?}", r.template_error);
+        assert_eq!(r.mail.subject, "[FIRING] KubePodCrashLooping shop (2 firing)");
+        let text = r.mail.text.unwrap();
+        assert!(text.starts_with("FIRING KubePodCrashLooping [critical] since 2025-10-14 08:21:37 UTC"), "{text}");
+    }
+}
