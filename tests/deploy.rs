@@ -141,12 +141,12 @@ fn set(items: &[(&str, &str)]) -> BTreeSet<(String, String)> {
     items.iter().map(|(k, n)| (k.to_string(), n.to_string())).collect()
 }
 
-fn crd_names() -> [(&'static str, &'static str); 3] {
-    [
-        ("CustomResourceDefinition", "mailprofiles.mailroom.dev"),
-        ("CustomResourceDefinition", "clustermailprofiles.mailroom.dev"),
-        ("CustomResourceDefinition", "emailmessages.mailroom.dev"),
-    ]
+/// Every CRD the operator defines, as (kind, name), from the Rust types.
+fn crd_names() -> Vec<(&'static str, &'static str)> {
+    mailroom::api::crd::all()
+        .into_iter()
+        .map(|c| ("CustomResourceDefinition", &*String::leak(c.metadata.name.unwrap_or_default())))
+        .collect()
 }
 
 // --- the API server ---------------------------------------------------------------------------------
