@@ -395,6 +395,30 @@ async fn a_wrong_secret_holds_messages_until_it_is_fixed() {
     assert!(!op.log_text().is_empty(), "the operator logged nothing: the check above proves little");
 }
 
+/// A deleted profile's token stops being refreshed (at most the refresh already due happens).
+#[tokio::test]
+async fn a_deleted_profile_stops_requesting_tokens() {
+    const LIFETIME: u64 = 4;
+    let w = World::new("oauth-deleted").await;
+    w.register(app(&["deleted-secret-1"], json!({"tokenLifetimeSeconds": LIFETIME}))).await;
+    w.secret(SECRET_NAME, None, json!({SECRET_KEY: "deleted-secret-1"})).await;
+    let op = w.operator(&[]);
+    w.graph_profile("m365", CLIENT, secret_ref(), json!({})).await;
+    w.wait_ready("m365", "True").await;
+    w.emu.wait_token_requests(WAIT, |t| t.len() >= 2).await;
+    w.profiles().delete("m365", &Default::default()).await.expect("delete the profile");
+
+    let start = Instant::now();
+    while !op.log_text().contains("its token refreshes stopped") {
+        assert!(start.elapsed() < WAIT, "the operator did not stop the deleted profile's token refreshes");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stopped = w.emu.token_requests().await.len();
+    // Over two more refresh intervals, nothing.
+    tokio::time::sleep(Duration::from_secs(LIFETIME + 1)).await;
+    assert_eq!(w.emu.token_requests().await.len(), stopped, "tokens requested for a deleted profile");
+}
+
 /// A certificate credential and a workload identity (federated token file) both get tokens and send.
 #[tokio::test]
 async fn certificate_and_workload_identity_profiles_send() {
