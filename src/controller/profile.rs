@@ -59,7 +59,7 @@ pub async fn reconcile_cluster(p: Arc<ClusterMailProfile>, ctx: Arc<Context>) ->
 }
 
 async fn reconcile<F, Fut>(
-    ctx: &Context,
+    ctx: &Arc<Context>,
     key: ProfileKey,
     generation: Option<i64>,
     settings: &MailProfileSpec,
@@ -186,8 +186,9 @@ pub fn judge(
 }
 
 /// Re-reconciles the profile whenever its token cache refreshes or fails, and keeps the token
-/// metrics. One follower per cache.
-fn follow_token(ctx: &Context, key: &ProfileKey, cache: &Arc<TokenCache>) {
+/// metrics. One follower per cache. A deleted profile is never reconciled again, so the follower
+/// is what notices it is gone and stops its cache, which would otherwise refresh forever.
+fn follow_token(ctx: &Arc<Context>, key: &ProfileKey, cache: &Arc<TokenCache>) {
     let address = Arc::as_ptr(cache) as usize;
     if !ctx.followed_caches.lock().unwrap_or_else(|e| e.into_inner()).insert(address) {
         return;
@@ -197,9 +198,18 @@ fn follow_token(ctx: &Context, key: &ProfileKey, cache: &Arc<TokenCache>) {
     let label = ProfileLabels { profile: super::message::profile_label(&key) };
     let metrics = Arc::clone(&ctx.metrics);
     let (mp, cmp) = (ctx.wake_profile.clone(), ctx.wake_cluster_profile.clone());
+    let context = Arc::downgrade(ctx);
     tokio::spawn(async move {
         let (mut refreshes, mut failures) = (0u64, 0u64);
         loop {
+            let Some(ctx) = context.upgrade() else {
+                break;
+            };
+            if !ctx.profile_exists(&key) {
+                forget(&ctx, &key, address);
+                break;
+            }
+            drop(ctx);
             let state = rx.borrow_and_update().clone();
             metrics.token_refreshes.get_or_create(&label).inc_by(state.refreshes.saturating_sub(refreshes));
             metrics.token_failures.get_or_create(&label).inc_by(state.failures.saturating_sub(failures));
@@ -217,6 +227,16 @@ fn follow_token(ctx: &Context, key: &ProfileKey, cache: &Arc<TokenCache>) {
             }
         }
     });
+}
+
+/// Forgets a deleted profile: stops its token caches and drops its registry entry and limits.
+fn forget(ctx: &Context, key: &ProfileKey, cache_address: usize) {
+    let name = key.to_string();
+    ctx.token_caches.remove_profile(&name);
+    ctx.profiles.remove(key);
+    ctx.limits.forget_profile(&name);
+    ctx.followed_caches.lock().unwrap_or_else(|e| e.into_inner()).remove(&cache_address);
+    tracing::info!(profile = %key, "profile deleted: its token refreshes stopped");
 }
 
 fn differs(a: &MailProfileStatus, b: &MailProfileStatus) -> bool {

@@ -11,6 +11,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 
+pub mod emulator;
 pub mod smtp_peer;
 
 /// A plain HTTP client for the test peers' control APIs.

@@ -150,7 +150,9 @@ impl GraphTransport {
             }
             if answer.status == StatusCode::UNAUTHORIZED && !auth.0 {
                 auth.0 = true;
-                self.tokens.invalidate();
+                // Only this token: when several sends fail with it at once, a token another
+                // one already fetched must survive, so they share one new request.
+                self.tokens.invalidate_token(&token);
                 continue;
             }
             return Err(answer.error());
@@ -451,6 +453,63 @@ mod tests {
         );
         assert!(token_error(AuthError::Unavailable("503".into())).is_transient());
         assert!(!token_error(AuthError::Credential("no key".into())).is_transient());
+    }
+
+    /// Hands out `token-N` (N = tokens dropped so far) and records what was dropped.
+    #[derive(Default)]
+    struct RecordingTokens {
+        dropped: std::sync::Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl TokenSource for RecordingTokens {
+        async fn token(&self) -> Result<crate::auth::AccessToken, AuthError> {
+            let n = self.dropped.lock().expect("lock").len();
+            Ok(crate::auth::AccessToken { secret: format!("token-{n}"), expires_at: k8s_openapi::jiff::Timestamp::MAX })
+        }
+        fn invalidate(&self) {
+            self.dropped.lock().expect("lock").push("<any>".into());
+        }
+        fn invalidate_token(&self, token: &crate::auth::AccessToken) {
+            self.dropped.lock().expect("lock").push(token.secret.clone());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_401_drops_only_the_token_it_answered() {
+        use wiremock::matchers::{header, method};
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(header("authorization", "Bearer token-0"))
+            .respond_with(ResponseTemplate::new(401))
+            .mount(&server)
+            .await;
+        Mock::given(method("POST")).respond_with(ResponseTemplate::new(202)).mount(&server).await;
+        let tokens = Arc::new(RecordingTokens::default());
+        let config = GraphConfig { endpoint: server.uri(), allow_insecure: true, ..GraphConfig::default() };
+        let transport = GraphTransport::new(
+            config,
+            tokens.clone(),
+            crate::tls::TrustRoots::default().http_client().expect("client"),
+        )
+        .expect("transport");
+        let message = OutgoingMessage {
+            from: crate::transport::Address { name: None, email: "a@contoso.com".into() },
+            to: vec![crate::transport::Address { name: None, email: "b@contoso.com".into() }],
+            cc: vec![],
+            bcc: vec![],
+            reply_to: vec![],
+            subject: "s".into(),
+            text: Some("t".into()),
+            html: None,
+            attachments: vec![],
+            headers: vec![],
+            importance: crate::api::Importance::Normal,
+            message_id: "<m@contoso.com>".into(),
+        };
+        transport.send(&message).await.expect("sent with the second token");
+        assert_eq!(*tokens.dropped.lock().expect("lock"), ["token-0"]);
     }
 
     #[test]
