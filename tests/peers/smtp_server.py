@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import base64
 import binascii
 import email.parser
@@ -745,9 +746,19 @@ class PeerSMTP(SMTP):
     AuthLoginUsernameChallenge = "Username:"
     AuthLoginPasswordChallenge = "Password:"
 
+    # Exchange Online takes long command lines: an XOAUTH2 initial response carries a whole JWT,
+    # well over aiosmtpd's default of 512 bytes.
+    LONG_COMMAND_LIMIT = 16384
+    # The stream reader's limit is taken from this at construction; DATA lines keep RFC 5321's
+    # 1,000 below.
+    line_length_limit = LONG_COMMAND_LIMIT
+
     def __init__(self, peer: Peer, *args: Any, **kwargs: Any):
         self.peer = peer
         super().__init__(*args, **kwargs)
+        self.line_length_limit = 1001
+        self.command_size_limit = self.LONG_COMMAND_LIMIT
+        self.command_size_limits = collections.defaultdict(lambda: self.LONG_COMMAND_LIMIT)
 
     def ssl_object(self) -> ssl.SSLObject | None:
         """The TLS session of this connection (implicit or after STARTTLS), if any."""
