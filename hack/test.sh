@@ -24,6 +24,8 @@ fi
 say "preparing the Python environment for the SMTP test server"
 MAILROOM_PYTHON="$(bash hack/pyenv.sh | tail -n 1)"
 export MAILROOM_PYTHON
+say "self-test of the SMTP test server"
+"$MAILROOM_PYTHON" tests/peers/selftest.py
 
 say "building helm for the chart tests (once per machine; a first build takes several minutes)"
 MAILROOM_HELM="$(bash hack/helm.sh | tail -n 1)"

@@ -89,28 +89,17 @@ pub struct Operator {
 impl Operator {
     /// Starts `mailroom run` watching one namespace.
     pub fn start(test: &str, namespace: &str, extra: &[&str]) -> Operator {
-        let bin = std::env::var("MAILROOM_BIN")
-            .unwrap_or_else(|_| repo_root().join("target/debug/mailroom").display().to_string());
-        let dir = repo_root().join("target/test-logs");
-        std::fs::create_dir_all(&dir).expect("log dir");
-        let log = dir.join(format!("{test}-{namespace}.log"));
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
-        let err = out.try_clone().expect("log file");
-        let child = Command::new(bin)
-            .args(["run", "--namespace", namespace, "--metrics-addr", "127.0.0.1:0", "--health-addr", "127.0.0.1:0"])
-            .args(extra)
-            .env("RUST_LOG", "info,mailroom=debug,kube=warn")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("start the operator");
-        Operator { child, log }
+        Operator::start_with_env(test, namespace, extra, &[])
     }
 
     /// Starts `mailroom run` with exactly these flags (besides loopback metrics and health
     /// addresses), logging to target/test-logs/{log_name}.log.
     pub fn start_with_args(log_name: &str, args: &[&str]) -> Operator {
+        Operator::spawn(log_name, args, &[])
+    }
+
+    /// Starts the operator binary with `run`, loopback metrics and health addresses, and `args`.
+    fn spawn(log_name: &str, args: &[&str], env: &[(&str, &str)]) -> Operator {
         let bin = std::env::var("MAILROOM_BIN")
             .unwrap_or_else(|_| repo_root().join("target/debug/mailroom").display().to_string());
         let dir = repo_root().join("target/test-logs");
@@ -122,6 +111,7 @@ impl Operator {
             .args(["run", "--metrics-addr", "127.0.0.1:0", "--health-addr", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "info,mailroom=debug,kube=warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -238,23 +228,8 @@ impl Operator {
     /// Starts `mailroom run` watching one namespace, with extra environment variables (for
     /// example a KUBECONFIG with another identity).
     pub fn start_with_env(test: &str, namespace: &str, extra: &[&str], env: &[(&str, &str)]) -> Operator {
-        let bin = std::env::var("MAILROOM_BIN")
-            .unwrap_or_else(|_| repo_root().join("target/debug/mailroom").display().to_string());
-        let dir = repo_root().join("target/test-logs");
-        std::fs::create_dir_all(&dir).expect("log dir");
-        let log = dir.join(format!("{test}-{namespace}.log"));
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
-        let err = out.try_clone().expect("log file");
-        let child = Command::new(bin)
-            .args(["run", "--namespace", namespace, "--metrics-addr", "127.0.0.1:0", "--health-addr", "127.0.0.1:0"])
-            .args(extra)
-            .env("RUST_LOG", "info,mailroom=debug,kube=warn")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("start the operator");
-        Operator { child, log }
+        let mut args = vec!["--namespace", namespace];
+        args.extend_from_slice(extra);
+        Operator::spawn(&format!("{test}-{namespace}"), &args, env)
     }
 }
