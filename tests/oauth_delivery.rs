@@ -395,6 +395,30 @@ async fn a_wrong_secret_holds_messages_until_it_is_fixed() {
     assert!(!op.log_text().is_empty(), "the operator logged nothing: the check above proves little");
 }
 
+/// A token issued without Mail.Send makes the profile say what to grant, and messages wait
+/// instead of collecting 403s.
+#[tokio::test]
+async fn a_token_without_mail_send_shows_missing_permission() {
+    let w = World::new("oauth-noperm").await;
+    w.register(app(&["noperm-secret-1"], json!({"roles": []}))).await;
+    w.secret(SECRET_NAME, None, json!({SECRET_KEY: "noperm-secret-1"})).await;
+    let _op = w.operator(&[]);
+    w.graph_profile("m365", CLIENT, secret_ref(), json!({})).await;
+    let profile = w.wait_ready("m365", "False").await;
+    let cond = ready(&profile).expect("Ready").clone();
+    assert_eq!(cond.reason, "MissingPermission", "{cond:?}");
+    assert!(cond.message.contains("Mail.Send") && cond.message.contains("admin consent"), "{cond:?}");
+    assert!(profile.status.as_ref().and_then(|s| s.token.as_ref()).is_some_and(|t| t.roles.is_empty()));
+    w.send("held", "m365", json!({})).await;
+    let held = common::wait_for(&w.messages(), "held", WAIT, |m| {
+        message_condition(m, "Waiting").is_some_and(|c| c.status == "True" && c.reason == "ProfileNotReady")
+    })
+    .await;
+    assert!(message_condition(&held, "Waiting").unwrap().message.contains("MissingPermission"));
+    assert_eq!(status_of(&held).attempts, None, "nothing was sent");
+    assert!(w.emu.messages().await.is_empty());
+}
+
 /// A deleted profile's token stops being refreshed (at most the refresh already due happens).
 #[tokio::test]
 async fn a_deleted_profile_stops_requesting_tokens() {

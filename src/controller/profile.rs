@@ -85,7 +85,7 @@ where
             let _ = tokio::time::timeout(FIRST_TOKEN_WAIT, crate::auth::TokenSource::token(cache.as_ref())).await;
         }
     }
-    let judged = judge(built.map(|b| b.transport), tokens.as_ref().map(|c| c.snapshot()), now);
+    let judged = judge(built.map(|b| b.transport), tokens.as_ref().map(|c| c.snapshot()), required_role(settings), now);
     next.token = judged.token;
     let ready = match &judged.condition {
         Ok(message) => {
@@ -142,6 +142,7 @@ pub struct Judgement {
 pub fn judge(
     transport: Result<Arc<dyn crate::transport::Transport>, NotReady>,
     token: Option<TokenState>,
+    required_role: Option<&str>,
     now: Timestamp,
 ) -> Judgement {
     let transport = match transport {
@@ -170,10 +171,18 @@ pub fn judge(
             let nr = NotReady { reason: "TokenRequestFailed".into(), message: err.to_string() };
             Judgement { state: Err(nr.clone()), condition: Err(nr), token: Some(status) }
         }
-        (None, true) => Judgement {
-            state: Ok(transport),
-            condition: Ok("token acquired; profile can send".into()),
-            token: Some(status),
+        (None, true) => match required_role.filter(|role| !token.roles.iter().any(|r| r == role)) {
+            // A token can be issued without the permission that sending needs; the failure would
+            // only show later, as a 403 on every message. Messages wait until it is granted.
+            Some(role) => {
+                let nr = missing_permission(role, &token.roles);
+                Judgement { state: Err(nr.clone()), condition: Err(nr), token: Some(status) }
+            }
+            None => Judgement {
+                state: Ok(transport),
+                condition: Ok("token acquired; profile can send".into()),
+                token: Some(status),
+            },
         },
         (None, false) => {
             let nr = NotReady {
@@ -182,6 +191,27 @@ pub fn judge(
             };
             Judgement { state: Err(nr.clone()), condition: Err(nr), token: Some(status) }
         }
+    }
+}
+
+/// The application role a profile's token must carry to send: `Mail.Send` for Graph,
+/// `SMTP.SendAsApp` for SMTP with OAuth 2.0.
+pub fn required_role(settings: &MailProfileSpec) -> Option<&'static str> {
+    if settings.graph.is_some() {
+        return Some("Mail.Send");
+    }
+    settings.smtp.as_ref().and_then(|s| s.auth.as_ref()).and_then(|a| a.oauth2.as_ref()).map(|_| "SMTP.SendAsApp")
+}
+
+/// What to grant, and where, when the token lacks the role.
+fn missing_permission(role: &str, has: &[String]) -> NotReady {
+    let api = if role == "Mail.Send" { "Microsoft Graph" } else { "Office 365 Exchange Online" };
+    let has = if has.is_empty() { "none".to_string() } else { has.join(", ") };
+    NotReady {
+        reason: "MissingPermission".into(),
+        message: format!(
+            "the app's token lacks the {role} application role (it has: {has}); in Microsoft Entra ID, add the {api} application permission {role} to the app registration and grant admin consent; the next token picks it up"
+        ),
     }
 }
 
@@ -571,6 +601,68 @@ mod tests {
 
     fn ns_key() -> ProfileKey {
         ProfileKey::Namespaced { namespace: "team-a".into(), name: "p".into() }
+    }
+
+    struct NoTransport;
+
+    #[async_trait::async_trait]
+    impl crate::transport::Transport for NoTransport {
+        async fn send(
+            &self,
+            _: &crate::transport::OutgoingMessage,
+        ) -> Result<crate::transport::Delivered, crate::transport::SendError> {
+            Err(crate::transport::SendError::permanent("not used"))
+        }
+    }
+
+    fn token(roles: &[&str], error: Option<&str>, expires_in: i64) -> TokenState {
+        TokenState {
+            expires_at: Some(Timestamp::from_second(1_000 + expires_in).unwrap()),
+            last_refresh_time: Some(Timestamp::from_second(900).unwrap()),
+            last_error: error.map(|e| crate::auth::AuthError::Rejected(e.into())),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            refreshes: 1,
+            failures: 0,
+        }
+    }
+
+    fn judged(t: TokenState, role: Option<&str>) -> Judgement {
+        judge(Ok(Arc::new(NoTransport)), Some(t), role, Timestamp::from_second(1_000).unwrap())
+    }
+
+    #[test]
+    fn readiness_follows_the_token() {
+        let ok = judged(token(&["Mail.Send"], None, 3600), Some("Mail.Send"));
+        assert!(ok.state.is_ok() && ok.condition.is_ok());
+        assert_eq!(ok.token.unwrap().roles, ["Mail.Send"]);
+
+        let missing = judged(token(&[], None, 3600), Some("Mail.Send"));
+        let nr = missing.condition.unwrap_err();
+        assert_eq!(nr.reason, "MissingPermission");
+        assert!(nr.message.contains("Mail.Send") && nr.message.contains("admin consent"), "{}", nr.message);
+        assert!(missing.state.is_err(), "messages wait until the permission is granted");
+        let smtp = judged(token(&["Mail.Send"], None, 3600), Some("SMTP.SendAsApp")).condition.unwrap_err();
+        assert!(smtp.message.contains("Office 365 Exchange Online"), "{}", smtp.message);
+
+        let failing =
+            judged(token(&["Mail.Send"], Some("AADSTS7000215: invalid client secret"), 60), Some("Mail.Send"));
+        assert!(failing.state.is_ok(), "the still-valid token keeps messages flowing");
+        assert_eq!(failing.condition.unwrap_err().reason, "TokenRefreshFailed");
+
+        let expired =
+            judged(token(&["Mail.Send"], Some("AADSTS7000215: invalid client secret"), -1), Some("Mail.Send"));
+        assert_eq!(expired.state.err().map(|nr| nr.reason).as_deref(), Some("TokenRequestFailed"));
+    }
+
+    #[test]
+    fn required_roles_follow_the_transport() {
+        assert_eq!(required_role(&graph("https://g", None)), Some("Mail.Send"));
+        let relay = MailProfileSpec {
+            smtp: Some(SmtpTransport { host: "relay".into(), port: Some(25), tls: None, auth: None }),
+            graph: None,
+            ..graph("https://g", None)
+        };
+        assert_eq!(required_role(&relay), None);
     }
 
     #[test]
