@@ -94,6 +94,23 @@ pub fn set_condition(conditions: &mut Vec<Condition>, new: Condition) {
     }
 }
 
+/// Whether two statuses differ in anything a reader would see: everything but their conditions'
+/// transition times. Writing a status that does not differ is skipped.
+pub fn differs_beyond_transition_times<T: Clone + PartialEq>(
+    a: &T,
+    b: &T,
+    conditions: fn(&mut T) -> &mut Vec<Condition>,
+) -> bool {
+    let strip = |s: &T| {
+        let mut s = s.clone();
+        for c in conditions(&mut s) {
+            c.last_transition_time = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        }
+        s
+    };
+    strip(a) != strip(b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,7 @@ use crate::api::{EmailMessage, EmailMessageStatus, OnUncertain, Phase};
 use crate::delivery::policy;
 use crate::delivery::retry::{self, RetryDecision, RetryPolicy};
 use crate::error::{Error, Result};
-use crate::transport::{OutgoingMessage, SendError};
+use crate::transport::{Address, OutgoingMessage, SendError};
 
 /// A waiting message is looked at again this often even if nothing wakes it.
 const WAIT_RECHECK: Duration = Duration::from_secs(60);
@@ -96,13 +96,9 @@ pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Acti
             return wait(&ctx, &api, &msg, "ProfileNotReady", &text).await;
         }
     };
-    if let Err(e) = check_policy(&ctx, &ns, &msg, &profile).await? {
-        return fail(&ctx, &api, &msg, e.0, &e.1).await;
-    }
-
-    let from = match outgoing::sender(&msg.spec, &profile.settings.senders.default) {
-        Ok(f) => f,
-        Err(e) => return fail(&ctx, &api, &msg, e.reason(), &e.to_string()).await,
+    let from = match check_policy(&ctx, &ns, &msg, &profile).await? {
+        Ok(from) => from,
+        Err((reason, text)) => return fail(&ctx, &api, &msg, reason, &text).await,
     };
     let attachments = match outgoing::load_attachments(&ctx.client, &ns, &msg.spec).await? {
         Ok(a) => a,
@@ -238,14 +234,14 @@ async fn claim_and_send(
     }
 }
 
-/// Checks the namespace, sender and recipients against the profile. Ok(Err((reason, text))) is a
-/// violation that fails the message.
+/// Checks the namespace, sender and recipients against the profile and returns the sender.
+/// Ok(Err((reason, text))) is a violation that fails the message.
 async fn check_policy(
     ctx: &Context,
     ns: &str,
     msg: &EmailMessage,
     profile: &ResolvedProfile,
-) -> Result<Result<(), (&'static str, String)>> {
+) -> Result<Result<Address, (&'static str, String)>> {
     let name = profile.key.to_string();
     if let ProfileKey::Cluster { .. } = profile.key {
         let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
@@ -262,11 +258,14 @@ async fn check_policy(
         return Ok(Err(("SenderNotAllowed", e.to_string())));
     }
     let mut bare = Vec::new();
-    for a in msg.spec.to.iter().chain(&msg.spec.cc).chain(&msg.spec.bcc) {
-        match crate::transport::parse_mailbox(a) {
-            Ok(m) => bare.push(m.email),
-            Err(e) => {
-                return Ok(Err((BuildError::Address { field: "to", reason: String::new() }.reason(), e.to_string())));
+    for (field, list) in [("to", &msg.spec.to), ("cc", &msg.spec.cc), ("bcc", &msg.spec.bcc)] {
+        for a in list {
+            match crate::transport::parse_mailbox(a) {
+                Ok(m) => bare.push(m.email),
+                Err(e) => {
+                    let e = BuildError::Address { field, reason: e.to_string() };
+                    return Ok(Err((e.reason(), e.to_string())));
+                }
             }
         }
     }
@@ -275,7 +274,7 @@ async fn check_policy(
     {
         return Ok(Err(("RecipientDomainNotAllowed", e.to_string())));
     }
-    Ok(Ok(()))
+    Ok(Ok(from))
 }
 
 /// The profile as metrics name it: `namespace/name`, or the cluster profile's name.

@@ -79,7 +79,8 @@ where
     let tokens = built.as_ref().ok().and_then(|b| b.tokens.clone());
     if let Some(cache) = &tokens {
         follow_token(ctx, &key, cache);
-        if cache.snapshot().expires_at.is_none() && cache.snapshot().last_error.is_none() {
+        let first = cache.snapshot();
+        if first.expires_at.is_none() && first.last_error.is_none() {
             // The first token is on its way: wait for it briefly, so Ready says whether the
             // credential works before any message is sent.
             let _ = tokio::time::timeout(FIRST_TOKEN_WAIT, crate::auth::TokenSource::token(cache.as_ref())).await;
@@ -270,14 +271,7 @@ fn forget(ctx: &Context, key: &ProfileKey, cache_address: usize) {
 }
 
 fn differs(a: &MailProfileStatus, b: &MailProfileStatus) -> bool {
-    let strip = |s: &MailProfileStatus| {
-        let mut s = s.clone();
-        for c in &mut s.conditions {
-            c.last_transition_time = Time(Timestamp::UNIX_EPOCH);
-        }
-        s
-    };
-    strip(a) != strip(b)
+    crate::api::differs_beyond_transition_times(a, b, |s| &mut s.conditions)
 }
 
 /// Wakes the unfinished messages that name this profile.
@@ -494,25 +488,38 @@ async fn read_key(client: &Client, key: &ProfileKey, r: &SecretKeySelector) -> R
     Ok(secret_value(&secret, &r.key).filter(|v| !v.is_empty()).ok_or_else(|| key_missing(&ns, &r.name, &r.key)))
 }
 
-async fn read_password(
+/// Two keys of one Secret (a login, or a certificate and its key).
+async fn read_two_keys(
     client: &Client,
     key: &ProfileKey,
     r: &SecretReference,
-) -> Result<Result<CredentialMaterial, NotReady>> {
+    names: [&str; 2],
+) -> Result<Result<[Vec<u8>; 2], NotReady>> {
     let ns = secret_namespace(key, r.namespace.as_deref());
     let secret = match get_secret(client, &ns, &r.name).await? {
         Ok(s) => s,
         Err(nr) => return Ok(Err(nr)),
     };
-    let Some(user) = secret_value(&secret, "username") else {
-        return Ok(Err(key_missing(&ns, &r.name, "username")));
-    };
-    let Some(pass) = secret_value(&secret, "password") else {
-        return Ok(Err(key_missing(&ns, &r.name, "password")));
-    };
-    Ok(Ok(CredentialMaterial::Password {
-        username: String::from_utf8_lossy(&user).trim().to_string(),
-        password: String::from_utf8_lossy(&pass).to_string(),
+    let mut values = [Vec::new(), Vec::new()];
+    for (value, name) in values.iter_mut().zip(names) {
+        match secret_value(&secret, name) {
+            Some(v) => *value = v,
+            None => return Ok(Err(key_missing(&ns, &r.name, name))),
+        }
+    }
+    Ok(Ok(values))
+}
+
+async fn read_password(
+    client: &Client,
+    key: &ProfileKey,
+    r: &SecretReference,
+) -> Result<Result<CredentialMaterial, NotReady>> {
+    Ok(read_two_keys(client, key, r, ["username", "password"]).await?.map(|[user, pass]| {
+        CredentialMaterial::Password {
+            username: String::from_utf8_lossy(&user).trim().to_string(),
+            password: String::from_utf8_lossy(&pass).to_string(),
+        }
     }))
 }
 
@@ -521,18 +528,9 @@ async fn read_certificate(
     key: &ProfileKey,
     r: &SecretReference,
 ) -> Result<Result<CredentialMaterial, NotReady>> {
-    let ns = secret_namespace(key, r.namespace.as_deref());
-    let secret = match get_secret(client, &ns, &r.name).await? {
-        Ok(s) => s,
-        Err(nr) => return Ok(Err(nr)),
-    };
-    let Some(cert_pem) = secret_value(&secret, "tls.crt") else {
-        return Ok(Err(key_missing(&ns, &r.name, "tls.crt")));
-    };
-    let Some(key_pem) = secret_value(&secret, "tls.key") else {
-        return Ok(Err(key_missing(&ns, &r.name, "tls.key")));
-    };
-    Ok(Ok(CredentialMaterial::Certificate { cert_pem, key_pem }))
+    Ok(read_two_keys(client, key, r, ["tls.crt", "tls.key"])
+        .await?
+        .map(|[cert_pem, key_pem]| CredentialMaterial::Certificate { cert_pem, key_pem }))
 }
 
 /// The Secrets (namespace, name) a profile references, for the Secret watch.

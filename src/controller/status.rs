@@ -169,14 +169,7 @@ pub fn finished_at(s: &EmailMessageStatus) -> Option<Timestamp> {
 
 /// Whether writing `next` over `prev` changes anything a reader would see (ignoring times).
 pub fn differs(prev: &EmailMessageStatus, next: &EmailMessageStatus) -> bool {
-    let strip = |s: &EmailMessageStatus| {
-        let mut s = s.clone();
-        for c in &mut s.conditions {
-            c.last_transition_time = Time(Timestamp::UNIX_EPOCH);
-        }
-        s
-    };
-    strip(prev) != strip(next)
+    crate::api::differs_beyond_transition_times(prev, next, |s| &mut s.conditions)
 }
 
 #[cfg(test)]
