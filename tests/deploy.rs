@@ -443,6 +443,55 @@ fn helm_chart_renders_what_the_api_server_accepts() {
     assert_eq!(at(find(&standby, "Deployment", "mailroom"), &["spec", "replicas"]).as_u64(), Some(2));
 }
 
+/// The alerts Service selects the operator's Pods, and its target port is the one `--alerts-addr` listens on.
+fn check_alerts_service(what: &str, docs: &[Value], service_name: &str) {
+    let deployment = find(docs, "Deployment", "mailroom");
+    let service = find(docs, "Service", service_name);
+    let selector = at(service, &["spec", "selector"]).as_mapping().expect("selector");
+    let pod_labels = at(deployment, &["spec", "template", "metadata", "labels"]).as_mapping().expect("labels");
+    for (k, v) in selector {
+        assert_eq!(pod_labels.get(k), Some(v), "{what}: the alerts Service selects {k:?}={v:?}, the Pods lack it");
+    }
+    let port = at(service, &["spec", "ports"]).get(0).expect("a port");
+    assert_eq!(str_at(port, &["targetPort"]), "alerts", "{what}");
+    let container = at(deployment, &["spec", "template", "spec", "containers"]).get(0).expect("container");
+    let container_port = at(container, &["ports"])
+        .as_sequence()
+        .expect("ports")
+        .iter()
+        .find(|p| str_at(p, &["name"]) == "alerts")
+        .unwrap_or_else(|| panic!("{what}: no container port named alerts"));
+    let listen = container_args(deployment)
+        .iter()
+        .find_map(|a| a.strip_prefix("--alerts-addr=").map(str::to_string))
+        .unwrap_or_else(|| panic!("{what}: the operator is not started with --alerts-addr"));
+    let listen_port: u64 = listen.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port in --alerts-addr");
+    assert_eq!(at(container_port, &["containerPort"]).as_u64(), Some(listen_port), "{what}");
+    assert_eq!(at(port, &["port"]).as_u64(), Some(listen_port), "{what}");
+}
+
+#[test]
+fn alerts_receiver_is_exposed_by_the_overlay_and_the_chart() {
+    required_env("KUBECONFIG");
+    install_identity();
+    let base = docs(&kustomize_base());
+    assert!(!container_args(find(&base, "Deployment", "mailroom")).iter().any(|a| a.starts_with("--alerts-addr")));
+    let overlay =
+        docs(&kubectl_ok(&["kustomize", &repo_root().join("deploy/overlays/alerts").display().to_string()], None));
+    let mut want = kinds(&base);
+    want.insert(("Service".into(), "mailroom-alerts".into()));
+    assert_eq!(kinds(&overlay), want);
+    check_alerts_service("deploy/overlays/alerts", &overlay, "mailroom-alerts");
+    server_dry_run("deploy/overlays/alerts", &overlay.iter().collect::<Vec<_>>());
+    assert_pod_meets_restricted("deploy/overlays/alerts", find(&overlay, "Deployment", "mailroom"));
+
+    let defaults = docs(&render_chart(&[]));
+    assert!(!kinds(&defaults).contains(&("Service".into(), "mailroom-alerts".into())));
+    let chart = docs(&render_chart(&["--set", "alerts.enabled=true", "--set", "alerts.port=9095"]));
+    check_alerts_service("chart with alerts.enabled", &chart, "mailroom-alerts");
+    server_dry_run("chart with alerts.enabled", &chart.iter().collect::<Vec<_>>());
+}
+
 fn container_args(d: &Value) -> Vec<String> {
     at(d, &["spec", "template", "spec", "containers"])
         .get(0)
