@@ -72,12 +72,28 @@ impl SmtpTransport {
             let bytes = greeting.lock().unwrap_or_else(|e| e.into_inner());
             greeting_text(&bytes)
         };
+        if transport.tls_mode == TlsMode::StartTLS {
+            let Some(tls) = transport.tls.clone() else {
+                return Err(SendError::permanent("STARTTLS parameters are missing"));
+            };
+            if !conn.can_starttls() {
+                close(&mut conn, false, transport.command_timeout).await;
+                return Err(SendError::permanent(format!(
+                    "{server} does not offer STARTTLS, which tls: StartTLS requires"
+                )));
+            }
+            // A failed handshake leaves lettre's connection without a stream: it is dropped,
+            // never closed, as in a send.
+            timed(transport.command_timeout, conn.starttls(tls, &transport.hello))
+                .await
+                .map_err(|f| classify(&f, Stage::StartTls, &server))?;
+        }
         let result = transport.inspect(&mut conn, greeting, sender).await;
         close(&mut conn, result.is_ok(), transport.command_timeout).await;
         result
     }
 
-    /// STARTTLS as configured, EHLO again for the mechanisms, then AUTH.
+    /// EHLO again for the mechanisms, then AUTH.
     async fn inspect(
         &self,
         conn: &mut AsyncSmtpConnection,
@@ -85,19 +101,6 @@ impl SmtpTransport {
         sender: &str,
     ) -> Result<SmtpProbe, SendError> {
         let server = self.server();
-        if self.tls_mode == TlsMode::StartTLS {
-            let Some(tls) = self.tls.clone() else {
-                return Err(SendError::permanent("STARTTLS parameters are missing"));
-            };
-            if !conn.can_starttls() {
-                return Err(SendError::permanent(format!(
-                    "{server} does not offer STARTTLS, which tls: StartTLS requires"
-                )));
-            }
-            timed(self.command_timeout, conn.starttls(tls, &self.hello))
-                .await
-                .map_err(|f| classify(&f, Stage::StartTls, &server))?;
-        }
         let ehlo = timed(self.command_timeout, conn.command(Ehlo::new(self.hello.clone())))
             .await
             .map_err(|f| classify(&f, Stage::Connect, &server))?;
@@ -108,7 +111,9 @@ impl SmtpTransport {
             SmtpCredentials::Password { username, .. } => Some(username.clone()),
             SmtpCredentials::XOAuth2(_) => Some(sender.to_string()),
         };
-        Ok(SmtpProbe { greeting, encrypted: conn.is_encrypted(), auth_mechanisms, authenticated_as })
+        // lettre does not know about the implicit TLS the probe set up itself.
+        let encrypted = conn.is_encrypted() || self.tls_mode == TlsMode::Implicit;
+        Ok(SmtpProbe { greeting, encrypted, auth_mechanisms, authenticated_as })
     }
 }
 
