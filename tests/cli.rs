@@ -6,7 +6,7 @@ mod common;
 use std::process::Output;
 use std::time::Duration;
 
-use common::emulator::Emulator;
+use common::emulator::{Emulator, concat_pems};
 use common::smtp_peer::SmtpPeer;
 use common::{Operator, create_yaml};
 use k8s_openapi::api::core::v1::Secret;
@@ -543,4 +543,97 @@ spec:
     assert!(stdout.contains("greeting: 220 "), "the greeting is read inside TLS: {stdout}");
     assert!(stdout.contains("auth mechanisms (encrypted): none"), "a relay offers no AUTH: {stdout}");
     assert!(!stdout.contains("login:"), "{stdout}");
+}
+
+/// SMTP with XOAUTH2: a token for Exchange Online with SMTP.SendAsApp, then AUTH XOAUTH2 after
+/// STARTTLS, checked by the SMTP server through the emulator; a ClusterMailProfile whose Secret
+/// reference carries its namespace.
+#[tokio::test]
+async fn check_a_cluster_profile_with_xoauth2() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cli-xoauth2", &[]).await;
+    let emu = Emulator::start("cli-xoauth2").await;
+    let emu_ca = emu.ca_pem().display().to_string();
+    let peer = SmtpPeer::start(&[
+        "--self-signed",
+        "--require-starttls",
+        "--xoauth2-introspect",
+        &emu.introspect_url(),
+        "--xoauth2-ca",
+        &emu_ca,
+    ]);
+    emu.register_app(
+        json!({"tenantId": TENANT, "clientId": CLIENT, "secrets": ["xo-Secret-4f5e6d"], "roles": ["SMTP.SendAsApp"]}),
+    )
+    .await;
+    let yaml = format!(
+        r#"
+apiVersion: v1
+kind: Secret
+metadata: {{name: exo-credentials}}
+stringData: {{client-secret: xo-Secret-4f5e6d}}
+---
+apiVersion: mailroom.dev/v1alpha1
+kind: ClusterMailProfile
+metadata: {{name: {ns}}}
+spec:
+  senders: {{default: "alerts@contoso.com"}}
+  smtp:
+    host: 127.0.0.1
+    port: {port}
+    tls: StartTLS
+    auth:
+      oauth2:
+        tenantId: {TENANT}
+        clientId: {CLIENT}
+        authorityHost: {url}
+        clientSecretRef: {{name: exo-credentials, namespace: {ns}, key: client-secret}}
+"#,
+        port = peer.smtp_port,
+        url = emu.url
+    );
+    create_yaml(&client, &ns, &yaml).await;
+    let bundle = emu.dir.path().join("cli-ca-bundle.pem");
+    concat_pems(&bundle, &[emu.ca_pem(), peer.ca_pem()]);
+    let bundle = bundle.display().to_string();
+
+    let out = mailroom(&["profile", "check", &ns, "--cluster", "--ca-bundle", &bundle], b"", &[]).await;
+    let (code, stdout, stderr) = parts(&out);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains(&format!("profile: ClusterMailProfile {ns} (smtp-oauth2)")), "{stdout}");
+    assert!(stdout.contains("roles: SMTP.SendAsApp"), "{stdout}");
+    assert!(stdout.contains("auth mechanisms (encrypted): ") && stdout.contains("XOAUTH2"), "{stdout}");
+    assert!(stdout.contains("login: accepted for alerts@contoso.com"), "{stdout}");
+    assert!(!stdout.contains("eyJ") && !stdout.contains("xo-Secret-4f5e6d"), "a secret was printed: {stdout}");
+    let tokens = emu.token_requests().await;
+    assert_eq!(tokens.len(), 1, "{tokens:#?}");
+    assert_eq!(tokens[0]["scope"], "https://outlook.office365.com/.default");
+}
+
+/// Without --namespace, the kubeconfig context's namespace is used, as kubectl does.
+#[tokio::test]
+async fn the_kubeconfig_context_names_the_namespace() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cli-context", &[]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::copy(common::required_env("KUBECONFIG"), &kubeconfig).expect("copy the kubeconfig");
+    let kubeconfig = kubeconfig.display().to_string();
+    let set = common::kubectl(&["config", "set-context", "--current", "--namespace", &ns, "--kubeconfig", &kubeconfig]);
+    assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
+    let env = [("KUBECONFIG", kubeconfig.as_str())];
+
+    let out =
+        mailroom(&["send", "--profile", "relay", "--to", "ops@contoso.com", "--text", "-", "--dry-run"], b"x", &env)
+            .await;
+    let (code, stdout, stderr) = parts(&out);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    let message: EmailMessage = serde_yaml::from_str(&stdout).expect("an EmailMessage");
+    assert_eq!(message.metadata.namespace.as_deref(), Some(ns.as_str()));
+
+    let out = mailroom(&["send", "--profile", "relay", "--to", "ops@contoso.com", "--text", "-"], b"x", &env).await;
+    let (code, stdout, stderr) = parts(&out);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains(&format!("created in namespace {ns}")), "{stdout}");
+    assert_eq!(messages_in(&ns).await.len(), 1);
 }
