@@ -30,8 +30,10 @@ struct Cli {
 enum Command {
     /// Run the operator.
     Run(RunArgs),
-    /// Create an EmailMessage (and wait for its outcome with --wait). Exit codes: 0 sent (or
-    /// created), 1 failed, 2 timed out, 3 API error, 64 bad command line.
+    /// Create an EmailMessage, and with --wait wait for its outcome.
+    ///
+    /// Exit codes: 0 sent (or created, without --wait), 1 failed, 2 timed out, 3 API error,
+    /// 64 bad command line.
     Send(mailroom::cli::send::SendArgs),
     /// Work with profiles.
     #[command(subcommand)]
@@ -44,8 +46,9 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ProfileCommand {
-    /// Check a profile as the operator would: Secrets, token, roles, SMTP server. Exit 0 when it
-    /// checks out, 1 otherwise.
+    /// Check a profile as the operator would: Secrets, token, roles, SMTP server.
+    ///
+    /// Exit codes: 0 when it checks out, 1 otherwise, 64 bad command line.
     Check(mailroom::cli::check::CheckArgs),
 }
 

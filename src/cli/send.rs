@@ -448,10 +448,15 @@ async fn create(client: &Client, namespace: &str, plan: Plan) -> Result<EmailMes
     if let Some(name) = plan.secret.as_ref().and_then(|s| s.metadata.name.as_deref()) {
         let owner = owner_reference(&created)?;
         let patch = json!({"metadata": {"ownerReferences": [owner]}});
-        secrets
-            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map_err(|e| api_error(&format!("setting the owner of Secret {name}"), e))?;
+        secrets.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(|e| {
+            api_error(
+                &format!(
+                    "emailmessage/{name} was created, but Secret {name} could not be given to it \
+                         (delete the Secret yourself once the message is gone)"
+                ),
+                e,
+            )
+        })?;
     }
     Ok(created)
 }
