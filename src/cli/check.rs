@@ -11,7 +11,7 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 use kube::{Api, Client};
 
-use super::{exit, parse_duration};
+use super::{exit, parse_duration, printable};
 use crate::api::{ClusterMailProfile, MailProfile, MailProfileSpec};
 use crate::auth::{TokenCacheConfig, TokenCaches, TokenSource, TokenState};
 use crate::controller::outgoing::message_id;
@@ -86,7 +86,7 @@ pub async fn run(args: CheckArgs) -> u8 {
     match check.run(test_to).await {
         Ok(()) => exit::OK,
         Err(nr) => {
-            println!("not ready: {}: {}", nr.reason, nr.message);
+            println!("not ready: {}: {}", printable(&nr.reason), printable(&nr.message));
             exit::FAILED
         }
     }
@@ -162,13 +162,13 @@ impl Check {
             .await
             .map_err(|_| send_failed(format!("no answer within {}", super::human_duration(self.timeout))))?
             .map_err(|e| send_failed(e.to_string()))?;
-        println!("test message: accepted: {}", delivered.response);
+        println!("test message: accepted: {}", printable(&delivered.response));
         if let Some(id) = delivered.request_id {
-            println!("  request-id: {id}");
+            println!("  request-id: {}", printable(&id));
         }
         println!("  messageId: {}", message.message_id);
         for (rcpt, reply) in delivered.rejected {
-            println!("  rejected: {rcpt}: {reply}");
+            println!("  rejected: {}: {}", printable(&rcpt), printable(&reply));
         }
         Ok(())
     }
@@ -216,9 +216,9 @@ pub fn describe_token(state: &TokenState, now: Timestamp) -> String {
 /// What the SMTP server showed.
 pub fn describe_probe(probe: &SmtpProbe) -> String {
     let mechanisms =
-        if probe.auth_mechanisms.is_empty() { "none".to_string() } else { probe.auth_mechanisms.join(" ") };
+        if probe.auth_mechanisms.is_empty() { "none".to_string() } else { printable(&probe.auth_mechanisms.join(" ")) };
     let tls = if probe.encrypted { "encrypted" } else { "not encrypted" };
-    let mut out = format!("greeting: {}\nauth mechanisms ({tls}): {mechanisms}\n", probe.greeting);
+    let mut out = format!("greeting: {}\nauth mechanisms ({tls}): {mechanisms}\n", printable(&probe.greeting));
     if let Some(who) = &probe.authenticated_as {
         out.push_str(&format!("login: accepted for {who}\n"));
     }

@@ -82,9 +82,22 @@ pub fn human_duration(d: Duration) -> String {
     }
 }
 
+/// Text from a server or the API made safe for a terminal: control characters (an escape
+/// sequence, a line break that could fake an output line) become `?`.
+pub fn printable(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn printable_text() {
+        assert_eq!(printable("550 5.7.1 denied"), "550 5.7.1 denied");
+        assert_eq!(printable("bad\x1b[2J\r\nphase: Sent"), "bad?[2J??phase: Sent");
+        assert_eq!(printable("Zoë ✅"), "Zoë ✅");
+    }
 
     #[test]
     fn durations() {

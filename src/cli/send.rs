@@ -18,7 +18,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use rand::Rng;
 use serde_json::json;
 
-use super::{CliError, exit, parse_duration};
+use super::{CliError, exit, parse_duration, printable};
 use crate::api::{
     Attachment, Body, EmailMessage, EmailMessageSpec, EmailMessageStatus, HeaderValue, Importance, LocalKeySelector,
     Phase, ProfileKind, ProfileRef, conditions, find_condition,
@@ -499,7 +499,7 @@ pub fn describe(name: &str, status: &EmailMessageStatus) -> String {
     };
     let mut out = format!("emailmessage/{name} {phase:?}\n  phase: {phase:?}\n");
     if let Some(c) = condition {
-        out.push_str(&format!("  reason: {}\n  message: {}\n", c.reason, c.message));
+        out.push_str(&format!("  reason: {}\n  message: {}\n", printable(&c.reason), printable(&c.message)));
     }
     out.push_str(&format!("  attempts: {}\n", status.attempts.unwrap_or(0)));
     let optional = [
@@ -511,7 +511,7 @@ pub fn describe(name: &str, status: &EmailMessageStatus) -> String {
     ];
     for (key, value) in optional {
         if let Some(v) = value {
-            out.push_str(&format!("  {key}: {v}\n"));
+            out.push_str(&format!("  {key}: {}\n", printable(v)));
         }
     }
     out
@@ -674,5 +674,7 @@ mod tests {
         let sent = EmailMessageStatus { phase: Some(Phase::Sent), ..Default::default() };
         assert_eq!(outcome_code(&sent), exit::OK);
         assert_eq!(outcome_code(&EmailMessageStatus::default()), exit::TIMEOUT);
+        let forged = EmailMessageStatus { response: Some("250 ok\nphase: Sent".into()), ..failed };
+        assert!(describe("m", &forged).contains("response: 250 ok?phase: Sent"), "a reply cannot fake a line");
     }
 }
