@@ -503,6 +503,25 @@ spec:
     assert!(stdout.contains("SmtpCheckFailed") && stdout.contains("535"), "{stdout}");
     assert!(!stdout.contains("not-the-pass"), "the password was printed");
 
+    // The profile's own caBundle is trusted as the operator trusts it.
+    let pem = std::fs::read_to_string(peer.ca_pem()).expect("the CA");
+    let with_bundle: mailroom::api::MailProfile = serde_json::from_value(json!({
+        "apiVersion": "mailroom.dev/v1alpha1", "kind": "MailProfile", "metadata": {"name": "bundled"},
+        "spec": {
+            "senders": {"default": "alerts@contoso.com"}, "caBundle": pem,
+            "smtp": {"host": "127.0.0.1", "port": peer.smtp_port, "tls": "StartTLS",
+                     "auth": {"password": {"secretRef": {"name": "smtp-login"}}}},
+        },
+    }))
+    .expect("MailProfile");
+    Api::<mailroom::api::MailProfile>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &with_bundle)
+        .await
+        .expect("create the profile");
+    let (code, stdout, stderr) = parts(&mailroom(&["profile", "check", "bundled", "-n", &ns], b"", &[]).await);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("login: accepted for mailer"), "{stdout}");
+
     let out = mailroom(
         &["profile", "check", "login", "-n", &ns, "--ca-bundle", &ca, "--send-test", "ops@contoso.com"],
         b"",
@@ -636,4 +655,42 @@ async fn the_kubeconfig_context_names_the_namespace() {
     assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
     assert!(stdout.contains(&format!("created in namespace {ns}")), "{stdout}");
     assert_eq!(messages_in(&ns).await.len(), 1);
+}
+
+/// Plain http:// endpoints are refused as the operator refuses them, unless allowed.
+#[tokio::test]
+async fn check_refuses_plain_http_unless_allowed() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cli-insecure", &[]).await;
+    let yaml = format!(
+        r#"
+apiVersion: v1
+kind: Secret
+metadata: {{name: graph-credentials}}
+stringData: {{client-secret: some-Secret-a1b2}}
+---
+apiVersion: mailroom.dev/v1alpha1
+kind: MailProfile
+metadata: {{name: m365}}
+spec:
+  senders: {{default: "alerts@contoso.com"}}
+  graph:
+    tenantId: {TENANT}
+    clientId: {CLIENT}
+    clientSecretRef: {{name: graph-credentials, key: client-secret}}
+    authorityHost: http://127.0.0.1:9
+    endpoint: http://127.0.0.1:9
+"#
+    );
+    create_yaml(&client, &ns, &yaml).await;
+    let (code, stdout, _) = parts(&mailroom(&["profile", "check", "m365", "-n", &ns], b"", &[]).await);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("not ready: InvalidSettings: ") && stdout.contains("plain http"), "{stdout}");
+
+    // Allowed, the check goes on to the token endpoint, which nothing serves here.
+    let args = ["profile", "check", "m365", "-n", &ns, "--allow-insecure-endpoints", "--timeout", "20s"];
+    let (code, stdout, _) = parts(&mailroom(&args, b"", &[]).await);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("not ready: TokenRequestFailed: "), "{stdout}");
+    assert!(!stdout.contains("some-Secret-a1b2"), "the secret was printed");
 }

@@ -631,6 +631,24 @@ mod tests {
     }
 
     #[test]
+    fn files_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("notes.txt");
+        std::fs::write(&ok, "hello").unwrap();
+        assert_eq!(
+            read_attachment(&ok).unwrap(),
+            AttachmentFile { name: "notes.txt".into(), bytes: b"hello".to_vec() }
+        );
+        let huge = dir.path().join("huge.bin");
+        std::fs::File::create(&huge).unwrap().set_len(SECRET_LIMIT as u64 + 1).unwrap();
+        let err = read_attachment(&huge).unwrap_err();
+        assert!(matches!(&err, CliError::Usage(m) if m.contains("huge.bin") && m.contains("1 MiB")), "{err}");
+        let missing = read_attachment(&dir.path().join("absent.txt")).unwrap_err();
+        assert_eq!(missing.exit_code(), exit::USAGE);
+        assert!(read_attachment(Path::new("/")).is_err(), "a directory has no file name");
+    }
+
+    #[test]
     fn secret_keys() {
         assert_eq!(secret_key("report 2026.csv", &[]), "report_2026.csv");
         assert_eq!(secret_key("résumé.pdf", &[]), "r_sum_.pdf");
