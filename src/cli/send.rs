@@ -147,6 +147,7 @@ pub async fn run(args: SendArgs) -> u8 {
 
 async fn send(args: SendArgs) -> Result<u8, CliError> {
     // Everything the command line can get wrong is found before the API server is asked anything.
+    check_flags(&args)?;
     let mut stdin_used = false;
     let text = args.text.as_deref().map(|s| read_body("--text", s, &mut stdin_used)).transpose()?;
     let html = args.html.as_deref().map(|s| read_body("--html", s, &mut stdin_used)).transpose()?;
@@ -258,9 +259,9 @@ pub fn parse_header(input: &str) -> Result<(String, String), String> {
     Ok((name.to_string(), value.to_string()))
 }
 
-/// The message's spec from the flags (attachments are added by [`plan`]).
-pub fn build_spec(args: &SendArgs, text: Option<String>, html: Option<String>) -> Result<EmailMessageSpec, CliError> {
-    if text.is_none() && html.is_none() {
+/// Checks the flags that need no file or stdin, so that a typo fails before stdin is read.
+pub fn check_flags(args: &SendArgs) -> Result<(), CliError> {
+    if args.text.is_none() && args.html.is_none() {
         return Err(CliError::Usage("a body is needed: --text FILE|- or --html FILE|- (or both)".into()));
     }
     if args.to.is_empty() && args.cc.is_empty() && args.bcc.is_empty() {
@@ -276,6 +277,18 @@ pub fn build_spec(args: &SendArgs, text: Option<String>, html: Option<String>) -
     }
     if args.subject.contains(['\r', '\n']) {
         return Err(CliError::Usage("--subject must be one line".into()));
+    }
+    for h in &args.header {
+        parse_header(h).map_err(CliError::Usage)?;
+    }
+    Ok(())
+}
+
+/// The message's spec from the flags and the bodies read (attachments are added by [`plan`]).
+pub fn build_spec(args: &SendArgs, text: Option<String>, html: Option<String>) -> Result<EmailMessageSpec, CliError> {
+    check_flags(args)?;
+    if text.is_none() && html.is_none() {
+        return Err(CliError::Usage("a body is needed: --text FILE|- or --html FILE|- (or both)".into()));
     }
     let mut headers = BTreeMap::new();
     for h in &args.header {
@@ -530,7 +543,7 @@ mod tests {
     }
 
     fn args(extra: &[&str]) -> SendArgs {
-        let mut argv = vec!["send", "--profile", "relay", "--to", "Ops <ops@contoso.com>"];
+        let mut argv = vec!["send", "--profile", "relay", "--to", "Ops <ops@contoso.com>", "--text", "-"];
         argv.extend_from_slice(extra);
         Cli::try_parse_from(argv).expect("flags parse").args
     }
@@ -568,7 +581,9 @@ mod tests {
     fn bad_input_is_a_usage_error() {
         let bad_to = build_spec(&args(&["--to", "ops@@contoso"]), Some("x".into()), None).unwrap_err();
         assert!(matches!(&bad_to, CliError::Usage(m) if m.contains("--to") && m.contains("ops@@contoso")), "{bad_to}");
-        let no_body = build_spec(&args(&[]), None, None).unwrap_err();
+        let mut bodiless = args(&[]);
+        bodiless.text = None;
+        let no_body = check_flags(&bodiless).unwrap_err();
         assert!(no_body.to_string().contains("--text"), "{no_body}");
         let bad_from = build_spec(&args(&["--from", "nobody"]), Some("x".into()), None).unwrap_err();
         assert_eq!(bad_from.exit_code(), exit::USAGE);
