@@ -1,4 +1,5 @@
-//! The mailroom command line: `run` (the operator), `crd` (print the CRDs), `version`.
+//! The mailroom command line: `run` (the operator), `send` and `profile check` (for people and
+//! pipelines; see `mailroom::cli`), `crd` (print the CRDs), `version`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,10 +30,26 @@ struct Cli {
 enum Command {
     /// Run the operator.
     Run(RunArgs),
+    /// Create an EmailMessage, and with --wait wait for its outcome.
+    ///
+    /// Exit codes: 0 sent (or created, without --wait), 1 failed, 2 timed out, 3 API error,
+    /// 64 bad command line.
+    Send(mailroom::cli::send::SendArgs),
+    /// Work with profiles.
+    #[command(subcommand)]
+    Profile(ProfileCommand),
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
     /// Print the version and git commit.
     Version,
+}
+
+#[derive(Subcommand)]
+enum ProfileCommand {
+    /// Check a profile as the operator would: Secrets, token, roles, SMTP server.
+    ///
+    /// Exit codes: 0 when it checks out, 1 otherwise, 64 bad command line.
+    Check(mailroom::cli::check::CheckArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -78,8 +95,17 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     tls::install_crypto_provider();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // A bad command line exits 64, not clap's 2, which `send --wait` uses for a timeout.
+            return if e.use_stderr() { ExitCode::from(mailroom::cli::exit::USAGE) } else { ExitCode::SUCCESS };
+        }
+    };
     match cli.command {
+        Command::Send(args) => block_on(mailroom::cli::send::run(args)),
+        Command::Profile(ProfileCommand::Check(args)) => block_on(mailroom::cli::check::run(args)),
         Command::Crd => match mailroom::api::crd::to_yaml() {
             Ok(yaml) => {
                 print!("{yaml}");
@@ -110,6 +136,17 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Runs a command line subcommand to its exit code.
+fn block_on(command: impl std::future::Future<Output = u8>) -> ExitCode {
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => ExitCode::from(runtime.block_on(command)),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::from(mailroom::cli::exit::API)
         }
     }
 }

@@ -316,13 +316,10 @@ async fn resolve(ctx: &Context, key: &ProfileKey, settings: &MailProfileSpec) ->
     {
         return Ok((Ok(Built { transport: Arc::clone(transport), tokens: existing.tokens.clone() }), fingerprint));
     }
-    let mut trust = ctx.config.trust.clone();
-    if let Some(pem) = &settings.ca_bundle {
-        match TrustRoots::from_pem(pem.as_bytes()) {
-            Ok(extra) => trust = trust.with(&extra),
-            Err(e) => return Ok((Err(invalid(format!("caBundle: {e}"))), 0)),
-        }
-    }
+    let trust = match profile_trust(&ctx.config.trust, settings) {
+        Ok(trust) => trust,
+        Err(nr) => return Ok((Err(nr), 0)),
+    };
     let inputs = TransportInputs {
         profile: key.to_string(),
         settings,
@@ -331,6 +328,16 @@ async fn resolve(ctx: &Context, key: &ProfileKey, settings: &MailProfileSpec) ->
         allow_insecure: ctx.config.allow_insecure_endpoints,
     };
     Ok((wiring::build_transport(inputs, &ctx.token_caches).await, fingerprint))
+}
+
+/// The roots a profile's endpoints are checked against: `base` (the operator's) plus its caBundle.
+pub fn profile_trust(base: &TrustRoots, settings: &MailProfileSpec) -> Result<TrustRoots, NotReady> {
+    match &settings.ca_bundle {
+        Some(pem) => TrustRoots::from_pem(pem.as_bytes())
+            .map(|extra| base.with(&extra))
+            .map_err(|e| invalid(format!("caBundle: {e}"))),
+        None => Ok(base.clone()),
+    }
 }
 
 fn invalid(message: String) -> NotReady {
@@ -413,7 +420,9 @@ fn secret_namespace(key: &ProfileKey, explicit: Option<&str>) -> String {
     }
 }
 
-async fn read_credential(
+/// Reads the credential a profile's Secrets (or token file) hold; Err(NotReady) says what is
+/// missing in the words of the Ready condition, an outer error is an API failure.
+pub async fn read_credential(
     client: &Client,
     key: &ProfileKey,
     settings: &MailProfileSpec,

@@ -113,24 +113,33 @@ fn token_cache(
     Ok(caches.get_or_create(&inputs.profile, scope, app, Arc::new(issuer)))
 }
 
+/// The SMTP configuration of a profile with an `smtp` section, and its token cache (XOAUTH2).
+pub fn smtp_config(
+    inputs: &TransportInputs<'_>,
+    caches: &TokenCaches,
+    smtp: &crate::api::SmtpTransport,
+) -> Result<(SmtpConfig, Option<Arc<TokenCache>>), NotReady> {
+    let mut tokens = None;
+    let credentials = match (&inputs.credential, smtp.auth.as_ref().and_then(|a| a.oauth2.as_ref())) {
+        (CredentialMaterial::None, _) => SmtpCredentials::None,
+        (CredentialMaterial::Password { username, password }, _) => {
+            SmtpCredentials::Password { username: username.clone(), password: password.clone() }
+        }
+        (_, Some(oauth2)) => {
+            let cache = token_cache(inputs, caches, oauth2, OUTLOOK_SCOPE)?;
+            tokens = Some(Arc::clone(&cache));
+            SmtpCredentials::XOAuth2(cache as Arc<dyn TokenSource>)
+        }
+        (_, None) => return Err(not_ready("InvalidSettings", "unexpected credential for smtp")),
+    };
+    Ok((SmtpConfig::from_spec(smtp, inputs.trust.clone(), credentials), tokens))
+}
+
 /// The transport for a profile.
 pub async fn build_transport(inputs: TransportInputs<'_>, caches: &TokenCaches) -> Result<Built, NotReady> {
     let settings = inputs.settings;
     if let Some(smtp) = &settings.smtp {
-        let mut tokens = None;
-        let credentials = match (&inputs.credential, smtp.auth.as_ref().and_then(|a| a.oauth2.as_ref())) {
-            (CredentialMaterial::None, _) => SmtpCredentials::None,
-            (CredentialMaterial::Password { username, password }, _) => {
-                SmtpCredentials::Password { username: username.clone(), password: password.clone() }
-            }
-            (_, Some(oauth2)) => {
-                let cache = token_cache(&inputs, caches, oauth2, OUTLOOK_SCOPE)?;
-                tokens = Some(Arc::clone(&cache));
-                SmtpCredentials::XOAuth2(cache as Arc<dyn TokenSource>)
-            }
-            (_, None) => return Err(not_ready("InvalidSettings", "unexpected credential for smtp")),
-        };
-        let config = SmtpConfig::from_spec(smtp, inputs.trust.clone(), credentials);
+        let (config, tokens) = smtp_config(&inputs, caches, smtp)?;
         let transport = SmtpTransport::new(config).map_err(|e| not_ready("InvalidSettings", e.to_string()))?;
         return Ok(Built { transport: Arc::new(transport), tokens });
     }

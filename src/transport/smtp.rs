@@ -28,6 +28,7 @@ use crate::auth::TokenSource;
 use crate::tls::TrustRoots;
 
 pub mod classify;
+pub mod probe;
 
 use classify::{
     Failure, RecipientRefusal, Stage, TokenFingerprint, classify, classify_password_auth, classify_token_refusal,

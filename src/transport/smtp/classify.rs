@@ -128,6 +128,14 @@ impl Failure {
         }
     }
 
+    /// Reduces an I/O error of a stream mailroom opened itself (a TLS handshake, say).
+    pub(super) fn from_io(error: &io::Error) -> Failure {
+        if let Some(tls) = error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+            return Failure::from_rustls(tls);
+        }
+        Failure::Io { kind: error.kind(), detail: error.to_string() }
+    }
+
     /// Sorts a rustls error into certificate, incompatibility, or other TLS failure.
     fn from_rustls(error: &rustls::Error) -> Failure {
         match error {

@@ -1,0 +1,288 @@
+//! `mailroom profile check`: does a profile work, seen from the user's kubeconfig?
+//!
+//! It takes the operator's own steps (validate, read the Secrets, build the transport, get a
+//! token, judge readiness) and says what fails in the words of the profile's Ready condition.
+//! For SMTP it also talks to the server (greeting, AUTH mechanisms, login), and `--send-test`
+//! sends one message through the transport directly, without the operator.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::{Api, Client};
+
+use super::{exit, parse_duration, printable};
+use crate::api::{ClusterMailProfile, MailProfile, MailProfileSpec};
+use crate::auth::{TokenCacheConfig, TokenCaches, TokenSource, TokenState};
+use crate::controller::outgoing::message_id;
+use crate::controller::profile::{judge, profile_trust, read_credential, required_role, validate};
+use crate::controller::registry::{NotReady, ProfileKey};
+use crate::controller::wiring::{self, Built, TransportInputs};
+use crate::tls::TrustRoots;
+use crate::transport::smtp::SmtpTransport;
+use crate::transport::smtp::probe::SmtpProbe;
+use crate::transport::{Address, OutgoingMessage, parse_mailbox};
+
+/// Flags of `mailroom profile check`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CheckArgs {
+    /// The profile's name.
+    pub name: String,
+    /// The namespace of the MailProfile (default: the kubeconfig context's, else `default`).
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+    /// The profile is a ClusterMailProfile.
+    #[arg(long)]
+    pub cluster: bool,
+    /// PEM roots trusted besides the platform's (as the operator's --ca-bundle); the profile's caBundle is added.
+    #[arg(long, value_name = "FILE")]
+    pub ca_bundle: Option<PathBuf>,
+    /// Accept plain http:// Graph and authority endpoints (local testing only), as the operator's flag.
+    #[arg(long)]
+    pub allow_insecure_endpoints: bool,
+    /// Also send a test message to this mailbox through the profile's transport.
+    #[arg(long, value_name = "MAILBOX")]
+    pub send_test: Option<String>,
+    /// How long to wait for the token and the server.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "60s")]
+    pub timeout: Duration,
+}
+
+/// Runs `mailroom profile check`; returns the exit code.
+pub async fn run(args: CheckArgs) -> u8 {
+    let test_to = match args.send_test.as_deref().map(parse_mailbox).transpose() {
+        Ok(to) => to,
+        Err(e) => {
+            eprintln!("error: --send-test: {e}");
+            return exit::USAGE;
+        }
+    };
+    let trust = match &args.ca_bundle {
+        None => TrustRoots::default(),
+        Some(path) => match std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|pem| TrustRoots::from_pem(&pem).map_err(|e| e.to_string()))
+        {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: --ca-bundle {}: {e}", path.display());
+                return exit::USAGE;
+            }
+        },
+    };
+    let (client, namespace) = match super::connect(args.namespace.as_deref()).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::FAILED;
+        }
+    };
+    let key = if args.cluster {
+        ProfileKey::Cluster { name: args.name.clone() }
+    } else {
+        ProfileKey::Namespaced { namespace, name: args.name.clone() }
+    };
+    let check = Check { client, key, trust, allow_insecure: args.allow_insecure_endpoints, timeout: args.timeout };
+    match check.run(test_to).await {
+        Ok(()) => exit::OK,
+        Err(nr) => {
+            println!("not ready: {}: {}", printable(&nr.reason), printable(&nr.message));
+            exit::FAILED
+        }
+    }
+}
+
+/// One check of one profile.
+struct Check {
+    client: Client,
+    key: ProfileKey,
+    trust: TrustRoots,
+    allow_insecure: bool,
+    timeout: Duration,
+}
+
+impl Check {
+    async fn run(&self, test_to: Option<Address>) -> Result<(), NotReady> {
+        let settings = self.settings().await?;
+        println!("profile: {} ({})", self.key, settings.transport_name());
+        validate(&self.key, &settings, self.allow_insecure)?;
+        let credential = read_credential(&self.client, &self.key, &settings).await.map_err(api_error)??;
+        let inputs = TransportInputs {
+            profile: self.key.to_string(),
+            settings: &settings,
+            credential,
+            trust: profile_trust(&self.trust, &settings)?,
+            allow_insecure: self.allow_insecure,
+        };
+        let caches = TokenCaches::new(TokenCacheConfig::default());
+        let smtp = match &settings.smtp {
+            Some(smtp) => Some(wiring::smtp_config(&inputs, &caches, smtp)?.0),
+            None => None,
+        };
+        let Built { transport, tokens } = wiring::build_transport(inputs, &caches).await?;
+        let token = match &tokens {
+            Some(cache) => {
+                // The outcome is in the cache's state either way; judge reads it from there.
+                let _ = tokio::time::timeout(self.timeout, cache.token()).await;
+                let state = cache.snapshot();
+                if state.expires_at.is_none() && state.last_error.is_none() {
+                    return Err(NotReady {
+                        reason: "TokenPending".into(),
+                        message: format!(
+                            "no answer from Microsoft Entra ID within {}",
+                            super::human_duration(self.timeout)
+                        ),
+                    });
+                }
+                Some(state)
+            }
+            None => None,
+        };
+        if let Some(state) = &token {
+            print!("{}", describe_token(state, Timestamp::now()));
+        }
+        let judged = judge(Ok(transport), token, required_role(&settings), Timestamp::now());
+        let ready = judged.condition?;
+        let sender = parse_mailbox(&settings.senders.default)
+            .map_err(|e| NotReady { reason: "InvalidSettings".into(), message: format!("senders.default: {e}") })?;
+        if let Some(config) = smtp {
+            let probe = tokio::time::timeout(self.timeout, SmtpTransport::probe(config, &sender.email))
+                .await
+                .map_err(|_| smtp_failed(format!("no answer within {}", super::human_duration(self.timeout))))?
+                .map_err(|e| smtp_failed(e.to_string()))?;
+            print!("{}", describe_probe(&probe));
+        }
+        println!("ready: {ready}");
+        let Some(to) = test_to else {
+            return Ok(());
+        };
+        let transport = judged.state?;
+        let message = test_message(&self.key, sender, to);
+        let delivered = tokio::time::timeout(self.timeout, transport.send(&message))
+            .await
+            .map_err(|_| send_failed(format!("no answer within {}", super::human_duration(self.timeout))))?
+            .map_err(|e| send_failed(e.to_string()))?;
+        println!("test message: accepted: {}", printable(&delivered.response));
+        if let Some(id) = delivered.request_id {
+            println!("  request-id: {}", printable(&id));
+        }
+        println!("  messageId: {}", message.message_id);
+        for (rcpt, reply) in delivered.rejected {
+            println!("  rejected: {}: {}", printable(&rcpt), printable(&reply));
+        }
+        Ok(())
+    }
+
+    /// The profile's settings, or ProfileNotFound.
+    async fn settings(&self) -> Result<MailProfileSpec, NotReady> {
+        let found = match &self.key {
+            ProfileKey::Namespaced { namespace, name } => {
+                let api: Api<MailProfile> = Api::namespaced(self.client.clone(), namespace);
+                api.get_opt(name).await.map_err(|e| api_error(e.into()))?.map(|p| p.spec)
+            }
+            ProfileKey::Cluster { name } => {
+                let api: Api<ClusterMailProfile> = Api::all(self.client.clone());
+                api.get_opt(name).await.map_err(|e| api_error(e.into()))?.map(|p| p.spec.settings())
+            }
+        };
+        found.ok_or_else(|| NotReady { reason: "ProfileNotFound".into(), message: format!("{} not found", self.key) })
+    }
+}
+
+fn api_error(e: crate::Error) -> NotReady {
+    NotReady { reason: "ApiError".into(), message: e.to_string() }
+}
+
+fn smtp_failed(message: String) -> NotReady {
+    NotReady { reason: "SmtpCheckFailed".into(), message }
+}
+
+fn send_failed(message: String) -> NotReady {
+    NotReady { reason: "SendFailed".into(), message }
+}
+
+/// The token's expiry and roles; never the token.
+pub fn describe_token(state: &TokenState, now: Timestamp) -> String {
+    let mut out = String::new();
+    if let Some(expires) = state.expires_at {
+        let left = Duration::try_from(expires.duration_since(now)).unwrap_or_default();
+        out.push_str(&format!("token: expires {expires} (in {})\n", super::human_duration(left)));
+        let roles = if state.roles.is_empty() { "none".to_string() } else { state.roles.join(", ") };
+        out.push_str(&format!("roles: {roles}\n"));
+    }
+    out
+}
+
+/// What the SMTP server showed.
+pub fn describe_probe(probe: &SmtpProbe) -> String {
+    let mechanisms =
+        if probe.auth_mechanisms.is_empty() { "none".to_string() } else { printable(&probe.auth_mechanisms.join(" ")) };
+    let tls = if probe.encrypted { "encrypted" } else { "not encrypted" };
+    let mut out = format!("greeting: {}\nauth mechanisms ({tls}): {mechanisms}\n", printable(&probe.greeting));
+    if let Some(who) = &probe.authenticated_as {
+        out.push_str(&format!("login: accepted for {who}\n"));
+    }
+    out
+}
+
+/// The test message `--send-test` sends.
+pub fn test_message(key: &ProfileKey, from: Address, to: Address) -> OutgoingMessage {
+    let id = message_id(&uuid::Uuid::new_v4().to_string(), &from.email);
+    OutgoingMessage {
+        from,
+        to: vec![to],
+        cc: Vec::new(),
+        bcc: Vec::new(),
+        reply_to: Vec::new(),
+        subject: format!("mailroom profile check: {}", key.name()),
+        text: Some(format!("This test message was sent by `mailroom profile check --send-test` through {key}.\n")),
+        html: None,
+        attachments: Vec::new(),
+        headers: vec![("X-Mailroom-Check".to_string(), key.name().to_string())],
+        importance: Default::default(),
+        message_id: id,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_description_never_has_the_token() {
+        let now = Timestamp::from_second(1_000).unwrap();
+        let state = TokenState {
+            expires_at: Some(Timestamp::from_second(4_600).unwrap()),
+            roles: vec!["Mail.Send".into()],
+            ..Default::default()
+        };
+        let text = describe_token(&state, now);
+        assert!(text.contains("(in 1h 0m)") && text.contains("roles: Mail.Send"), "{text}");
+        let none = TokenState { roles: vec![], ..state };
+        assert!(describe_token(&none, now).contains("roles: none"));
+        assert_eq!(describe_token(&TokenState::default(), now), "");
+    }
+
+    #[test]
+    fn probe_description() {
+        let probe = SmtpProbe {
+            greeting: "220 mx ESMTP".into(),
+            encrypted: true,
+            auth_mechanisms: vec!["PLAIN".into(), "LOGIN".into()],
+            authenticated_as: Some("mailer".into()),
+        };
+        let text = describe_probe(&probe);
+        assert!(text.contains("greeting: 220 mx ESMTP"), "{text}");
+        assert!(text.contains("auth mechanisms (encrypted): PLAIN LOGIN"), "{text}");
+        assert!(text.contains("login: accepted for mailer"), "{text}");
+    }
+
+    #[test]
+    fn the_test_message_names_the_profile() {
+        let key = ProfileKey::Namespaced { namespace: "a".into(), name: "relay".into() };
+        let m =
+            test_message(&key, parse_mailbox("alerts@contoso.com").unwrap(), parse_mailbox("ops@contoso.com").unwrap());
+        assert!(m.subject.contains("relay") && m.message_id.ends_with("@contoso.com>"), "{m:?}");
+        assert_eq!(m.to[0].email, "ops@contoso.com");
+    }
+}

@@ -1,0 +1,713 @@
+//! `mailroom send`: one EmailMessage from flags, files and stdin; optionally waits for its outcome.
+//!
+//! Files up to [`INLINE_LIMIT`] travel inline in the message (base64 `data`). Larger ones go into
+//! one Secret named like the message and owned by it: the Secret is created first (so the
+//! operator never sees a message whose attachment is missing), then the message, then the
+//! Secret's ownerReference is set to the message's uid (so deleting the message deletes it).
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Api, Client, Resource, ResourceExt};
+use rand::Rng;
+use serde_json::json;
+
+use super::{CliError, exit, parse_duration, printable};
+use crate::api::{
+    Attachment, Body, EmailMessage, EmailMessageSpec, EmailMessageStatus, HeaderValue, Importance, LocalKeySelector,
+    Phase, ProfileKind, ProfileRef, conditions, find_condition,
+};
+use crate::controller::outgoing::safe_attachment_name;
+use crate::transport::parse_mailbox;
+
+/// Files up to this size go inline in the message; larger ones into its Secret.
+pub const INLINE_LIMIT: usize = 64 * 1024;
+/// Inline files together stay under this, so the message stays far below etcd's request limit.
+pub const INLINE_TOTAL_LIMIT: usize = 256 * 1024;
+/// Kubernetes' limit on a Secret's data (keys and values together).
+pub const SECRET_LIMIT: usize = 1024 * 1024;
+
+/// Flags of `mailroom send`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SendArgs {
+    /// The profile that sends the message: a MailProfile in the namespace (or see --cluster-profile).
+    #[arg(long)]
+    pub profile: String,
+    /// The profile is a ClusterMailProfile.
+    #[arg(long)]
+    pub cluster_profile: bool,
+    /// A recipient (repeatable): `user@example.com` or `Name <user@example.com>`.
+    #[arg(long, value_name = "MAILBOX")]
+    pub to: Vec<String>,
+    /// A copy recipient (repeatable).
+    #[arg(long, value_name = "MAILBOX")]
+    pub cc: Vec<String>,
+    /// A blind copy recipient (repeatable).
+    #[arg(long, value_name = "MAILBOX")]
+    pub bcc: Vec<String>,
+    /// Where replies go (repeatable).
+    #[arg(long, value_name = "MAILBOX")]
+    pub reply_to: Vec<String>,
+    /// The sender; default: the profile's default sender.
+    #[arg(long, value_name = "MAILBOX")]
+    pub from: Option<String>,
+    /// The subject.
+    #[arg(long, default_value = "")]
+    pub subject: String,
+    /// The plain text body from a file, or `-` for stdin.
+    #[arg(long, value_name = "FILE|-")]
+    pub text: Option<String>,
+    /// The HTML body from a file, or `-` for stdin.
+    #[arg(long, value_name = "FILE|-")]
+    pub html: Option<String>,
+    /// A file to attach (repeatable); its content type is guessed from its name.
+    #[arg(long, value_name = "FILE")]
+    pub attach: Vec<PathBuf>,
+    /// A custom header (repeatable): `X-Name=value`.
+    #[arg(long, value_name = "X-NAME=VALUE")]
+    pub header: Vec<String>,
+    /// low, normal or high.
+    #[arg(long, value_enum)]
+    pub importance: Option<ImportanceArg>,
+    /// The namespace of the message (default: the kubeconfig context's, else `default`).
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+    /// The prefix of the message's generated name.
+    #[arg(long, value_name = "PREFIX", default_value = "send-")]
+    pub generate_name: String,
+    /// Delete the message this long after it is Sent or Failed (`90s`, `10m`, `24h`, `7d`).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub ttl: Option<Duration>,
+    /// Wait until the message is Sent or Failed.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits (`30s`, `2m`, ...).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "2m")]
+    pub timeout: Duration,
+    /// Print the manifests (YAML) instead of creating them.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// The Importance header, as a flag value.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImportanceArg {
+    /// Low.
+    Low,
+    /// Normal.
+    Normal,
+    /// High.
+    High,
+}
+
+impl From<ImportanceArg> for Importance {
+    fn from(i: ImportanceArg) -> Importance {
+        match i {
+            ImportanceArg::Low => Importance::Low,
+            ImportanceArg::Normal => Importance::Normal,
+            ImportanceArg::High => Importance::High,
+        }
+    }
+}
+
+/// A file to attach: its name and bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachmentFile {
+    /// The file name the recipient sees.
+    pub name: String,
+    /// Its content.
+    pub bytes: Vec<u8>,
+}
+
+/// What `send` creates: the message and, for large files, its Secret.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The message.
+    pub message: EmailMessage,
+    /// The Secret holding the large attachments (named like the message).
+    pub secret: Option<Secret>,
+}
+
+/// Runs `mailroom send`; returns the exit code.
+pub async fn run(args: SendArgs) -> u8 {
+    match send(args).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+async fn send(args: SendArgs) -> Result<u8, CliError> {
+    // Everything the command line can get wrong is found before the API server is asked anything.
+    check_flags(&args)?;
+    let mut stdin_used = false;
+    let text = args.text.as_deref().map(|s| read_body("--text", s, &mut stdin_used)).transpose()?;
+    let html = args.html.as_deref().map(|s| read_body("--html", s, &mut stdin_used)).transpose()?;
+    let files = args.attach.iter().map(|p| read_attachment(p)).collect::<Result<Vec<_>, _>>()?;
+    let spec = build_spec(&args, text, html)?;
+    let (client, namespace) = if args.dry_run {
+        // The kubeconfig still names the namespace; no API server is contacted.
+        let namespace = match &args.namespace {
+            Some(ns) => ns.clone(),
+            None => kube::Config::infer().await.map(|c| c.default_namespace).unwrap_or_else(|_| "default".into()),
+        };
+        (None, namespace)
+    } else {
+        let (client, namespace) = super::connect(args.namespace.as_deref()).await?;
+        (Some(client), namespace)
+    };
+    let plan = plan(spec, &files, &namespace, &args.generate_name)?;
+    let Some(client) = client else {
+        print!("{}", dry_run_yaml(&plan)?);
+        return Ok(exit::OK);
+    };
+    let created = create(&client, &namespace, plan).await?;
+    let name = created.name_any();
+    println!("emailmessage/{name} created in namespace {namespace}");
+    if !args.wait {
+        return Ok(exit::OK);
+    }
+    let api: Api<EmailMessage> = Api::namespaced(client, &namespace);
+    let done = kube::runtime::wait::await_condition(api.clone(), &name, |m: Option<&EmailMessage>| {
+        m.is_none_or(|m| phase(m).is_some_and(Phase::is_finished))
+    });
+    match tokio::time::timeout(args.timeout, done).await {
+        Ok(Ok(Some(message))) => {
+            let status = message.status.clone().unwrap_or_default();
+            print!("{}", describe(&name, &status));
+            Ok(outcome_code(&status))
+        }
+        Ok(Ok(None)) => Err(CliError::Api(format!("emailmessage/{name} was deleted while waiting for it"))),
+        Ok(Err(e)) => Err(CliError::Api(format!("watching emailmessage/{name}: {e}"))),
+        Err(_) => {
+            let status = api.get_opt(&name).await.ok().flatten().and_then(|m| m.status).unwrap_or_default();
+            print!("{}", describe(&name, &status));
+            println!(
+                "timed out after {} waiting for emailmessage/{name} to be Sent or Failed",
+                super::human_duration(args.timeout)
+            );
+            Ok(exit::TIMEOUT)
+        }
+    }
+}
+
+/// Reads a body from a file or (`-`) stdin; stdin can be read once.
+fn read_body(flag: &str, source: &str, stdin_used: &mut bool) -> Result<String, CliError> {
+    let bytes = if source == "-" {
+        if std::mem::replace(stdin_used, true) {
+            return Err(CliError::Usage(format!("{flag} -: stdin is already read by another flag")));
+        }
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf).map_err(|e| CliError::Usage(format!("{flag}: reading stdin: {e}")))?;
+        buf
+    } else {
+        std::fs::read(source).map_err(|e| CliError::Usage(format!("{flag} {source}: {e}")))?
+    };
+    String::from_utf8(bytes).map_err(|_| CliError::Usage(format!("{flag} {source}: the body is not UTF-8")))
+}
+
+/// Reads a file to attach, refusing at once what can never be sent.
+fn read_attachment(path: &Path) -> Result<AttachmentFile, CliError> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if !safe_attachment_name(&name) {
+        return Err(CliError::Usage(format!("--attach {}: not a file name", path.display())));
+    }
+    let size = std::fs::metadata(path).map_err(|e| CliError::Usage(format!("--attach {}: {e}", path.display())))?.len();
+    if size > SECRET_LIMIT as u64 {
+        return Err(too_large(&name, size as usize));
+    }
+    let bytes = std::fs::read(path).map_err(|e| CliError::Usage(format!("--attach {}: {e}", path.display())))?;
+    Ok(AttachmentFile { name, bytes })
+}
+
+fn too_large(name: &str, size: usize) -> CliError {
+    CliError::Usage(format!(
+        "--attach {name}: {size} bytes is too large: large attachments are kept in a Kubernetes Secret, whose data \
+         is limited to 1 MiB ({SECRET_LIMIT} bytes) in all; send a link instead, or a smaller file"
+    ))
+}
+
+/// Checks one mailbox flag with the parser the operator uses.
+fn check_mailbox(flag: &str, value: &str) -> Result<(), CliError> {
+    parse_mailbox(value).map(drop).map_err(|e| CliError::Usage(format!("--{flag}: {e}")))
+}
+
+/// Parses `X-Name=value` as a custom header; the name rules are the CRD's.
+pub fn parse_header(input: &str) -> Result<(String, String), String> {
+    let Some((name, value)) = input.split_once('=') else {
+        return Err(format!("--header {input:?}: expected X-Name=value"));
+    };
+    let name = name.trim();
+    let valid_char = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+.^_`|~-".contains(c);
+    let rest = name.strip_prefix("X-").or_else(|| name.strip_prefix("x-"));
+    if !rest.is_some_and(|r| !r.is_empty() && r.chars().all(valid_char)) {
+        return Err(format!(
+            "--header {input:?}: the name must be an X- header of letters, digits and -, such as X-Pipeline-Run"
+        ));
+    }
+    if value.contains(['\r', '\n']) {
+        return Err(format!("--header {name}: the value must not contain a line break"));
+    }
+    Ok((name.to_string(), value.to_string()))
+}
+
+/// Checks the flags that need no file or stdin, so that a typo fails before stdin is read.
+pub fn check_flags(args: &SendArgs) -> Result<(), CliError> {
+    if args.text.is_none() && args.html.is_none() {
+        return Err(CliError::Usage("a body is needed: --text FILE|- or --html FILE|- (or both)".into()));
+    }
+    if args.to.is_empty() && args.cc.is_empty() && args.bcc.is_empty() {
+        return Err(CliError::Usage("at least one recipient is needed: --to, --cc or --bcc".into()));
+    }
+    for (flag, list) in [("to", &args.to), ("cc", &args.cc), ("bcc", &args.bcc), ("reply-to", &args.reply_to)] {
+        for value in list {
+            check_mailbox(flag, value)?;
+        }
+    }
+    if let Some(from) = &args.from {
+        check_mailbox("from", from)?;
+    }
+    if args.subject.contains(['\r', '\n']) {
+        return Err(CliError::Usage("--subject must be one line".into()));
+    }
+    for h in &args.header {
+        parse_header(h).map_err(CliError::Usage)?;
+    }
+    Ok(())
+}
+
+/// The message's spec from the flags and the bodies read (attachments are added by [`plan`]).
+pub fn build_spec(args: &SendArgs, text: Option<String>, html: Option<String>) -> Result<EmailMessageSpec, CliError> {
+    check_flags(args)?;
+    if text.is_none() && html.is_none() {
+        return Err(CliError::Usage("a body is needed: --text FILE|- or --html FILE|- (or both)".into()));
+    }
+    let mut headers = BTreeMap::new();
+    for h in &args.header {
+        let (name, value) = parse_header(h).map_err(CliError::Usage)?;
+        headers.insert(name, HeaderValue(value));
+    }
+    let kind = if args.cluster_profile { Some(ProfileKind::ClusterMailProfile) } else { None };
+    Ok(EmailMessageSpec {
+        profile_ref: ProfileRef { kind, name: args.profile.clone() },
+        from: args.from.clone(),
+        to: args.to.clone(),
+        cc: args.cc.clone(),
+        bcc: args.bcc.clone(),
+        reply_to: args.reply_to.clone(),
+        subject: args.subject.clone(),
+        body: Body { text, html },
+        attachments: Vec::new(),
+        headers,
+        importance: args.importance.map(Into::into),
+        delivery: None,
+        ttl_seconds_after_finished: args.ttl.map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+    })
+}
+
+/// Where each file goes: inline while small, else into the Secret.
+pub fn place_attachments(files: &[AttachmentFile]) -> Vec<bool> {
+    let mut inline_total = 0usize;
+    files
+        .iter()
+        .map(|f| {
+            let inline = f.bytes.len() <= INLINE_LIMIT && inline_total + f.bytes.len() <= INLINE_TOTAL_LIMIT;
+            if inline {
+                inline_total += f.bytes.len();
+            }
+            inline
+        })
+        .collect()
+}
+
+/// A Secret key for a file name: the characters a key allows, unique among `taken`.
+pub fn secret_key(name: &str, taken: &[String]) -> String {
+    let base: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() || "-._".contains(c) { c } else { '_' }).collect();
+    let base = if base.trim_matches('.').is_empty() { "attachment".to_string() } else { base };
+    let mut key = base.clone();
+    let mut n = 2;
+    while taken.contains(&key) {
+        key = format!("{n}-{base}");
+        n += 1;
+    }
+    key
+}
+
+/// The content type the recipient sees, guessed from the file name.
+pub fn guess_content_type(name: &str) -> String {
+    mime_guess::from_path(name).first_or_octet_stream().essence_str().to_string()
+}
+
+/// The message and its Secret for `spec` and the files. With large files the name is chosen
+/// here (prefix and five random characters, as the API server's generateName does), so that
+/// the message can name its Secret before either exists.
+pub fn plan(
+    mut spec: EmailMessageSpec,
+    files: &[AttachmentFile],
+    namespace: &str,
+    prefix: &str,
+) -> Result<Plan, CliError> {
+    let placement = place_attachments(files);
+    let needs_secret = placement.iter().any(|inline| !inline);
+    let name = needs_secret.then(|| format!("{prefix}{}", random_suffix()));
+    let mut secret_data = BTreeMap::new();
+    let mut taken = Vec::new();
+    let mut secret_size = 0usize;
+    for (file, inline) in files.iter().zip(placement) {
+        let content_type = Some(guess_content_type(&file.name));
+        if inline {
+            use base64::Engine;
+            let data = base64::engine::general_purpose::STANDARD.encode(&file.bytes);
+            spec.attachments.push(Attachment {
+                name: file.name.clone(),
+                content_type,
+                secret_ref: None,
+                config_map_ref: None,
+                data: Some(data),
+            });
+            continue;
+        }
+        let key = secret_key(&file.name, &taken);
+        secret_size += key.len() + file.bytes.len();
+        if secret_size > SECRET_LIMIT {
+            return Err(too_large("(the large files together)", secret_size));
+        }
+        taken.push(key.clone());
+        secret_data.insert(key.clone(), ByteString(file.bytes.clone()));
+        spec.attachments.push(Attachment {
+            name: file.name.clone(),
+            content_type,
+            secret_ref: Some(LocalKeySelector { name: name.clone().unwrap_or_default(), key }),
+            config_map_ref: None,
+            data: None,
+        });
+    }
+    let mut message = EmailMessage::new("", spec);
+    message.metadata = ObjectMeta {
+        name: name.clone(),
+        generate_name: if name.is_some() { None } else { Some(prefix.to_string()) },
+        namespace: Some(namespace.to_string()),
+        ..Default::default()
+    };
+    let secret = name.map(|name| Secret {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(namespace.to_string()),
+            labels: Some(BTreeMap::from([
+                ("app.kubernetes.io/managed-by".to_string(), "mailroom".to_string()),
+                ("mailroom.dev/attachments-of".to_string(), name),
+            ])),
+            ..Default::default()
+        },
+        data: Some(secret_data),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    });
+    Ok(Plan { message, secret })
+}
+
+fn random_suffix() -> String {
+    // The API server's alphabet for generated names: no vowels, no digits that look like letters.
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut rng = rand::rng();
+    (0..5).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+}
+
+/// The manifests of a plan as one YAML stream: the Secret (if any), then the message.
+pub fn dry_run_yaml(plan: &Plan) -> Result<String, CliError> {
+    let yaml = |v: serde_json::Value| serde_yaml::to_string(&v).map_err(|e| CliError::Usage(e.to_string()));
+    let mut out = String::new();
+    if let Some(secret) = &plan.secret {
+        let mut v = serde_json::to_value(secret).map_err(|e| CliError::Usage(e.to_string()))?;
+        v["apiVersion"] = json!("v1");
+        v["kind"] = json!("Secret");
+        out.push_str(&yaml(v)?);
+        out.push_str("---\n");
+    }
+    out.push_str(&yaml(serde_json::to_value(&plan.message).map_err(|e| CliError::Usage(e.to_string()))?)?);
+    Ok(out)
+}
+
+/// Secret, message, then the Secret's ownerReference; a message that cannot be created takes
+/// its Secret with it.
+async fn create(client: &Client, namespace: &str, plan: Plan) -> Result<EmailMessage, CliError> {
+    let messages: Api<EmailMessage> = Api::namespaced(client.clone(), namespace);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let api_error = |what: &str, e: kube::Error| CliError::Api(format!("{what}: {e}"));
+    if let Some(secret) = &plan.secret {
+        secrets
+            .create(&PostParams::default(), secret)
+            .await
+            .map_err(|e| api_error("creating the attachments' Secret", e))?;
+    }
+    let created = match messages.create(&PostParams::default(), &plan.message).await {
+        Ok(m) => m,
+        Err(e) => {
+            if let Some(name) = plan.secret.as_ref().and_then(|s| s.metadata.name.as_deref()) {
+                let _ = secrets.delete(name, &DeleteParams::default()).await;
+            }
+            return Err(api_error("creating the EmailMessage", e));
+        }
+    };
+    if let Some(name) = plan.secret.as_ref().and_then(|s| s.metadata.name.as_deref()) {
+        let owner = owner_reference(&created)?;
+        let patch = json!({"metadata": {"ownerReferences": [owner]}});
+        secrets.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(|e| {
+            api_error(
+                &format!(
+                    "emailmessage/{name} was created, but Secret {name} could not be given to it \
+                         (delete the Secret yourself once the message is gone)"
+                ),
+                e,
+            )
+        })?;
+    }
+    Ok(created)
+}
+
+/// The reference that makes the message own its attachments' Secret.
+pub fn owner_reference(message: &EmailMessage) -> Result<OwnerReference, CliError> {
+    let uid = message.metadata.uid.clone().ok_or_else(|| CliError::Api("the created message has no uid".into()))?;
+    Ok(OwnerReference {
+        api_version: EmailMessage::api_version(&()).into_owned(),
+        kind: EmailMessage::kind(&()).into_owned(),
+        name: message.name_any(),
+        uid,
+        controller: Some(true),
+        block_owner_deletion: None,
+    })
+}
+
+fn phase(m: &EmailMessage) -> Option<Phase> {
+    m.status.as_ref().and_then(|s| s.phase)
+}
+
+/// The exit code for a finished (or unfinished) status.
+pub fn outcome_code(status: &EmailMessageStatus) -> u8 {
+    match status.phase {
+        Some(Phase::Sent) => exit::OK,
+        Some(Phase::Failed) => exit::FAILED,
+        _ => exit::TIMEOUT,
+    }
+}
+
+/// The status as `key: value` lines, easy to read and to grep in a CI log.
+pub fn describe(name: &str, status: &EmailMessageStatus) -> String {
+    let phase = status.phase.unwrap_or_default();
+    let condition = match phase {
+        Phase::Sent => find_condition(&status.conditions, conditions::SENT),
+        Phase::Failed => find_condition(&status.conditions, conditions::FAILED),
+        Phase::Pending | Phase::Sending => find_condition(&status.conditions, conditions::WAITING)
+            .filter(|c| c.status == "True")
+            .or_else(|| find_condition(&status.conditions, conditions::SENT)),
+    };
+    let mut out = format!("emailmessage/{name} {phase:?}\n  phase: {phase:?}\n");
+    if let Some(c) = condition {
+        out.push_str(&format!("  reason: {}\n  message: {}\n", printable(&c.reason), printable(&c.message)));
+    }
+    out.push_str(&format!("  attempts: {}\n", status.attempts.unwrap_or(0)));
+    let optional = [
+        ("messageId", &status.message_id),
+        ("transport", &status.transport),
+        ("from", &status.from),
+        ("response", &status.response),
+        ("requestId", &status.request_id),
+    ];
+    for (key, value) in optional {
+        if let Some(v) = value {
+            out.push_str(&format!("  {key}: {}\n", printable(v)));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: SendArgs,
+    }
+
+    fn args(extra: &[&str]) -> SendArgs {
+        let mut argv = vec!["send", "--profile", "relay", "--to", "Ops <ops@contoso.com>", "--text", "-"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).expect("flags parse").args
+    }
+
+    fn file(name: &str, size: usize) -> AttachmentFile {
+        AttachmentFile { name: name.into(), bytes: vec![b'x'; size] }
+    }
+
+    #[test]
+    fn spec_from_flags() {
+        let a = args(&[
+            "--cc",
+            "cc@contoso.com",
+            "--subject",
+            "Deploy ✅",
+            "--header",
+            "X-Run=42",
+            "--importance",
+            "high",
+            "--ttl",
+            "1h",
+            "--cluster-profile",
+        ]);
+        let spec = build_spec(&a, Some("hi".into()), None).unwrap();
+        assert_eq!(spec.to, ["Ops <ops@contoso.com>"]);
+        assert_eq!(spec.cc, ["cc@contoso.com"]);
+        assert_eq!(spec.profile_ref.kind(), ProfileKind::ClusterMailProfile);
+        assert_eq!(spec.headers.get("X-Run"), Some(&HeaderValue("42".into())));
+        assert_eq!(spec.importance, Some(Importance::High));
+        assert_eq!(spec.ttl_seconds_after_finished, Some(3600));
+        assert_eq!(a.timeout, Duration::from_secs(120), "default --timeout");
+    }
+
+    #[test]
+    fn bad_input_is_a_usage_error() {
+        let bad_to = build_spec(&args(&["--to", "ops@@contoso"]), Some("x".into()), None).unwrap_err();
+        assert!(matches!(&bad_to, CliError::Usage(m) if m.contains("--to") && m.contains("ops@@contoso")), "{bad_to}");
+        let mut bodiless = args(&[]);
+        bodiless.text = None;
+        let no_body = check_flags(&bodiless).unwrap_err();
+        assert!(no_body.to_string().contains("--text"), "{no_body}");
+        let bad_from = build_spec(&args(&["--from", "nobody"]), Some("x".into()), None).unwrap_err();
+        assert_eq!(bad_from.exit_code(), exit::USAGE);
+        assert!(build_spec(&args(&["--subject", "a\nb"]), Some("x".into()), None).is_err());
+    }
+
+    #[test]
+    fn headers() {
+        assert_eq!(parse_header("X-Pipeline-Run=1234"), Ok(("X-Pipeline-Run".into(), "1234".into())));
+        assert_eq!(parse_header("X-Url=a=b"), Ok(("X-Url".into(), "a=b".into())));
+        assert!(parse_header("Subject=x").is_err());
+        assert!(parse_header("X-=x").is_err());
+        assert!(parse_header("X-Bad Name=x").is_err());
+        assert!(parse_header("X-Run").is_err());
+        assert!(parse_header("X-Run=a\r\nBcc: evil@example.com").is_err());
+    }
+
+    #[test]
+    fn small_files_inline_large_ones_in_the_secret() {
+        let files = [file("small.txt", 10), file("big.bin", INLINE_LIMIT + 1), file("edge.csv", INLINE_LIMIT)];
+        assert_eq!(place_attachments(&files), [true, false, true]);
+        let many: Vec<_> = (0..5).map(|i| file(&format!("{i}.txt"), INLINE_LIMIT)).collect();
+        assert_eq!(place_attachments(&many), [true, true, true, true, false], "the inline total is bounded");
+
+        let spec = build_spec(&args(&[]), Some("x".into()), None).unwrap();
+        let plan = plan(spec, &files, "team-a", "deploy-").unwrap();
+        let name = plan.message.metadata.name.clone().expect("a name chosen for the Secret's sake");
+        assert!(name.starts_with("deploy-") && name.len() == "deploy-".len() + 5, "{name}");
+        let atts = &plan.message.spec.attachments;
+        assert_eq!(atts[0].data.as_deref(), Some("eHh4eHh4eHh4eA=="));
+        assert_eq!(atts[0].content_type.as_deref(), Some("text/plain"));
+        let r = atts[1].secret_ref.as_ref().expect("secretRef");
+        assert_eq!((r.name.as_str(), r.key.as_str()), (name.as_str(), "big.bin"));
+        assert_eq!(atts[1].content_type.as_deref(), Some("application/octet-stream"));
+        assert_eq!(atts[2].content_type.as_deref(), Some("text/csv"));
+        let secret = plan.secret.expect("a Secret");
+        assert_eq!(secret.metadata.name.as_deref(), Some(name.as_str()));
+        assert_eq!(secret.data.unwrap()["big.bin"].0.len(), INLINE_LIMIT + 1);
+    }
+
+    #[test]
+    fn without_large_files_the_server_names_the_message() {
+        let spec = build_spec(&args(&[]), Some("x".into()), None).unwrap();
+        let plan = plan(spec, &[file("a.txt", 3)], "team-a", "send-").unwrap();
+        assert!(plan.secret.is_none());
+        assert_eq!(plan.message.metadata.generate_name.as_deref(), Some("send-"));
+        assert_eq!(plan.message.metadata.name, None);
+        let yaml = dry_run_yaml(&plan).unwrap();
+        let parsed: EmailMessage = serde_yaml::from_str(&yaml).expect("the dry run parses as an EmailMessage");
+        assert_eq!(parsed.spec, plan.message.spec);
+        assert!(yaml.contains("kind: EmailMessage") && !yaml.contains("status"), "{yaml}");
+    }
+
+    #[test]
+    fn the_secret_limit_is_enforced() {
+        let spec = build_spec(&args(&[]), Some("x".into()), None).unwrap();
+        let files = [file("a.bin", 600 * 1024), file("b.bin", 600 * 1024)];
+        let err = plan(spec, &files, "ns", "send-").unwrap_err();
+        assert!(matches!(&err, CliError::Usage(m) if m.contains("1 MiB")), "{err}");
+    }
+
+    #[test]
+    fn files_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("notes.txt");
+        std::fs::write(&ok, "hello").unwrap();
+        assert_eq!(
+            read_attachment(&ok).unwrap(),
+            AttachmentFile { name: "notes.txt".into(), bytes: b"hello".to_vec() }
+        );
+        let huge = dir.path().join("huge.bin");
+        std::fs::File::create(&huge).unwrap().set_len(SECRET_LIMIT as u64 + 1).unwrap();
+        let err = read_attachment(&huge).unwrap_err();
+        assert!(matches!(&err, CliError::Usage(m) if m.contains("huge.bin") && m.contains("1 MiB")), "{err}");
+        let missing = read_attachment(&dir.path().join("absent.txt")).unwrap_err();
+        assert_eq!(missing.exit_code(), exit::USAGE);
+        assert!(read_attachment(Path::new("/")).is_err(), "a directory has no file name");
+    }
+
+    #[test]
+    fn secret_keys() {
+        assert_eq!(secret_key("report 2026.csv", &[]), "report_2026.csv");
+        assert_eq!(secret_key("résumé.pdf", &[]), "r_sum_.pdf");
+        assert_eq!(secret_key("a.txt", &["a.txt".into()]), "2-a.txt");
+        assert_eq!(secret_key("..", &[]), "attachment");
+    }
+
+    #[test]
+    fn the_secret_is_owned_by_the_message() {
+        let mut m = EmailMessage::new("send-abcde", build_spec(&args(&[]), Some("x".into()), None).unwrap());
+        assert!(owner_reference(&m).is_err(), "no uid yet");
+        m.metadata.uid = Some("1234".into());
+        let o = owner_reference(&m).unwrap();
+        assert_eq!(
+            (o.api_version.as_str(), o.kind.as_str(), o.name.as_str(), o.uid.as_str()),
+            ("mailroom.dev/v1alpha1", "EmailMessage", "send-abcde", "1234")
+        );
+    }
+
+    #[test]
+    fn outcome_and_description() {
+        let failed = EmailMessageStatus {
+            phase: Some(Phase::Failed),
+            attempts: Some(1),
+            conditions: vec![Condition {
+                type_: "Failed".into(),
+                status: "True".into(),
+                reason: "Rejected".into(),
+                message: "550 5.7.64 Relay Access Denied".into(),
+                last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+                observed_generation: None,
+            }],
+            message_id: Some("<id@contoso.com>".into()),
+            ..Default::default()
+        };
+        assert_eq!(outcome_code(&failed), exit::FAILED);
+        let text = describe("m", &failed);
+        assert!(text.contains("phase: Failed") && text.contains("reason: Rejected"), "{text}");
+        assert!(text.contains("message: 550 5.7.64") && text.contains("attempts: 1"), "{text}");
+        assert!(text.contains("messageId: <id@contoso.com>"), "{text}");
+        let sent = EmailMessageStatus { phase: Some(Phase::Sent), ..Default::default() };
+        assert_eq!(outcome_code(&sent), exit::OK);
+        assert_eq!(outcome_code(&EmailMessageStatus::default()), exit::TIMEOUT);
+        let forged = EmailMessageStatus { response: Some("250 ok\nphase: Sent".into()), ..failed };
+        assert!(describe("m", &forged).contains("response: 250 ok?phase: Sent"), "a reply cannot fake a line");
+    }
+}

@@ -1,0 +1,696 @@
+//! The command line as a user runs it: the `mailroom` binary as a subprocess, against the real API
+//! server, the operator, the SMTP test server and the Microsoft 365 emulator.
+
+mod common;
+
+use std::process::Output;
+use std::time::Duration;
+
+use common::emulator::{Emulator, concat_pems};
+use common::smtp_peer::SmtpPeer;
+use common::{Operator, create_yaml};
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use kube::api::PostParams;
+use mail_parser::{MessageParser, MimeHeaders};
+use mailroom::api::EmailMessage;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(60);
+const TENANT: &str = "7e3b1c2d-0000-4000-8000-00000000c1c0";
+const CLIENT: &str = "9a1f0c3e-1111-4111-8111-00000000c1c1";
+
+/// `mailroom ARGS` with `stdin`; `env` overrides variables (a bogus KUBECONFIG, say).
+async fn mailroom(args: &[&str], stdin: &[u8], env: &[(&str, &str)]) -> Output {
+    use tokio::io::AsyncWriteExt;
+    let bin = common::required_env("MAILROOM_BIN");
+    let mut child = tokio::process::Command::new(bin)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run mailroom");
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(stdin).await.expect("write stdin");
+    drop(input);
+    tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("mailroom finished")
+        .expect("mailroom output")
+}
+
+/// Exit code, stdout and stderr.
+fn parts(out: &Output) -> (i32, String, String) {
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The name in `emailmessage/NAME created in namespace NS`.
+fn created_name(stdout: &str) -> String {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("emailmessage/").and_then(|rest| rest.split_once(" created")).map(|(n, _)| n))
+        .unwrap_or_else(|| panic!("no created message in: {stdout}"))
+        .to_string()
+}
+
+fn relay_profile(name: &str, port: u16) -> String {
+    format!(
+        r#"
+apiVersion: mailroom.dev/v1alpha1
+kind: MailProfile
+metadata: {{name: {name}}}
+spec:
+  senders: {{default: "alerts@contoso.com"}}
+  smtp: {{host: 127.0.0.1, port: {port}, tls: None}}
+"#
+    )
+}
+
+async fn messages_in(ns: &str) -> Vec<EmailMessage> {
+    let api: Api<EmailMessage> = Api::namespaced(common::client().await, ns);
+    api.list(&Default::default()).await.expect("list messages").items
+}
+
+#[tokio::test]
+async fn send_waits_for_sent_and_the_server_gets_it() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cli-send", &[]).await;
+    let peer = SmtpPeer::start(&[]);
+    let _op = Operator::start("cli-send", &ns, &[]);
+    create_yaml(&client, &ns, &relay_profile("relay", peer.smtp_port)).await;
+    let args = [
+        "send",
+        "--namespace",
+        &ns,
+        "--profile",
+        "relay",
+        "--to",
+        "Ops Team <ops@contoso.com>",
+        "--cc",
+        "dev@contoso.com",
+        "--bcc",
+        "audit@contoso.com",
+        "--subject",
+        "Deploy 1.4.2 finished ✅",
+        "--text",
+        "-",
+        "--header",
+        "X-Pipeline-Run=1234",
+        "--importance",
+        "high",
+        "--wait",
+        "--timeout",
+        "60s",
+    ];
+    let out = mailroom(&args, "Version 1.4.2 is live.\n".as_bytes(), &[]).await;
+    let (code, stdout, stderr) = parts(&out);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("phase: Sent") && stdout.contains("attempts: 1"), "{stdout}");
+    let message_id = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("messageId: "))
+        .unwrap_or_else(|| panic!("no messageId in: {stdout}"))
+        .to_string();
+
+    let envelopes = peer.wait_messages(1, WAIT).await;
+    let mut rcpts: Vec<String> =
+        envelopes[0]["rcpt_tos"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    rcpts.sort();
+    assert_eq!(rcpts, ["audit@contoso.com", "dev@contoso.com", "ops@contoso.com"]);
+    assert_eq!(envelopes[0]["mail_from"], "alerts@contoso.com");
+    let raw = peer.raw(&envelopes[0]);
+    let parsed = MessageParser::default().parse(&raw).expect("parse the received message");
+    assert_eq!(parsed.subject(), Some("Deploy 1.4.2 finished ✅"));
+    assert_eq!(parsed.body_text(0).as_deref().map(str::trim), Some("Version 1.4.2 is live."));
+    assert_eq!(format!("<{}>", parsed.message_id().unwrap_or_default()), message_id);
+    assert_eq!(parsed.header_raw("X-Pipeline-Run").map(str::trim), Some("1234"));
+    assert_eq!(parsed.cc().and_then(|c| c.first()).and_then(|a| a.address()), Some("dev@contoso.com"));
+    let head = String::from_utf8_lossy(&raw).to_lowercase();
+    assert!(!head.contains("audit@contoso.com"), "Bcc leaked into the message");
+}
+
+#[tokio::test]
+async fn a_refused_message_exits_1_with_the_reason() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cli-refused", &[]).await;
+    let peer = SmtpPeer::start(&[]);
+    let _op = Operator::start("cli-refused", &ns, &[]);
+    create_yaml(&client, &ns, &relay_profile("relay", peer.smtp_port)).await;
+    peer.script(json!({"data": ["550 5.7.64 TenantAttribution; Relay Access Denied"]})).await;
+    let out = mailroom(
+        &["send", "-n", &ns, "--profile", "relay", "--to", "ops@contoso.com", "--text", "-", "--wait"],
+        b"hello",
+        &[],
+    )
+    .await;
+    let (code, stdout, stderr) = parts(&out);
+    assert_eq!(code, 1, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("phase: Failed"), "{stdout}");
+    assert!(stdout.contains("550 5.7.64 TenantAttribution; Relay Access Denied"), "{stdout}");
+    assert!(stdout.lines().any(|l| l.trim().starts_with("reason: ")), "{stdout}");
+}
+
+#[tokio::test]
+async fn wait_without_an_operator_times_out_with_exit_2() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cli-timeout", &[]).await;
+    create_yaml(&client, &ns, &relay_profile("relay", 9)).await;
+    let started = std::time::Instant::now();
+    let out = mailroom(
+        &[
+            "send",
+            "-n",
+            &ns,
+            "--profile",
+            "relay",
+            "--to",
+            "ops@contoso.com",
+            "--text",
+            "-",
+            "--wait",
+            "--timeout",
+            "3s",
+        ],
+        b"hello",
+        &[],
+    )
+    .await;
+    let (code, stdout, stderr) = parts(&out);
+    assert_eq!(code, 2, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("timed out after 3s"), "{stdout}");
+    assert!(started.elapsed() >= Duration::from_secs(3), "it waited the whole --timeout");
+    let name = created_name(&stdout);
+    let all = messages_in(&ns).await;
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].metadata.name.as_deref(), Some(name.as_str()));
+    assert!(all[0].status.is_none(), "no operator touched it");
+}
+
+#[tokio::test]
+async fn dry_run_prints_a_manifest_and_creates_nothing() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cli-dry", &[]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let notes = dir.path().join("notes.txt");
+    std::fs::write(&notes, "release notes").expect("write");
+    let notes = notes.display().to_string();
+    let args = [
+        "send",
+        "-n",
+        &ns,
+        "--profile",
+        "m365",
+        "--cluster-profile",
+        "--to",
+        "ops@contoso.com",
+        "--subject",
+        "Dry",
+        "--html",
+        "-",
+        "--attach",
+        &notes,
+        "--ttl",
+        "1h",
+        "--generate-name",
+        "deploy-",
+        "--dry-run",
+    ];
+    // No API server is needed: the kubeconfig named here does not exist.
+    let out = mailroom(&args, b"<p>hi</p>", &[("KUBECONFIG", "/nonexistent/kubeconfig")]).await;
+    let (code, stdout, stderr) = parts(&out);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    let message: EmailMessage = serde_yaml::from_str(&stdout).expect("the output parses as an EmailMessage");
+    assert_eq!(message.metadata.generate_name.as_deref(), Some("deploy-"));
+    assert_eq!(message.metadata.namespace.as_deref(), Some(ns.as_str()));
+    assert_eq!(message.spec.profile_ref.kind(), mailroom::api::ProfileKind::ClusterMailProfile);
+    assert_eq!(message.spec.body.html.as_deref(), Some("<p>hi</p>"));
+    assert_eq!(message.spec.ttl_seconds_after_finished, Some(3600));
+    let att = &message.spec.attachments[0];
+    assert_eq!((att.name.as_str(), att.content_type.as_deref()), ("notes.txt", Some("text/plain")));
+    assert_eq!(att.data.as_deref(), Some("cmVsZWFzZSBub3Rlcw=="));
+    // The manifest is one the API server accepts, and the dry run itself created nothing.
+    assert!(messages_in(&ns).await.is_empty());
+    let api: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);
+    let mut accepted = message.clone();
+    accepted.metadata.namespace = None;
+    let made = api.create(&PostParams { dry_run: true, ..Default::default() }, &accepted).await;
+    assert!(made.is_ok(), "the API server refuses the manifest: {made:?}");
+}
+
+#[tokio::test]
+async fn an_invalid_address_is_a_usage_error_before_any_api_call() {
+    // With a kubeconfig that does not exist, any API call would end in exit 3 instead.
+    let out = mailroom(
+        &["send", "--profile", "relay", "--to", "ops@contoso.com", "--cc", "dev@@contoso", "--text", "-"],
+        b"hello",
+        &[("KUBECONFIG", "/nonexistent/kubeconfig")],
+    )
+    .await;
+    let (code, stdout, stderr) = parts(&out);
+    assert_eq!(code, 64, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stderr.contains("--cc") && stderr.contains("dev@@contoso"), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+
+    let bad_flag = mailroom(&["send", "--profile", "relay", "--bogus"], b"", &[]).await;
+    assert_eq!(parts(&bad_flag).0, 64, "a bad flag is a usage error, not clap's 2 (a timeout)");
+    let api_down = mailroom(
+        &["send", "--profile", "relay", "--to", "ops@contoso.com", "--text", "-"],
+        b"hello",
+        &[("KUBECONFIG", "/nonexistent/kubeconfig")],
+    )
+    .await;
+    assert_eq!(parts(&api_down).0, 3, "no kubeconfig: an API error; {:?}", parts(&api_down));
+}
+
+#[tokio::test]
+async fn attachments_inline_and_in_an_owned_secret_arrive_intact() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cli-attach", &[]).await;
+    let peer = SmtpPeer::start(&[]);
+    let _op = Operator::start("cli-attach", &ns, &[]);
+    create_yaml(&client, &ns, &relay_profile("relay", peer.smtp_port)).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let small = dir.path().join("summary.csv");
+    std::fs::write(&small, "a,b\n1,2\n").expect("write");
+    let big = dir.path().join("build.log.gz");
+    let big_bytes: Vec<u8> = (0..200 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(&big, &big_bytes).expect("write");
+    let (small, big) = (small.display().to_string(), big.display().to_string());
+    let args = [
+        "send",
+        "-n",
+        &ns,
+        "--profile",
+        "relay",
+        "--to",
+        "ops@contoso.com",
+        "--subject",
+        "Logs",
+        "--text",
+        "-",
+        "--attach",
+        &small,
+        "--attach",
+        &big,
+        "--wait",
+    ];
+    let out = mailroom(&args, b"see attached", &[]).await;
+    let (code, stdout, stderr) = parts(&out);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    let name = created_name(&stdout);
+
+    let message = Api::<EmailMessage>::namespaced(client.clone(), &ns).get(&name).await.expect("the message");
+    let atts = &message.spec.attachments;
+    assert_eq!(atts.len(), 2);
+    assert!(atts[0].data.is_some() && atts[0].secret_ref.is_none(), "the small file goes inline: {:?}", atts[0]);
+    assert_eq!(atts[0].content_type.as_deref(), Some("text/csv"));
+    let r = atts[1].secret_ref.as_ref().expect("the large file is in a Secret");
+    assert_eq!(r.name, name, "the Secret is named like the message");
+    let secret = Api::<Secret>::namespaced(client.clone(), &ns).get(&r.name).await.expect("the Secret");
+    assert_eq!(secret.data.as_ref().and_then(|d| d.get(&r.key)).map(|b| b.0.clone()), Some(big_bytes.clone()));
+    let owners = secret.metadata.owner_references.clone().unwrap_or_default();
+    assert_eq!(owners.len(), 1, "{owners:?}");
+    assert_eq!(
+        (owners[0].kind.as_str(), owners[0].api_version.as_str(), owners[0].name.as_str()),
+        ("EmailMessage", "mailroom.dev/v1alpha1", name.as_str())
+    );
+    assert_eq!(Some(&owners[0].uid), message.metadata.uid.as_ref(), "owned by this message's uid");
+
+    let envelopes = peer.wait_messages(1, WAIT).await;
+    let raw = peer.raw(&envelopes[0]);
+    let parsed = MessageParser::default().parse(&raw).expect("parse");
+    let got: Vec<(String, Vec<u8>)> = parsed
+        .attachments()
+        .map(|a| (a.attachment_name().unwrap_or_default().to_string(), a.contents().to_vec()))
+        .collect();
+    assert_eq!(got, [("summary.csv".to_string(), b"a,b\n1,2\n".to_vec()), ("build.log.gz".to_string(), big_bytes)]);
+}
+
+/// A Graph profile against the emulator, with `secret` in its Secret (unless `secret` is None).
+async fn graph_world(test: &str, roles: &[&str], secret: Option<&str>) -> (String, Emulator) {
+    let client = common::client().await;
+    let ns = common::namespace(&client, test, &[]).await;
+    let emu = Emulator::start(test).await;
+    emu.register_app(
+        json!({"tenantId": TENANT, "clientId": CLIENT, "secrets": ["right-Secret-c1c2d3"], "roles": roles}),
+    )
+    .await;
+    if let Some(value) = secret {
+        let s: Secret = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "graph-credentials"},
+            "stringData": {"client-secret": value},
+        }))
+        .expect("Secret");
+        Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &s).await.expect("Secret");
+    }
+    let profile = format!(
+        r#"
+apiVersion: mailroom.dev/v1alpha1
+kind: MailProfile
+metadata: {{name: m365}}
+spec:
+  senders: {{default: "alerts@contoso.com"}}
+  graph:
+    tenantId: {TENANT}
+    clientId: {CLIENT}
+    clientSecretRef: {{name: graph-credentials, key: client-secret}}
+    authorityHost: {url}
+    endpoint: {url}
+"#,
+        url = emu.url
+    );
+    create_yaml(&client, &ns, &profile).await;
+    (ns, emu)
+}
+
+async fn check(ns: &str, emu: &Emulator, extra: &[&str]) -> (i32, String, String) {
+    let ca = emu.ca_pem().display().to_string();
+    let mut args = vec!["profile", "check", "m365", "--namespace", ns, "--ca-bundle", &ca];
+    args.extend_from_slice(extra);
+    parts(&mailroom(&args, b"", &[]).await)
+}
+
+#[tokio::test]
+async fn check_a_graph_profile_and_send_a_test_message() {
+    let (ns, emu) = graph_world("cli-graph", &["Mail.Send"], Some("right-Secret-c1c2d3")).await;
+    let (code, stdout, stderr) = check(&ns, &emu, &[]).await;
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("token: expires ") && stdout.contains("roles: Mail.Send"), "{stdout}");
+    assert!(stdout.contains("ready: token acquired; profile can send"), "{stdout}");
+    for text in [&stdout, &stderr] {
+        assert!(!text.contains("eyJ"), "a token was printed: {text}");
+        assert!(!text.contains("right-Secret-c1c2d3"), "the client secret was printed");
+    }
+    let tokens = emu.token_requests().await;
+    assert_eq!(tokens.len(), 1, "one token request: {tokens:#?}");
+    assert!(emu.messages().await.is_empty(), "a check alone sends nothing");
+
+    let (code, stdout, stderr) = check(&ns, &emu, &["--send-test", "Ops <ops@contoso.com>"]).await;
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("test message: accepted: ") && stdout.contains("request-id: "), "{stdout}");
+    let sent = emu.wait_messages(1, WAIT).await;
+    assert!(sent[0].to_string().contains("ops@contoso.com"), "{:#}", sent[0]);
+    assert!(sent[0].to_string().contains("mailroom profile check: m365"), "{:#}", sent[0]);
+}
+
+#[tokio::test]
+async fn check_explains_a_wrong_client_secret() {
+    let (ns, emu) = graph_world("cli-wrong", &["Mail.Send"], Some("wrong-Secret-9e8d7c")).await;
+    let (code, stdout, stderr) = check(&ns, &emu, &[]).await;
+    assert_eq!(code, 1, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("not ready: TokenRequestFailed: AADSTS7000215"), "{stdout}");
+    for text in [&stdout, &stderr] {
+        assert!(!text.contains("wrong-Secret-9e8d7c") && !text.contains("right-Secret-c1c2d3"), "a secret was printed");
+    }
+}
+
+#[tokio::test]
+async fn check_explains_a_missing_permission() {
+    let (ns, emu) = graph_world("cli-noperm", &[], Some("right-Secret-c1c2d3")).await;
+    let (code, stdout, stderr) = check(&ns, &emu, &[]).await;
+    assert_eq!(code, 1, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("roles: none"), "{stdout}");
+    assert!(stdout.contains("not ready: MissingPermission: ") && stdout.contains("Mail.Send"), "{stdout}");
+}
+
+#[tokio::test]
+async fn check_explains_a_missing_secret_and_a_missing_profile() {
+    let (ns, emu) = graph_world("cli-nosecret", &["Mail.Send"], None).await;
+    let (code, stdout, stderr) = check(&ns, &emu, &[]).await;
+    assert_eq!(code, 1, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        stdout.contains(&format!("not ready: SecretNotFound: Secret {ns}/graph-credentials not found")),
+        "{stdout}"
+    );
+    assert!(emu.token_requests().await.is_empty(), "no token without a credential");
+
+    let out = mailroom(&["profile", "check", "absent", "-n", &ns], b"", &[]).await;
+    let (code, stdout, _) = parts(&out);
+    assert_eq!(code, 1);
+    assert!(stdout.contains("ProfileNotFound"), "{stdout}");
+}
+
+#[tokio::test]
+async fn check_an_smtp_profile_shows_greeting_mechanisms_and_login() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cli-smtp", &[]).await;
+    let peer = SmtpPeer::start(&[
+        "--self-signed",
+        "--require-starttls",
+        "--auth-user",
+        "mailer",
+        "--auth-pass",
+        "s3cret-pass",
+    ]);
+    let profile = format!(
+        r#"
+apiVersion: v1
+kind: Secret
+metadata: {{name: smtp-login}}
+stringData: {{username: mailer, password: s3cret-pass}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: bad-login}}
+stringData: {{username: mailer, password: not-the-pass}}
+---
+apiVersion: mailroom.dev/v1alpha1
+kind: MailProfile
+metadata: {{name: login}}
+spec:
+  senders: {{default: "alerts@contoso.com"}}
+  smtp: {{host: 127.0.0.1, port: {port}, tls: StartTLS, auth: {{password: {{secretRef: {{name: smtp-login}}}}}}}}
+---
+apiVersion: mailroom.dev/v1alpha1
+kind: MailProfile
+metadata: {{name: bad}}
+spec:
+  senders: {{default: "alerts@contoso.com"}}
+  smtp: {{host: 127.0.0.1, port: {port}, tls: StartTLS, auth: {{password: {{secretRef: {{name: bad-login}}}}}}}}
+"#,
+        port = peer.smtp_port
+    );
+    create_yaml(&client, &ns, &profile).await;
+    let ca = peer.ca_pem().display().to_string();
+
+    let out = mailroom(&["profile", "check", "login", "-n", &ns, "--ca-bundle", &ca], b"", &[]).await;
+    let (code, stdout, stderr) = parts(&out);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("greeting: 220 "), "{stdout}");
+    assert!(
+        stdout.contains("auth mechanisms (encrypted): ") && stdout.contains("PLAIN") && stdout.contains("LOGIN"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("login: accepted for mailer"), "{stdout}");
+    assert!(!stdout.contains("s3cret-pass") && !stderr.contains("s3cret-pass"), "the password was printed");
+    assert!(peer.messages().await.is_empty(), "a check alone sends nothing");
+
+    // Without the CA the server's certificate is not trusted, and the check says so.
+    let (code, stdout, stderr) = parts(&mailroom(&["profile", "check", "login", "-n", &ns], b"", &[]).await);
+    assert_eq!(code, 1, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("SmtpCheckFailed") && stdout.to_lowercase().contains("certificate"), "{stdout}");
+
+    let (code, stdout, stderr) =
+        parts(&mailroom(&["profile", "check", "bad", "-n", &ns, "--ca-bundle", &ca], b"", &[]).await);
+    assert_eq!(code, 1, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("SmtpCheckFailed") && stdout.contains("535"), "{stdout}");
+    assert!(!stdout.contains("not-the-pass"), "the password was printed");
+
+    // The profile's own caBundle is trusted as the operator trusts it.
+    let pem = std::fs::read_to_string(peer.ca_pem()).expect("the CA");
+    let with_bundle: mailroom::api::MailProfile = serde_json::from_value(json!({
+        "apiVersion": "mailroom.dev/v1alpha1", "kind": "MailProfile", "metadata": {"name": "bundled"},
+        "spec": {
+            "senders": {"default": "alerts@contoso.com"}, "caBundle": pem,
+            "smtp": {"host": "127.0.0.1", "port": peer.smtp_port, "tls": "StartTLS",
+                     "auth": {"password": {"secretRef": {"name": "smtp-login"}}}},
+        },
+    }))
+    .expect("MailProfile");
+    Api::<mailroom::api::MailProfile>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &with_bundle)
+        .await
+        .expect("create the profile");
+    let (code, stdout, stderr) = parts(&mailroom(&["profile", "check", "bundled", "-n", &ns], b"", &[]).await);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("login: accepted for mailer"), "{stdout}");
+
+    let out = mailroom(
+        &["profile", "check", "login", "-n", &ns, "--ca-bundle", &ca, "--send-test", "ops@contoso.com"],
+        b"",
+        &[],
+    )
+    .await;
+    let (code, stdout, stderr) = parts(&out);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("test message: accepted: 250"), "{stdout}");
+    let envelopes = peer.wait_messages(1, WAIT).await;
+    assert_eq!(envelopes[0]["rcpt_tos"], json!(["ops@contoso.com"]));
+    let raw = peer.raw(&envelopes[0]);
+    let parsed = MessageParser::default().parse(&raw).expect("parse");
+    assert_eq!(parsed.subject(), Some("mailroom profile check: login"));
+}
+
+#[tokio::test]
+async fn check_an_implicit_tls_relay() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cli-smtps", &[]).await;
+    let peer = SmtpPeer::start(&["--self-signed", "--implicit-tls"]);
+    let profile = format!(
+        r#"
+apiVersion: mailroom.dev/v1alpha1
+kind: MailProfile
+metadata: {{name: smtps}}
+spec:
+  senders: {{default: "alerts@contoso.com"}}
+  smtp: {{host: 127.0.0.1, port: {port}, tls: Implicit}}
+"#,
+        port = peer.smtp_port
+    );
+    create_yaml(&client, &ns, &profile).await;
+    let ca = peer.ca_pem().display().to_string();
+    let (code, stdout, stderr) =
+        parts(&mailroom(&["profile", "check", "smtps", "-n", &ns, "--ca-bundle", &ca], b"", &[]).await);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("greeting: 220 "), "the greeting is read inside TLS: {stdout}");
+    assert!(stdout.contains("auth mechanisms (encrypted): none"), "a relay offers no AUTH: {stdout}");
+    assert!(!stdout.contains("login:"), "{stdout}");
+}
+
+/// SMTP with XOAUTH2: a token for Exchange Online with SMTP.SendAsApp, then AUTH XOAUTH2 after
+/// STARTTLS, checked by the SMTP server through the emulator; a ClusterMailProfile whose Secret
+/// reference carries its namespace.
+#[tokio::test]
+async fn check_a_cluster_profile_with_xoauth2() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cli-xoauth2", &[]).await;
+    let emu = Emulator::start("cli-xoauth2").await;
+    let emu_ca = emu.ca_pem().display().to_string();
+    let peer = SmtpPeer::start(&[
+        "--self-signed",
+        "--require-starttls",
+        "--xoauth2-introspect",
+        &emu.introspect_url(),
+        "--xoauth2-ca",
+        &emu_ca,
+    ]);
+    emu.register_app(
+        json!({"tenantId": TENANT, "clientId": CLIENT, "secrets": ["xo-Secret-4f5e6d"], "roles": ["SMTP.SendAsApp"]}),
+    )
+    .await;
+    let yaml = format!(
+        r#"
+apiVersion: v1
+kind: Secret
+metadata: {{name: exo-credentials}}
+stringData: {{client-secret: xo-Secret-4f5e6d}}
+---
+apiVersion: mailroom.dev/v1alpha1
+kind: ClusterMailProfile
+metadata: {{name: {ns}}}
+spec:
+  senders: {{default: "alerts@contoso.com"}}
+  smtp:
+    host: 127.0.0.1
+    port: {port}
+    tls: StartTLS
+    auth:
+      oauth2:
+        tenantId: {TENANT}
+        clientId: {CLIENT}
+        authorityHost: {url}
+        clientSecretRef: {{name: exo-credentials, namespace: {ns}, key: client-secret}}
+"#,
+        port = peer.smtp_port,
+        url = emu.url
+    );
+    create_yaml(&client, &ns, &yaml).await;
+    let bundle = emu.dir.path().join("cli-ca-bundle.pem");
+    concat_pems(&bundle, &[emu.ca_pem(), peer.ca_pem()]);
+    let bundle = bundle.display().to_string();
+
+    let out = mailroom(&["profile", "check", &ns, "--cluster", "--ca-bundle", &bundle], b"", &[]).await;
+    let (code, stdout, stderr) = parts(&out);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains(&format!("profile: ClusterMailProfile {ns} (smtp-oauth2)")), "{stdout}");
+    assert!(stdout.contains("roles: SMTP.SendAsApp"), "{stdout}");
+    assert!(stdout.contains("auth mechanisms (encrypted): ") && stdout.contains("XOAUTH2"), "{stdout}");
+    assert!(stdout.contains("login: accepted for alerts@contoso.com"), "{stdout}");
+    assert!(!stdout.contains("eyJ") && !stdout.contains("xo-Secret-4f5e6d"), "a secret was printed: {stdout}");
+    let tokens = emu.token_requests().await;
+    assert_eq!(tokens.len(), 1, "{tokens:#?}");
+    assert_eq!(tokens[0]["scope"], "https://outlook.office365.com/.default");
+}
+
+/// Without --namespace, the kubeconfig context's namespace is used, as kubectl does.
+#[tokio::test]
+async fn the_kubeconfig_context_names_the_namespace() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cli-context", &[]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::copy(common::required_env("KUBECONFIG"), &kubeconfig).expect("copy the kubeconfig");
+    let kubeconfig = kubeconfig.display().to_string();
+    let set = common::kubectl(&["config", "set-context", "--current", "--namespace", &ns, "--kubeconfig", &kubeconfig]);
+    assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
+    let env = [("KUBECONFIG", kubeconfig.as_str())];
+
+    let out =
+        mailroom(&["send", "--profile", "relay", "--to", "ops@contoso.com", "--text", "-", "--dry-run"], b"x", &env)
+            .await;
+    let (code, stdout, stderr) = parts(&out);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    let message: EmailMessage = serde_yaml::from_str(&stdout).expect("an EmailMessage");
+    assert_eq!(message.metadata.namespace.as_deref(), Some(ns.as_str()));
+
+    let out = mailroom(&["send", "--profile", "relay", "--to", "ops@contoso.com", "--text", "-"], b"x", &env).await;
+    let (code, stdout, stderr) = parts(&out);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains(&format!("created in namespace {ns}")), "{stdout}");
+    assert_eq!(messages_in(&ns).await.len(), 1);
+}
+
+/// Plain http:// endpoints are refused as the operator refuses them, unless allowed.
+#[tokio::test]
+async fn check_refuses_plain_http_unless_allowed() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cli-insecure", &[]).await;
+    let yaml = format!(
+        r#"
+apiVersion: v1
+kind: Secret
+metadata: {{name: graph-credentials}}
+stringData: {{client-secret: some-Secret-a1b2}}
+---
+apiVersion: mailroom.dev/v1alpha1
+kind: MailProfile
+metadata: {{name: m365}}
+spec:
+  senders: {{default: "alerts@contoso.com"}}
+  graph:
+    tenantId: {TENANT}
+    clientId: {CLIENT}
+    clientSecretRef: {{name: graph-credentials, key: client-secret}}
+    authorityHost: http://127.0.0.1:9
+    endpoint: http://127.0.0.1:9
+"#
+    );
+    create_yaml(&client, &ns, &yaml).await;
+    let (code, stdout, _) = parts(&mailroom(&["profile", "check", "m365", "-n", &ns], b"", &[]).await);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("not ready: InvalidSettings: ") && stdout.contains("plain http"), "{stdout}");
+
+    // Allowed, the check goes on to the token endpoint, which nothing serves here.
+    let args = ["profile", "check", "m365", "-n", &ns, "--allow-insecure-endpoints", "--timeout", "20s"];
+    let (code, stdout, _) = parts(&mailroom(&args, b"", &[]).await);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("not ready: TokenRequestFailed: "), "{stdout}");
+    assert!(!stdout.contains("some-Secret-a1b2"), "the secret was printed");
+}
