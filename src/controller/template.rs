@@ -273,6 +273,7 @@ pub async fn render_message<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::Deserialize;
     use serde_json::json;
 
     fn template(subject: &str, text: Option<&str>, html: Option<&str>) -> EmailTemplateSpec {
@@ -462,9 +463,13 @@ mod tests {
         let m: crate::api::EmailMessage = serde_yaml::from_value(docs[1].clone()).unwrap();
         assert_eq!(m.spec.template_ref.as_ref().map(|r| r.name.as_str()), t.metadata.name.as_deref());
         let r = render(&t.spec, m.spec.values.as_ref()).unwrap();
-        assert!(r.subject.contains("shop") && r.subject.contains("1.4.2"), "{}", r.subject);
-        assert!(r.text.is_some() && r.html.is_some());
+        assert_eq!(r.subject, "[production] shop 1.4.2 deployed");
+        assert!(r.text.is_some_and(|t| t.ends_with("Notes:   Rollout took < 5 minutes")));
+        assert!(r.html.is_some_and(|h| h.contains("<p>Rollout took &lt; 5 minutes</p>")));
+        // The error the README shows for a missing value.
+        let mut values = m.spec.values.clone().unwrap();
+        values.remove("commit");
+        let err = render(&t.spec, Some(&values)).unwrap_err();
+        assert_eq!(err.to_string(), "the text template, line 3: undefined value: `commit` is undefined");
     }
-
-    use serde::Deserialize;
 }
