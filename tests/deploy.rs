@@ -620,6 +620,9 @@ async fn rbac_is_enough_for_the_operator_and_no_more() {
         (vec!["create", "pods", "-n", SYSTEM_NS], false),
         (vec!["create", "emailmessages.mailroom.dev", "-n", n], true),
         (vec!["get", "alertroutes.mailroom.dev", "-n", n], true),
+        (vec!["get", "emailtemplates.mailroom.dev", "-n", n], true),
+        (vec!["list", "emailtemplates.mailroom.dev", "-n", n], false),
+        (vec!["update", "emailtemplates.mailroom.dev", "-n", n], false),
         (vec!["update", "emailmessages.mailroom.dev", "-n", n], false),
         (vec!["patch", "mailprofiles.mailroom.dev", "-n", n], false),
         (vec!["list", "configmaps", "-n", n], false),
@@ -695,6 +698,22 @@ spec:
   subject: deleted once sent
   body: {{text: gone}}
   ttlSecondsAfterFinished: 0
+---
+apiVersion: mailroom.dev/v1alpha1
+kind: EmailTemplate
+metadata: {{name: greeting}}
+spec:
+  subject: "hello {{{{ who }}}}"
+  text: "rendered for {{{{ who }}}}"
+---
+apiVersion: mailroom.dev/v1alpha1
+kind: EmailMessage
+metadata: {{name: templated}}
+spec:
+  profileRef: {{name: relay}}
+  to: [ops@contoso.com]
+  templateRef: {{name: greeting}}
+  values: {{who: ops}}
 "#,
             port = peer.smtp_port
         ),
@@ -702,7 +721,7 @@ spec:
     .await;
 
     let messages: Api<EmailMessage> = Api::namespaced(client.clone(), n);
-    for name in ["attachments", "shared-profile"] {
+    for name in ["attachments", "shared-profile", "templated"] {
         let m =
             common::wait_for(&messages, name, WAIT, |m| matches!(phase(m), Some(Phase::Sent | Phase::Failed))).await;
         assert_eq!(phase(&m), Some(Phase::Sent), "{name}: {:?}\noperator log:\n{}", m.status, op.log_text());
@@ -721,7 +740,7 @@ spec:
         async move { matches!(messages.get_opt("short-lived").await, Ok(None)) }
     })
     .await;
-    assert_eq!(peer.wait_messages(3, WAIT).await.len(), 3);
+    assert_eq!(peer.wait_messages(4, WAIT).await.len(), 4);
     // Events published.
     poll("a Sent Event on attachments", WAIT, || {
         let client = client.clone();

@@ -7,7 +7,7 @@ use std::time::Duration;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
-use mailroom::api::{AlertRoute, ClusterMailProfile, EmailMessage, MailProfile};
+use mailroom::api::{AlertRoute, ClusterMailProfile, EmailMessage, EmailTemplate, MailProfile};
 
 fn resource_for(kind: &str) -> ApiResource {
     match kind {
@@ -15,6 +15,7 @@ fn resource_for(kind: &str) -> ApiResource {
         "MailProfile" => ApiResource::erase::<MailProfile>(&()),
         "ClusterMailProfile" => ApiResource::erase::<ClusterMailProfile>(&()),
         "AlertRoute" => ApiResource::erase::<AlertRoute>(&()),
+        "EmailTemplate" => ApiResource::erase::<EmailTemplate>(&()),
         other => panic!("unknown kind {other}"),
     }
 }
@@ -101,6 +102,27 @@ metadata: {generateName: p-}
 spec:
   senders: {default: alerts@contoso.com}
   smtp: {host: relay.contoso.com}
+"#;
+
+const TEMPLATE: &str = r#"
+apiVersion: mailroom.dev/v1alpha1
+kind: EmailTemplate
+metadata: {generateName: t-}
+spec:
+  subject: "Deployed {{ app }}"
+  text: "{{ app }} is live."
+"#;
+
+/// A message that names a template instead of carrying a subject and body.
+const TEMPLATED: &str = r#"
+apiVersion: mailroom.dev/v1alpha1
+kind: EmailMessage
+metadata: {generateName: t-}
+spec:
+  profileRef: {name: p}
+  to: ["Ops Team <ops@contoso.com>"]
+  templateRef: {name: deploy}
+  values: {app: shop}
 "#;
 
 const ROUTE: &str = r#"
@@ -237,6 +259,48 @@ async fn invalid_manifests_are_rejected_with_a_message_naming_the_problem() {
             ),
             "exactly one of secretRef, configMapRef or data",
         ),
+        (
+            "no body and no template",
+            with(MESSAGE, "body:", ""),
+            "body is required (text, html, or both), unless templateRef",
+        ),
+        (
+            "template and a subject",
+            with(TEMPLATED, "values:", "  values: {app: shop}\n  subject: mine"),
+            "with templateRef the EmailTemplate supplies the subject and body",
+        ),
+        (
+            "template and a body",
+            with(TEMPLATED, "values:", "  values: {app: shop}\n  body: {text: mine}"),
+            "with templateRef the EmailTemplate supplies the subject and body",
+        ),
+        (
+            "values without a template",
+            with(TEMPLATED, "templateRef:", "  body: {text: hi}"),
+            "values are only used with templateRef",
+        ),
+        ("values that are a list", with(TEMPLATED, "values:", "  values: [shop]"), "must be of type object"),
+        (
+            "values with over 100 keys",
+            with(
+                TEMPLATED,
+                "values:",
+                &format!("  values: {{{}}}", (0..101).map(|i| format!("k{i}: v")).collect::<Vec<_>>().join(", ")),
+            ),
+            "must have at most 100",
+        ),
+        (
+            "template ref without a name",
+            with(TEMPLATED, "templateRef:", "  templateRef: {}"),
+            "templateRef.name: Required value",
+        ),
+        ("template without a subject", with(TEMPLATE, "subject:", ""), "subject: Required value"),
+        ("template without a body", with(TEMPLATE, "text:", ""), "an EmailTemplate needs text, html, or both"),
+        (
+            "template subject over 4096",
+            with(TEMPLATE, "subject:", &format!("  subject: {}", "s".repeat(4097))),
+            "Too long: may not be more than 4096",
+        ),
         ("route without recipients", with(ROUTE, "to:", "  to: []"), "at least one recipient is required in to or cc"),
         ("route with a malformed cc", with(ROUTE, "to:", "  cc: [\"a@b@c\"]"), "every address in cc"),
         ("route without a token", with(ROUTE, "tokenSecretRef:", ""), "tokenSecretRef: Required value"),
@@ -274,6 +338,8 @@ async fn invalid_manifests_are_rejected_with_a_message_naming_the_problem() {
     try_create(&client, &ns, MESSAGE, true).await.expect("valid message accepted");
     try_create(&client, &ns, PROFILE, true).await.expect("valid profile accepted");
     try_create(&client, &ns, ROUTE, true).await.expect("valid route accepted");
+    try_create(&client, &ns, TEMPLATE, true).await.expect("valid template accepted");
+    try_create(&client, &ns, TEMPLATED, true).await.expect("valid templated message accepted");
 }
 
 #[tokio::test]
@@ -312,7 +378,7 @@ async fn kubectl_get_shows_the_printer_columns() {
     assert_eq!(header, ["NAME", "PHASE", "PROFILE", "RECIPIENTS", "ATTEMPTS", "AGE"]);
     let row: Vec<&str> = text.lines().nth(1).unwrap_or_default().split_whitespace().collect();
     assert_eq!(&row[..5], ["cols", "Sent", "p", "3", "1"]);
-    for (short, header) in [("mp", "TRANSPORT"), ("cmp", "TRANSPORT"), ("email", "PHASE")] {
+    for (short, header) in [("mp", "TRANSPORT"), ("cmp", "TRANSPORT"), ("email", "PHASE"), ("et", "AGE")] {
         let out = common::kubectl(&["get", short, "-A"]);
         assert!(out.status.success(), "kubectl get {short}: {}", String::from_utf8_lossy(&out.stderr));
         let text = String::from_utf8_lossy(&out.stdout);

@@ -90,6 +90,8 @@ pub fn email_message(
         reply_to: Vec::new(),
         subject: mail.subject,
         body: Body { text: mail.text, html: mail.html },
+        template_ref: None,
+        values: None,
         attachments: Vec::new(),
         headers,
         importance: Some(spec.importance_for(severities)),

@@ -4,11 +4,11 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 use serde_json::Value;
 
-use super::{AlertRoute, ClusterMailProfile, EmailMessage, MailProfile};
+use super::{AlertRoute, ClusterMailProfile, EmailMessage, EmailTemplate, MailProfile};
 
 /// All the CRDs.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![MailProfile::crd(), ClusterMailProfile::crd(), EmailMessage::crd(), AlertRoute::crd()]
+    vec![MailProfile::crd(), ClusterMailProfile::crd(), EmailMessage::crd(), EmailTemplate::crd(), AlertRoute::crd()]
         .into_iter()
         .map(kubernetes_formats)
         .collect()

@@ -7,6 +7,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::alert_route::LocalReference;
 use super::common::LocalKeySelector;
 
 /// Default `delivery.maxAttempts`.
@@ -22,6 +23,9 @@ pub const MAILBOX_PATTERN: &str = r#"^([^<>"\r\n\x00]*<[^<>()\[\]\\,;:@"\s\x00]+
 
 /// RE2 pattern of a custom header name: `X-` then RFC 5322 field-name characters.
 pub const HEADER_NAME_PATTERN: &str = r"^[Xx]-[A-Za-z0-9!#$%&'*+.^_`|~-]+$";
+
+/// Most top-level keys in `spec.values`.
+pub const MAX_VALUES: usize = 100;
 
 /// One email; `spec.profileRef` picks how it is sent. The spec is immutable once created.
 #[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
@@ -44,6 +48,9 @@ pub const HEADER_NAME_PATTERN: &str = r"^[Xx]-[A-Za-z0-9!#$%&'*+.^_`|~-]+$";
 #[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable once created; to send again, create a new EmailMessage (generateName works)"))]
 #[x_kube(validation = Rule::new("(has(self.to) ? size(self.to) : 0) + (has(self.cc) ? size(self.cc) : 0) + (has(self.bcc) ? size(self.bcc) : 0) > 0").message("at least one recipient is required in to, cc or bcc"))]
 #[x_kube(validation = Rule::new("(has(self.to) ? size(self.to) : 0) + (has(self.cc) ? size(self.cc) : 0) + (has(self.bcc) ? size(self.bcc) : 0) <= 500").message("at most 500 recipients in to, cc and bcc together"))]
+#[x_kube(validation = Rule::new("has(self.body) || has(self.templateRef)").message("body is required (text, html, or both), unless templateRef names an EmailTemplate"))]
+#[x_kube(validation = Rule::new("!has(self.templateRef) || (!has(self.body) && (!has(self.subject) || self.subject == ''))").message("with templateRef the EmailTemplate supplies the subject and body: leave subject and body out of the message and pass what varies in values"))]
+#[x_kube(validation = Rule::new("!has(self.values) || has(self.templateRef)").message("values are only used with templateRef"))]
 pub struct EmailMessageSpec {
     /// The profile that sends this message.
     pub profile_ref: ProfileRef,
@@ -77,8 +84,16 @@ pub struct EmailMessageSpec {
     #[x_kube(validation = Rule::new(r"!self.contains('\r') && !self.contains('\n')").message("subject must not contain CR or LF"))]
     #[schemars(length(max = 998))]
     pub subject: String,
-    /// The body: text, HTML, or both.
+    /// The body: text, HTML, or both. Required unless `templateRef` is given.
+    #[serde(default, skip_serializing_if = "Body::is_empty")]
     pub body: Body,
+    /// An EmailTemplate in the same namespace that renders the subject and body from `values`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_ref: Option<LocalReference>,
+    /// What the template sees: any JSON object (`{{ app }}`, `{{ build.url }}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "values_schema")]
+    pub values: Option<serde_json::Map<String, serde_json::Value>>,
     /// Files attached to the message.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 100))]
@@ -111,6 +126,16 @@ pub(crate) fn mailbox_list_rule() -> String {
 
 fn header_name_rule() -> String {
     format!("self.all(k, k.matches('{}'))", HEADER_NAME_PATTERN.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// A free-form object, kept as written (`x-kubernetes-preserve-unknown-fields`), bounded at the top
+/// level; the spec's immutability rule still compares it whole.
+fn values_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "maxProperties": MAX_VALUES,
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
 }
 
 /// A custom header's value (one line, at most 998 characters as RFC 5322 allows).
@@ -148,7 +173,7 @@ pub enum ProfileKind {
 }
 
 /// The body of a message.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, KubeSchema)]
 #[x_kube(validation = Rule::new("has(self.text) || has(self.html)").message("body needs text, html, or both"))]
 pub struct Body {
     /// Plain text.
@@ -157,6 +182,13 @@ pub struct Body {
     /// HTML.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub html: Option<String>,
+}
+
+impl Body {
+    /// Neither text nor HTML: the body is left out of the manifest.
+    pub fn is_empty(&self) -> bool {
+        self.text.is_none() && self.html.is_none()
+    }
 }
 
 /// A file attached to a message, from exactly one source.

@@ -1,12 +1,15 @@
-//! The custom resources: `MailProfile`, `ClusterMailProfile`, `EmailMessage`, `AlertRoute`.
+//! The custom resources: `MailProfile`, `ClusterMailProfile`, `EmailMessage`, `EmailTemplate`,
+//! `AlertRoute`.
 
 pub mod alert_route;
 pub mod common;
 pub mod crd;
 pub mod message;
 pub mod profile;
+pub mod template;
 
 pub use alert_route::*;
 pub use common::*;
 pub use message::*;
 pub use profile::*;
+pub use template::*;

@@ -107,9 +107,14 @@ pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Acti
         }
         Err(e) => return fail(&ctx, &api, &msg, e.reason(), &e.to_string()).await,
     };
+    // A templated message is rendered here, before the claim, so a template error never costs an attempt.
+    let spec = match super::template::render_message(&ctx.client, &ns, &msg.spec).await? {
+        Ok(spec) => spec,
+        Err(e) => return fail(&ctx, &api, &msg, e.reason(), &e.to_string()).await,
+    };
     let message_id = status.message_id.clone().unwrap_or_else(|| outgoing::message_id(&uid, &from.email));
     let limit = if profile.settings.graph.is_some() { MAX_MESSAGE_BYTES } else { MAX_SMTP_MESSAGE_BYTES };
-    let outgoing = match outgoing::build(&msg.spec, from, attachments, message_id.clone(), limit) {
+    let outgoing = match outgoing::build(&spec, from, attachments, message_id.clone(), limit) {
         Ok(o) => o,
         Err(e) => return fail(&ctx, &api, &msg, e.reason(), &e.to_string()).await,
     };

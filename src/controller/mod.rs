@@ -7,6 +7,7 @@ pub mod profile;
 pub mod registry;
 pub mod run;
 pub mod status;
+pub mod template;
 pub mod wiring;
 
 pub use context::{Context, OperatorConfig};
