@@ -137,6 +137,64 @@ async fn send_waits_for_sent_and_the_server_gets_it() {
 }
 
 #[tokio::test]
+async fn send_with_a_template_renders_the_values() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cli-template", &[]).await;
+    let peer = SmtpPeer::start(&[]);
+    let _op = Operator::start("cli-template", &ns, &[]);
+    create_yaml(&client, &ns, &relay_profile("relay", peer.smtp_port)).await;
+    create_yaml(
+        &client,
+        &ns,
+        r#"
+apiVersion: mailroom.dev/v1alpha1
+kind: EmailTemplate
+metadata: {name: release}
+spec:
+  subject: "{{ app }} {{ version }} is live in {{ env }}"
+  text: "Commit {{ build.commit }} by {{ build.author }}."
+"#,
+    )
+    .await;
+    let args = [
+        "send",
+        "--namespace",
+        &ns,
+        "--profile",
+        "relay",
+        "--to",
+        "ops@contoso.com",
+        "--template",
+        "release",
+        "--values",
+        "-",
+        "--set",
+        "version=1.4.2",
+        "--wait",
+        "--timeout",
+        "60s",
+    ];
+    let values = "app: shop\nenv: production\nversion: '0.0.1'\nbuild: {commit: 9fceb02, author: Ann}\n";
+    let out = mailroom(&args, values.as_bytes(), &[]).await;
+    let (code, stdout, stderr) = parts(&out);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    let envelopes = peer.wait_messages(1, WAIT).await;
+    let raw = peer.raw(&envelopes[0]);
+    let parsed = MessageParser::default().parse(&raw).expect("parse the received message");
+    assert_eq!(parsed.subject(), Some("shop 1.4.2 is live in production"), "--set wins over --values");
+    assert_eq!(parsed.body_text(0).as_deref().map(str::trim), Some("Commit 9fceb02 by Ann."));
+
+    // A template that needs a value the command line did not give fails, and says which.
+    let missing = ["send", "--namespace", &ns, "--profile", "relay", "--to", "ops@contoso.com"];
+    let missing =
+        [&missing[..], &["--template", "release", "--set", "app=shop", "--wait", "--timeout", "60s"]].concat();
+    let out = mailroom(&missing, b"", &[]).await;
+    let (code, stdout, stderr) = parts(&out);
+    assert_eq!(code, 1, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("TemplateError") && stdout.contains("version"), "{stdout}");
+}
+
+#[tokio::test]
 async fn a_refused_message_exits_1_with_the_reason() {
     let client = common::client().await;
     let ns = common::namespace(&client, "cli-refused", &[]).await;

@@ -21,7 +21,7 @@ use serde_json::json;
 use super::{CliError, exit, parse_duration, printable};
 use crate::api::{
     Attachment, Body, EmailMessage, EmailMessageSpec, EmailMessageStatus, HeaderValue, Importance, LocalKeySelector,
-    Phase, ProfileKind, ProfileRef, conditions, find_condition,
+    LocalReference, Phase, ProfileKind, ProfileRef, conditions, find_condition,
 };
 use crate::controller::outgoing::safe_attachment_name;
 use crate::transport::parse_mailbox;
@@ -66,6 +66,15 @@ pub struct SendArgs {
     /// The HTML body from a file, or `-` for stdin.
     #[arg(long, value_name = "FILE|-")]
     pub html: Option<String>,
+    /// An EmailTemplate in the namespace that renders the subject and bodies (instead of --subject, --text, --html).
+    #[arg(long, value_name = "NAME")]
+    pub template: Option<String>,
+    /// A template value (repeatable): `key=value`, the value a string.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Template values from a YAML or JSON object in a file, or `-` for stdin; --set wins over it.
+    #[arg(long, value_name = "FILE|-")]
+    pub values: Option<String>,
     /// A file to attach (repeatable); its content type is guessed from its name.
     #[arg(long, value_name = "FILE")]
     pub attach: Vec<PathBuf>,
@@ -152,7 +161,11 @@ async fn send(args: SendArgs) -> Result<u8, CliError> {
     let text = args.text.as_deref().map(|s| read_body("--text", s, &mut stdin_used)).transpose()?;
     let html = args.html.as_deref().map(|s| read_body("--html", s, &mut stdin_used)).transpose()?;
     let files = args.attach.iter().map(|p| read_attachment(p)).collect::<Result<Vec<_>, _>>()?;
-    let spec = build_spec(&args, text, html)?;
+    let values = match args.values.as_deref() {
+        Some(source) => Some(parse_values(source, &read_body("--values", source, &mut stdin_used)?)?),
+        None => None,
+    };
+    let spec = build_spec(&args, text, html, values)?;
     let (client, namespace) = if args.dry_run {
         // The kubeconfig still names the namespace; no API server is contacted.
         let namespace = match &args.namespace {
@@ -259,10 +272,48 @@ pub fn parse_header(input: &str) -> Result<(String, String), String> {
     Ok((name.to_string(), value.to_string()))
 }
 
+/// Parses `key=value` as a template value.
+pub fn parse_set(input: &str) -> Result<(String, String), String> {
+    match input.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_string(), value.to_string())),
+        _ => Err(format!("--set {input:?}: expected key=value")),
+    }
+}
+
+/// Parses template values: a YAML (or JSON) object.
+pub fn parse_values(source: &str, text: &str) -> Result<serde_json::Map<String, serde_json::Value>, CliError> {
+    let value: serde_json::Value =
+        serde_yaml::from_str(text).map_err(|e| CliError::Usage(format!("--values {source}: {e}")))?;
+    match value {
+        serde_json::Value::Object(map) => Ok(map),
+        serde_json::Value::Null => Ok(serde_json::Map::new()),
+        _ => Err(CliError::Usage(format!("--values {source}: expected an object of names and values"))),
+    }
+}
+
 /// Checks the flags that need no file or stdin, so that a typo fails before stdin is read.
 pub fn check_flags(args: &SendArgs) -> Result<(), CliError> {
-    if args.text.is_none() && args.html.is_none() {
-        return Err(CliError::Usage("a body is needed: --text FILE|- or --html FILE|- (or both)".into()));
+    let has_body = args.text.is_some() || args.html.is_some();
+    match &args.template {
+        Some(_) if has_body || !args.subject.is_empty() => {
+            return Err(CliError::Usage(
+                "--template supplies the subject and the bodies: leave out --subject, --text and --html".into(),
+            ));
+        }
+        Some(name) if name.is_empty() => return Err(CliError::Usage("--template needs a name".into())),
+        Some(_) => {}
+        None if !args.set.is_empty() || args.values.is_some() => {
+            return Err(CliError::Usage("--set and --values need --template".into()));
+        }
+        None if !has_body => {
+            return Err(CliError::Usage(
+                "a body is needed: --text FILE|- or --html FILE|- (or both), or --template NAME".into(),
+            ));
+        }
+        None => {}
+    }
+    for pair in &args.set {
+        parse_set(pair).map_err(CliError::Usage)?;
     }
     if args.to.is_empty() && args.cc.is_empty() && args.bcc.is_empty() {
         return Err(CliError::Usage("at least one recipient is needed: --to, --cc or --bcc".into()));
@@ -285,11 +336,22 @@ pub fn check_flags(args: &SendArgs) -> Result<(), CliError> {
 }
 
 /// The message's spec from the flags and the bodies read (attachments are added by [`plan`]).
-pub fn build_spec(args: &SendArgs, text: Option<String>, html: Option<String>) -> Result<EmailMessageSpec, CliError> {
+pub fn build_spec(
+    args: &SendArgs,
+    text: Option<String>,
+    html: Option<String>,
+    values: Option<serde_json::Map<String, serde_json::Value>>,
+) -> Result<EmailMessageSpec, CliError> {
     check_flags(args)?;
-    if text.is_none() && html.is_none() {
+    if args.template.is_none() && text.is_none() && html.is_none() {
         return Err(CliError::Usage("a body is needed: --text FILE|- or --html FILE|- (or both)".into()));
     }
+    let mut values = values.unwrap_or_default();
+    for pair in &args.set {
+        let (key, value) = parse_set(pair).map_err(CliError::Usage)?;
+        values.insert(key, serde_json::Value::String(value));
+    }
+    let values = (args.template.is_some() && !values.is_empty()).then_some(values);
     let mut headers = BTreeMap::new();
     for h in &args.header {
         let (name, value) = parse_header(h).map_err(CliError::Usage)?;
@@ -309,6 +371,8 @@ pub fn build_spec(args: &SendArgs, text: Option<String>, html: Option<String>) -
         headers,
         importance: args.importance.map(Into::into),
         delivery: None,
+        template_ref: args.template.clone().map(|name| LocalReference { name }),
+        values,
         ttl_seconds_after_finished: args.ttl.map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
     })
 }
@@ -567,7 +631,7 @@ mod tests {
             "1h",
             "--cluster-profile",
         ]);
-        let spec = build_spec(&a, Some("hi".into()), None).unwrap();
+        let spec = build_spec(&a, Some("hi".into()), None, None).unwrap();
         assert_eq!(spec.to, ["Ops <ops@contoso.com>"]);
         assert_eq!(spec.cc, ["cc@contoso.com"]);
         assert_eq!(spec.profile_ref.kind(), ProfileKind::ClusterMailProfile);
@@ -579,15 +643,41 @@ mod tests {
 
     #[test]
     fn bad_input_is_a_usage_error() {
-        let bad_to = build_spec(&args(&["--to", "ops@@contoso"]), Some("x".into()), None).unwrap_err();
+        let bad_to = build_spec(&args(&["--to", "ops@@contoso"]), Some("x".into()), None, None).unwrap_err();
         assert!(matches!(&bad_to, CliError::Usage(m) if m.contains("--to") && m.contains("ops@@contoso")), "{bad_to}");
         let mut bodiless = args(&[]);
         bodiless.text = None;
         let no_body = check_flags(&bodiless).unwrap_err();
         assert!(no_body.to_string().contains("--text"), "{no_body}");
-        let bad_from = build_spec(&args(&["--from", "nobody"]), Some("x".into()), None).unwrap_err();
+        let bad_from = build_spec(&args(&["--from", "nobody"]), Some("x".into()), None, None).unwrap_err();
         assert_eq!(bad_from.exit_code(), exit::USAGE);
-        assert!(build_spec(&args(&["--subject", "a\nb"]), Some("x".into()), None).is_err());
+        assert!(build_spec(&args(&["--subject", "a\nb"]), Some("x".into()), None, None).is_err());
+    }
+
+    #[test]
+    fn template_flags() {
+        let mut t = args(&["--template", "release", "--set", "version=1.4.2", "--set", "app=shop=eu"]);
+        t.text = None;
+        let values = parse_values("values.yaml", "version: '0.9'\nbuild: {url: https://ci/1}\n").unwrap();
+        let spec = build_spec(&t, None, None, Some(values)).unwrap();
+        assert_eq!(spec.template_ref.as_ref().map(|r| r.name.as_str()), Some("release"));
+        let values = spec.values.expect("values");
+        assert_eq!(values["version"], "1.4.2", "--set wins over --values");
+        assert_eq!(values["app"], "shop=eu");
+        assert_eq!(values["build"]["url"], "https://ci/1");
+        assert!(spec.body.is_empty() && spec.subject.is_empty());
+
+        let with_body = check_flags(&args(&["--template", "release"])).unwrap_err();
+        assert!(with_body.to_string().contains("--template supplies"), "{with_body}");
+        let mut with_subject = args(&["--template", "release", "--subject", "hi"]);
+        with_subject.text = None;
+        assert!(check_flags(&with_subject).is_err());
+        let set_alone = check_flags(&args(&["--set", "a=b"])).unwrap_err();
+        assert!(set_alone.to_string().contains("need --template"), "{set_alone}");
+        let mut bad_set = args(&["--template", "release", "--set", "novalue"]);
+        bad_set.text = None;
+        assert_eq!(check_flags(&bad_set).unwrap_err().exit_code(), exit::USAGE);
+        assert!(parse_values("v", "- a\n- b\n").is_err(), "a list is not an object");
     }
 
     #[test]
@@ -608,7 +698,7 @@ mod tests {
         let many: Vec<_> = (0..5).map(|i| file(&format!("{i}.txt"), INLINE_LIMIT)).collect();
         assert_eq!(place_attachments(&many), [true, true, true, true, false], "the inline total is bounded");
 
-        let spec = build_spec(&args(&[]), Some("x".into()), None).unwrap();
+        let spec = build_spec(&args(&[]), Some("x".into()), None, None).unwrap();
         let plan = plan(spec, &files, "team-a", "deploy-").unwrap();
         let name = plan.message.metadata.name.clone().expect("a name chosen for the Secret's sake");
         assert!(name.starts_with("deploy-") && name.len() == "deploy-".len() + 5, "{name}");
@@ -626,7 +716,7 @@ mod tests {
 
     #[test]
     fn without_large_files_the_server_names_the_message() {
-        let spec = build_spec(&args(&[]), Some("x".into()), None).unwrap();
+        let spec = build_spec(&args(&[]), Some("x".into()), None, None).unwrap();
         let plan = plan(spec, &[file("a.txt", 3)], "team-a", "send-").unwrap();
         assert!(plan.secret.is_none());
         assert_eq!(plan.message.metadata.generate_name.as_deref(), Some("send-"));
@@ -639,7 +729,7 @@ mod tests {
 
     #[test]
     fn the_secret_limit_is_enforced() {
-        let spec = build_spec(&args(&[]), Some("x".into()), None).unwrap();
+        let spec = build_spec(&args(&[]), Some("x".into()), None, None).unwrap();
         let files = [file("a.bin", 600 * 1024), file("b.bin", 600 * 1024)];
         let err = plan(spec, &files, "ns", "send-").unwrap_err();
         assert!(matches!(&err, CliError::Usage(m) if m.contains("1 MiB")), "{err}");
@@ -673,7 +763,7 @@ mod tests {
 
     #[test]
     fn the_secret_is_owned_by_the_message() {
-        let mut m = EmailMessage::new("send-abcde", build_spec(&args(&[]), Some("x".into()), None).unwrap());
+        let mut m = EmailMessage::new("send-abcde", build_spec(&args(&[]), Some("x".into()), None, None).unwrap());
         assert!(owner_reference(&m).is_err(), "no uid yet");
         m.metadata.uid = Some("1234".into());
         let o = owner_reference(&m).unwrap();
