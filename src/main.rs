@@ -34,7 +34,7 @@ enum Command {
     ///
     /// Exit codes: 0 sent (or created, without --wait), 1 failed, 2 timed out, 3 API error,
     /// 64 bad command line.
-    Send(mailroom::cli::send::SendArgs),
+    Send(Box<mailroom::cli::send::SendArgs>),
     /// Work with profiles.
     #[command(subcommand)]
     Profile(ProfileCommand),
@@ -104,7 +104,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Send(args) => block_on(mailroom::cli::send::run(args)),
+        Command::Send(args) => block_on(mailroom::cli::send::run(*args)),
         Command::Profile(ProfileCommand::Check(args)) => block_on(mailroom::cli::check::run(args)),
         Command::Crd => match mailroom::api::crd::to_yaml() {
             Ok(yaml) => {
