@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build test lint fmt fmt-check clippy unit integration crds crds-check testenv testenv-down pyenv demo demo-down clean-testenv
+.PHONY: all build test chaos lint fmt fmt-check clippy unit integration crds crds-check testenv testenv-down pyenv demo demo-down clean-testenv
 
 all: build
 
@@ -16,6 +16,10 @@ build:
 ## test: format check, clippy, unit tests, and integration tests against a real API server
 test:
 	@bash hack/test.sh
+
+## chaos: the full chaos run (1,000 messages, operator kills, an API server restart, injected faults)
+chaos:
+	@bash hack/chaos.sh
 
 ## lint: rustfmt check and clippy with warnings as errors
 lint: fmt-check clippy

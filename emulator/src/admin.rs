@@ -93,8 +93,11 @@ async fn add_fault(State(state): State<AppState>, body: axum::body::Bytes) -> Re
     {
         return problem(StatusCode::BAD_REQUEST, "status must be an HTTP status code");
     }
+    if let Some(why) = spec.invalid() {
+        return problem(StatusCode::BAD_REQUEST, why);
+    }
     let fault = state.lock().faults.push(spec);
-    tracing::info!(target_endpoint = ?fault.spec.target, status = ?fault.spec.status, count = fault.remaining, "fault added");
+    tracing::info!(target_endpoint = ?fault.spec.target, status = ?fault.spec.status, count = ?fault.remaining, rate = ?fault.spec.rate, "fault added");
     (StatusCode::CREATED, Json(fault)).into_response()
 }
 

@@ -181,7 +181,7 @@ async fn claim_and_send(
                 gen_,
                 now,
             );
-            write_status(api, msg, &next, None).await?;
+            record_outcome(api, msg, &next).await?;
             info!(message = %msg.name_any(), namespace = msg.namespace().unwrap_or_default(), attempt, elapsed_ms = started.elapsed().as_millis() as u64, "sent");
             let mut text = format!("sent via {} (attempt {attempt}): {}", claim.transport, delivered.response);
             if !delivered.rejected.is_empty() {
@@ -197,7 +197,7 @@ async fn claim_and_send(
         }
         Err(SendError::Permanent { reason }) => {
             let next = status::failed(&claimed, "SendFailed", &reason, gen_, now);
-            write_status(api, msg, &next, None).await?;
+            record_outcome(api, msg, &next).await?;
             warn!(message = %msg.name_any(), attempt, %reason, "failed");
             event(ctx, msg, EventType::Warning, "Failed", &reason).await;
             ctx.metrics.outcome(&profile_label, &claim.transport, "failed");
@@ -214,7 +214,7 @@ async fn claim_and_send(
             match retry::next_attempt(&policy, attempt, now, retry_after, rand::random::<f64>()) {
                 RetryDecision::RetryAt(at) => {
                     let next = status::retrying(&claimed, &reason, at, gen_, now);
-                    write_status(api, msg, &next, None).await?;
+                    record_outcome(api, msg, &next).await?;
                     warn!(message = %msg.name_any(), attempt, %reason, "transient failure, retry scheduled");
                     event(
                         ctx,
@@ -229,7 +229,7 @@ async fn claim_and_send(
                 RetryDecision::GiveUp(why) => {
                     let text = format!("{why}; last error: {reason}");
                     let next = status::failed(&claimed, "RetriesExhausted", &text, gen_, now);
-                    write_status(api, msg, &next, None).await?;
+                    record_outcome(api, msg, &next).await?;
                     event(ctx, msg, EventType::Warning, "Failed", &text).await;
                     ctx.metrics.outcome(&profile_label, &claim.transport, "failed");
                     Ok(expire_after(msg))
@@ -315,6 +315,47 @@ async fn wait(ctx: &Context, api: &Api<EmailMessage>, msg: &EmailMessage, reason
     Ok(Action::requeue(WAIT_RECHECK))
 }
 
+/// How long an outcome write is retried while the API server is unreachable.
+const OUTCOME_WRITE_BUDGET: Duration = Duration::from_secs(120);
+
+/// Writes the status that records a send's outcome. The send happened, so giving up on the
+/// first error would leave the message in Sending and make the next reconcile treat it as in
+/// doubt (sent again, or failed as DeliveryUncertain) although this process knows the outcome:
+/// while the API server is away (a restart, a network blip) the write is retried.
+async fn record_outcome(
+    api: &Api<EmailMessage>,
+    msg: &EmailMessage,
+    next: &EmailMessageStatus,
+) -> Result<(), kube::Error> {
+    let started = std::time::Instant::now();
+    let mut tries = 0;
+    loop {
+        match write_status(api, msg, next, None).await {
+            Ok(()) => return Ok(()),
+            Err(e) if outcome_write_retryable(&e) && started.elapsed() < OUTCOME_WRITE_BUDGET => {
+                tries += 1;
+                warn!(message = %msg.name_any(), error = %e, tries, "could not record the outcome yet; retrying");
+                tokio::time::sleep(outcome_retry_delay(tries)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Whether a failed status write may succeed later: no answer at all, 429 or a 5xx.
+fn outcome_write_retryable(err: &kube::Error) -> bool {
+    match err {
+        kube::Error::Api(s) => s.code == 429 || s.code >= 500,
+        kube::Error::HyperError(_) | kube::Error::Service(_) => true,
+        _ => false,
+    }
+}
+
+/// The wait before the `tries`-th retry of an outcome write: 250 ms doubling up to 4 s.
+fn outcome_retry_delay(tries: u32) -> Duration {
+    Duration::from_millis(250u64 << tries.saturating_sub(1).min(4))
+}
+
 /// Writes the whole status; with a resourceVersion the write only succeeds on that version.
 async fn write_status(
     api: &Api<EmailMessage>,
@@ -387,4 +428,31 @@ pub fn error_policy(_msg: Arc<EmailMessage>, err: &Error, ctx: Arc<Context>) -> 
         .get_or_create(&crate::metrics::ErrorLabels { controller: "messages".into(), error: err.metric_label().into() })
         .inc();
     Action::requeue(Duration::from_secs(5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16) -> kube::Error {
+        kube::Error::Api(Box::new(kube::core::Status { code, ..Default::default() }))
+    }
+
+    #[test]
+    fn outcome_writes_are_retried_without_an_answer_on_429_and_5xx_only() {
+        assert!(outcome_write_retryable(&kube::Error::Service("connection refused".into())));
+        assert!(outcome_write_retryable(&api_error(503)));
+        assert!(outcome_write_retryable(&api_error(500)));
+        assert!(outcome_write_retryable(&api_error(429)));
+        // Deleted, conflicting or invalid: retrying the same write cannot help.
+        assert!(!outcome_write_retryable(&api_error(404)));
+        assert!(!outcome_write_retryable(&api_error(409)));
+        assert!(!outcome_write_retryable(&api_error(422)));
+    }
+
+    #[test]
+    fn outcome_retry_delays_double_up_to_four_seconds() {
+        let delays: Vec<u64> = (1..=7).map(|t| outcome_retry_delay(t).as_millis() as u64).collect();
+        assert_eq!(delays, vec![250, 500, 1000, 2000, 4000, 4000, 4000]);
+    }
 }

@@ -135,6 +135,11 @@ impl Emulator {
         array(self.get("/token-requests").await)
     }
 
+    /// The pending faults, each with `remaining`, `injected` and `seen`.
+    pub async fn fault_list(&self) -> Vec<Value> {
+        array(self.get("/faults").await)
+    }
+
     /// The counters: `tokenRequests`, `graphRequests` (by status), `messagesAccepted`, ...
     pub async fn stats(&self) -> Value {
         self.get("/stats").await

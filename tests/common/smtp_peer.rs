@@ -72,6 +72,11 @@ impl SmtpPeer {
         }
     }
 
+    /// The counters: `connections`, `accepted`, `dropped`, `rejected`, ...
+    pub async fn stats(&self) -> Value {
+        super::http().get(self.url("/stats")).send().await.expect("control API").json().await.expect("JSON")
+    }
+
     /// Waits until at least `n` messages were accepted.
     pub async fn wait_messages(&self, n: usize, timeout: Duration) -> Vec<Value> {
         let start = std::time::Instant::now();

@@ -317,6 +317,32 @@ def plain_checks(suite: Suite, root: Path) -> None:
             stats = srv.ok("GET", "/stats")
             assert stats["dropped"] == 1 and stats["accepted"] == 1, stats
 
+        def drop_in_data_rate() -> None:
+            def run() -> list[bool]:
+                srv.ok("POST", "/reset")
+                srv.ok("POST", "/script", {"drop_in_data_rate": 0.5, "drop_in_data_seed": 5})
+                outcome = []
+                for i in range(20):
+                    try:
+                        send(srv, f"maybe {i}")
+                        outcome.append(True)
+                    except (smtplib.SMTPServerDisconnected, ConnectionError):
+                        outcome.append(False)
+                return outcome
+
+            first = run()
+            dropped = first.count(False)
+            assert 3 <= dropped <= 17, first
+            stats = srv.ok("GET", "/stats")
+            assert stats["dropped"] == dropped and stats["accepted"] == 20 - dropped, stats
+            assert len(srv.messages()) == 20 - dropped
+            # The same seed replays the same drops; a rate of 0 stops them.
+            assert run() == first
+            srv.ok("POST", "/script", {"drop_in_data_rate": 0})
+            assert send(srv, "no more drops")[0] == 250
+            status, body = srv.control("POST", "/script", {"drop_in_data_rate": 1.5})
+            assert status == 400 and "drop_in_data_rate" in body["error"], body
+
         def down_then_up() -> None:
             srv.ok("POST", "/reset")
             srv.ok("POST", "/script", {"down": True})
@@ -368,6 +394,7 @@ def plain_checks(suite: Suite, root: Path) -> None:
             ("scripted 550 for one recipient, another accepted", scripted_rcpt_550),
             ("scripted 451 for MAIL FROM", scripted_mail),
             ("drop_in_data: connection cut, nothing stored", drop_in_data),
+            ("drop_in_data_rate: a seeded share of transactions cut", drop_in_data_rate),
             ("down (not listening) then up", down_then_up),
             ("down with 421 4.3.2 then up", down_421_then_up),
             ("latency_ms delays the DATA reply", latency),

@@ -23,6 +23,7 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import re
 import secrets
 import signal
@@ -310,6 +311,10 @@ class Script:
     data: list[str] = field(default_factory=list)
     mail: list[str] = field(default_factory=list)
     drop_in_data: int = 0
+    # Each transaction is dropped with this probability, drawn from a seeded RNG for replays.
+    drop_in_data_rate: float = 0.0
+    drop_in_data_seed: int | None = None
+    rng: random.Random = field(default_factory=random.Random)
     latency_ms: float = 0.0
     down: Any = False  # False, True (not listening) or "421"
 
@@ -319,9 +324,18 @@ class Script:
             "data": list(self.data),
             "mail": list(self.mail),
             "drop_in_data": self.drop_in_data,
+            "drop_in_data_rate": self.drop_in_data_rate,
+            "drop_in_data_seed": self.drop_in_data_seed,
             "latency_ms": self.latency_ms,
             "down": self.down,
         }
+
+    def should_drop(self) -> bool:
+        """Whether this DATA is cut: the counted drops first, then a draw at the rate."""
+        if self.drop_in_data > 0:
+            self.drop_in_data -= 1
+            return True
+        return self.drop_in_data_rate > 0 and self.rng.random() < self.drop_in_data_rate
 
 
 @dataclass
@@ -609,7 +623,7 @@ class Peer:
     async def apply_script(self, body: Any) -> tuple[int, Any]:
         if not isinstance(body, dict):
             raise BadRequest("expected a JSON object")
-        known = {"rcpt", "data", "mail", "drop_in_data", "latency_ms", "down"}
+        known = {"rcpt", "data", "mail", "drop_in_data", "drop_in_data_rate", "drop_in_data_seed", "latency_ms", "down"}
         unknown = sorted(set(body) - known)
         if unknown:
             raise BadRequest(f"unknown keys {unknown}; known: {sorted(known)}")
@@ -631,6 +645,12 @@ class Peer:
         drop = body.get("drop_in_data")
         if drop is not None and (not isinstance(drop, int) or isinstance(drop, bool) or drop < 0):
             raise BadRequest("drop_in_data: expected a non-negative integer")
+        rate = body.get("drop_in_data_rate")
+        if rate is not None and (not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 <= rate <= 1):
+            raise BadRequest("drop_in_data_rate: expected a number between 0 and 1")
+        seed = body.get("drop_in_data_seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise BadRequest("drop_in_data_seed: expected an integer")
         latency = body.get("latency_ms")
         if latency is not None and (
             not isinstance(latency, (int, float)) or isinstance(latency, bool) or not 0 <= latency <= 600_000
@@ -652,6 +672,12 @@ class Peer:
             self.script.mail = queues["mail"]
         if drop is not None:
             self.script.drop_in_data = drop
+        if rate is not None:
+            self.script.drop_in_data_rate = float(rate)
+        if "drop_in_data_seed" in body:
+            # A new seed (or null: a random one) restarts the sequence of draws.
+            self.script.drop_in_data_seed = seed
+            self.script.rng = random.Random(seed)
         if latency is not None:
             self.script.latency_ms = float(latency)
         if "down" in body:
@@ -820,8 +846,7 @@ class PeerSMTP(SMTP):
             await self.push(REPLY_NEED_STARTTLS)
             return
         script = self.peer.script
-        if script.drop_in_data > 0 and self.session.host_name and self.envelope.rcpt_tos and not arg:
-            script.drop_in_data -= 1
+        if self.session.host_name and self.envelope.rcpt_tos and not arg and script.should_drop():
             self.peer.stats.dropped += 1
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             # Take the first line of the message, then cut the connection without a reply:
