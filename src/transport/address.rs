@@ -54,6 +54,11 @@ pub fn parse_mailbox(input: &str) -> Result<Address, AddressError> {
     if input.chars().any(char::is_control) {
         return Err(AddressError::new(input, "it contains a line break or another control character"));
     }
+    // Bidi overrides and zero-width characters make an address read as another one
+    // ("\u{202E}moc.live@" shown reversed); no mailbox needs them.
+    if input.chars().any(is_invisible_format) {
+        return Err(AddressError::new(input, "it contains a bidi control or another invisible formatting character"));
+    }
     if !input.contains('@') {
         return Err(AddressError::new(input, "it has no @"));
     }
@@ -68,6 +73,24 @@ pub fn parse_mailbox(input: &str) -> Result<Address, AddressError> {
     check_address(input, &email)?;
     let name = mailbox.name.map(|n| n.trim().to_string()).filter(|n| !n.is_empty());
     Ok(Address { name, email })
+}
+
+/// Invisible formatting characters (Unicode category Cf, and the line and paragraph separators)
+/// that can make text display as something else: bidi embeddings, overrides, isolates and marks,
+/// zero-width characters, the byte order mark, the soft hyphen and interlinear annotations.
+pub fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{2028}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+    )
 }
 
 /// Whether a failed input holds more than one mailbox, to say so in the error.
@@ -117,7 +140,7 @@ impl Address {
     /// The address alone, as lettre's envelope needs it. Validates again, since the fields
     /// are public and may not have come from [`parse_mailbox`].
     pub fn to_lettre_address(&self) -> Result<lettre::Address, AddressError> {
-        if self.email.chars().any(char::is_control) {
+        if self.email.chars().any(|c| c.is_control() || is_invisible_format(c)) {
             return Err(AddressError::new(&self.email, "it contains a line break or another control character"));
         }
         check_address(&self.email, &self.email)?;
@@ -127,7 +150,7 @@ impl Address {
     /// The mailbox as lettre's header types need it (the name is RFC 2047-encoded on output).
     pub fn to_lettre(&self) -> Result<Mailbox, AddressError> {
         if let Some(name) = &self.name
-            && name.chars().any(char::is_control)
+            && name.chars().any(|c| c.is_control() || is_invisible_format(c))
         {
             return Err(AddressError::new(name, "the display name contains a line break or another control character"));
         }
@@ -265,6 +288,26 @@ mod tests {
         ] {
             bad(input);
         }
+    }
+
+    #[test]
+    fn rejects_bidi_and_zero_width_characters() {
+        for input in [
+            "\u{202E}moc.osotnoc <ops@contoso.com>",
+            "Ops\u{2066} <ops@contoso.com>",
+            "o\u{200B}ps@contoso.com",
+            "ops@con\u{200D}toso.com",
+            "\u{FEFF}ops@contoso.com",
+            "Ops\u{2028}Team <ops@contoso.com>",
+            "\"Ops\u{202D}\" <ops@contoso.com>",
+        ] {
+            let e = bad(input);
+            assert!(e.reason.contains("invisible formatting"), "{input:?}: {e}");
+        }
+        let forged = Address { name: Some("\u{202E}evil".into()), email: "user@example.com".into() };
+        assert!(forged.to_lettre().is_err());
+        // Right-to-left letters themselves are fine.
+        assert_eq!(ok("فريق العمليات <ops@example.com>").name.as_deref(), Some("فريق العمليات"));
     }
 
     #[test]
