@@ -350,7 +350,11 @@ mod tests {
         let s = spec(&format!("{base}headers: {{X-Priority: \"1\"}}\n"));
         assert_eq!(try_build(&s, vec![]).unwrap_err().reason(), "InvalidHeader");
         let s = spec(base);
-        let bad = AttachmentData { name: "a.txt".into(), content_type: "text/plain\r\nBcc: x@evil.example".into(), bytes: vec![] };
+        let bad = AttachmentData {
+            name: "a.txt".into(),
+            content_type: "text/plain\r\nBcc: x@evil.example".into(),
+            bytes: vec![],
+        };
         let e = try_build(&s, vec![bad]).unwrap_err();
         assert_eq!(e.reason(), "InvalidAttachment");
         assert!(e.to_string().contains("contentType"), "{e}");

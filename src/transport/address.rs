@@ -59,6 +59,10 @@ pub fn parse_mailbox(input: &str) -> Result<Address, AddressError> {
     if input.chars().any(is_invisible_format) {
         return Err(AddressError::new(input, "it contains a bidi control or another invisible formatting character"));
     }
+    // U+FFFD is what a decoder leaves of bytes that were not UTF-8: the input was mangled.
+    if input.contains('\u{FFFD}') {
+        return Err(AddressError::new(input, "it contains U+FFFD, the mark of bytes that were not valid UTF-8"));
+    }
     if !input.contains('@') {
         return Err(AddressError::new(input, "it has no @"));
     }
@@ -304,6 +308,7 @@ mod tests {
             let e = bad(input);
             assert!(e.reason.contains("invisible formatting"), "{input:?}: {e}");
         }
+        assert!(bad("o\u{FFFD}s@contoso.com").reason.contains("U+FFFD"));
         let forged = Address { name: Some("\u{202E}evil".into()), email: "user@example.com".into() };
         assert!(forged.to_lettre().is_err());
         // Right-to-left letters themselves are fine.
