@@ -25,8 +25,9 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 cd "$REPO_ROOT/fuzz"
-say "building the fuzz targets (cargo fuzz build -s none; release with debug assertions)"
-cargo fuzz build -s none --target-dir "$target_dir"
+# `cargo fuzz run` builds what it runs (release, debug assertions, coverage instrumentation); a
+# separate `cargo fuzz build` would build everything a second time with other settings.
+say "building and running the fuzz targets (cargo fuzz run -s none)"
 
 summary=()
 for t in "${targets[@]}"; do

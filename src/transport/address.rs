@@ -112,6 +112,11 @@ fn check_address(input: &str, email: &str) -> Result<(), AddressError> {
     if local.is_empty() {
         return Err(AddressError::new(input, "the part before @ is empty"));
     }
+    // A quoted local part ("a b"@example.com) is legal RFC 5322 that no relay needs, and lettre
+    // does not render every one back to a form it parses again.
+    if local.contains(['"', '\\']) || local.chars().any(char::is_whitespace) {
+        return Err(AddressError::new(input, "a quoted part before @ is not supported"));
+    }
     if domain.is_empty() {
         return Err(AddressError::new(input, "the domain after @ is empty"));
     }
@@ -417,6 +422,16 @@ mod tests {
             assert_eq!(ok(&shown), a, "{input:?} displayed as {shown:?}");
         }
         assert_eq!(ok(r#"a "" b <ab@example.com>"#).name.as_deref(), Some("a b"));
+    }
+
+    /// Found by the `address` fuzz target: a quoted local part with escaped quotes rendered to
+    /// a form that did not parse again.
+    #[test]
+    fn quoted_local_parts_are_refused() {
+        for input in ["*<\"\\\"\u{77e}@@\\\"\"@?\u{b105}>", "\"a b\"@example.com"] {
+            let e = bad(input);
+            assert!(e.reason.contains("quoted") || e.reason.contains("expected"), "{input:?}: {e}");
+        }
     }
 
     #[test]
