@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build test chaos lint fmt fmt-check clippy unit integration crds crds-check testenv testenv-down pyenv demo demo-down clean-testenv
+.PHONY: all build test chaos fuzz lint fmt fmt-check clippy unit integration crds crds-check testenv testenv-down pyenv demo demo-down clean-testenv
 
 all: build
 
@@ -38,6 +38,10 @@ clippy:
 ## unit: unit tests only (no cluster needed)
 unit:
 	$(CARGO) test --workspace --lib --bins
+
+## fuzz: run each fuzz target in fuzz/ for FUZZ_SECONDS (default 60); installs cargo-fuzz when missing
+fuzz:
+	@bash hack/fuzz.sh
 
 ## crds: regenerate crds/ from the Rust types
 crds:

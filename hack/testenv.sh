@@ -13,6 +13,9 @@
 #   MAILROOM_CACHE            machine cache (default ~/.cache/mailroom); binaries go under testenv/<key>/bin
 #   MAILROOM_TESTENV_DIR      state directory (default <repo>/target/testenv)
 #   MAILROOM_TESTENV_TIMEOUT  seconds to wait for readiness (default 90)
+#   MAILROOM_TESTENV_AUDIT    1: `up` also writes an audit log of every request on Secrets (metadata
+#                             level: who, verb, namespace, name; never the data) to logs/audit.log.
+#                             Off by default; tests that prove which Secrets the operator reads use it.
 #
 # State directory layout (read by tests):
 #   kubeconfig                admin kubeconfig (system:masters), certificates embedded
@@ -22,7 +25,8 @@
 #   sa-key-file               path of the service-account verification key (PEM, RSA public key)
 #   testenv.env               all of the above as shell assignments
 #   certs/                    ca.{crt,key} (serving CA), client-ca.{crt,key}, admin.{crt,key}, sa.{key,pub}
-#   logs/                     etcd.log, kube-apiserver.log
+#   logs/                     etcd.log, kube-apiserver.log (and audit.log with MAILROOM_TESTENV_AUDIT=1)
+#   audit-policy.yaml         the audit policy, only with MAILROOM_TESTENV_AUDIT=1
 set -euo pipefail
 
 readonly PREFIX="testenv:"
@@ -341,6 +345,12 @@ start_apiserver() {
   local bin="$1" port etcd_port certs="$STATE/certs"
   port="$(cat "$STATE/apiserver-port")"
   etcd_port="$(cat "$STATE/etcd-port")"
+  # An audit policy in the state directory (MAILROOM_TESTENV_AUDIT=1 at `up`) survives restarts.
+  local audit_args=()
+  if [[ -f "$STATE/audit-policy.yaml" ]]; then
+    audit_args=(--audit-policy-file="$STATE/audit-policy.yaml" --audit-log-path="$STATE/logs/audit.log"
+      --audit-log-mode=blocking --audit-log-format=json)
+  fi
   launch kube-apiserver "$bin/kube-apiserver" \
     --etcd-servers="http://127.0.0.1:$etcd_port" \
     --cert-dir="$certs" \
@@ -357,7 +367,23 @@ start_apiserver() {
     --authorization-mode=RBAC \
     --service-account-issuer="$(cat "$STATE/sa-issuer")" \
     --service-account-key-file="$certs/sa.pub" \
-    --service-account-signing-key-file="$certs/sa.key"
+    --service-account-signing-key-file="$certs/sa.key" \
+    "${audit_args[@]}"
+}
+
+# The audit policy of MAILROOM_TESTENV_AUDIT=1: Secrets at metadata level, nothing else.
+write_audit_policy() {
+  cat >"$STATE/audit-policy.yaml" <<'POLICY'
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  resources:
+  - group: ""
+    resources: [secrets]
+- level: None
+POLICY
 }
 
 kubectl_admin() {
@@ -452,6 +478,10 @@ up_locked() {
   printf '%s\n' "$STATE/certs/sa.key" >"$STATE/sa-signing-key-file"
   printf '%s\n' "$STATE/certs/sa.pub" >"$STATE/sa-key-file"
   write_kubeconfig "$url"
+  if [[ "${MAILROOM_TESTENV_AUDIT:-}" == "1" ]]; then
+    write_audit_policy
+    log "audit log of requests on Secrets: $STATE/logs/audit.log"
+  fi
   {
     printf 'KUBECONFIG=%q\n' "$STATE/kubeconfig"
     printf 'MAILROOM_TESTENV_URL=%q\n' "$url"

@@ -26,6 +26,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/_emulator/faults", post(add_fault).get(list_faults).delete(clear_faults))
         .route("/_emulator/messages", get(messages).delete(clear_messages))
         .route("/_emulator/token-requests", get(token_requests))
+        .route("/_emulator/issued-tokens", get(issued_tokens))
         .route("/_emulator/introspect", post(introspect))
         .route("/_emulator/reset", post(reset))
         .route("/_emulator/stats", get(stats))
@@ -121,6 +122,10 @@ async fn clear_messages(State(state): State<AppState>) -> Response {
 
 async fn token_requests(State(state): State<AppState>) -> Response {
     Json(state.lock().token_requests.clone()).into_response()
+}
+
+async fn issued_tokens(State(state): State<AppState>) -> Response {
+    Json(state.lock().issued_tokens.clone()).into_response()
 }
 
 #[derive(Deserialize)]

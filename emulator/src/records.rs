@@ -141,6 +141,22 @@ pub struct TokenRequestRecord {
     pub expires_in: Option<u64>,
 }
 
+/// One access token the emulator issued, for tests that search logs and statuses for it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedToken {
+    /// When it was issued (RFC 3339).
+    pub time: String,
+    /// The tenant in the URL.
+    pub tenant: String,
+    /// The client it was issued to.
+    pub client_id: Option<String>,
+    /// The requested scope.
+    pub scope: Option<String>,
+    /// The token itself.
+    pub access_token: String,
+}
+
 /// Counters shown by `GET /_emulator/stats`.
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]

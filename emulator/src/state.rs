@@ -7,7 +7,7 @@ use crate::apps::App;
 use crate::faults::FaultQueue;
 use crate::graph::drafts::Draft;
 use crate::graph::upload::UploadSession;
-use crate::records::{MessageRecord, Stats, TokenRequestRecord};
+use crate::records::{IssuedToken, MessageRecord, Stats, TokenRequestRecord};
 use crate::signing::TokenSigner;
 
 /// Settings fixed for the life of one emulator.
@@ -34,6 +34,8 @@ pub struct Inner {
     pub messages: Vec<MessageRecord>,
     /// Token requests, oldest first.
     pub token_requests: Vec<TokenRequestRecord>,
+    /// Access tokens issued, oldest first (a test peer's record; the emulator never logs them).
+    pub issued_tokens: Vec<IssuedToken>,
     /// Client assertion `jti`s already used, keyed by client id and jti, with their expiry.
     pub used_jtis: HashMap<(String, String), i64>,
     /// Drafts by id.

@@ -6,6 +6,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{Api, Client};
 
 use crate::api::{Attachment, EmailMessageSpec};
+use crate::transport::mime::{self, MimeError};
 use crate::transport::{AttachmentData, OutgoingMessage, parse_mailbox};
 
 /// The largest message, attachments included, that any transport accepts (Graph: 150 MB).
@@ -34,7 +35,7 @@ pub enum BuildError {
         reason: String,
     },
     /// The subject has a line break.
-    #[error("subject must not contain CR, LF or NUL")]
+    #[error("subject must not contain CR, LF, NUL or other control characters")]
     Subject,
     /// Inline attachment data is not base64.
     #[error("attachment {name}: data is not valid base64: {reason}")]
@@ -43,6 +44,14 @@ pub enum BuildError {
         name: String,
         /// The decoder's words.
         reason: String,
+    },
+    /// An attachment's content type is not a MIME type (or would break its header).
+    #[error("attachment {name}: contentType {content_type:?} is not a MIME type such as text/csv")]
+    ContentType {
+        /// The attachment.
+        name: String,
+        /// The rejected content type.
+        content_type: String,
     },
     /// An attachment name is unsafe.
     #[error("attachment name {0:?} must be a plain file name (no path separators, control characters or ..)")]
@@ -89,6 +98,7 @@ impl BuildError {
             BuildError::Header { .. } => "InvalidHeader",
             BuildError::Subject => "InvalidSubject",
             BuildError::Base64 { .. } => "InvalidAttachment",
+            BuildError::ContentType { .. } => "InvalidAttachment",
             BuildError::AttachmentName(_) => "InvalidAttachment",
             BuildError::SourceNotFound { .. } => "AttachmentNotFound",
             BuildError::KeyNotFound { .. } => "AttachmentNotFound",
@@ -120,7 +130,7 @@ pub fn safe_attachment_name(name: &str) -> bool {
         && name != "."
         && name != ".."
         && !name.contains(['/', '\\'])
-        && !name.chars().any(|c| c.is_control())
+        && !name.chars().any(|c| c.is_control() || crate::transport::address::is_invisible_format(c))
 }
 
 /// The attachment's content type: as given, else guessed from its name.
@@ -152,7 +162,7 @@ pub fn build(
             .map(|a| parse_mailbox(a).map_err(|e| BuildError::Address { field, reason: e.to_string() }))
             .collect::<Result<Vec<_>, _>>()
     };
-    if spec.subject.contains(['\r', '\n', '\0']) {
+    if mime::has_control(&spec.subject) {
         return Err(BuildError::Subject);
     }
     let mut headers = Vec::with_capacity(spec.headers.len());
@@ -161,13 +171,30 @@ pub fn build(
             return Err(BuildError::Header { name: name.clone(), reason: "names must be X- headers".into() });
         }
         let value = &value.0;
-        if value.contains(['\r', '\n', '\0']) {
+        if mime::has_control(value) {
             return Err(BuildError::Header {
                 name: name.clone(),
-                reason: "values must not contain CR, LF or NUL".into(),
+                reason: "values must not contain CR, LF, NUL or other control characters".into(),
             });
         }
         headers.push((name.clone(), value.clone()));
+    }
+    // What the transport would refuse after the claim (a duplicate or reserved name) fails here,
+    // before an attempt is counted.
+    if let Err(e) = mime::custom_headers(&headers) {
+        let name = match &e {
+            MimeError::HeaderName(n)
+            | MimeError::HeaderValue(n)
+            | MimeError::ReservedHeader(n)
+            | MimeError::DuplicateHeader(n) => n.clone(),
+            _ => String::new(),
+        };
+        return Err(BuildError::Header { name, reason: e.to_string() });
+    }
+    for a in &attachments {
+        if mime::attachment_content_type(&a.name, &a.content_type).is_err() {
+            return Err(BuildError::ContentType { name: a.name.clone(), content_type: a.content_type.clone() });
+        }
     }
     let size = spec.body.text.as_ref().map_or(0, String::len)
         + spec.body.html.as_ref().map_or(0, String::len)
@@ -274,7 +301,7 @@ mod tests {
     fn attachment_names_must_be_plain() {
         assert!(safe_attachment_name("report.csv"));
         assert!(safe_attachment_name("résumé 2026.pdf"));
-        for bad in ["", "..", "../etc/passwd", "a/b", "a\\b", "a\nb", "a\0b"] {
+        for bad in ["", "..", "../etc/passwd", "a/b", "a\\b", "a\nb", "a\0b", "invoice\u{202E}fdp.exe", "a\u{200B}b"] {
             assert!(!safe_attachment_name(bad), "{bad:?}");
         }
     }
@@ -298,6 +325,41 @@ mod tests {
         assert_eq!(decode_inline("h", "aGVsbG8K").unwrap(), b"hello\n");
         assert_eq!(decode_inline("h", "aGVs\nbG8K").unwrap(), b"hello\n");
         assert_eq!(decode_inline("h", "***").unwrap_err().reason(), "InvalidAttachment");
+    }
+
+    fn spec(yaml: &str) -> EmailMessageSpec {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn try_build(spec: &EmailMessageSpec, attachments: Vec<AttachmentData>) -> Result<OutgoingMessage, BuildError> {
+        let from = parse_mailbox("a@contoso.com").unwrap();
+        build(spec, from, attachments, "<x@contoso.com>".into(), MAX_MESSAGE_BYTES)
+    }
+
+    #[test]
+    fn build_refuses_before_the_claim_what_the_transport_would_refuse() {
+        let base = "profileRef: {name: p}\nto: [o@contoso.com]\nbody: {text: hi}\n";
+        let s = spec(&format!("{base}subject: \"a\\u001b[2Jb\"\n"));
+        assert_eq!(try_build(&s, vec![]).unwrap_err(), BuildError::Subject);
+        let s = spec(&format!("{base}headers: {{X-Run: \"a\\u0085b\"}}\n"));
+        assert_eq!(try_build(&s, vec![]).unwrap_err().reason(), "InvalidHeader");
+        let s = spec(&format!("{base}headers: {{X-Run: \"1\", x-run: \"2\"}}\n"));
+        let e = try_build(&s, vec![]).unwrap_err();
+        assert_eq!(e.reason(), "InvalidHeader");
+        assert!(e.to_string().contains("more than once"), "{e}");
+        let s = spec(&format!("{base}headers: {{X-Priority: \"1\"}}\n"));
+        assert_eq!(try_build(&s, vec![]).unwrap_err().reason(), "InvalidHeader");
+        let s = spec(base);
+        let bad = AttachmentData {
+            name: "a.txt".into(),
+            content_type: "text/plain\r\nBcc: x@evil.example".into(),
+            bytes: vec![],
+        };
+        let e = try_build(&s, vec![bad]).unwrap_err();
+        assert_eq!(e.reason(), "InvalidAttachment");
+        assert!(e.to_string().contains("contentType"), "{e}");
+        let good = AttachmentData { name: "a.txt".into(), content_type: "text/plain".into(), bytes: vec![] };
+        assert!(try_build(&s, vec![good]).is_ok());
     }
 
     #[test]

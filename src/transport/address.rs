@@ -54,6 +54,15 @@ pub fn parse_mailbox(input: &str) -> Result<Address, AddressError> {
     if input.chars().any(char::is_control) {
         return Err(AddressError::new(input, "it contains a line break or another control character"));
     }
+    // Bidi overrides and zero-width characters make an address read as another one
+    // ("\u{202E}moc.live@" shown reversed); no mailbox needs them.
+    if input.chars().any(is_invisible_format) {
+        return Err(AddressError::new(input, "it contains a bidi control or another invisible formatting character"));
+    }
+    // U+FFFD is what a decoder leaves of bytes that were not UTF-8: the input was mangled.
+    if input.contains('\u{FFFD}') {
+        return Err(AddressError::new(input, "it contains U+FFFD, the mark of bytes that were not valid UTF-8"));
+    }
     if !input.contains('@') {
         return Err(AddressError::new(input, "it has no @"));
     }
@@ -66,8 +75,28 @@ pub fn parse_mailbox(input: &str) -> Result<Address, AddressError> {
     })?;
     let email = mailbox.email.to_string();
     check_address(input, &email)?;
-    let name = mailbox.name.map(|n| n.trim().to_string()).filter(|n| !n.is_empty());
+    // Runs of whitespace (`a "" b` parses as "a  b") become one space, so that the mailbox
+    // renders and parses back to itself: a quoted name's inner runs would not survive that.
+    let name = mailbox.name.map(|n| n.split_whitespace().collect::<Vec<_>>().join(" ")).filter(|n| !n.is_empty());
     Ok(Address { name, email })
+}
+
+/// Invisible formatting characters (Unicode category Cf, and the line and paragraph separators)
+/// that can make text display as something else: bidi embeddings, overrides, isolates and marks,
+/// zero-width characters, the byte order mark, the soft hyphen and interlinear annotations.
+pub fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{2028}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+    )
 }
 
 /// Whether a failed input holds more than one mailbox, to say so in the error.
@@ -82,6 +111,11 @@ fn check_address(input: &str, email: &str) -> Result<(), AddressError> {
     };
     if local.is_empty() {
         return Err(AddressError::new(input, "the part before @ is empty"));
+    }
+    // A quoted local part ("a b"@example.com) is legal RFC 5322 that no relay needs, and lettre
+    // does not render every one back to a form it parses again.
+    if local.contains(['"', '\\']) || local.chars().any(char::is_whitespace) {
+        return Err(AddressError::new(input, "a quoted part before @ is not supported"));
     }
     if domain.is_empty() {
         return Err(AddressError::new(input, "the domain after @ is empty"));
@@ -117,7 +151,7 @@ impl Address {
     /// The address alone, as lettre's envelope needs it. Validates again, since the fields
     /// are public and may not have come from [`parse_mailbox`].
     pub fn to_lettre_address(&self) -> Result<lettre::Address, AddressError> {
-        if self.email.chars().any(char::is_control) {
+        if self.email.chars().any(|c| c.is_control() || is_invisible_format(c)) {
             return Err(AddressError::new(&self.email, "it contains a line break or another control character"));
         }
         check_address(&self.email, &self.email)?;
@@ -127,7 +161,7 @@ impl Address {
     /// The mailbox as lettre's header types need it (the name is RFC 2047-encoded on output).
     pub fn to_lettre(&self) -> Result<Mailbox, AddressError> {
         if let Some(name) = &self.name
-            && name.chars().any(char::is_control)
+            && name.chars().any(|c| c.is_control() || is_invisible_format(c))
         {
             return Err(AddressError::new(name, "the display name contains a line break or another control character"));
         }
@@ -268,6 +302,27 @@ mod tests {
     }
 
     #[test]
+    fn rejects_bidi_and_zero_width_characters() {
+        for input in [
+            "\u{202E}moc.osotnoc <ops@contoso.com>",
+            "Ops\u{2066} <ops@contoso.com>",
+            "o\u{200B}ps@contoso.com",
+            "ops@con\u{200D}toso.com",
+            "\u{FEFF}ops@contoso.com",
+            "Ops\u{2028}Team <ops@contoso.com>",
+            "\"Ops\u{202D}\" <ops@contoso.com>",
+        ] {
+            let e = bad(input);
+            assert!(e.reason.contains("invisible formatting"), "{input:?}: {e}");
+        }
+        assert!(bad("o\u{FFFD}s@contoso.com").reason.contains("U+FFFD"));
+        let forged = Address { name: Some("\u{202E}evil".into()), email: "user@example.com".into() };
+        assert!(forged.to_lettre().is_err());
+        // Right-to-left letters themselves are fine.
+        assert_eq!(ok("فريق العمليات <ops@example.com>").name.as_deref(), Some("فريق العمليات"));
+    }
+
+    #[test]
     fn error_display_escapes_the_input() {
         let e = bad("a@b.com\r\nBcc: x@y.com");
         let shown = e.to_string();
@@ -349,6 +404,34 @@ mod tests {
         }
         assert_eq!(ok("Ops Team <ops@contoso.com>").to_string(), "Ops Team <ops@contoso.com>");
         assert_eq!(ok(r#""Doe, Jane" <jane@example.com>"#).to_string(), r#""Doe, Jane" <jane@example.com>"#);
+    }
+
+    /// Found by the `address` fuzz target: empty quoted strings between words left a double
+    /// space in the name, which did not survive rendering and parsing again.
+    #[test]
+    fn whitespace_runs_in_names_round_trip() {
+        for input in [
+            r#"a "" b <ab@example.com>"#,
+            r#"88  "" " "! <x@example.com>"#,
+            "\"a   b\" <ab@example.com>",
+            r#" ~뿽8  $ ~뿽8 8 " "!  8 " "%   $  {2 ~ 88  "" " "!   $  {2$  " "b""""""J뿽*=5<"\="@?녅>"#,
+        ] {
+            let Ok(a) = parse_mailbox(input) else { continue };
+            assert!(!a.name.as_deref().unwrap_or_default().contains("  "), "{input:?}: {a:?}");
+            let shown = a.to_string();
+            assert_eq!(ok(&shown), a, "{input:?} displayed as {shown:?}");
+        }
+        assert_eq!(ok(r#"a "" b <ab@example.com>"#).name.as_deref(), Some("a b"));
+    }
+
+    /// Found by the `address` fuzz target: a quoted local part with escaped quotes rendered to
+    /// a form that did not parse again.
+    #[test]
+    fn quoted_local_parts_are_refused() {
+        for input in ["*<\"\\\"\u{77e}@@\\\"\"@?\u{b105}>", "\"a b\"@example.com"] {
+            let e = bad(input);
+            assert!(e.reason.contains("quoted") || e.reason.contains("expected"), "{input:?}: {e}");
+        }
     }
 
     #[test]

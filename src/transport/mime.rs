@@ -14,6 +14,7 @@ use lettre::address::Envelope;
 use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Attachment, MultiPart, SinglePart};
 
+use super::address::is_invisible_format;
 use super::{AddressError, OutgoingMessage};
 use crate::api::Importance;
 
@@ -35,7 +36,7 @@ pub enum MimeError {
     #[error("the message has no recipients: set at least one of to, cc or bcc")]
     NoRecipients,
     /// The subject would break the header block.
-    #[error("the subject contains a line break or NUL")]
+    #[error("the subject contains a line break, NUL or another control character")]
     Subject,
     /// A custom header name is not an `X-` header of RFC 5322 field-name characters.
     #[error(
@@ -43,7 +44,7 @@ pub enum MimeError {
     )]
     HeaderName(String),
     /// A custom header value would break the header block.
-    #[error("the value of header {0} contains a line break or NUL")]
+    #[error("the value of header {0} contains a line break, NUL or another control character")]
     HeaderValue(String),
     /// A custom header that mailroom sets itself.
     #[error("header {0} is set from spec.importance; set importance: low, normal or high instead")]
@@ -55,7 +56,7 @@ pub enum MimeError {
     #[error("Message-ID {0:?} is not of the form <id@domain>")]
     MessageId(String),
     /// An attachment's file name would break its header.
-    #[error("attachment name {0:?} is empty or contains a line break or NUL")]
+    #[error("attachment name {0:?} is empty or contains a control or invisible formatting character")]
     AttachmentName(String),
     /// An attachment's content type is not a MIME type.
     #[error("attachment {name:?}: content type {content_type:?} is not a MIME type such as text/csv")]
@@ -144,28 +145,28 @@ fn body_part(msg: &OutgoingMessage) -> Result<Body, MimeError> {
     };
     for attachment in &msg.attachments {
         let name = &attachment.name;
-        if name.trim().is_empty() || has_line_break_or_nul(name) {
+        if name.trim().is_empty() || name.chars().any(|c| c.is_control() || is_invisible_format(c)) {
             return Err(MimeError::AttachmentName(name.clone()));
         }
-        let content_type = content_type(name, &attachment.content_type)?;
+        let content_type = attachment_content_type(name, &attachment.content_type)?;
         mixed = mixed.singlepart(Attachment::new(name.clone()).body(attachment.bytes.clone(), content_type));
     }
     Ok(Body::Multi(mixed))
 }
 
 /// Parses an attachment's content type; empty means `application/octet-stream`.
-fn content_type(name: &str, value: &str) -> Result<ContentType, MimeError> {
+pub fn attachment_content_type(name: &str, value: &str) -> Result<ContentType, MimeError> {
     let value = value.trim();
     let value = if value.is_empty() { "application/octet-stream" } else { value };
     let invalid = || MimeError::ContentType { name: name.to_string(), content_type: value.to_string() };
-    if has_line_break_or_nul(value) || !value.is_ascii() {
+    if has_control(value) || !value.is_ascii() {
         return Err(invalid());
     }
     ContentType::parse(value).map_err(|_| invalid())
 }
 
 fn checked_subject(subject: &str) -> Result<String, MimeError> {
-    if has_line_break_or_nul(subject) {
+    if has_control(subject) {
         return Err(MimeError::Subject);
     }
     Ok(subject.to_string())
@@ -194,7 +195,7 @@ pub fn custom_headers(headers: &[(String, String)]) -> Result<Vec<HeaderValue>, 
         if !seen.insert(name.to_ascii_lowercase()) {
             return Err(MimeError::DuplicateHeader(name.clone()));
         }
-        if has_line_break_or_nul(value) {
+        if has_control(value) {
             return Err(MimeError::HeaderValue(name.clone()));
         }
         let header_name = HeaderName::new_from_ascii(name.clone()).map_err(|_| MimeError::HeaderName(name.clone()))?;
@@ -226,8 +227,10 @@ pub fn importance_headers(importance: Importance) -> [HeaderValue; 2] {
     ]
 }
 
-fn has_line_break_or_nul(s: &str) -> bool {
-    s.contains(['\r', '\n', '\0'])
+/// CR, LF and NUL could start a new header line; no other control character (tab aside) is
+/// allowed in an unstructured header by RFC 5322, and U+2028/U+2029 are line breaks to some readers.
+pub fn has_control(s: &str) -> bool {
+    s.chars().any(|c| (c.is_control() && c != '\t') || c == '\u{2028}' || c == '\u{2029}')
 }
 
 #[cfg(test)]
@@ -510,6 +513,26 @@ mod tests {
         }
         for bad in ["X-", "x-", "Xa", "X-a b", "X-a:b", "X-ä", "-X-a", "X_-a"] {
             assert!(!is_custom_header_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rejects_other_control_characters_in_headers() {
+        for bad in ["a\u{1b}[31mred", "a\u{0b}b", "a\u{85}b", "a\u{2028}b", "a\u{7f}"] {
+            let mut msg = message();
+            msg.subject = bad.into();
+            assert_eq!(build(&msg).unwrap_err(), MimeError::Subject, "{bad:?}");
+            let mut msg = message();
+            msg.headers = vec![("X-Run".into(), bad.into())];
+            assert!(matches!(build(&msg), Err(MimeError::HeaderValue(_))), "{bad:?}");
+        }
+        let mut msg = message();
+        msg.subject = "tab\tis fine".into();
+        assert!(build(&msg).is_ok());
+        for name in ["invoice\u{202E}fdp.exe", "a\u{200B}.txt", "a\u{1b}.txt"] {
+            let mut msg = message();
+            msg.attachments = vec![AttachmentData { name: name.into(), content_type: String::new(), bytes: vec![] }];
+            assert!(matches!(build(&msg), Err(MimeError::AttachmentName(_))), "{name:?}");
         }
     }
 

@@ -200,3 +200,10 @@ pub fn concat_pems(path: &Path, pems: &[PathBuf]) {
     }
     std::fs::write(path, all).expect("write the CA bundle");
 }
+
+impl Emulator {
+    /// The access tokens the emulator issued (`GET /_emulator/issued-tokens`), oldest first.
+    pub async fn get_issued_tokens(&self) -> Vec<Value> {
+        array(self.get("/issued-tokens").await)
+    }
+}

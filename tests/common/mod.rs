@@ -11,6 +11,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 
+pub mod audited;
 pub mod emulator;
 pub mod smtp_peer;
 
@@ -231,5 +232,13 @@ impl Operator {
         let mut args = vec!["--namespace", namespace];
         args.extend_from_slice(extra);
         Operator::spawn(&format!("{test}-{namespace}"), &args, env)
+    }
+}
+
+impl Operator {
+    /// Starts `mailroom run` over all namespaces with exactly these flags and extra environment
+    /// variables (for example a KUBECONFIG with another identity).
+    pub fn start_all_with_env(log_name: &str, args: &[&str], env: &[(&str, &str)]) -> Operator {
+        Operator::spawn(log_name, args, env)
     }
 }

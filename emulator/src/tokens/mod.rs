@@ -19,7 +19,7 @@ use crate::apps::App;
 use crate::clock;
 use crate::faults::FaultTarget;
 use crate::origin::request_origin;
-use crate::records::{GrantKind, TokenRequestRecord};
+use crate::records::{GrantKind, IssuedToken, TokenRequestRecord};
 use crate::signing::AccessClaims;
 use crate::state::AppState;
 use assertion::VerifiedAssertion;
@@ -107,6 +107,15 @@ async fn token(
             status,
             expires_in,
         });
+        if let Ok(issued) = &outcome {
+            inner.issued_tokens.push(IssuedToken {
+                time: clock::now_rfc3339(),
+                tenant: tenant.clone(),
+                client_id: attempt.client_id.clone(),
+                scope: attempt.scope.clone(),
+                access_token: issued.access_token.clone(),
+            });
+        }
     }
 
     let mut response = match outcome {

@@ -94,3 +94,32 @@ async fn the_binary_writes_ca_and_url_and_stops_on_sigterm() {
     child.stderr.take().expect("stderr").read_to_string(&mut log).expect("log");
     assert!(log.contains("/_emulator/health"), "{log}");
 }
+
+#[tokio::test]
+async fn issued_tokens_lists_every_token_and_only_issued_ones() {
+    let emu = common::start().await;
+    let client = emu.secret_app("s", &["Mail.Send"]).await;
+    let first = emu.secret_token(&client, "s").await;
+    let second = emu.secret_token(&client, "s").await;
+    let refused = emu
+        .token_request(
+            TENANT,
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_id", &client),
+                ("client_secret", "wrong"),
+                ("scope", GRAPH_SCOPE),
+            ],
+        )
+        .await;
+    assert_eq!(aad_code(refused).await.2, 7000215);
+    let issued = emu.admin_get("issued-tokens").await;
+    let tokens: Vec<&str> =
+        issued.as_array().expect("array").iter().filter_map(|t| t["accessToken"].as_str()).collect();
+    assert_eq!(tokens, vec![first.as_str(), second.as_str()]);
+    assert_eq!(issued[0]["clientId"], client.as_str());
+    assert_eq!(issued[0]["tenant"], TENANT);
+    assert_eq!(issued[0]["scope"], GRAPH_SCOPE);
+    emu.admin_post("reset", json!({})).await;
+    assert!(emu.admin_get("issued-tokens").await.as_array().is_some_and(Vec::is_empty));
+}
