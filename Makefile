@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build test lint fmt fmt-check clippy unit integration crds crds-check testenv testenv-down pyenv demo demo-down clean-testenv
+.PHONY: all build test bench lint fmt fmt-check clippy unit integration crds crds-check testenv testenv-down pyenv demo demo-down clean-testenv
 
 all: build
 
@@ -16,6 +16,10 @@ build:
 ## test: format check, clippy, unit tests, and integration tests against a real API server
 test:
 	@bash hack/test.sh
+
+## bench: the release operator with N EmailMessages (default 2000; N=10000, BENCH_SIZES=1000,2000,5000)
+bench:
+	@N="$(N)" BENCH_SIZES="$(BENCH_SIZES)" bash hack/bench.sh $(ARGS)
 
 ## lint: rustfmt check and clippy with warnings as errors
 lint: fmt-check clippy
