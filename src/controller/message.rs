@@ -41,6 +41,8 @@ pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Acti
         return Ok(Action::await_change());
     }
     let mut msg = msg;
+    // The whole object, once read from the API server (the cache keeps messages without bodies).
+    let mut full: Option<EmailMessage> = None;
     if phase == Phase::Sending {
         // The cache may lag behind our own outcome write: only the API server can say it is in doubt.
         let Some(fresh) = api.get_opt(&msg.name_any()).await? else {
@@ -66,7 +68,8 @@ pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Acti
                     "attempt {attempt} was interrupted; sending again with the same Message-ID (delivery.onUncertain is Resend)"
                 );
                 event(&ctx, &fresh, EventType::Warning, "ResendingInDoubt", &text).await;
-                msg = Arc::new(fresh);
+                msg = Arc::new(fresh.clone());
+                full = Some(fresh);
             }
         }
     }
@@ -100,29 +103,13 @@ pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Acti
         Ok(from) => from,
         Err((reason, text)) => return fail(&ctx, &api, &msg, reason, &text).await,
     };
-    let attachments = match outgoing::load_attachments(&ctx.client, &ns, &msg.spec).await? {
-        Ok(a) => a,
-        Err(e) if e.may_resolve_later() => {
-            return wait(&ctx, &api, &msg, e.reason(), &e.to_string()).await;
-        }
-        Err(e) => return fail(&ctx, &api, &msg, e.reason(), &e.to_string()).await,
-    };
-    // A templated message is rendered here, before the claim, so a template error never costs an attempt.
-    let spec = match super::template::render_message(&ctx.client, &ns, &msg.spec).await? {
-        Ok(spec) => spec,
-        Err(e) => return fail(&ctx, &api, &msg, e.reason(), &e.to_string()).await,
-    };
-    let message_id = status.message_id.clone().unwrap_or_else(|| outgoing::message_id(&uid, &from.email));
-    let limit = if profile.settings.graph.is_some() { MAX_MESSAGE_BYTES } else { MAX_SMTP_MESSAGE_BYTES };
-    let outgoing = match outgoing::build(&spec, from, attachments, message_id.clone(), limit) {
-        Ok(o) => o,
-        Err(e) => return fail(&ctx, &api, &msg, e.reason(), &e.to_string()).await,
-    };
 
+    // The turn comes before anything large is read: a message waiting for the rate limit holds
+    // neither its body nor its attachments.
     let limits_key = key.to_string();
     let acquire = ctx.limits.acquire(
         &limits_key,
-        &outgoing.from.email,
+        &from.email,
         profile.settings.messages_per_minute(),
         profile.settings.max_concurrent(),
     );
@@ -134,10 +121,54 @@ pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Acti
     if ctx.is_stopping() || !ctx.hold(&uid) {
         return Ok(Action::await_change());
     }
-    let result = claim_and_send(&ctx, &api, &msg, &profile, &outgoing, transport.as_ref()).await;
+    let result = build_and_send(&ctx, &api, &msg, full, from, &profile, transport.as_ref()).await;
     drop(permit);
     ctx.release(&uid);
     result
+}
+
+/// Reads the whole message, builds it, claims it and sends it; `full` is the whole object when
+/// it was read already.
+async fn build_and_send(
+    ctx: &Context,
+    api: &Api<EmailMessage>,
+    cached: &EmailMessage,
+    full: Option<EmailMessage>,
+    from: Address,
+    profile: &ResolvedProfile,
+    transport: &dyn crate::transport::Transport,
+) -> Result<Action> {
+    let msg = match full {
+        Some(m) => m,
+        None => match api.get_opt(&cached.name_any()).await? {
+            // A status other than the one decided on means the cache is behind: the change that
+            // moved it triggers another reconcile, which decides on the new state.
+            Some(m) if m.uid() == cached.uid() && m.status == cached.status => m,
+            _ => return Ok(Action::await_change()),
+        },
+    };
+    let ns = msg.namespace().unwrap_or_default();
+    let uid = msg.uid().unwrap_or_default();
+    let attachments = match outgoing::load_attachments(&ctx.client, &ns, &msg.spec).await? {
+        Ok(a) => a,
+        Err(e) if e.may_resolve_later() => {
+            return wait(ctx, api, &msg, e.reason(), &e.to_string()).await;
+        }
+        Err(e) => return fail(ctx, api, &msg, e.reason(), &e.to_string()).await,
+    };
+    // A templated message is rendered here, before the claim, so a template error never costs an attempt.
+    let spec = match super::template::render_message(&ctx.client, &ns, &msg.spec).await? {
+        Ok(spec) => spec,
+        Err(e) => return fail(ctx, api, &msg, e.reason(), &e.to_string()).await,
+    };
+    let status = msg.status.clone().unwrap_or_default();
+    let message_id = status.message_id.clone().unwrap_or_else(|| outgoing::message_id(&uid, &from.email));
+    let limit = if profile.settings.graph.is_some() { MAX_MESSAGE_BYTES } else { MAX_SMTP_MESSAGE_BYTES };
+    let outgoing = match outgoing::build(&spec, from, attachments, message_id.clone(), limit) {
+        Ok(o) => o,
+        Err(e) => return fail(ctx, api, &msg, e.reason(), &e.to_string()).await,
+    };
+    claim_and_send(ctx, api, &msg, profile, &outgoing, transport).await
 }
 
 async fn claim_and_send(

@@ -1,5 +1,6 @@
 //! The reconcilers for messages and profiles, and the context they share.
 
+pub mod cache;
 pub mod context;
 pub mod message;
 pub mod outgoing;

@@ -7,7 +7,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::mpsc;
@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use super::context::{Context, OperatorConfig};
 use super::registry::ProfileKey;
-use super::{message, profile};
+use super::{cache, message, profile};
 use crate::api::{ClusterMailProfile, EmailMessage, MailProfile};
 use crate::error::Error;
 use crate::metrics::{ErrorLabels, Metrics};
@@ -72,7 +72,15 @@ pub async fn run(
         .reconcile_on(UnboundedReceiverStream::new(cmp_rx))
         .graceful_shutdown_on(stopped(&shutdown_tx));
     let _ = ctx.cluster_profiles.set(cluster_profiles.store());
-    let messages = Controller::new(messages_api, watcher::Config::default())
+    // The cache keeps messages without their bodies and attachments (see cache.rs); the
+    // reconciler reads the whole object when it builds one.
+    let (message_store, message_writer) = reflector::store();
+    let message_events = watcher(messages_api, watcher::Config::default())
+        .default_backoff()
+        .modify(cache::strip_for_cache)
+        .reflect(message_writer)
+        .applied_objects();
+    let messages = Controller::for_stream(message_events, message_store)
         .reconcile_on(UnboundedReceiverStream::new(triggers.messages))
         .graceful_shutdown_on(stopped(&shutdown_tx));
     let _ = ctx.messages.set(messages.store());

@@ -1,0 +1,131 @@
+//! `make bench`: the operator (release build) against a local control plane, sending N
+//! EmailMessages through the Microsoft 365 emulator and through the SMTP test server.
+//!
+//! For every size and transport it measures throughput end to end (first create to last `Sent`),
+//! latency from creation to `Sent` as this process observes both, kube-apiserver writes per
+//! message from the API server's own counters, token requests, the operator's peak RSS and CPU,
+//! and duplicates at the receiving end; and the ceiling: the rate at which a minimal client makes
+//! the same status patches with the same concurrency. Figures are printed and written as JSON;
+//! nothing here asserts a speed.
+
+mod figures;
+mod peers;
+mod run;
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// What stops a benchmark run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A process did not start or exited early.
+    #[error("{0}")]
+    Start(String),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The API server refused or failed a request.
+    #[error("API server: {0}")]
+    Kube(#[from] kube::Error),
+    /// A peer's control API failed.
+    #[error("peer control API: {0}")]
+    Http(#[from] reqwest::Error),
+    /// A peer answered something unexpected.
+    #[error("{0}")]
+    Peer(String),
+    /// The messages did not all finish in time.
+    #[error("{0}")]
+    Timeout(String),
+}
+
+impl BenchError {
+    fn io(path: &std::path::Path, source: std::io::Error) -> BenchError {
+        BenchError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+/// Transports a run can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Microsoft Graph (the emulator), client-secret tokens.
+    Graph,
+    /// An SMTP relay (the SMTP test server), no authentication.
+    Smtp,
+}
+
+/// Command line.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "mailroom-bench", about = "End-to-end benchmark of the mailroom operator (make bench)")]
+pub struct Args {
+    /// Message counts, one run per count and transport (e.g. 1000,2000,5000).
+    #[arg(long, value_delimiter = ',', default_value = "2000", env = "BENCH_SIZES")]
+    pub sizes: Vec<usize>,
+    /// Transports to run.
+    #[arg(long, value_delimiter = ',', default_value = "graph,smtp", env = "BENCH_TRANSPORTS")]
+    pub transports: Vec<Transport>,
+    /// Sender mailboxes the messages are spread over (the limits are per mailbox).
+    #[arg(long, default_value_t = 8)]
+    pub mailboxes: usize,
+    /// The profile's maxConcurrent (per mailbox); Graph allows 4 per mailbox.
+    #[arg(long, default_value_t = 4)]
+    pub max_concurrent: u32,
+    /// The profile's messagesPerMinute (per mailbox), high so that it is not the limit.
+    #[arg(long, default_value_t = 100_000)]
+    pub messages_per_minute: u32,
+    /// Concurrent creates by this client.
+    #[arg(long, default_value_t = 16)]
+    pub create_concurrency: usize,
+    /// Size of each message's text body in bytes.
+    #[arg(long, default_value_t = 4096)]
+    pub body_bytes: usize,
+    /// Size of each message's inline attachment (spec.attachments[].data) in bytes; 0 for none.
+    #[arg(long, default_value_t = 8192)]
+    pub attachment_bytes: usize,
+    /// Skip the API-server ceiling measurement.
+    #[arg(long)]
+    pub no_ceiling: bool,
+    /// Seconds one run may take once its messages are created.
+    #[arg(long, default_value_t = 900)]
+    pub timeout: u64,
+    /// The operator binary (release build).
+    #[arg(long, env = "MAILROOM_BIN")]
+    pub operator_bin: PathBuf,
+    /// The emulator binary.
+    #[arg(long, env = "MAILROOM_EMULATOR_BIN")]
+    pub emulator_bin: PathBuf,
+    /// The Python that runs the SMTP test server (hack/pyenv.sh).
+    #[arg(long, env = "MAILROOM_PYTHON")]
+    pub python: PathBuf,
+    /// Where results.json, logs and peer state go.
+    #[arg(long, default_value = "target/bench")]
+    pub out: PathBuf,
+    /// A label for this operator build in the results (e.g. before/after a change).
+    #[arg(long, default_value = "current")]
+    pub label: String,
+}
+
+fn main() -> std::process::ExitCode {
+    mailroom::tls::install_crypto_provider();
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bench: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run::all(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,607 @@
+//! One benchmark run per size and transport, the ceiling beside it, the table and results.json.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use mailroom::api::{EmailMessage, MailProfile, Phase, find_condition};
+use mailroom::controller::status::{self, Claim};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::figures::{self, RequestKey};
+use crate::peers::{Emulator, Process, SmtpPeer};
+use crate::{Args, BenchError, Transport};
+
+const TENANT: &str = "5b1c2d3e-0000-4000-8000-00000000be01";
+const CLIENT_ID: &str = "5b1c2d3e-1111-4111-8111-00000000be02";
+/// The MailProfile every run creates.
+const PROFILE: &str = "bench";
+const SECRET: &str = "bench-graph";
+
+/// What one run measured.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunResult {
+    label: String,
+    transport: Transport,
+    messages: usize,
+    complete: bool,
+    sent: usize,
+    failed: usize,
+    seconds: f64,
+    messages_per_second: f64,
+    create_per_second: f64,
+    ceiling_messages_per_second: Option<f64>,
+    ratio_to_ceiling: Option<f64>,
+    latency_ms: Latency,
+    status_patches_per_message: f64,
+    events_per_message: f64,
+    api_writes_per_message: f64,
+    message_gets_per_message: f64,
+    other_api_writes: f64,
+    token_requests: usize,
+    throttled_429: u64,
+    peak_rss_mib: f64,
+    restart_peak_rss_mib: f64,
+    cpu_seconds: f64,
+    cpu_seconds_per_1000: f64,
+    delivered: usize,
+    duplicated: usize,
+    missing: usize,
+    concurrency: usize,
+}
+
+/// Created-to-Sent latency percentiles in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    p50: u64,
+    p95: u64,
+    p99: u64,
+    max: u64,
+}
+
+/// Runs every size and transport, printing a table and writing results.json.
+pub async fn all(args: Args) -> Result<(), BenchError> {
+    let repo = std::env::current_dir().map_err(|e| BenchError::io(Path::new("."), e))?;
+    let out = if args.out.is_absolute() { args.out.clone() } else { repo.join(&args.out) };
+    let logs = out.join("logs");
+    std::fs::create_dir_all(&logs).map_err(|e| BenchError::io(&logs, e))?;
+    let client = Client::try_default().await?;
+    eprintln!("bench: starting the SMTP test server and the Microsoft 365 emulator");
+    let smtp = if args.transports.contains(&Transport::Smtp) {
+        Some(SmtpPeer::start(&args.python, &repo, &out.join("smtp")).await?)
+    } else {
+        None
+    };
+    let key = repo.join("target/test-emulator-signing-key.pem");
+    let emulator = if args.transports.contains(&Transport::Graph) {
+        Some(Emulator::start(&args.emulator_bin, &out.join("emulator"), key.exists().then_some(key.as_path())).await?)
+    } else {
+        None
+    };
+    let mut results = Vec::new();
+    let file = out.join("results.json");
+    for &n in &args.sizes {
+        for &transport in &args.transports {
+            let peers = Peers { smtp: smtp.as_ref(), emulator: emulator.as_ref() };
+            let result = one(&client, &args, transport, n, &peers, &logs).await?;
+            print_table(std::slice::from_ref(&result), false);
+            results.push(result);
+            write_results(&file, &args, &results)?;
+        }
+    }
+    eprintln!();
+    print_table(&results, true);
+    println!("results: {}", file.display());
+    Ok(())
+}
+
+struct Peers<'a> {
+    smtp: Option<&'a SmtpPeer>,
+    emulator: Option<&'a Emulator>,
+}
+
+fn write_results(file: &Path, args: &Args, results: &[RunResult]) -> Result<(), BenchError> {
+    let doc = json!({
+        "command": std::env::var("BENCH_COMMAND").unwrap_or_else(|_| "make bench".into()),
+        "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
+        "config": {
+            "mailboxes": args.mailboxes, "maxConcurrent": args.max_concurrent,
+            "messagesPerMinute": args.messages_per_minute, "createConcurrency": args.create_concurrency,
+            "bodyBytes": args.body_bytes, "attachmentBytes": args.attachment_bytes,
+        },
+        "runs": results,
+    });
+    let text = serde_json::to_string_pretty(&doc).map_err(|e| BenchError::Peer(e.to_string()))?;
+    std::fs::write(file, text).map_err(|e| BenchError::io(file, e))
+}
+
+fn print_table(results: &[RunResult], header_line: bool) {
+    if header_line {
+        println!("mailroom benchmark (figures, not assertions)");
+    }
+    println!(
+        "{:<9} {:<6} {:>6} {:>8} {:>9} {:>6} {:>7} {:>7} {:>7} {:>10} {:>7} {:>6} {:>4} {:>9} {:>11} {:>8} {:>4} {:>7}",
+        "build",
+        "transp",
+        "N",
+        "msg/s",
+        "ceiling",
+        "ratio",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "writes/msg",
+        "GET/msg",
+        "tokens",
+        "429",
+        "peak RSS",
+        "restart RSS",
+        "CPU/1k",
+        "dup",
+        "missing"
+    );
+    for r in results {
+        let ceiling = r.ceiling_messages_per_second.map_or("-".into(), |c| format!("{c:.0}"));
+        let ratio = r.ratio_to_ceiling.map_or("-".into(), |c| format!("{:.0}%", c * 100.0));
+        println!(
+            "{:<9} {:<6} {:>6} {:>8.1} {:>9} {:>6} {:>7} {:>7} {:>7} {:>10} {:>7.2} {:>6} {:>4} {:>6.1}MiB {:>8.1}MiB {:>7.2}s {:>4} {:>7}",
+            r.label,
+            format!("{:?}", r.transport).to_lowercase(),
+            r.messages,
+            r.messages_per_second,
+            ceiling,
+            ratio,
+            r.latency_ms.p50,
+            r.latency_ms.p95,
+            r.latency_ms.p99,
+            format!("{:.2}+{:.2}", r.status_patches_per_message, r.events_per_message),
+            r.message_gets_per_message,
+            r.token_requests,
+            r.throttled_429,
+            r.peak_rss_mib,
+            r.restart_peak_rss_mib,
+            r.cpu_seconds_per_1000,
+            r.duplicated,
+            r.missing + r.failed,
+        );
+    }
+}
+
+fn sender(i: usize, mailboxes: usize) -> String {
+    format!("sender{}@contoso.com", i % mailboxes.max(1))
+}
+
+/// The message every run creates: a text body and an inline attachment of the configured sizes.
+fn message(name: &str, profile: &str, i: usize, args: &Args) -> Result<EmailMessage, BenchError> {
+    let body: String = "mailroom benchmark body line\n".chars().cycle().take(args.body_bytes).collect();
+    let mut spec = json!({
+        "profileRef": {"name": profile},
+        "from": sender(i, args.mailboxes),
+        "to": [format!("rcpt{}@contoso.com", i % 50)],
+        "subject": format!("benchmark message {i}"),
+        "body": {"text": body},
+        "headers": {"X-Bench-Index": i.to_string()},
+    });
+    if args.attachment_bytes > 0 {
+        // "QUJD" is base64 of "ABC": any number of them is valid base64.
+        let data = "QUJD".repeat(args.attachment_bytes.div_ceil(3));
+        spec["attachments"] = json!([{"name": "report.txt", "contentType": "text/plain", "data": data}]);
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "mailroom.dev/v1alpha1", "kind": "EmailMessage",
+        "metadata": {"name": name}, "spec": spec,
+    }))
+    .map_err(|e| BenchError::Peer(format!("message template: {e}")))
+}
+
+async fn create_namespace(client: &Client, prefix: &str) -> Result<String, BenchError> {
+    let name = format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
+    let ns: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": name}})).map_err(|e| BenchError::Peer(e.to_string()))?;
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
+    Ok(name)
+}
+
+/// Removes what a run left (there is no namespace controller to do it).
+async fn clean_namespace(client: &Client, ns: &str) {
+    let dp = DeleteParams::default();
+    let lp = ListParams::default();
+    let _ = Api::<EmailMessage>::namespaced(client.clone(), ns).delete_collection(&dp, &lp).await;
+    let _ = Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), ns).delete_collection(&dp, &lp).await;
+    let _ = Api::<Namespace>::all(client.clone()).delete(ns, &dp).await;
+}
+
+/// Creates `n` messages with bounded concurrency; returns when each create was sent, by name.
+async fn create_messages(
+    client: &Client,
+    ns: &str,
+    profile: &str,
+    n: usize,
+    args: &Args,
+    created: Arc<Mutex<HashMap<String, Instant>>>,
+) -> Result<Vec<EmailMessage>, BenchError> {
+    let api: Api<EmailMessage> = Api::namespaced(client.clone(), ns);
+    let mut templates = Vec::with_capacity(n);
+    for i in 0..n {
+        templates.push(message(&format!("m-{i:05}"), profile, i, args)?);
+    }
+    futures::stream::iter(templates)
+        .map(|m| {
+            let api = api.clone();
+            let created = created.clone();
+            async move {
+                let started = Instant::now();
+                let made = api.create(&PostParams::default(), &m).await?;
+                created.lock().unwrap_or_else(|e| e.into_inner()).insert(m.name_any(), started);
+                Ok::<_, BenchError>(made)
+            }
+        })
+        .buffer_unordered(args.create_concurrency.max(1))
+        .try_collect()
+        .await
+}
+
+/// The API server's rate for the writes one message needs: claim (with the resourceVersion) and
+/// outcome, merge patches on the status subresource, `concurrency` at a time, on `n` messages.
+async fn ceiling(client: &Client, args: &Args, n: usize, concurrency: usize) -> Result<f64, BenchError> {
+    let ns = create_namespace(client, "bench-ceiling").await?;
+    eprintln!("bench: ceiling: creating {n} messages in {ns}");
+    let made = create_messages(client, &ns, "none", n, args, Arc::default()).await?;
+    let api: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);
+    eprintln!("bench: ceiling: {n} claims and outcomes, {concurrency} at a time");
+    let start = Instant::now();
+    let result: Result<Vec<()>, BenchError> = futures::stream::iter(made)
+        .enumerate()
+        .map(|(i, m)| {
+            let api = api.clone();
+            let mailboxes = args.mailboxes;
+            async move {
+                let claim = Claim {
+                    attempt: 1,
+                    message_id: format!("<{}@contoso.com>", m.uid().unwrap_or_default()),
+                    recipients: 1,
+                    transport: "smtp-relay".into(),
+                    from: sender(i, mailboxes),
+                };
+                let g = m.metadata.generation;
+                let claimed = status::claimed(&Default::default(), &claim, g, Timestamp::now());
+                let patch = json!({"status": claimed, "metadata": {"resourceVersion": m.resource_version()}});
+                api.patch_status(&m.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?;
+                let sent = status::sent(&claimed, "250 2.0.0 OK queued", None, &[], g, Timestamp::now());
+                api.patch_status(&m.name_any(), &PatchParams::default(), &Patch::Merge(json!({"status": sent})))
+                    .await?;
+                Ok(())
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .try_collect()
+        .await;
+    let elapsed = start.elapsed().as_secs_f64();
+    clean_namespace(client, &ns).await;
+    result?;
+    Ok(n as f64 / elapsed.max(1e-9))
+}
+
+async fn apiserver_requests(client: &Client) -> Result<HashMap<RequestKey, f64>, BenchError> {
+    let req = http::Request::get("/metrics").body(Vec::new()).map_err(|e| BenchError::Peer(e.to_string()))?;
+    Ok(figures::request_totals(&client.request_text(req).await?))
+}
+
+async fn wait_profile_ready(api: &Api<MailProfile>, operator: &mut Process) -> Result<(), BenchError> {
+    let start = Instant::now();
+    loop {
+        operator.check_alive()?;
+        if let Some(p) = api.get_opt(PROFILE).await?
+            && let Some(s) = &p.status
+            && find_condition(&s.conditions, "Ready").is_some_and(|c| c.status == "True")
+        {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            return Err(BenchError::Timeout(format!(
+                "the profile was not Ready within 60s; see {}",
+                operator.log.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Where the watch has seen messages finish.
+#[derive(Default)]
+struct Seen {
+    sent: HashMap<String, Instant>,
+    failed: HashMap<String, String>,
+}
+
+async fn one(
+    client: &Client,
+    args: &Args,
+    transport: Transport,
+    n: usize,
+    peers: &Peers<'_>,
+    logs: &Path,
+) -> Result<RunResult, BenchError> {
+    let tag = format!("{} n={n}", format!("{transport:?}").to_lowercase());
+    let concurrency = args.mailboxes * args.max_concurrent as usize;
+    let ceiling = if args.no_ceiling { None } else { Some(ceiling(client, args, n, concurrency).await?) };
+    if let Some(c) = ceiling {
+        eprintln!("bench: [{tag}] ceiling {c:.0} messages/s");
+    }
+
+    let ns = create_namespace(client, &format!("bench-{}", format!("{transport:?}").to_lowercase())).await?;
+    let app = json!({"tenantId": TENANT, "clientId": CLIENT_ID, "secrets": [secret_value()], "roles": ["Mail.Send"]});
+    let limits = json!({"messagesPerMinute": args.messages_per_minute, "maxConcurrent": args.max_concurrent});
+    let senders = json!({"default": sender(0, args.mailboxes), "allowed": ["*@contoso.com"]});
+    let mut op_args: Vec<String> =
+        ["run", "--metrics-addr", "127.0.0.1:0", "--health-addr", "127.0.0.1:0", "--namespace"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    op_args.push(ns.clone());
+    let spec = match transport {
+        Transport::Graph => {
+            let emu = peers.emulator.ok_or_else(|| BenchError::Peer("no emulator".into()))?;
+            emu.reset(&app).await?;
+            let secret: Secret = serde_json::from_value(json!({
+                "metadata": {"name": SECRET}, "stringData": {"client-secret": secret_value()},
+            }))
+            .map_err(|e| BenchError::Peer(e.to_string()))?;
+            Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &secret).await?;
+            op_args.extend(["--ca-bundle".into(), emu.ca.display().to_string()]);
+            json!({"senders": senders, "limits": limits, "graph": {
+                "tenantId": TENANT, "clientId": CLIENT_ID, "clientSecretRef": {"name": SECRET, "key": "client-secret"},
+                "authorityHost": emu.url, "endpoint": emu.url,
+            }})
+        }
+        Transport::Smtp => {
+            let smtp = peers.smtp.ok_or_else(|| BenchError::Peer("no SMTP server".into()))?;
+            smtp.reset().await?;
+            json!({"senders": senders, "limits": limits, "smtp": {"host": "127.0.0.1", "port": smtp.smtp_port, "tls": "None"}})
+        }
+    };
+    let profile: MailProfile = serde_json::from_value(json!({
+        "apiVersion": "mailroom.dev/v1alpha1", "kind": "MailProfile", "metadata": {"name": PROFILE}, "spec": spec,
+    }))
+    .map_err(|e| BenchError::Peer(format!("profile: {e}")))?;
+    let profiles: Api<MailProfile> = Api::namespaced(client.clone(), &ns);
+    profiles.create(&PostParams::default(), &profile).await?;
+
+    let log: PathBuf = logs.join(format!("operator-{}-{n}.log", format!("{transport:?}").to_lowercase()));
+    let mut operator = Process::spawn("operator", &args.operator_bin, &op_args, &[], log)?;
+    wait_profile_ready(&profiles, &mut operator).await?;
+
+    // The watch runs before the first create, so that no Sent is missed.
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let watch = {
+        let api: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            let stream = watcher(api, watcher::Config::default());
+            futures::pin_mut!(stream);
+            while let Some(event) = stream.next().await {
+                let now = Instant::now();
+                let objects = match event {
+                    Ok(watcher::Event::Apply(m)) | Ok(watcher::Event::InitApply(m)) => vec![m],
+                    Ok(watcher::Event::InitDone) => {
+                        if let Some(tx) = ready.take() {
+                            let _ = tx.send(());
+                        }
+                        continue;
+                    }
+                    _ => continue,
+                };
+                let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+                for m in objects {
+                    match m.status.as_ref().and_then(|s| s.phase) {
+                        Some(Phase::Sent) => {
+                            seen.sent.entry(m.name_any()).or_insert(now);
+                        }
+                        Some(Phase::Failed) => {
+                            let why = m.status.as_ref().and_then(|s| s.conditions.last()).map(|c| c.message.clone());
+                            seen.failed.entry(m.name_any()).or_insert(why.unwrap_or_default());
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        })
+    };
+    let _ = ready_rx.await;
+
+    let before = apiserver_requests(client).await?;
+    let tokens_before = match peers.emulator {
+        Some(emu) if transport == Transport::Graph => emu.token_requests().await?,
+        _ => 0,
+    };
+    let cpu_before = figures::cpu_ticks(&operator.proc_stat()).unwrap_or(0);
+    eprintln!("bench: [{tag}] creating {n} messages in {ns} ({} at a time)", args.create_concurrency);
+    let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let start = Instant::now();
+    let creating = {
+        let (client, ns, args, created) = (client.clone(), ns.clone(), args.clone(), created.clone());
+        tokio::spawn(async move {
+            let r = create_messages(&client, &ns, PROFILE, n, &args, created).await.map(|_| Instant::now());
+            r
+        })
+    };
+
+    // Progress until every message is Sent or Failed.
+    let mut last_print = Instant::now();
+    let mut created_at: Option<Instant> = None;
+    let mut creating = Some(creating);
+    let complete = loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Some(handle) = creating.as_ref()
+            && handle.is_finished()
+            && let Some(handle) = creating.take()
+        {
+            match handle.await {
+                Ok(Ok(at)) => created_at = Some(at),
+                Ok(Err(e)) => return Err(e),
+                Err(e) => return Err(BenchError::Peer(format!("create task: {e}"))),
+            }
+        }
+        let (sent, failed) = {
+            let s = seen.lock().unwrap_or_else(|e| e.into_inner());
+            (s.sent.len(), s.failed.len())
+        };
+        if last_print.elapsed() >= Duration::from_secs(2) || sent + failed >= n {
+            last_print = Instant::now();
+            let made = created.lock().unwrap_or_else(|e| e.into_inner()).len();
+            let rss = figures::status_kb(&operator.proc_status(), "VmRSS").unwrap_or(0) as f64 / 1048576.0;
+            let secs = start.elapsed().as_secs_f64();
+            eprintln!(
+                "bench: [{tag}] {secs:6.1}s  created {made}/{n}  sent {sent}/{n}  failed {failed}  ({:.0} sent/s)  operator RSS {rss:.1} MiB",
+                sent as f64 / secs.max(1e-9)
+            );
+        }
+        if sent + failed >= n && created_at.is_some() {
+            break true;
+        }
+        if let Err(e) = operator.check_alive() {
+            eprintln!("bench: [{tag}] {e}");
+            break false;
+        }
+        if start.elapsed() > Duration::from_secs(args.timeout) {
+            eprintln!("bench: [{tag}] timed out after {}s", args.timeout);
+            break false;
+        }
+    };
+    let cpu_after = figures::cpu_ticks(&operator.proc_stat()).unwrap_or(cpu_before);
+    // The Event follows the outcome write; give the last ones a moment before counting.
+    let events_key = |b: &HashMap<RequestKey, f64>, a: &HashMap<RequestKey, f64>| {
+        figures::delta(b, a, ("events.k8s.io", "events", "", "POST")) + figures::delta(b, a, ("", "events", "", "POST"))
+    };
+    let mut after = apiserver_requests(client).await?;
+    let settle = Instant::now();
+    while events_key(&before, &after) < n as f64 && settle.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        after = apiserver_requests(client).await?;
+    }
+    let peak_rss = figures::status_kb(&operator.proc_status(), "VmHWM").unwrap_or(0) as f64 / 1048576.0;
+    watch.abort();
+
+    let seen = std::mem::take(&mut *seen.lock().unwrap_or_else(|e| e.into_inner()));
+    let created = std::mem::take(&mut *created.lock().unwrap_or_else(|e| e.into_inner()));
+    let last_sent = seen.sent.values().max().copied().unwrap_or(start);
+    let seconds = last_sent.duration_since(start).as_secs_f64();
+    let latencies: Vec<Duration> =
+        seen.sent.iter().filter_map(|(name, at)| created.get(name).map(|c| at.saturating_duration_since(*c))).collect();
+    let ms = |q: f64| figures::percentile(&latencies, q).map_or(0, |d| d.as_millis() as u64);
+    let per = |x: f64| x / n.max(1) as f64;
+    let patches = figures::delta(&before, &after, ("mailroom.dev", "emailmessages", "status", "PATCH"));
+    let events =
+        events_key(&before, &after) + figures::delta(&before, &after, ("events.k8s.io", "events", "", "PATCH"));
+    let gets = figures::delta(&before, &after, ("mailroom.dev", "emailmessages", "", "GET"));
+    let creates = figures::delta(&before, &after, ("mailroom.dev", "emailmessages", "", "POST"));
+    let all_writes: f64 = after
+        .iter()
+        .filter(|((_, _, _, verb), _)| matches!(verb.as_str(), "POST" | "PUT" | "PATCH" | "DELETE"))
+        .map(|(k, v)| v - before.get(k).copied().unwrap_or(0.0))
+        .sum();
+    let (token_requests, throttled, ids) = match transport {
+        Transport::Graph => {
+            let emu = peers.emulator.ok_or_else(|| BenchError::Peer("no emulator".into()))?;
+            let stats = emu.stats().await?;
+            let throttled = stats["graphRequests"]["429"].as_u64().unwrap_or(0);
+            (emu.token_requests().await?.saturating_sub(tokens_before), throttled, emu.message_ids().await?)
+        }
+        Transport::Smtp => {
+            let smtp = peers.smtp.ok_or_else(|| BenchError::Peer("no SMTP server".into()))?;
+            (0, 0, smtp.message_ids().await?)
+        }
+    };
+    let (distinct, duplicated, _extra) = figures::duplicates(ids.iter().map(String::as_str));
+    if let Some((name, why)) = seen.failed.iter().next() {
+        eprintln!("bench: [{tag}] {} failed, e.g. {name}: {why}", seen.failed.len());
+    }
+    operator.stop(Duration::from_secs(30));
+    // A fresh operator with all of them present: its caches fill from a LIST instead of a watch.
+    let restart_rss = restart_peak_rss(args, &op_args, logs, &tag).await?;
+    clean_namespace(client, &ns).await;
+
+    let mps = n as f64 / seconds.max(1e-9);
+    let create_secs = created_at.map_or(0.0, |c| c.duration_since(start).as_secs_f64());
+    Ok(RunResult {
+        label: args.label.clone(),
+        transport,
+        messages: n,
+        complete,
+        sent: seen.sent.len(),
+        failed: seen.failed.len(),
+        seconds,
+        messages_per_second: mps,
+        create_per_second: n as f64 / create_secs.max(1e-9),
+        ceiling_messages_per_second: ceiling,
+        ratio_to_ceiling: ceiling.map(|c| mps / c),
+        latency_ms: Latency { p50: ms(0.50), p95: ms(0.95), p99: ms(0.99), max: ms(1.0) },
+        status_patches_per_message: per(patches),
+        events_per_message: per(events),
+        api_writes_per_message: per(patches + events),
+        message_gets_per_message: per(gets),
+        other_api_writes: all_writes - patches - events - creates,
+        token_requests,
+        throttled_429: throttled,
+        peak_rss_mib: peak_rss,
+        restart_peak_rss_mib: restart_rss,
+        cpu_seconds: (cpu_after - cpu_before) as f64 / 100.0,
+        cpu_seconds_per_1000: (cpu_after - cpu_before) as f64 / 100.0 / (n as f64 / 1000.0),
+        delivered: ids.len(),
+        duplicated,
+        missing: n.saturating_sub(distinct),
+        concurrency,
+    })
+}
+
+/// Starts the operator again over the finished messages and reads its peak RSS once it is ready
+/// and has had a few seconds to reconcile them all.
+async fn restart_peak_rss(args: &Args, op_args: &[String], logs: &Path, tag: &str) -> Result<f64, BenchError> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| BenchError::Start(format!("a free port: {e}")))?
+        .port();
+    let mut op_args = op_args.to_vec();
+    if let Some(i) = op_args.iter().position(|a| a == "--health-addr") {
+        op_args[i + 1] = format!("127.0.0.1:{port}");
+    }
+    let log = logs.join(format!("operator-{}-restart.log", tag.replace([' ', '='], "-")));
+    let mut operator = Process::spawn("operator (restart)", &args.operator_bin, &op_args, &[], log)?;
+    let http = reqwest::Client::new();
+    let start = Instant::now();
+    loop {
+        operator.check_alive()?;
+        let ready = http.get(format!("http://127.0.0.1:{port}/readyz")).send().await;
+        if ready.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            return Err(BenchError::Timeout("the restarted operator was not ready within 120s".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ready_after = start.elapsed();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss = figures::status_kb(&operator.proc_status(), "VmHWM").unwrap_or(0) as f64 / 1048576.0;
+    eprintln!("bench: [{tag}] restarted operator ready in {:.1}s, peak RSS {rss:.1} MiB", ready_after.as_secs_f64());
+    operator.stop(Duration::from_secs(30));
+    Ok(rss)
+}
+
+/// The client secret of the benchmark's emulator app: made up at every start, and only ever sent
+/// to the loopback emulator.
+fn secret_value() -> String {
+    static SECRET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SECRET.get_or_init(|| uuid::Uuid::new_v4().simple().to_string()).clone()
+}
