@@ -431,10 +431,9 @@ async fn one(
     let start = Instant::now();
     let creating = {
         let (client, ns, args, created) = (client.clone(), ns.clone(), args.clone(), created.clone());
-        tokio::spawn(async move {
-            let r = create_messages(&client, &ns, PROFILE, n, &args, created).await.map(|_| Instant::now());
-            r
-        })
+        tokio::spawn(
+            async move { create_messages(&client, &ns, PROFILE, n, &args, created).await.map(|_| Instant::now()) },
+        )
     };
 
     // Progress until every message is Sent or Failed.
