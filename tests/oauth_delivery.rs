@@ -4,11 +4,11 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::emulator::{Emulator, concat_pems};
+use common::emulator::{Emulator, concat_pems, rsa_certificate};
 use common::smtp_peer::SmtpPeer;
 use common::{Operator, message_condition, phase};
 use futures::{StreamExt, TryStreamExt};
@@ -197,24 +197,6 @@ fn status_of(m: &EmailMessage) -> mailroom::api::EmailMessageStatus {
 
 fn time(v: &Value) -> Timestamp {
     v.as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("not a timestamp: {v}"))
-}
-
-/// A self-signed RSA certificate and its PKCS#8 key (PEM), made with openssl.
-fn rsa_certificate(dir: &Path, name: &str) -> (String, String) {
-    let (cert, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
-    let status = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj"])
-        .arg(format!("/CN={name}"))
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl on PATH");
-    assert!(status.success(), "openssl could not make a certificate");
-    (std::fs::read_to_string(cert).expect("certificate"), std::fs::read_to_string(key).expect("key"))
 }
 
 /// 200 messages through one Graph profile: one token request, every message accepted once.

@@ -6,12 +6,11 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use common::emulator::{Emulator, concat_pems};
+use common::emulator::{Emulator, concat_pems, rsa_certificate};
 use common::smtp_peer::SmtpPeer;
 use common::{Operator, phase};
 use k8s_openapi::api::core::v1::Secret;
@@ -34,24 +33,6 @@ const WAIT: Duration = Duration::from_secs(60);
 
 fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
-}
-
-/// A self-signed RSA certificate and its PKCS#8 key (PEM), made with openssl.
-fn rsa_certificate(dir: &Path, name: &str) -> (String, String) {
-    let (cert, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
-    let status = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj"])
-        .arg(format!("/CN={name}"))
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl on PATH");
-    assert!(status.success(), "openssl could not make a certificate");
-    (std::fs::read_to_string(cert).expect("certificate"), std::fs::read_to_string(key).expect("key"))
 }
 
 /// The forms in which a secret could leak: as is, base64 (standard and URL-safe), and distinctive

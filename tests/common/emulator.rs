@@ -50,6 +50,24 @@ fn signing_key() -> Option<PathBuf> {
     key.clone()
 }
 
+/// A self-signed RSA certificate and its PKCS#8 key (PEM), made with openssl.
+pub fn rsa_certificate(dir: &Path, name: &str) -> (String, String) {
+    let (cert, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    let status = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj"])
+        .arg(format!("/CN={name}"))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl on PATH");
+    assert!(status.success(), "openssl could not make a certificate");
+    (std::fs::read_to_string(cert).expect("certificate"), std::fs::read_to_string(key).expect("key"))
+}
+
 impl Emulator {
     /// Starts `$MAILROOM_EMULATOR_BIN --listen 127.0.0.1:0 --state-dir DIR` and waits for `DIR/url`.
     pub async fn start(test: &str) -> Emulator {
