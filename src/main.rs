@@ -91,6 +91,10 @@ struct RunArgs {
     /// Address of the Alertmanager webhook receiver (POST /alerts/{namespace}/{alertroute}); off when unset.
     #[arg(long, env = "MAILROOM_ALERTS_ADDR")]
     alerts_addr: Option<SocketAddr>,
+    /// EmailMessages reconciled at once (building, claiming, sending, recording). Messages waiting
+    /// for a rate-limit turn do not count: they wait in their mailbox's queue.
+    #[arg(long, env = "MAILROOM_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: u16,
 }
 
 fn main() -> ExitCode {
@@ -180,6 +184,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         allow_insecure_endpoints: args.allow_insecure_endpoints,
         trust,
         instance,
+        concurrency: args.concurrency,
     };
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());

@@ -29,6 +29,18 @@ pub struct OperatorConfig {
     pub trust: TrustRoots,
     /// This process's name in Events (the pod name).
     pub instance: String,
+    /// EmailMessages reconciled at once; 0 means the default.
+    pub concurrency: u16,
+}
+
+/// EmailMessages reconciled at once unless configured otherwise.
+pub const DEFAULT_CONCURRENCY: u16 = 64;
+
+impl OperatorConfig {
+    /// EmailMessages reconciled at once.
+    pub fn concurrency(&self) -> u16 {
+        if self.concurrency == 0 { DEFAULT_CONCURRENCY } else { self.concurrency }
+    }
 }
 
 /// Shared by every reconcile.
@@ -39,14 +51,14 @@ pub struct Context {
     pub config: OperatorConfig,
     /// Profiles as resolved by the profile controllers.
     pub profiles: ProfileRegistry,
-    /// Rate and concurrency limits per profile and mailbox.
-    pub limits: SendLimits,
+    /// Rate and concurrency limits per profile and mailbox, and who waits for a turn.
+    pub limits: SendLimits<ObjectRef<EmailMessage>>,
     /// Publishes Events.
     pub recorder: Recorder,
     /// Messages this process has claimed and not yet finished, by uid.
     pub in_flight: Mutex<HashSet<String>>,
     /// The message controller's cache, once it runs.
-    pub messages: OnceCell<Store<EmailMessage>>,
+    pub messages: Arc<OnceCell<Store<EmailMessage>>>,
     /// The MailProfile cache, once it runs.
     pub mail_profiles: OnceCell<Store<MailProfile>>,
     /// The ClusterMailProfile cache, once it runs.
@@ -69,6 +81,19 @@ pub struct Context {
     pub stopping: watch::Sender<bool>,
 }
 
+/// Wakes a message whose turn came, unless it is gone from the cache or finished.
+fn wake_waiting(
+    wake: mpsc::UnboundedSender<ObjectRef<EmailMessage>>,
+    messages: Arc<OnceCell<Store<EmailMessage>>>,
+) -> crate::delivery::limits::Wake<ObjectRef<EmailMessage>> {
+    Arc::new(move |r: &ObjectRef<EmailMessage>| {
+        let waits = messages.get().is_none_or(|store| {
+            store.get(r).is_some_and(|m| !m.status.as_ref().and_then(|s| s.phase).is_some_and(|p| p.is_finished()))
+        });
+        waits && wake.send(r.clone()).is_ok()
+    })
+}
+
 /// The extra triggers of the three controllers.
 pub struct Triggers {
     /// Messages to reconcile.
@@ -87,14 +112,16 @@ impl Context {
         let (wake_cluster_profile, cluster_profiles) = mpsc::unbounded_channel();
         let reporter = Reporter { controller: "mailroom".into(), instance: Some(config.instance.clone()) };
         let recorder = Recorder::new(client.clone(), reporter);
+        let messages: Arc<OnceCell<Store<EmailMessage>>> = Arc::default();
+        let limits = SendLimits::new(wake_waiting(wake.clone(), messages.clone()));
         let ctx = Context {
             client,
             config,
             profiles: ProfileRegistry::default(),
-            limits: SendLimits::default(),
+            limits,
             recorder,
             in_flight: Mutex::new(HashSet::new()),
-            messages: OnceCell::new(),
+            messages,
             mail_profiles: OnceCell::new(),
             cluster_profiles: OnceCell::new(),
             metrics,

@@ -8,6 +8,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
@@ -17,6 +18,7 @@ use super::outgoing::{self, BuildError, MAX_MESSAGE_BYTES, MAX_SMTP_MESSAGE_BYTE
 use super::registry::{ProfileKey, ResolvedProfile};
 use super::status::{self, Claim};
 use crate::api::{EmailMessage, EmailMessageStatus, OnUncertain, Phase};
+use crate::delivery::limits::{SendPermit, Turn};
 use crate::delivery::policy;
 use crate::delivery::retry::{self, RetryDecision, RetryPolicy};
 use crate::error::{Error, Result};
@@ -24,6 +26,9 @@ use crate::transport::{Address, OutgoingMessage, SendError};
 
 /// A waiting message is looked at again this often even if nothing wakes it.
 const WAIT_RECHECK: Duration = Duration::from_secs(60);
+
+/// A message queued for a rate-limit turn is woken by its mailbox; this recheck is a safety net.
+const TURN_RECHECK: Duration = Duration::from_secs(60);
 
 /// Reconciles one EmailMessage.
 pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Action> {
@@ -41,8 +46,6 @@ pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Acti
         return Ok(Action::await_change());
     }
     let mut msg = msg;
-    // The whole object, once read from the API server (the cache keeps messages without bodies).
-    let mut full: Option<EmailMessage> = None;
     if phase == Phase::Sending {
         // The cache may lag behind our own outcome write: only the API server can say it is in doubt.
         let Some(fresh) = api.get_opt(&msg.name_any()).await? else {
@@ -68,8 +71,7 @@ pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Acti
                     "attempt {attempt} was interrupted; sending again with the same Message-ID (delivery.onUncertain is Resend)"
                 );
                 event(&ctx, &fresh, EventType::Warning, "ResendingInDoubt", &text).await;
-                msg = Arc::new(fresh.clone());
-                full = Some(fresh);
+                msg = Arc::new(fresh);
             }
         }
     }
@@ -105,101 +107,122 @@ pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Acti
     };
 
     // The turn comes before anything large is read: a message waiting for the rate limit holds
-    // neither its body nor its attachments.
+    // neither its body nor its attachments, nor a reconcile slot: it waits in its mailbox's queue,
+    // which wakes it when its turn comes (the recheck is only a safety net).
+    let me = ObjectRef::from(msg.as_ref());
     let limits_key = key.to_string();
-    let acquire = ctx.limits.acquire(
+    let permit = match ctx.limits.try_acquire(
         &limits_key,
         &from.email,
         profile.settings.messages_per_minute(),
         profile.settings.max_concurrent(),
-    );
-    // Graceful shutdown: a message still waiting for its turn is not claimed; the next leader sends it.
-    let permit = tokio::select! {
-        permit = acquire => permit,
-        () = ctx.stopped() => return Ok(Action::await_change()),
+        &me,
+    ) {
+        Turn::Go(permit) => permit,
+        Turn::Wait => return Ok(Action::requeue(TURN_RECHECK)),
     };
+    // Graceful shutdown: a message that has not been claimed is left for the next leader.
     if ctx.is_stopping() || !ctx.hold(&uid) {
         return Ok(Action::await_change());
     }
-    let result = build_and_send(&ctx, &api, &msg, full, from, &profile, transport.as_ref()).await;
-    drop(permit);
+    let result = claim_and_send(&ctx, &api, &msg, from, &profile, transport.as_ref(), permit).await;
     ctx.release(&uid);
     result
 }
 
-/// Reads the whole message, builds it, claims it and sends it; `full` is the whole object when
-/// it was read already.
-async fn build_and_send(
+/// Builds the whole message as the claim returned it: inline attachments, template, MIME. An
+/// error is the message's own problem, as (reason, text).
+async fn build(
     ctx: &Context,
-    api: &Api<EmailMessage>,
-    cached: &EmailMessage,
-    full: Option<EmailMessage>,
+    msg: &EmailMessage,
+    referenced: Vec<Option<crate::transport::AttachmentData>>,
     from: Address,
+    message_id: String,
     profile: &ResolvedProfile,
-    transport: &dyn crate::transport::Transport,
-) -> Result<Action> {
-    let msg = match full {
-        Some(m) => m,
-        None => match api.get_opt(&cached.name_any()).await? {
-            // A status other than the one decided on means the cache is behind: the change that
-            // moved it triggers another reconcile, which decides on the new state.
-            Some(m) if m.uid() == cached.uid() && m.status == cached.status => m,
-            _ => return Ok(Action::await_change()),
-        },
-    };
+) -> Result<Result<OutgoingMessage, (&'static str, String)>> {
     let ns = msg.namespace().unwrap_or_default();
-    let uid = msg.uid().unwrap_or_default();
-    let attachments = match outgoing::load_attachments(&ctx.client, &ns, &msg.spec).await? {
+    let attachments = match outgoing::with_inline_attachments(&msg.spec, referenced) {
         Ok(a) => a,
-        Err(e) if e.may_resolve_later() => {
-            return wait(ctx, api, &msg, e.reason(), &e.to_string()).await;
-        }
-        Err(e) => return fail(ctx, api, &msg, e.reason(), &e.to_string()).await,
+        Err(e) => return Ok(Err((e.reason(), e.to_string()))),
     };
-    // A templated message is rendered here, before the claim, so a template error never costs an attempt.
     let spec = match super::template::render_message(&ctx.client, &ns, &msg.spec).await? {
         Ok(spec) => spec,
-        Err(e) => return fail(ctx, api, &msg, e.reason(), &e.to_string()).await,
+        Err(e) => return Ok(Err((e.reason(), e.to_string()))),
     };
-    let status = msg.status.clone().unwrap_or_default();
-    let message_id = status.message_id.clone().unwrap_or_else(|| outgoing::message_id(&uid, &from.email));
     let limit = if profile.settings.graph.is_some() { MAX_MESSAGE_BYTES } else { MAX_SMTP_MESSAGE_BYTES };
-    let outgoing = match outgoing::build(&spec, from, attachments, message_id.clone(), limit) {
-        Ok(o) => o,
-        Err(e) => return fail(ctx, api, &msg, e.reason(), &e.to_string()).await,
-    };
-    claim_and_send(ctx, api, &msg, profile, &outgoing, transport).await
+    Ok(outgoing::build(&spec, from, attachments, message_id, limit).map_err(|e| (e.reason(), e.to_string())))
 }
 
+/// Reads the attachments kept in Secrets and ConfigMaps; claims the message with the
+/// resourceVersion it was decided on; builds it from the whole object the claim returns (the
+/// cache keeps no bodies, so no extra read is needed); sends it and records the outcome. A
+/// message that cannot be built gets the status it had before the claim, Failed with the reason:
+/// its own problem never costs an attempt.
 async fn claim_and_send(
     ctx: &Context,
     api: &Api<EmailMessage>,
-    msg: &EmailMessage,
+    cached: &EmailMessage,
+    from: Address,
     profile: &ResolvedProfile,
-    outgoing: &OutgoingMessage,
     transport: &dyn crate::transport::Transport,
+    permit: SendPermit<ObjectRef<EmailMessage>>,
 ) -> Result<Action> {
-    let status = msg.status.clone().unwrap_or_default();
-    let attempt = status.attempts.unwrap_or(0) + 1;
+    let ns = cached.namespace().unwrap_or_default();
+    let referenced = match outgoing::load_referenced_attachments(&ctx.client, &ns, &cached.spec).await? {
+        Ok(r) => r,
+        Err(e) if e.may_resolve_later() => {
+            drop(permit);
+            return wait(ctx, api, cached, e.reason(), &e.to_string()).await;
+        }
+        Err(e) => {
+            drop(permit);
+            return fail(ctx, api, cached, e.reason(), &e.to_string()).await;
+        }
+    };
+    let before = cached.status.clone().unwrap_or_default();
+    let uid = cached.uid().unwrap_or_default();
+    let attempt = before.attempts.unwrap_or(0) + 1;
+    let message_id = before.message_id.clone().unwrap_or_else(|| outgoing::message_id(&uid, &from.email));
     let claim = Claim {
         attempt,
-        message_id: outgoing.message_id.clone(),
-        recipients: msg.spec.recipient_count() as u32,
+        message_id: message_id.clone(),
+        recipients: cached.spec.recipient_count() as u32,
         transport: profile.settings.transport_name().to_string(),
-        from: outgoing.from.email.clone(),
+        from: from.email.clone(),
     };
-    let claimed = status::claimed(&status, &claim, msg.metadata.generation, Timestamp::now());
+    let claimed = status::claimed(&before, &claim, cached.metadata.generation, Timestamp::now());
     // Optimistic concurrency: the claim carries the resourceVersion we decided on, so of two
     // writers (replicas, or a stale cache) exactly one wins; the loser waits for the next change.
-    match write_status(api, msg, &claimed, msg.resource_version()).await {
-        Ok(()) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => return Ok(Action::await_change()),
+    let msg = match claim_status(api, cached, &claimed).await {
+        Ok(m) if m.uid() == cached.uid() => m,
+        Ok(_) => return Ok(Action::await_change()),
+        Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => return Ok(Action::await_change()),
         Err(e) => return Err(e.into()),
-    }
+    };
+    let outgoing = match build(ctx, &msg, referenced, from, message_id, profile).await {
+        Ok(Ok(o)) => o,
+        Ok(Err((reason, text))) => {
+            drop(permit);
+            let next = status::failed(&before, reason, &text, msg.metadata.generation, Timestamp::now());
+            unclaim(api, &msg, &claimed, &next).await?;
+            return failed(ctx, &msg, reason, &text).await;
+        }
+        Err(e) => {
+            // The API server failed us (reading the template): nothing was sent, so the status
+            // goes back to what it was and the error policy tries again.
+            drop(permit);
+            let _ = unclaim(api, &msg, &claimed, &before).await;
+            return Err(e);
+        }
+    };
     let profile_label = profile_label(&profile.key);
     ctx.metrics.attempts.get_or_create(&crate::metrics::ProfileLabels { profile: profile_label.clone() }).inc();
     let started = std::time::Instant::now();
-    let result = transport.send(outgoing).await;
+    let result = transport.send(&outgoing).await;
+    // The slot is the provider's; recording the outcome need not hold it.
+    drop(permit);
+    drop(outgoing);
+    let msg = &msg;
     let now = Timestamp::now();
     let gen_ = msg.metadata.generation;
     match result {
@@ -325,6 +348,11 @@ async fn fail(ctx: &Context, api: &Api<EmailMessage>, msg: &EmailMessage, reason
     let s = msg.status.clone().unwrap_or_default();
     let next = status::failed(&s, reason, text, msg.metadata.generation, Timestamp::now());
     write_status(api, msg, &next, None).await?;
+    failed(ctx, msg, reason, text).await
+}
+
+/// What follows a Failed status written for the message's own problem: the log, an Event, the metric.
+async fn failed(ctx: &Context, msg: &EmailMessage, reason: &str, text: &str) -> Result<Action> {
     warn!(message = %msg.name_any(), namespace = msg.namespace().unwrap_or_default(), reason, "failed");
     event(ctx, msg, EventType::Warning, reason, text).await;
     let key = ProfileKey::for_message(
@@ -399,6 +427,42 @@ async fn write_status(
         patch["metadata"] = json!({ "resourceVersion": rv });
     }
     api.patch_status(&msg.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await.map(|_| ())
+}
+
+/// The claim: the status with the resourceVersion decided on; returns the whole object.
+async fn claim_status(
+    api: &Api<EmailMessage>,
+    msg: &EmailMessage,
+    claimed: &EmailMessageStatus,
+) -> Result<EmailMessage, kube::Error> {
+    let patch = json!({ "status": claimed, "metadata": { "resourceVersion": msg.resource_version() } });
+    api.patch_status(&msg.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await
+}
+
+/// Replaces a claim's status by `next`, which descends from the status before the claim.
+async fn unclaim(
+    api: &Api<EmailMessage>,
+    msg: &EmailMessage,
+    claimed: &EmailMessageStatus,
+    next: &EmailMessageStatus,
+) -> Result<(), kube::Error> {
+    let patch = json!({ "status": replacing(claimed, next) });
+    api.patch_status(&msg.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await.map(|_| ())
+}
+
+/// A merge patch that turns `old` into `new`: a field `old` has and `new` lacks is set to null
+/// (removed); the status is flat, and its one list is replaced whole.
+fn replacing(old: &EmailMessageStatus, new: &EmailMessageStatus) -> serde_json::Value {
+    let mut patch = serde_json::to_value(new).unwrap_or_else(|_| json!({}));
+    if let (Some(p), Ok(serde_json::Value::Object(o))) = (patch.as_object_mut(), serde_json::to_value(old)) {
+        for key in o.keys() {
+            p.entry(key.clone()).or_insert(serde_json::Value::Null);
+        }
+        if new.conditions.is_empty() {
+            p.insert("conditions".into(), serde_json::Value::Null);
+        }
+    }
+    patch
 }
 
 fn expire_after(msg: &EmailMessage) -> Action {

@@ -225,24 +225,20 @@ fn header_name_ok(name: &str) -> bool {
     !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+.^_`|~-".contains(&b))
 }
 
-/// Loads every attachment's bytes: inline data, or a key of a Secret or ConfigMap in the
-/// message's own namespace (never another: a message cannot read what its namespace cannot).
-pub async fn load_attachments(
+/// The attachments read from Secrets and ConfigMaps, in order, with `None` for an inline one:
+/// its data comes with the whole object (the cache keeps none). Read before the claim, so that a
+/// source that does not exist yet makes the message wait without an attempt.
+pub async fn load_referenced_attachments(
     client: &Client,
     namespace: &str,
     spec: &EmailMessageSpec,
-) -> Result<Result<Vec<AttachmentData>, BuildError>, kube::Error> {
+) -> Result<Result<Vec<Option<AttachmentData>>, BuildError>, kube::Error> {
     let mut out = Vec::with_capacity(spec.attachments.len());
     for a in &spec.attachments {
         if !safe_attachment_name(&a.name) {
             return Ok(Err(BuildError::AttachmentName(a.name.clone())));
         }
-        let bytes = if let Some(data) = &a.data {
-            match decode_inline(&a.name, data) {
-                Ok(b) => b,
-                Err(e) => return Ok(Err(e)),
-            }
-        } else if let Some(r) = &a.secret_ref {
+        let bytes = if let Some(r) = &a.secret_ref {
             let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
             let Some(secret) = api.get_opt(&r.name).await? else {
                 return Ok(Err(not_found(a, "Secret", &r.name, namespace)));
@@ -267,11 +263,36 @@ pub async fn load_attachments(
                 return Ok(Err(key_missing(a, "ConfigMap", &r.name, &r.key)));
             }
         } else {
-            return Ok(Err(BuildError::Base64 { name: a.name.clone(), reason: "no source given".into() }));
+            out.push(None);
+            continue;
         };
-        out.push(AttachmentData { name: a.name.clone(), content_type: content_type(a), bytes });
+        out.push(Some(AttachmentData { name: a.name.clone(), content_type: content_type(a), bytes }));
     }
     Ok(Ok(out))
+}
+
+/// Every attachment, in order: those `referenced` already read, the inline ones decoded from the
+/// whole object's `spec`.
+pub fn with_inline_attachments(
+    spec: &EmailMessageSpec,
+    referenced: Vec<Option<AttachmentData>>,
+) -> Result<Vec<AttachmentData>, BuildError> {
+    if referenced.len() != spec.attachments.len() {
+        return Err(BuildError::Base64 { name: String::new(), reason: "the attachments changed".into() });
+    }
+    spec.attachments
+        .iter()
+        .zip(referenced)
+        .map(|(a, loaded)| match (loaded, &a.data) {
+            (Some(loaded), _) => Ok(loaded),
+            (None, Some(data)) => Ok(AttachmentData {
+                name: a.name.clone(),
+                content_type: content_type(a),
+                bytes: decode_inline(&a.name, data)?,
+            }),
+            (None, None) => Err(BuildError::Base64 { name: a.name.clone(), reason: "no source given".into() }),
+        })
+        .collect()
 }
 
 fn not_found(a: &Attachment, kind: &'static str, source: &str, namespace: &str) -> BuildError {

@@ -80,7 +80,11 @@ pub async fn run(
         .modify(cache::strip_for_cache)
         .reflect(message_writer)
         .applied_objects();
+    // Bounded: a backlog of thousands waits in the scheduler and the mailbox queues, not in
+    // thousands of reconciles at once.
+    let config = kube::runtime::controller::Config::default().concurrency(ctx.config.concurrency());
     let messages = Controller::for_stream(message_events, message_store)
+        .with_config(config)
         .reconcile_on(UnboundedReceiverStream::new(triggers.messages))
         .graceful_shutdown_on(stopped(&shutdown_tx));
     let _ = ctx.messages.set(messages.store());
