@@ -79,6 +79,10 @@ pub struct Args {
     /// The profile's messagesPerMinute (per mailbox), high so that it is not the limit.
     #[arg(long, default_value_t = 100_000)]
     pub messages_per_minute: u32,
+    /// The operator's --concurrency (EmailMessages reconciled at once); the ceiling's minimal
+    /// client makes its writes with the same concurrency.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
     /// Concurrent creates by this client.
     #[arg(long, default_value_t = 16)]
     pub create_concurrency: usize,

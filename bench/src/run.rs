@@ -9,7 +9,7 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use mailroom::api::{EmailMessage, MailProfile, Phase, find_condition};
 use mailroom::controller::status::{self, Claim};
@@ -38,6 +38,7 @@ pub struct RunResult {
     failed: usize,
     seconds: f64,
     messages_per_second: f64,
+    end_to_end_per_second: f64,
     create_per_second: f64,
     ceiling_messages_per_second: Option<f64>,
     ratio_to_ceiling: Option<f64>,
@@ -114,7 +115,7 @@ fn write_results(file: &Path, args: &Args, results: &[RunResult]) -> Result<(), 
         "command": std::env::var("BENCH_COMMAND").unwrap_or_else(|_| "make bench".into()),
         "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
         "config": {
-            "mailboxes": args.mailboxes, "maxConcurrent": args.max_concurrent,
+            "mailboxes": args.mailboxes, "maxConcurrent": args.max_concurrent, "concurrency": args.concurrency,
             "messagesPerMinute": args.messages_per_minute, "createConcurrency": args.create_concurrency,
             "bodyBytes": args.body_bytes, "attachmentBytes": args.attachment_bytes,
         },
@@ -129,13 +130,14 @@ fn print_table(results: &[RunResult], header_line: bool) {
         println!("mailroom benchmark (figures, not assertions)");
     }
     println!(
-        "{:<9} {:<6} {:>6} {:>8} {:>9} {:>6} {:>7} {:>7} {:>7} {:>10} {:>7} {:>6} {:>4} {:>9} {:>11} {:>8} {:>4} {:>7}",
+        "{:<9} {:<6} {:>6} {:>8} {:>9} {:>6} {:>7} {:>7} {:>7} {:>7} {:>10} {:>7} {:>6} {:>4} {:>9} {:>11} {:>8} {:>4} {:>7}",
         "build",
         "transp",
         "N",
         "msg/s",
         "ceiling",
         "ratio",
+        "e2e/s",
         "p50 ms",
         "p95 ms",
         "p99 ms",
@@ -153,13 +155,14 @@ fn print_table(results: &[RunResult], header_line: bool) {
         let ceiling = r.ceiling_messages_per_second.map_or("-".into(), |c| format!("{c:.0}"));
         let ratio = r.ratio_to_ceiling.map_or("-".into(), |c| format!("{:.0}%", c * 100.0));
         println!(
-            "{:<9} {:<6} {:>6} {:>8.1} {:>9} {:>6} {:>7} {:>7} {:>7} {:>10} {:>7.2} {:>6} {:>4} {:>6.1}MiB {:>8.1}MiB {:>7.2}s {:>4} {:>7}",
+            "{:<9} {:<6} {:>6} {:>8.1} {:>9} {:>6} {:>7.1} {:>7} {:>7} {:>7} {:>10} {:>7.2} {:>6} {:>4} {:>6.1}MiB {:>8.1}MiB {:>7.2}s {:>4} {:>7}",
             r.label,
             format!("{:?}", r.transport).to_lowercase(),
             r.messages,
             r.messages_per_second,
             ceiling,
             ratio,
+            r.end_to_end_per_second,
             r.latency_ms.p50,
             r.latency_ms.p95,
             r.latency_ms.p99,
@@ -225,6 +228,7 @@ async fn create_messages(
     client: &Client,
     ns: &str,
     profile: &str,
+    prefix: &str,
     n: usize,
     args: &Args,
     created: Arc<Mutex<HashMap<String, Instant>>>,
@@ -232,7 +236,7 @@ async fn create_messages(
     let api: Api<EmailMessage> = Api::namespaced(client.clone(), ns);
     let mut templates = Vec::with_capacity(n);
     for i in 0..n {
-        templates.push(message(&format!("m-{i:05}"), profile, i, args)?);
+        templates.push(message(&format!("{prefix}-{i:05}"), profile, i, args)?);
     }
     futures::stream::iter(templates)
         .map(|m| {
@@ -250,45 +254,204 @@ async fn create_messages(
         .await
 }
 
-/// The API server's rate for the writes one message needs: claim (with the resourceVersion) and
-/// outcome, merge patches on the status subresource, `concurrency` at a time, on `n` messages.
-async fn ceiling(client: &Client, args: &Args, n: usize, concurrency: usize) -> Result<f64, BenchError> {
+/// The ceiling: the backlog run with the operator replaced by a minimal client. `n` messages
+/// exist first; then the client starts, lists and watches them like the operator, and makes only
+/// the writes one message needs (claim with the resourceVersion, then the outcome: merge patches
+/// on the status subresource), `concurrency` at a time. Timed like the operator's run: from the
+/// client's start to the last Sent this process sees.
+async fn ceiling(client: &Client, args: &Args, n: usize, concurrency: usize, tag: &str) -> Result<f64, BenchError> {
     let ns = create_namespace(client, "bench-ceiling").await?;
-    eprintln!("bench: ceiling: creating {n} messages in {ns}");
-    let made = create_messages(client, &ns, "none", n, args, Arc::default()).await?;
-    let api: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);
-    eprintln!("bench: ceiling: {n} claims and outcomes, {concurrency} at a time");
+    let tag = format!("{tag} ceiling");
+    eprintln!("bench: [{tag}] creating {n} messages in {ns}");
+    create_messages(client, &ns, "none", "m", n, args, Arc::default()).await?;
+    let (seen, watch) = watch_finished(client, &ns).await;
+    eprintln!("bench: [{tag}] a minimal client claims and records them, {concurrency} at a time");
     let start = Instant::now();
-    let result: Result<Vec<()>, BenchError> = futures::stream::iter(made)
-        .enumerate()
-        .map(|(i, m)| {
-            let api = api.clone();
-            let mailboxes = args.mailboxes;
-            async move {
-                let claim = Claim {
-                    attempt: 1,
-                    message_id: format!("<{}@contoso.com>", m.uid().unwrap_or_default()),
-                    recipients: 1,
-                    transport: "smtp-relay".into(),
-                    from: sender(i, mailboxes),
+    let api: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);
+    let worker = tokio::spawn(minimal_client(api, args.mailboxes, concurrency));
+    let complete = wait_finished(args, n, &tag, &seen, start, || Ok(()), || None).await;
+    worker.abort();
+    watch.abort();
+    clean_namespace(client, &ns).await;
+    if !complete {
+        return Err(BenchError::Timeout(format!("[{tag}] the ceiling run did not finish")));
+    }
+    let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+    let last = seen.sent.values().max().copied().unwrap_or(start);
+    Ok(n as f64 / last.duration_since(start).as_secs_f64().max(1e-9))
+}
+
+/// Watches the messages in `api`'s namespace and claims and records each new one.
+async fn minimal_client(api: Api<EmailMessage>, mailboxes: usize, concurrency: usize) {
+    let (tx, rx) = futures::channel::mpsc::unbounded::<EmailMessage>();
+    let feed = {
+        let api = api.clone();
+        async move {
+            let stream = watcher(api, watcher::Config::default()).applied_objects();
+            futures::pin_mut!(stream);
+            while let Some(item) = stream.next().await {
+                if let Ok(m) = item
+                    && m.status.is_none()
+                {
+                    let _ = tx.unbounded_send(m);
+                }
+            }
+        }
+    };
+    let work = rx.for_each_concurrent(concurrency.max(1), |m| {
+        let api = api.clone();
+        async move {
+            let i: usize = m.name_any().rsplit('-').next().and_then(|i| i.parse().ok()).unwrap_or(0);
+            let claim = Claim {
+                attempt: 1,
+                message_id: format!("<{}@contoso.com>", m.uid().unwrap_or_default()),
+                recipients: 1,
+                transport: "graph".into(),
+                from: sender(i, mailboxes),
+            };
+            let g = m.metadata.generation;
+            let claimed = status::claimed(&Default::default(), &claim, g, Timestamp::now());
+            let patch = json!({"status": claimed, "metadata": {"resourceVersion": m.resource_version()}});
+            if let Err(e) = api.patch_status(&m.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await {
+                eprintln!("bench: ceiling claim {}: {e}", m.name_any());
+                return;
+            }
+            let sent = status::sent(&claimed, "202 Accepted", None, &[], g, Timestamp::now());
+            if let Err(e) =
+                api.patch_status(&m.name_any(), &PatchParams::default(), &Patch::Merge(json!({"status": sent}))).await
+            {
+                eprintln!("bench: ceiling outcome {}: {e}", m.name_any());
+            }
+        }
+    });
+    futures::join!(feed, work);
+}
+
+/// Follows the messages of a namespace: when each was first seen Sent or Failed. Returns once
+/// the watch has listed the namespace, so that no outcome is missed.
+async fn watch_finished(client: &Client, ns: &str) -> (Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>) {
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let watch = {
+        let api: Api<EmailMessage> = Api::namespaced(client.clone(), ns);
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            let stream = watcher(api, watcher::Config::default());
+            futures::pin_mut!(stream);
+            while let Some(event) = stream.next().await {
+                let now = Instant::now();
+                let m = match event {
+                    Ok(watcher::Event::Apply(m)) | Ok(watcher::Event::InitApply(m)) => m,
+                    Ok(watcher::Event::InitDone) => {
+                        if let Some(tx) = ready.take() {
+                            let _ = tx.send(());
+                        }
+                        continue;
+                    }
+                    _ => continue,
                 };
-                let g = m.metadata.generation;
-                let claimed = status::claimed(&Default::default(), &claim, g, Timestamp::now());
-                let patch = json!({"status": claimed, "metadata": {"resourceVersion": m.resource_version()}});
-                api.patch_status(&m.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?;
-                let sent = status::sent(&claimed, "250 2.0.0 OK queued", None, &[], g, Timestamp::now());
-                api.patch_status(&m.name_any(), &PatchParams::default(), &Patch::Merge(json!({"status": sent})))
-                    .await?;
-                Ok(())
+                let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+                match m.status.as_ref().and_then(|s| s.phase) {
+                    Some(Phase::Sent) => {
+                        seen.sent.entry(m.name_any()).or_insert(now);
+                    }
+                    Some(Phase::Failed) => {
+                        let why = m.status.as_ref().and_then(|s| s.conditions.last()).map(|c| c.message.clone());
+                        seen.failed.entry(m.name_any()).or_insert(why.unwrap_or_default());
+                    }
+                    _ => {}
+                }
             }
         })
-        .buffer_unordered(concurrency.max(1))
-        .try_collect()
-        .await;
-    let elapsed = start.elapsed().as_secs_f64();
-    clean_namespace(client, &ns).await;
-    result?;
-    Ok(n as f64 / elapsed.max(1e-9))
+    };
+    let _ = ready_rx.await;
+    (seen, watch)
+}
+
+/// What creating the messages while the operator runs found.
+struct Driven {
+    start: Instant,
+    created: HashMap<String, Instant>,
+    created_at: Option<Instant>,
+    complete: bool,
+}
+
+/// Creates `n` messages (named `{prefix}-NNNNN`) while the operator runs, until every one is
+/// Sent or Failed.
+#[allow(clippy::too_many_arguments)]
+async fn drive(
+    client: &Client,
+    args: &Args,
+    ns: &str,
+    prefix: &'static str,
+    n: usize,
+    tag: &str,
+    seen: &Arc<Mutex<Seen>>,
+    alive: impl FnMut() -> Result<(), BenchError>,
+    rss: impl Fn() -> Option<f64>,
+) -> Result<Driven, BenchError> {
+    eprintln!(
+        "bench: [{tag}] creating {n} messages in {ns} while the operator runs ({} at a time)",
+        args.create_concurrency
+    );
+    let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let start = Instant::now();
+    let creating = {
+        let (client, ns, args, created) = (client.clone(), ns.to_string(), args.clone(), created.clone());
+        tokio::spawn(async move {
+            create_messages(&client, &ns, PROFILE, prefix, n, &args, created).await.map(|_| Instant::now())
+        })
+    };
+    let complete = wait_finished(args, n, tag, seen, start, alive, rss).await;
+    let created_at = match creating.await {
+        Ok(Ok(at)) => Some(at),
+        Ok(Err(e)) => return Err(e),
+        Err(e) => return Err(BenchError::Peer(format!("create task: {e}"))),
+    };
+    let created = std::mem::take(&mut *created.lock().unwrap_or_else(|e| e.into_inner()));
+    Ok(Driven { start, created, created_at, complete })
+}
+
+/// Shows progress until `n` messages are Sent or Failed (true), `alive` fails or the timeout
+/// passes (false). `rss` is the operator's current RSS in MiB, if there is one.
+async fn wait_finished(
+    args: &Args,
+    n: usize,
+    tag: &str,
+    seen: &Arc<Mutex<Seen>>,
+    start: Instant,
+    mut alive: impl FnMut() -> Result<(), BenchError>,
+    rss: impl Fn() -> Option<f64>,
+) -> bool {
+    let mut last_print = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let (sent, failed) = {
+            let s = seen.lock().unwrap_or_else(|e| e.into_inner());
+            (s.sent.len(), s.failed.len())
+        };
+        if last_print.elapsed() >= Duration::from_secs(2) || sent + failed >= n {
+            last_print = Instant::now();
+            let secs = start.elapsed().as_secs_f64();
+            let rss = rss().map_or(String::new(), |r| format!("  operator RSS {r:.1} MiB"));
+            eprintln!(
+                "bench: [{tag}] {secs:6.1}s  sent {sent}/{n}  failed {failed}  ({:.0} sent/s){rss}",
+                sent as f64 / secs.max(1e-9)
+            );
+        }
+        if sent + failed >= n {
+            return true;
+        }
+        if let Err(e) = alive() {
+            eprintln!("bench: [{tag}] {e}");
+            return false;
+        }
+        if start.elapsed() > Duration::from_secs(args.timeout) {
+            eprintln!("bench: [{tag}] timed out after {}s", args.timeout);
+            return false;
+        }
+    }
 }
 
 async fn apiserver_requests(client: &Client) -> Result<HashMap<RequestKey, f64>, BenchError> {
@@ -323,40 +486,30 @@ struct Seen {
     failed: HashMap<String, String>,
 }
 
-async fn one(
+/// The MailProfile `bench` in `ns` for `transport`, and the operator's arguments for it.
+async fn setup_profile(
     client: &Client,
     args: &Args,
     transport: Transport,
-    n: usize,
     peers: &Peers<'_>,
-    logs: &Path,
-) -> Result<RunResult, BenchError> {
-    let tag = format!("{} n={n}", format!("{transport:?}").to_lowercase());
-    let concurrency = args.mailboxes * args.max_concurrent as usize;
-    let ceiling = if args.no_ceiling { None } else { Some(ceiling(client, args, n, concurrency).await?) };
-    if let Some(c) = ceiling {
-        eprintln!("bench: [{tag}] ceiling {c:.0} messages/s");
-    }
-
-    let ns = create_namespace(client, &format!("bench-{}", format!("{transport:?}").to_lowercase())).await?;
-    let app = json!({"tenantId": TENANT, "clientId": CLIENT_ID, "secrets": [secret_value()], "roles": ["Mail.Send"]});
+    ns: &str,
+) -> Result<Vec<String>, BenchError> {
     let limits = json!({"messagesPerMinute": args.messages_per_minute, "maxConcurrent": args.max_concurrent});
     let senders = json!({"default": sender(0, args.mailboxes), "allowed": ["*@contoso.com"]});
     let mut op_args: Vec<String> =
-        ["run", "--metrics-addr", "127.0.0.1:0", "--health-addr", "127.0.0.1:0", "--namespace"]
+        ["run", "--metrics-addr", "127.0.0.1:0", "--health-addr", "127.0.0.1:0", "--namespace", ns]
             .iter()
             .map(|s| s.to_string())
             .collect();
-    op_args.push(ns.clone());
+    op_args.extend(["--concurrency".to_string(), args.concurrency.to_string()]);
     let spec = match transport {
         Transport::Graph => {
             let emu = peers.emulator.ok_or_else(|| BenchError::Peer("no emulator".into()))?;
-            emu.reset(&app).await?;
             let secret: Secret = serde_json::from_value(json!({
                 "metadata": {"name": SECRET}, "stringData": {"client-secret": secret_value()},
             }))
             .map_err(|e| BenchError::Peer(e.to_string()))?;
-            Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &secret).await?;
+            Api::<Secret>::namespaced(client.clone(), ns).create(&PostParams::default(), &secret).await?;
             op_args.extend(["--ca-bundle".into(), emu.ca.display().to_string()]);
             json!({"senders": senders, "limits": limits, "graph": {
                 "tenantId": TENANT, "clientId": CLIENT_ID, "clientSecretRef": {"name": SECRET, "key": "client-secret"},
@@ -365,7 +518,6 @@ async fn one(
         }
         Transport::Smtp => {
             let smtp = peers.smtp.ok_or_else(|| BenchError::Peer("no SMTP server".into()))?;
-            smtp.reset().await?;
             json!({"senders": senders, "limits": limits, "smtp": {"host": "127.0.0.1", "port": smtp.smtp_port, "tls": "None"}})
         }
     };
@@ -373,112 +525,62 @@ async fn one(
         "apiVersion": "mailroom.dev/v1alpha1", "kind": "MailProfile", "metadata": {"name": PROFILE}, "spec": spec,
     }))
     .map_err(|e| BenchError::Peer(format!("profile: {e}")))?;
-    let profiles: Api<MailProfile> = Api::namespaced(client.clone(), &ns);
-    profiles.create(&PostParams::default(), &profile).await?;
+    Api::<MailProfile>::namespaced(client.clone(), ns).create(&PostParams::default(), &profile).await?;
+    Ok(op_args)
+}
 
-    let log: PathBuf = logs.join(format!("operator-{}-{n}.log", format!("{transport:?}").to_lowercase()));
-    let mut operator = Process::spawn("operator", &args.operator_bin, &op_args, &[], log)?;
-    wait_profile_ready(&profiles, &mut operator).await?;
+fn rss_mib(p: &Process, field: &str) -> Option<f64> {
+    figures::status_kb(&p.proc_status(), field).map(|kb| kb as f64 / 1048576.0)
+}
 
-    // The watch runs before the first create, so that no Sent is missed.
-    let seen: Arc<Mutex<Seen>> = Arc::default();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let watch = {
-        let api: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);
-        let seen = seen.clone();
-        tokio::spawn(async move {
-            let mut ready = Some(ready_tx);
-            let stream = watcher(api, watcher::Config::default());
-            futures::pin_mut!(stream);
-            while let Some(event) = stream.next().await {
-                let now = Instant::now();
-                let objects = match event {
-                    Ok(watcher::Event::Apply(m)) | Ok(watcher::Event::InitApply(m)) => vec![m],
-                    Ok(watcher::Event::InitDone) => {
-                        if let Some(tx) = ready.take() {
-                            let _ = tx.send(());
-                        }
-                        continue;
-                    }
-                    _ => continue,
-                };
-                let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
-                for m in objects {
-                    match m.status.as_ref().and_then(|s| s.phase) {
-                        Some(Phase::Sent) => {
-                            seen.sent.entry(m.name_any()).or_insert(now);
-                        }
-                        Some(Phase::Failed) => {
-                            let why = m.status.as_ref().and_then(|s| s.conditions.last()).map(|c| c.message.clone());
-                            seen.failed.entry(m.name_any()).or_insert(why.unwrap_or_default());
-                        }
-                        _ => {}
-                    }
-                }
-            }
-        })
-    };
-    let _ = ready_rx.await;
+/// One size and transport: the ceiling; the backlog run (n messages exist, then the operator
+/// starts: throughput, writes, tokens, memory, CPU); a restart over the n finished messages; the
+/// latency run (n messages created while the operator runs: created-to-Sent latency).
+async fn one(
+    client: &Client,
+    args: &Args,
+    transport: Transport,
+    n: usize,
+    peers: &Peers<'_>,
+    logs: &Path,
+) -> Result<RunResult, BenchError> {
+    let name = format!("{transport:?}").to_lowercase();
+    let tag = format!("{name} n={n}");
+    let concurrency = args.concurrency;
+    let ceiling = if args.no_ceiling { None } else { Some(ceiling(client, args, n, concurrency, &tag).await?) };
+    if let Some(c) = ceiling {
+        eprintln!("bench: [{tag}] ceiling {c:.0} messages/s");
+    }
+    match transport {
+        Transport::Graph => {
+            let app =
+                json!({"tenantId": TENANT, "clientId": CLIENT_ID, "secrets": [secret_value()], "roles": ["Mail.Send"]});
+            peers.emulator.ok_or_else(|| BenchError::Peer("no emulator".into()))?.reset(&app).await?;
+        }
+        Transport::Smtp => peers.smtp.ok_or_else(|| BenchError::Peer("no SMTP server".into()))?.reset().await?,
+    }
 
+    // The backlog run.
+    let ns = create_namespace(client, &format!("bench-{name}")).await?;
+    let op_args = setup_profile(client, args, transport, peers, &ns).await?;
+    eprintln!("bench: [{tag}] creating {n} messages in {ns} before the operator starts");
+    create_messages(client, &ns, PROFILE, "m", n, args, Arc::default()).await?;
+    let (seen, watch) = watch_finished(client, &ns).await;
     let before = apiserver_requests(client).await?;
     let tokens_before = match peers.emulator {
         Some(emu) if transport == Transport::Graph => emu.token_requests().await?,
         _ => 0,
     };
-    let cpu_before = figures::cpu_ticks(&operator.proc_stat()).unwrap_or(0);
-    eprintln!("bench: [{tag}] creating {n} messages in {ns} ({} at a time)", args.create_concurrency);
-    let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    eprintln!("bench: [{tag}] starting the operator over {n} pending messages");
     let start = Instant::now();
-    let creating = {
-        let (client, ns, args, created) = (client.clone(), ns.clone(), args.clone(), created.clone());
-        tokio::spawn(
-            async move { create_messages(&client, &ns, PROFILE, n, &args, created).await.map(|_| Instant::now()) },
-        )
+    let log: PathBuf = logs.join(format!("operator-{name}-{n}.log"));
+    let mut operator = Process::spawn("operator", &args.operator_bin, &op_args, &[], log)?;
+    let complete = {
+        let op = std::cell::RefCell::new(&mut operator);
+        wait_finished(args, n, &tag, &seen, start, || op.borrow_mut().check_alive(), || rss_mib(&op.borrow(), "VmRSS"))
+            .await
     };
-
-    // Progress until every message is Sent or Failed.
-    let mut last_print = Instant::now();
-    let mut created_at: Option<Instant> = None;
-    let mut creating = Some(creating);
-    let complete = loop {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        if let Some(handle) = creating.as_ref()
-            && handle.is_finished()
-            && let Some(handle) = creating.take()
-        {
-            match handle.await {
-                Ok(Ok(at)) => created_at = Some(at),
-                Ok(Err(e)) => return Err(e),
-                Err(e) => return Err(BenchError::Peer(format!("create task: {e}"))),
-            }
-        }
-        let (sent, failed) = {
-            let s = seen.lock().unwrap_or_else(|e| e.into_inner());
-            (s.sent.len(), s.failed.len())
-        };
-        if last_print.elapsed() >= Duration::from_secs(2) || sent + failed >= n {
-            last_print = Instant::now();
-            let made = created.lock().unwrap_or_else(|e| e.into_inner()).len();
-            let rss = figures::status_kb(&operator.proc_status(), "VmRSS").unwrap_or(0) as f64 / 1048576.0;
-            let secs = start.elapsed().as_secs_f64();
-            eprintln!(
-                "bench: [{tag}] {secs:6.1}s  created {made}/{n}  sent {sent}/{n}  failed {failed}  ({:.0} sent/s)  operator RSS {rss:.1} MiB",
-                sent as f64 / secs.max(1e-9)
-            );
-        }
-        if sent + failed >= n && created_at.is_some() {
-            break true;
-        }
-        if let Err(e) = operator.check_alive() {
-            eprintln!("bench: [{tag}] {e}");
-            break false;
-        }
-        if start.elapsed() > Duration::from_secs(args.timeout) {
-            eprintln!("bench: [{tag}] timed out after {}s", args.timeout);
-            break false;
-        }
-    };
-    let cpu_after = figures::cpu_ticks(&operator.proc_stat()).unwrap_or(cpu_before);
+    let cpu_ticks = figures::cpu_ticks(&operator.proc_stat()).unwrap_or(0);
     // The Event follows the outcome write; give the last ones a moment before counting.
     let events_key = |b: &HashMap<RequestKey, f64>, a: &HashMap<RequestKey, f64>| {
         figures::delta(b, a, ("events.k8s.io", "events", "", "POST")) + figures::delta(b, a, ("", "events", "", "POST"))
@@ -489,16 +591,11 @@ async fn one(
         tokio::time::sleep(Duration::from_millis(500)).await;
         after = apiserver_requests(client).await?;
     }
-    let peak_rss = figures::status_kb(&operator.proc_status(), "VmHWM").unwrap_or(0) as f64 / 1048576.0;
+    let peak_rss = rss_mib(&operator, "VmHWM").unwrap_or(0.0);
     watch.abort();
-
     let seen = std::mem::take(&mut *seen.lock().unwrap_or_else(|e| e.into_inner()));
-    let created = std::mem::take(&mut *created.lock().unwrap_or_else(|e| e.into_inner()));
     let last_sent = seen.sent.values().max().copied().unwrap_or(start);
     let seconds = last_sent.duration_since(start).as_secs_f64();
-    let latencies: Vec<Duration> =
-        seen.sent.iter().filter_map(|(name, at)| created.get(name).map(|c| at.saturating_duration_since(*c))).collect();
-    let ms = |q: f64| figures::percentile(&latencies, q).map_or(0, |d| d.as_millis() as u64);
     let per = |x: f64| x / n.max(1) as f64;
     let patches = figures::delta(&before, &after, ("mailroom.dev", "emailmessages", "status", "PATCH"));
     let events =
@@ -510,38 +607,77 @@ async fn one(
         .filter(|((_, _, _, verb), _)| matches!(verb.as_str(), "POST" | "PUT" | "PATCH" | "DELETE"))
         .map(|(k, v)| v - before.get(k).copied().unwrap_or(0.0))
         .sum();
-    let (token_requests, throttled, ids) = match transport {
-        Transport::Graph => {
-            let emu = peers.emulator.ok_or_else(|| BenchError::Peer("no emulator".into()))?;
-            let stats = emu.stats().await?;
-            let throttled = stats["graphRequests"]["429"].as_u64().unwrap_or(0);
-            (emu.token_requests().await?.saturating_sub(tokens_before), throttled, emu.message_ids().await?)
-        }
-        Transport::Smtp => {
-            let smtp = peers.smtp.ok_or_else(|| BenchError::Peer("no SMTP server".into()))?;
-            (0, 0, smtp.message_ids().await?)
-        }
+    let tokens = match peers.emulator {
+        Some(emu) if transport == Transport::Graph => emu.token_requests().await?.saturating_sub(tokens_before),
+        _ => 0,
     };
-    let (distinct, duplicated, _extra) = figures::duplicates(ids.iter().map(String::as_str));
     if let Some((name, why)) = seen.failed.iter().next() {
         eprintln!("bench: [{tag}] {} failed, e.g. {name}: {why}", seen.failed.len());
     }
     operator.stop(Duration::from_secs(30));
-    // A fresh operator with all of them present: its caches fill from a LIST instead of a watch.
+    // A fresh operator with all of them present and finished: its caches fill from a LIST.
     let restart_rss = restart_peak_rss(args, &op_args, logs, &tag).await?;
     clean_namespace(client, &ns).await;
 
+    // The latency run.
+    let ns = create_namespace(client, &format!("bench-{name}-latency")).await?;
+    let op_args = setup_profile(client, args, transport, peers, &ns).await?;
+    let log: PathBuf = logs.join(format!("operator-{name}-{n}-latency.log"));
+    let mut operator = Process::spawn("operator (latency run)", &args.operator_bin, &op_args, &[], log)?;
+    wait_profile_ready(&Api::namespaced(client.clone(), &ns), &mut operator).await?;
+    let (latency_seen, watch) = watch_finished(client, &ns).await;
+    let driven = {
+        let op = std::cell::RefCell::new(&mut operator);
+        drive(
+            client,
+            args,
+            &ns,
+            "l",
+            n,
+            &format!("{tag} latency"),
+            &latency_seen,
+            || op.borrow_mut().check_alive(),
+            || rss_mib(&op.borrow(), "VmRSS"),
+        )
+        .await?
+    };
+    watch.abort();
+    operator.stop(Duration::from_secs(30));
+    clean_namespace(client, &ns).await;
+    let latency_seen = std::mem::take(&mut *latency_seen.lock().unwrap_or_else(|e| e.into_inner()));
+    let latencies: Vec<Duration> = latency_seen
+        .sent
+        .iter()
+        .filter_map(|(name, at)| driven.created.get(name).map(|c| at.saturating_duration_since(*c)))
+        .collect();
+    let ms = |q: f64| figures::percentile(&latencies, q).map_or(0, |d| d.as_millis() as u64);
+    let latency_last = latency_seen.sent.values().max().copied().unwrap_or(driven.start);
+    let create_secs = driven.created_at.map_or(0.0, |c| c.duration_since(driven.start).as_secs_f64());
+
+    // Both runs' deliveries, by Message-ID.
+    let (throttled, ids) = match transport {
+        Transport::Graph => {
+            let emu = peers.emulator.ok_or_else(|| BenchError::Peer("no emulator".into()))?;
+            let stats = emu.stats().await?;
+            (stats["graphRequests"]["429"].as_u64().unwrap_or(0), emu.message_ids().await?)
+        }
+        Transport::Smtp => {
+            (0, peers.smtp.ok_or_else(|| BenchError::Peer("no SMTP server".into()))?.message_ids().await?)
+        }
+    };
+    let (distinct, duplicated, _extra) = figures::duplicates(ids.iter().map(String::as_str));
+
     let mps = n as f64 / seconds.max(1e-9);
-    let create_secs = created_at.map_or(0.0, |c| c.duration_since(start).as_secs_f64());
     Ok(RunResult {
         label: args.label.clone(),
         transport,
         messages: n,
-        complete,
+        complete: complete && driven.complete,
         sent: seen.sent.len(),
-        failed: seen.failed.len(),
+        failed: seen.failed.len() + latency_seen.failed.len(),
         seconds,
         messages_per_second: mps,
+        end_to_end_per_second: n as f64 / latency_last.duration_since(driven.start).as_secs_f64().max(1e-9),
         create_per_second: n as f64 / create_secs.max(1e-9),
         ceiling_messages_per_second: ceiling,
         ratio_to_ceiling: ceiling.map(|c| mps / c),
@@ -551,15 +687,15 @@ async fn one(
         api_writes_per_message: per(patches + events),
         message_gets_per_message: per(gets),
         other_api_writes: all_writes - patches - events - creates,
-        token_requests,
+        token_requests: tokens,
         throttled_429: throttled,
         peak_rss_mib: peak_rss,
         restart_peak_rss_mib: restart_rss,
-        cpu_seconds: (cpu_after - cpu_before) as f64 / 100.0,
-        cpu_seconds_per_1000: (cpu_after - cpu_before) as f64 / 100.0 / (n as f64 / 1000.0),
+        cpu_seconds: cpu_ticks as f64 / 100.0,
+        cpu_seconds_per_1000: cpu_ticks as f64 / 100.0 / (n as f64 / 1000.0),
         delivered: ids.len(),
         duplicated,
-        missing: n.saturating_sub(distinct),
+        missing: (2 * n).saturating_sub(distinct),
         concurrency,
     })
 }

@@ -2,10 +2,11 @@
 //!
 //! The cache holds every EmailMessage in scope, Sent ones included, for as long as they exist.
 //! Bodies, inline attachments, custom headers and managed fields are most of an object's size and
-//! only matter when the message is built, so they are dropped on the way in; the reconciler reads
-//! the whole object from the API server right before it builds and claims a message.
+//! only matter when the message is built, so they are dropped on the way in: the claim's answer
+//! from the API server is the whole object, and the message is built from it. A finished message
+//! keeps even less: what deleting it after its TTL needs.
 
-use crate::api::EmailMessage;
+use crate::api::{EmailMessage, Phase, conditions};
 
 /// Annotation in which `kubectl apply` keeps a whole copy of the object.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -26,6 +27,36 @@ pub fn strip_for_cache(msg: &mut EmailMessage) {
     spec.values = None;
     for a in &mut spec.attachments {
         a.data = None;
+    }
+    if msg.status.as_ref().and_then(|s| s.phase).is_some_and(Phase::is_finished) {
+        strip_finished(msg);
+    }
+}
+
+/// A finished message is only looked at again to delete it after `ttlSecondsAfterFinished`, which
+/// needs its phase and when it finished; with thousands present, the rest (recipients,
+/// attachments, the provider's answer, condition texts) would be most of the cache.
+fn strip_finished(msg: &mut EmailMessage) {
+    msg.metadata.annotations = None;
+    let spec = &mut msg.spec;
+    spec.from = None;
+    spec.to = Vec::new();
+    spec.cc = Vec::new();
+    spec.bcc = Vec::new();
+    spec.reply_to = Vec::new();
+    spec.attachments = Vec::new();
+    spec.template_ref = None;
+    if let Some(s) = msg.status.as_mut() {
+        s.response = None;
+        s.request_id = None;
+        s.message_id = None;
+        s.transport = None;
+        s.from = None;
+        // The Failed condition's time is when a failed message finished (a sent one has sentTime).
+        s.conditions.retain(|c| c.type_ == conditions::FAILED);
+        for c in &mut s.conditions {
+            c.message = String::new();
+        }
     }
 }
 
@@ -50,7 +81,7 @@ mod tests {
                 "templateRef": {"name": "release"}, "values": {"version": "1.4.2"},
                 "delivery": {"maxAttempts": 2},
             },
-            "status": {"phase": "Sent", "attempts": 1},
+            "status": {"phase": "Pending", "attempts": 1},
         }))
         .expect("EmailMessage")
     }
@@ -73,8 +104,47 @@ mod tests {
     }
 
     #[test]
+    fn a_finished_message_keeps_only_what_its_expiry_needs() {
+        for (phase, extra) in [
+            ("Sent", serde_json::json!({"sentTime": "2026-11-28T12:00:00Z", "response": "202 Accepted"})),
+            ("Failed", serde_json::json!({})),
+        ] {
+            let mut m = full();
+            let mut status = serde_json::json!({
+                "phase": phase, "attempts": 1, "messageId": "<m@contoso.com>", "transport": "graph",
+                "conditions": [
+                    {"type": "Sent", "status": "False", "reason": "SendFailed", "message": "550 no such user",
+                     "lastTransitionTime": "2026-11-28T12:00:00Z"},
+                    {"type": "Failed", "status": "True", "reason": "SendFailed", "message": "550 no such user",
+                     "lastTransitionTime": "2026-11-28T12:00:01Z"},
+                ],
+            });
+            status.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            m.status = Some(serde_json::from_value(status).unwrap());
+            let original = m.clone();
+            strip_for_cache(&mut m);
+            let s = m.status.clone().unwrap();
+            assert_eq!(s.phase, original.status.as_ref().unwrap().phase);
+            assert_eq!(s.sent_time, original.status.as_ref().unwrap().sent_time);
+            assert_eq!(
+                crate::controller::status::finished_at(&s),
+                crate::controller::status::finished_at(original.status.as_ref().unwrap()),
+                "{phase}: the expiry time survives"
+            );
+            assert!(s.response.is_none() && s.message_id.is_none() && s.transport.is_none());
+            assert!(s.conditions.iter().all(|c| c.type_ == "Failed" && c.message.is_empty()));
+            assert_eq!(m.spec.ttl_seconds_after_finished, original.spec.ttl_seconds_after_finished);
+            assert_eq!(m.spec.profile_ref, original.spec.profile_ref);
+            assert!(m.spec.to.is_empty() && m.spec.bcc.is_empty() && m.spec.attachments.is_empty());
+            assert_eq!(m.metadata.uid, original.metadata.uid);
+            assert!(m.metadata.annotations.is_none());
+        }
+    }
+
+    #[test]
     fn keeps_what_decides_whether_and_when_to_send() {
-        let original = full();
+        let mut original = full();
+        original.status = Some(serde_json::from_value(serde_json::json!({"phase": "Pending", "attempts": 1})).unwrap());
         let mut m = original.clone();
         strip_for_cache(&mut m);
         assert_eq!(m.metadata.resource_version, original.metadata.resource_version);

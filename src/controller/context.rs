@@ -4,7 +4,6 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 
 use kube::Client;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use tokio::sync::{OnceCell, mpsc, watch};
 
@@ -53,8 +52,6 @@ pub struct Context {
     pub profiles: ProfileRegistry,
     /// Rate and concurrency limits per profile and mailbox, and who waits for a turn.
     pub limits: SendLimits<ObjectRef<EmailMessage>>,
-    /// Publishes Events.
-    pub recorder: Recorder,
     /// Messages this process has claimed and not yet finished, by uid.
     pub in_flight: Mutex<HashSet<String>>,
     /// The message controller's cache, once it runs.
@@ -110,8 +107,6 @@ impl Context {
         let (wake, woken) = mpsc::unbounded_channel();
         let (wake_profile, profiles) = mpsc::unbounded_channel();
         let (wake_cluster_profile, cluster_profiles) = mpsc::unbounded_channel();
-        let reporter = Reporter { controller: "mailroom".into(), instance: Some(config.instance.clone()) };
-        let recorder = Recorder::new(client.clone(), reporter);
         let messages: Arc<OnceCell<Store<EmailMessage>>> = Arc::default();
         let limits = SendLimits::new(wake_waiting(wake.clone(), messages.clone()));
         let ctx = Context {
@@ -119,7 +114,6 @@ impl Context {
             config,
             profiles: ProfileRegistry::default(),
             limits,
-            recorder,
             in_flight: Mutex::new(HashSet::new()),
             messages,
             mail_profiles: OnceCell::new(),

@@ -4,10 +4,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
+use kube::api::PostParams;
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
@@ -23,6 +26,9 @@ use crate::delivery::policy;
 use crate::delivery::retry::{self, RetryDecision, RetryPolicy};
 use crate::error::{Error, Result};
 use crate::transport::{Address, OutgoingMessage, SendError};
+
+/// The `reportingController` of the operator's Events.
+pub const REPORTING_CONTROLLER: &str = "mailroom";
 
 /// A waiting message is looked at again this often even if nothing wakes it.
 const WAIT_RECHECK: Duration = Duration::from_secs(60);
@@ -500,7 +506,29 @@ async fn expire(
 }
 
 /// Publishes an Event on the message; a failure to publish is logged, never fatal.
+///
+/// Events are created directly rather than through kube's `Recorder`, which keeps every Event it
+/// published for six minutes (to count repeats as a series) and scans that cache under a lock on
+/// every publish: with thousands of messages, each with an Event or two and hardly any repeats,
+/// that cache was the largest part of the operator's memory and a CPU cost growing with the run.
 async fn event(ctx: &Context, msg: &EmailMessage, type_: EventType, reason: &str, note: &str) {
+    let ev = message_event(msg, type_, reason, note, &ctx.config.instance, Timestamp::now());
+    let ns = msg.namespace().unwrap_or_default();
+    let api: Api<K8sEvent> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Err(e) = api.create(&PostParams::default(), &ev).await {
+        warn!(message = %msg.name_any(), error = %e, "could not publish event");
+    }
+}
+
+/// The events.k8s.io/v1 Event about a message, named like kube's Recorder names them.
+fn message_event(
+    msg: &EmailMessage,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+    instance: &str,
+    now: Timestamp,
+) -> K8sEvent {
     let mut note = note.to_string();
     if note.len() > 1000 {
         let mut end = 1000;
@@ -509,9 +537,25 @@ async fn event(ctx: &Context, msg: &EmailMessage, type_: EventType, reason: &str
         }
         note.truncate(end);
     }
-    let ev = Event { type_, reason: reason.to_string(), note: Some(note), action: "Send".into(), secondary: None };
-    if let Err(e) = ctx.recorder.publish(&ev, &msg.object_ref(&())).await {
-        warn!(message = %msg.name_any(), error = %e, "could not publish event");
+    let name = msg.name_any();
+    K8sEvent {
+        metadata: ObjectMeta {
+            namespace: msg.namespace(),
+            name: Some(format!("{name}.{:x}", now.as_nanosecond())),
+            ..Default::default()
+        },
+        action: Some("Send".into()),
+        reason: Some(reason.to_string()),
+        note: Some(note),
+        type_: Some(match type_ {
+            EventType::Normal => "Normal".into(),
+            EventType::Warning => "Warning".into(),
+        }),
+        event_time: Some(MicroTime(now)),
+        regarding: Some(msg.object_ref(&())),
+        reporting_controller: Some(REPORTING_CONTROLLER.into()),
+        reporting_instance: Some(instance.to_string()),
+        ..Default::default()
     }
 }
 
@@ -543,6 +587,77 @@ mod tests {
         assert!(!outcome_write_retryable(&api_error(404)));
         assert!(!outcome_write_retryable(&api_error(409)));
         assert!(!outcome_write_retryable(&api_error(422)));
+    }
+
+    #[test]
+    fn events_name_the_message_and_the_instance_and_clip_the_note() {
+        let msg: EmailMessage = serde_json::from_value(serde_json::json!({
+            "apiVersion": "mailroom.dev/v1alpha1", "kind": "EmailMessage",
+            "metadata": {"name": "m", "namespace": "ns", "uid": "u1"},
+            "spec": {"profileRef": {"name": "p"}, "to": ["b@contoso.com"], "subject": "s", "body": {"text": "t"}},
+        }))
+        .unwrap();
+        let now: Timestamp = "2026-11-28T12:00:00Z".parse().unwrap();
+        let long = "é".repeat(600);
+        let ev = message_event(&msg, EventType::Warning, "Failed", &long, "mailroom-0", now);
+        assert_eq!(ev.metadata.namespace.as_deref(), Some("ns"));
+        assert_eq!(ev.metadata.name, Some(format!("m.{:x}", now.as_nanosecond())));
+        assert_eq!(ev.type_.as_deref(), Some("Warning"));
+        assert_eq!(ev.reason.as_deref(), Some("Failed"));
+        assert_eq!(ev.action.as_deref(), Some("Send"));
+        assert_eq!(ev.reporting_controller.as_deref(), Some("mailroom"));
+        assert_eq!(ev.reporting_instance.as_deref(), Some("mailroom-0"));
+        let regarding = ev.regarding.unwrap();
+        assert_eq!((regarding.kind.as_deref(), regarding.uid.as_deref()), (Some("EmailMessage"), Some("u1")));
+        let note = ev.note.unwrap();
+        assert!(note.len() <= 1000 && note.chars().all(|c| c == 'é'), "{}", note.len());
+    }
+
+    #[test]
+    fn unclaiming_removes_what_the_claim_added() {
+        let before = EmailMessageStatus::default();
+        let claim = Claim {
+            attempt: 1,
+            message_id: "<m@contoso.com>".into(),
+            recipients: 2,
+            transport: "graph".into(),
+            from: "a@contoso.com".into(),
+        };
+        let now = Timestamp::now();
+        let claimed = status::claimed(&before, &claim, Some(1), now);
+        let failed = status::failed(&before, "TemplateError", "line 2: undefined value", Some(1), now);
+        let patch = replacing(&claimed, &failed);
+        // The claim's fields go; the attempt is not counted; the outcome's fields stay.
+        for gone in ["attempts", "messageId", "recipients", "transport", "from", "lastAttemptTime"] {
+            assert_eq!(patch[gone], serde_json::Value::Null, "{gone}");
+        }
+        assert_eq!(patch["phase"], "Failed");
+        let reasons: Vec<&str> =
+            patch["conditions"].as_array().unwrap().iter().map(|c| c["reason"].as_str().unwrap()).collect();
+        assert!(reasons.iter().all(|r| *r == "TemplateError"), "{reasons:?}");
+        // Applied as a merge patch to the claimed status, it leaves exactly the failed one.
+        let mut applied = serde_json::to_value(&claimed).unwrap();
+        merge(&mut applied, &patch);
+        assert_eq!(applied, serde_json::to_value(&failed).unwrap());
+        // Back to nothing at all: every field the claim wrote is removed.
+        let mut applied = serde_json::to_value(&claimed).unwrap();
+        merge(&mut applied, &replacing(&claimed, &before));
+        assert_eq!(applied, serde_json::json!({}));
+    }
+
+    /// RFC 7386 merge patch, as the API server applies it.
+    fn merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
+        if let (Some(t), Some(p)) = (target.as_object_mut(), patch.as_object()) {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else if v.is_object() && t.get(k).is_some_and(|x| x.is_object()) {
+                    merge(t.get_mut(k).unwrap(), v);
+                } else {
+                    t.insert(k.clone(), v.clone());
+                }
+            }
+        }
     }
 
     #[test]

@@ -22,6 +22,9 @@ use crate::error::Error;
 use crate::metrics::{ErrorLabels, Metrics};
 use crate::server::Health;
 
+/// EmailMessages per page of the initial list.
+const MESSAGE_PAGE: u32 = 100;
+
 /// Runs the operator until `shutdown` completes.
 pub async fn run(
     client: Client,
@@ -75,7 +78,9 @@ pub async fn run(
     // The cache keeps messages without their bodies and attachments (see cache.rs); the
     // reconciler reads the whole object when it builds one.
     let (message_store, message_writer) = reflector::store();
-    let message_events = watcher(messages_api, watcher::Config::default())
+    // Listed in pages of 100: a page is parsed whole (bodies and attachments included) before
+    // the cache strips it, so the page size bounds what a start over thousands of messages holds.
+    let message_events = watcher(messages_api, watcher::Config::default().page_size(MESSAGE_PAGE))
         .default_backoff()
         .modify(cache::strip_for_cache)
         .reflect(message_writer)
