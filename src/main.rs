@@ -18,6 +18,9 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// A Kubernetes operator that sends email from custom resources.
 #[derive(Parser)]
 #[command(name = "mailroom", version, about)]

@@ -413,6 +413,39 @@ async fn rate_limit_spaces_messages_per_mailbox() {
     // A burst of 6, then one every 10 seconds: the seventh cannot go out before ~10 s after the first.
     let spread = times[6].duration_since(times[0]);
     assert!(spread.as_secs_f64() >= 8.0, "7 messages at 6/minute went out within {spread:?}");
+    // The seventh is woken when the bucket refills, not by the one-minute recheck.
+    assert!(spread.as_secs_f64() < 45.0, "the seventh message was not woken when its turn came: {spread:?}");
+}
+
+#[tokio::test]
+async fn messages_waiting_for_a_turn_do_not_hold_up_other_profiles() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "smtp-turns", &[]).await;
+    let peer = SmtpPeer::start(&[]);
+    // Two reconciles at once: if waiting for a turn held one, the slow profile's queue would
+    // take both and the other profile's message would wait a minute.
+    let _op = Operator::start("smtp-turns", &ns, &["--concurrency", "2"]);
+    create_yaml(&client, &ns, &relay_profile("slow", peer.smtp_port, "  limits: {messagesPerMinute: 1, maxConcurrent: 1}"))
+        .await;
+    create_yaml(&client, &ns, &relay_profile("fast", peer.smtp_port, "")).await;
+    let api: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);
+    for i in 0..6 {
+        create_yaml(&client, &ns, &message(&format!("slow{i}"), "slow", "")).await;
+    }
+    // One a minute: the first goes, the other five queue for the next minutes.
+    peer.wait_messages(1, WAIT).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    create_yaml(&client, &ns, &message("fast", "fast", "")).await;
+    let fast = common::wait_for(&api, "fast", Duration::from_secs(20), |m| phase(m) == Some(Phase::Sent)).await;
+    assert_eq!(phase(&fast), Some(Phase::Sent));
+    let mut sent_slow = 0;
+    for i in 0..6 {
+        if phase(&api.get(&format!("slow{i}")).await.unwrap()) == Some(Phase::Sent) {
+            sent_slow += 1;
+        }
+    }
+    assert_eq!(sent_slow, 1, "the slow profile sends one a minute");
+    assert_eq!(peer.wait_messages(2, WAIT).await.len(), 2);
 }
 
 #[tokio::test]

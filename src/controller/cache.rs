@@ -8,17 +8,14 @@
 
 use crate::api::{EmailMessage, Phase, conditions};
 
-/// Annotation in which `kubectl apply` keeps a whole copy of the object.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// Drops what the cache need not keep: the subject, bodies, inline attachment data, custom
-/// headers, template values, managed fields and kubectl's copy of the object. Recipients, the sender, the profile,
+/// headers, template values, managed fields and annotations (kubectl's copy of the object among them). Recipients, the sender, the profile,
 /// delivery settings, the TTL and the status stay: they decide whether and when a message goes.
 pub fn strip_for_cache(msg: &mut EmailMessage) {
     msg.metadata.managed_fields = None;
-    if let Some(annotations) = msg.metadata.annotations.as_mut() {
-        annotations.remove(LAST_APPLIED);
-    }
+    // No decision reads a message's annotations; kubectl's copy of the object is one of them.
+    msg.metadata.annotations = None;
     let spec = &mut msg.spec;
     spec.subject = String::new();
     spec.body.text = None;
@@ -37,7 +34,6 @@ pub fn strip_for_cache(msg: &mut EmailMessage) {
 /// needs its phase and when it finished; with thousands present, the rest (recipients,
 /// attachments, the provider's answer, condition texts) would be most of the cache.
 fn strip_finished(msg: &mut EmailMessage) {
-    msg.metadata.annotations = None;
     let spec = &mut msg.spec;
     spec.from = None;
     spec.to = Vec::new();
@@ -63,6 +59,9 @@ fn strip_finished(msg: &mut EmailMessage) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Annotation in which `kubectl apply` keeps a whole copy of the object.
+    const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
     fn full() -> EmailMessage {
         serde_json::from_value(serde_json::json!({
@@ -91,9 +90,7 @@ mod tests {
         let mut m = full();
         strip_for_cache(&mut m);
         assert!(m.metadata.managed_fields.is_none());
-        let annotations = m.metadata.annotations.clone().unwrap_or_default();
-        assert!(!annotations.contains_key(LAST_APPLIED));
-        assert_eq!(annotations.get("team").map(String::as_str), Some("a"));
+        assert!(m.metadata.annotations.is_none(), "kubectl's copy of the object and every other annotation");
         assert_eq!(m.spec.subject, "");
         assert_eq!((m.spec.body.text.as_deref(), m.spec.body.html.as_deref()), (None, None));
         assert!(m.spec.headers.is_empty());

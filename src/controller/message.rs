@@ -33,8 +33,6 @@ pub const REPORTING_CONTROLLER: &str = "mailroom";
 /// A waiting message is looked at again this often even if nothing wakes it.
 const WAIT_RECHECK: Duration = Duration::from_secs(60);
 
-/// A message queued for a rate-limit turn is woken by its mailbox; this recheck is a safety net.
-const TURN_RECHECK: Duration = Duration::from_secs(60);
 
 /// Reconciles one EmailMessage.
 pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Action> {
@@ -114,7 +112,7 @@ pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Acti
 
     // The turn comes before anything large is read: a message waiting for the rate limit holds
     // neither its body nor its attachments, nor a reconcile slot: it waits in its mailbox's queue,
-    // which wakes it when its turn comes (the recheck is only a safety net).
+    // which wakes it when its turn comes (see `run::TURN_KICK` for the safety net).
     let me = ObjectRef::from(msg.as_ref());
     let limits_key = key.to_string();
     let permit = match ctx.limits.try_acquire(
@@ -125,7 +123,8 @@ pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Acti
         &me,
     ) {
         Turn::Go(permit) => permit,
-        Turn::Wait => return Ok(Action::requeue(TURN_RECHECK)),
+        // Woken by the mailbox: no timer per waiting message.
+        Turn::Wait => return Ok(Action::await_change()),
     };
     // Graceful shutdown: a message that has not been claimed is left for the next leader.
     if ctx.is_stopping() || !ctx.hold(&uid) {

@@ -260,7 +260,8 @@ fn follow_token(ctx: &Arc<Context>, key: &ProfileKey, cache: &Arc<TokenCache>) {
     });
 }
 
-/// Forgets a deleted profile: stops its token caches and drops its registry entry and limits.
+/// Forgets a deleted profile: stops its token caches, drops its registry entry and limits, and
+/// wakes its unfinished messages.
 fn forget(ctx: &Context, key: &ProfileKey, cache_address: usize) {
     let name = key.to_string();
     ctx.token_caches.remove_profile(&name);
@@ -268,6 +269,8 @@ fn forget(ctx: &Context, key: &ProfileKey, cache_address: usize) {
     ctx.limits.forget_profile(&name);
     ctx.followed_caches.lock().unwrap_or_else(|e| e.into_inner()).remove(&cache_address);
     tracing::info!(profile = %key, "profile deleted: its token refreshes stopped");
+    // Its messages waiting for a turn were in the queues just dropped: they now wait for the profile.
+    wake_messages(ctx, key);
 }
 
 fn differs(a: &MailProfileStatus, b: &MailProfileStatus) -> bool {

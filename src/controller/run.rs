@@ -22,6 +22,9 @@ use crate::error::Error;
 use crate::metrics::{ErrorLabels, Metrics};
 use crate::server::Health;
 
+/// How often every mailbox queue with room wakes its head, in case a wake went nowhere.
+pub const TURN_KICK: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// EmailMessages per page of the initial list.
 const MESSAGE_PAGE: u32 = 100;
 
@@ -148,6 +151,22 @@ pub async fn run(
         }
     };
 
+    // Waiting messages have no timer of their own: their mailbox wakes them (see limits.rs).
+    let kicks = {
+        let ctx = ctx.clone();
+        let mut stop = shutdown_tx.subscribe();
+        async move {
+            let mut every = tokio::time::interval(TURN_KICK);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.recv() => break,
+                    _ = every.tick() => ctx.limits.kick(),
+                }
+            }
+        }
+    };
+
     info!(namespace = namespace.as_deref().unwrap_or("(all)"), "mailroom operator running");
     let c1 = ctx.clone();
     let c2 = ctx.clone();
@@ -158,6 +177,7 @@ pub async fn run(
         messages.run(message::reconcile, message::error_policy, c3).for_each(|_| async {}),
         secret_watch,
         readiness,
+        kicks,
     );
     info!("mailroom operator stopped");
 }

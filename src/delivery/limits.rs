@@ -127,6 +127,17 @@ impl<W: Clone + Eq + Hash + Send + 'static> SendLimits<W> {
         Turn::Wait
     }
 
+    /// Wakes the head of every queue that has room: the safety net for a wake that went nowhere
+    /// (its message was busy or gone), so that a queue never waits for a send that will not come.
+    pub fn kick(&self) {
+        let mailboxes: Vec<Arc<Mailbox<W>>> =
+            self.mailboxes.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for mb in mailboxes {
+            let mut q = mb.lock();
+            mb.wake_next(&mut q);
+        }
+    }
+
     /// Forgets a profile's mailboxes (the profile was deleted).
     pub fn forget_profile(&self, profile: &str) {
         if let Ok(mut map) = self.mailboxes.lock() {
@@ -364,6 +375,23 @@ mod tests {
         assert!(ask(&l, "a@contoso.com", 100_000, 3, "m2").is_some());
         assert!(ask(&l, "a@contoso.com", 100_000, 3, "m3").is_some());
         drop(a);
+    }
+
+    #[test]
+    fn a_kick_wakes_the_head_once_the_woken_one_lost_its_claim() {
+        let (l, woken) = limits_with_grace(&[], Duration::from_millis(50));
+        let a = ask(&l, "a@contoso.com", 100_000, 1, "m1").expect("slot");
+        assert!(ask(&l, "a@contoso.com", 100_000, 1, "m2").is_none());
+        assert!(ask(&l, "a@contoso.com", 100_000, 1, "m3").is_none());
+        drop(a);
+        // m2 was woken and never came back.
+        l.kick();
+        assert_eq!(*woken.lock().unwrap(), vec!["m2"], "the slot is still m2's");
+        std::thread::sleep(Duration::from_millis(60));
+        l.kick();
+        assert_eq!(*woken.lock().unwrap(), vec!["m2", "m3"]);
+        l.kick();
+        assert_eq!(*woken.lock().unwrap(), vec!["m2", "m3"], "nobody else waits");
     }
 
     #[test]
