@@ -1,12 +1,14 @@
 //! `make bench`: the operator (release build) against a local control plane, sending N
 //! EmailMessages through the Microsoft 365 emulator and through the SMTP test server.
 //!
-//! For every size and transport it measures throughput end to end (first create to last `Sent`),
-//! latency from creation to `Sent` as this process observes both, kube-apiserver writes per
-//! message from the API server's own counters, token requests, the operator's peak RSS and CPU,
-//! and duplicates at the receiving end; and the ceiling: the rate at which a minimal client makes
-//! the same status patches with the same concurrency. Figures are printed and written as JSON;
-//! nothing here asserts a speed.
+//! For every size and transport: the ceiling (N messages exist, then a minimal client lists and
+//! watches them and makes only the claim and outcome patches, with the operator's concurrency);
+//! the backlog run (N messages exist, then the operator starts and sends them: throughput against
+//! the ceiling, kube-apiserver writes per message from its own counters, token requests, the
+//! operator's peak RSS and CPU); a restart over the finished messages (peak RSS); the latency run
+//! (N messages created while the operator runs: created-to-Sent latency as this process observes
+//! both); duplicates at the receiving end. Figures are printed and written as JSON; nothing here
+//! asserts a speed.
 
 mod figures;
 mod peers;

@@ -1,4 +1,5 @@
-//! One benchmark run per size and transport, the ceiling beside it, the table and results.json.
+//! Per size and transport: the ceiling, the backlog run, a restart, the latency run; the table and
+//! results.json.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
