@@ -425,8 +425,12 @@ async fn messages_waiting_for_a_turn_do_not_hold_up_other_profiles() {
     // Two reconciles at once: if waiting for a turn held one, the slow profile's queue would
     // take both and the other profile's message would wait a minute.
     let _op = Operator::start("smtp-turns", &ns, &["--concurrency", "2"]);
-    create_yaml(&client, &ns, &relay_profile("slow", peer.smtp_port, "  limits: {messagesPerMinute: 1, maxConcurrent: 1}"))
-        .await;
+    create_yaml(
+        &client,
+        &ns,
+        &relay_profile("slow", peer.smtp_port, "  limits: {messagesPerMinute: 1, maxConcurrent: 1}"),
+    )
+    .await;
     create_yaml(&client, &ns, &relay_profile("fast", peer.smtp_port, "")).await;
     let api: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);
     for i in 0..6 {

@@ -8,7 +8,6 @@
 
 use crate::api::{EmailMessage, Phase, conditions};
 
-
 /// Drops what the cache need not keep: the subject, bodies, inline attachment data, custom
 /// headers, template values, managed fields and annotations (kubectl's copy of the object among them). Recipients, the sender, the profile,
 /// delivery settings, the TTL and the status stay: they decide whether and when a message goes.

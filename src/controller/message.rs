@@ -33,7 +33,6 @@ pub const REPORTING_CONTROLLER: &str = "mailroom";
 /// A waiting message is looked at again this often even if nothing wakes it.
 const WAIT_RECHECK: Duration = Duration::from_secs(60);
 
-
 /// Reconciles one EmailMessage.
 pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Action> {
     let ns = msg.namespace().ok_or_else(|| Error::Invalid("EmailMessage without namespace".into()))?;
