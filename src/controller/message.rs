@@ -215,7 +215,7 @@ async fn claim_and_send(
             // The API server failed us (reading the template): nothing was sent, so the status
             // goes back to what it was and the error policy tries again.
             drop(permit);
-            let _ = unclaim(api, &msg, &claimed, &before).await;
+            unclaim(api, &msg, &claimed, &before).await?;
             return Err(e);
         }
     };
@@ -390,14 +390,24 @@ async fn record_outcome(
     msg: &EmailMessage,
     next: &EmailMessageStatus,
 ) -> Result<(), kube::Error> {
+    patch_status_retrying(api, msg, json!({ "status": next })).await
+}
+
+/// Writes a status merge patch, retrying while the API server is away (no answer, 429, 5xx) for
+/// up to `OUTCOME_WRITE_BUDGET`.
+async fn patch_status_retrying(
+    api: &Api<EmailMessage>,
+    msg: &EmailMessage,
+    patch: serde_json::Value,
+) -> Result<(), kube::Error> {
     let started = std::time::Instant::now();
     let mut tries = 0;
     loop {
-        match write_status(api, msg, next, None).await {
-            Ok(()) => return Ok(()),
+        match api.patch_status(&msg.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => return Ok(()),
             Err(e) if outcome_write_retryable(&e) && started.elapsed() < OUTCOME_WRITE_BUDGET => {
                 tries += 1;
-                warn!(message = %msg.name_any(), error = %e, tries, "could not record the outcome yet; retrying");
+                warn!(message = %msg.name_any(), error = %e, tries, "could not write the status yet; retrying");
                 tokio::time::sleep(outcome_retry_delay(tries)).await;
             }
             Err(e) => return Err(e),
@@ -450,8 +460,8 @@ async fn unclaim(
     claimed: &EmailMessageStatus,
     next: &EmailMessageStatus,
 ) -> Result<(), kube::Error> {
-    let patch = json!({ "status": replacing(claimed, next) });
-    api.patch_status(&msg.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await.map(|_| ())
+    // Like an outcome, this must not be lost: a message left in Sending would be taken as in doubt.
+    patch_status_retrying(api, msg, json!({ "status": replacing(claimed, next) })).await
 }
 
 /// A merge patch that turns `old` into `new`: a field `old` has and `new` lacks is set to null
