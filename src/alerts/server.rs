@@ -73,7 +73,10 @@ enum Accepted {
 impl AlertReceiver {
     /// A receiver that creates messages with this client.
     pub fn new(client: Client, config: AlertsConfig) -> AlertReceiver {
-        let reporter = Reporter { controller: "mailroom".into(), instance: Some(config.instance.clone()) };
+        let reporter = Reporter {
+            controller: crate::controller::message::REPORTING_CONTROLLER.into(),
+            instance: Some(config.instance.clone()),
+        };
         let recorder = Recorder::new(client.clone(), reporter);
         AlertReceiver { client, config, recorder, in_flight: Semaphore::new(MAX_IN_FLIGHT) }
     }

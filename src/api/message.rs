@@ -297,6 +297,18 @@ impl Phase {
     }
 }
 
+impl EmailMessage {
+    /// The phase in the status, if any.
+    pub fn phase(&self) -> Option<Phase> {
+        self.status.as_ref().and_then(|s| s.phase)
+    }
+
+    /// Whether the message is Sent or Failed.
+    pub fn is_finished(&self) -> bool {
+        self.phase().is_some_and(Phase::is_finished)
+    }
+}
+
 /// Observed state of a message.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -190,7 +190,7 @@ async fn send(args: SendArgs) -> Result<u8, CliError> {
     }
     let api: Api<EmailMessage> = Api::namespaced(client, &namespace);
     let done = kube::runtime::wait::await_condition(api.clone(), &name, |m: Option<&EmailMessage>| {
-        m.is_none_or(|m| phase(m).is_some_and(Phase::is_finished))
+        m.is_none_or(EmailMessage::is_finished)
     });
     match tokio::time::timeout(args.timeout, done).await {
         Ok(Ok(Some(message))) => {
@@ -549,10 +549,6 @@ pub fn owner_reference(message: &EmailMessage) -> Result<OwnerReference, CliErro
         controller: Some(true),
         block_owner_deletion: None,
     })
-}
-
-fn phase(m: &EmailMessage) -> Option<Phase> {
-    m.status.as_ref().and_then(|s| s.phase)
 }
 
 /// The exit code for a finished (or unfinished) status.

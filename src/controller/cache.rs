@@ -6,7 +6,7 @@
 //! from the API server is the whole object, and the message is built from it. A finished message
 //! keeps even less: what deleting it after its TTL needs.
 
-use crate::api::{EmailMessage, Phase, conditions};
+use crate::api::{EmailMessage, conditions};
 
 /// Drops what the cache need not keep: the subject, bodies, inline attachment data, custom
 /// headers, template values, managed fields and annotations (kubectl's copy of the object among them). Recipients, the sender, the profile,
@@ -24,7 +24,7 @@ pub fn strip_for_cache(msg: &mut EmailMessage) {
     for a in &mut spec.attachments {
         a.data = None;
     }
-    if msg.status.as_ref().and_then(|s| s.phase).is_some_and(Phase::is_finished) {
+    if msg.is_finished() {
         strip_finished(msg);
     }
 }

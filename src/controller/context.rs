@@ -84,9 +84,7 @@ fn wake_waiting(
     messages: Arc<OnceCell<Store<EmailMessage>>>,
 ) -> crate::delivery::limits::Wake<ObjectRef<EmailMessage>> {
     Arc::new(move |r: &ObjectRef<EmailMessage>| {
-        let waits = messages.get().is_none_or(|store| {
-            store.get(r).is_some_and(|m| !m.status.as_ref().and_then(|s| s.phase).is_some_and(|p| p.is_finished()))
-        });
+        let waits = messages.get().is_none_or(|store| store.get(r).is_some_and(|m| !m.is_finished()));
         waits && wake.send(r.clone()).is_ok()
     })
 }

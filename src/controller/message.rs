@@ -65,7 +65,7 @@ pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Acti
                 );
                 let s = fresh.status.clone().unwrap_or_default();
                 let next = status::failed(&s, "DeliveryUncertain", &text, fresh.metadata.generation, now);
-                write_status(&api, &fresh, &next, None).await?;
+                write_status(&api, &fresh, &next).await?;
                 event(&ctx, &fresh, EventType::Warning, "DeliveryUncertain", &text).await;
                 return Ok(Action::await_change());
             }
@@ -351,7 +351,7 @@ pub fn profile_label(key: &ProfileKey) -> String {
 async fn fail(ctx: &Context, api: &Api<EmailMessage>, msg: &EmailMessage, reason: &str, text: &str) -> Result<Action> {
     let s = msg.status.clone().unwrap_or_default();
     let next = status::failed(&s, reason, text, msg.metadata.generation, Timestamp::now());
-    write_status(api, msg, &next, None).await?;
+    write_status(api, msg, &next).await?;
     failed(ctx, msg, reason, text).await
 }
 
@@ -372,7 +372,7 @@ async fn wait(ctx: &Context, api: &Api<EmailMessage>, msg: &EmailMessage, reason
     let s = msg.status.clone().unwrap_or_default();
     let next = status::waiting(&s, reason, text, msg.metadata.generation, Timestamp::now());
     if status::differs(&s, &next) {
-        write_status(api, msg, &next, None).await?;
+        write_status(api, msg, &next).await?;
         event(ctx, msg, EventType::Normal, reason, text).await;
     }
     Ok(Action::requeue(WAIT_RECHECK))
@@ -429,17 +429,13 @@ fn outcome_retry_delay(tries: u32) -> Duration {
     Duration::from_millis(250u64 << tries.saturating_sub(1).min(4))
 }
 
-/// Writes the whole status; with a resourceVersion the write only succeeds on that version.
+/// Writes the whole status (the claim, which must match a resourceVersion, is `claim_status`).
 async fn write_status(
     api: &Api<EmailMessage>,
     msg: &EmailMessage,
     next: &EmailMessageStatus,
-    resource_version: Option<String>,
 ) -> Result<(), kube::Error> {
-    let mut patch = json!({ "status": next });
-    if let Some(rv) = resource_version {
-        patch["metadata"] = json!({ "resourceVersion": rv });
-    }
+    let patch = json!({ "status": next });
     api.patch_status(&msg.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await.map(|_| ())
 }
 

@@ -17,8 +17,8 @@ use super::context::Context;
 use super::registry::{NotReady, ProfileKey, ResolvedProfile};
 use super::wiring::{self, Built, CredentialMaterial, TransportInputs};
 use crate::api::{
-    ClusterMailProfile, EmailMessage, EntraCredentials, MailProfile, MailProfileSpec, MailProfileStatus, Phase,
-    ProfileKind, SecretKeySelector, SecretReference, TokenStatus, condition, conditions, set_condition,
+    ClusterMailProfile, EmailMessage, EntraCredentials, MailProfile, MailProfileSpec, MailProfileStatus, ProfileKind,
+    SecretKeySelector, SecretReference, TokenStatus, condition, conditions, set_condition,
 };
 use crate::auth::{TokenCache, TokenState};
 use crate::error::{Error, Result};
@@ -283,7 +283,7 @@ pub fn wake_messages(ctx: &Context, key: &ProfileKey) {
         return;
     };
     for m in store.state() {
-        if m.status.as_ref().and_then(|s| s.phase).is_some_and(Phase::is_finished) {
+        if m.is_finished() {
             continue;
         }
         let ns = m.namespace().unwrap_or_default();

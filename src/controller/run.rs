@@ -135,12 +135,7 @@ pub async fn run(
             }
             info!("caches synced; ready");
             loop {
-                let depth = stores
-                    .2
-                    .state()
-                    .iter()
-                    .filter(|m| !m.status.as_ref().and_then(|s| s.phase).is_some_and(|p| p.is_finished()))
-                    .count();
+                let depth = stores.2.state().iter().filter(|m| !m.is_finished()).count();
                 ctx.metrics.queue_depth.set(depth as i64);
                 tokio::select! {
                     _ = stop.recv() => break,

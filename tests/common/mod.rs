@@ -202,7 +202,7 @@ pub async fn create_yaml(client: &Client, namespace: &str, yaml: &str) {
 
 /// The phase of a message, if it has one.
 pub fn phase(m: &mailroom::api::EmailMessage) -> Option<mailroom::api::Phase> {
-    m.status.as_ref().and_then(|s| s.phase)
+    m.phase()
 }
 
 /// A condition of a message.
