@@ -60,19 +60,6 @@ fn created_name(stdout: &str) -> String {
         .to_string()
 }
 
-fn relay_profile(name: &str, port: u16) -> String {
-    format!(
-        r#"
-apiVersion: mailroom.dev/v1alpha1
-kind: MailProfile
-metadata: {{name: {name}}}
-spec:
-  senders: {{default: "alerts@contoso.com"}}
-  smtp: {{host: 127.0.0.1, port: {port}, tls: None}}
-"#
-    )
-}
-
 async fn messages_in(ns: &str) -> Vec<EmailMessage> {
     let api: Api<EmailMessage> = Api::namespaced(common::client().await, ns);
     api.list(&Default::default()).await.expect("list messages").items
@@ -84,7 +71,7 @@ async fn send_waits_for_sent_and_the_server_gets_it() {
     let ns = common::namespace(&client, "cli-send", &[]).await;
     let peer = SmtpPeer::start(&[]);
     let _op = Operator::start("cli-send", &ns, &[]);
-    create_yaml(&client, &ns, &relay_profile("relay", peer.smtp_port)).await;
+    create_yaml(&client, &ns, &common::relay_profile("relay", peer.smtp_port, "")).await;
     let args = [
         "send",
         "--namespace",
@@ -142,7 +129,7 @@ async fn send_with_a_template_renders_the_values() {
     let ns = common::namespace(&client, "cli-template", &[]).await;
     let peer = SmtpPeer::start(&[]);
     let _op = Operator::start("cli-template", &ns, &[]);
-    create_yaml(&client, &ns, &relay_profile("relay", peer.smtp_port)).await;
+    create_yaml(&client, &ns, &common::relay_profile("relay", peer.smtp_port, "")).await;
     create_yaml(
         &client,
         &ns,
@@ -200,7 +187,7 @@ async fn a_refused_message_exits_1_with_the_reason() {
     let ns = common::namespace(&client, "cli-refused", &[]).await;
     let peer = SmtpPeer::start(&[]);
     let _op = Operator::start("cli-refused", &ns, &[]);
-    create_yaml(&client, &ns, &relay_profile("relay", peer.smtp_port)).await;
+    create_yaml(&client, &ns, &common::relay_profile("relay", peer.smtp_port, "")).await;
     peer.script(json!({"data": ["550 5.7.64 TenantAttribution; Relay Access Denied"]})).await;
     let out = mailroom(
         &["send", "-n", &ns, "--profile", "relay", "--to", "ops@contoso.com", "--text", "-", "--wait"],
@@ -219,7 +206,7 @@ async fn a_refused_message_exits_1_with_the_reason() {
 async fn wait_without_an_operator_times_out_with_exit_2() {
     let client = common::client().await;
     let ns = common::namespace(&client, "cli-timeout", &[]).await;
-    create_yaml(&client, &ns, &relay_profile("relay", 9)).await;
+    create_yaml(&client, &ns, &common::relay_profile("relay", 9, "")).await;
     let started = std::time::Instant::now();
     let out = mailroom(
         &[
@@ -333,7 +320,7 @@ async fn attachments_inline_and_in_an_owned_secret_arrive_intact() {
     let ns = common::namespace(&client, "cli-attach", &[]).await;
     let peer = SmtpPeer::start(&[]);
     let _op = Operator::start("cli-attach", &ns, &[]);
-    create_yaml(&client, &ns, &relay_profile("relay", peer.smtp_port)).await;
+    create_yaml(&client, &ns, &common::relay_profile("relay", peer.smtp_port, "")).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let small = dir.path().join("summary.csv");
     std::fs::write(&small, "a,b\n1,2\n").expect("write");
@@ -408,7 +395,14 @@ async fn graph_world(test: &str, roles: &[&str], secret: Option<&str>) -> (Strin
         .expect("Secret");
         Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &s).await.expect("Secret");
     }
-    let profile = format!(
+    create_yaml(&client, &ns, &graph_profile(&emu.url)).await;
+    (ns, emu)
+}
+
+/// The Graph MailProfile `m365`, whose token authority and Graph endpoint are both `url`, with
+/// its client secret in the Secret `graph-credentials`.
+fn graph_profile(url: &str) -> String {
+    format!(
         r#"
 apiVersion: mailroom.dev/v1alpha1
 kind: MailProfile
@@ -421,11 +415,8 @@ spec:
     clientSecretRef: {{name: graph-credentials, key: client-secret}}
     authorityHost: {url}
     endpoint: {url}
-"#,
-        url = emu.url
-    );
-    create_yaml(&client, &ns, &profile).await;
-    (ns, emu)
+"#
+    )
 }
 
 async fn check(ns: &str, emu: &Emulator, extra: &[&str]) -> (i32, String, String) {
@@ -726,19 +717,8 @@ apiVersion: v1
 kind: Secret
 metadata: {{name: graph-credentials}}
 stringData: {{client-secret: some-Secret-a1b2}}
----
-apiVersion: mailroom.dev/v1alpha1
-kind: MailProfile
-metadata: {{name: m365}}
-spec:
-  senders: {{default: "alerts@contoso.com"}}
-  graph:
-    tenantId: {TENANT}
-    clientId: {CLIENT}
-    clientSecretRef: {{name: graph-credentials, key: client-secret}}
-    authorityHost: http://127.0.0.1:9
-    endpoint: http://127.0.0.1:9
-"#
+---{}"#,
+        graph_profile("http://127.0.0.1:9")
     );
     create_yaml(&client, &ns, &yaml).await;
     let (code, stdout, _) = parts(&mailroom(&["profile", "check", "m365", "-n", &ns], b"", &[]).await);

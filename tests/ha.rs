@@ -27,20 +27,8 @@ fn replica(test: &str, ns: &str, n: u32) -> Operator {
     )
 }
 
-/// An IP-authenticated relay with limits that never hold a message back.
-fn relay_profile(port: u16) -> String {
-    format!(
-        r#"
-apiVersion: mailroom.dev/v1alpha1
-kind: MailProfile
-metadata: {{name: relay}}
-spec:
-  senders: {{default: "alerts@contoso.com"}}
-  smtp: {{host: 127.0.0.1, port: {port}, tls: None}}
-  limits: {{messagesPerMinute: 100000, maxConcurrent: 5}}
-"#
-    )
-}
+/// Limits that never hold a message back: the tests here are about replicas, not the provider's.
+const LIMITS: &str = "  limits: {messagesPerMinute: 100000, maxConcurrent: 5}\n";
 
 fn message(name: &str) -> EmailMessage {
     serde_json::from_value(json!({
@@ -126,7 +114,7 @@ async fn one_replica_sends_and_the_other_takes_over_after_a_crash() {
     let peer = SmtpPeer::start(&[]);
     // Each answer to DATA takes a while, so that some sends are in flight when the leader dies.
     peer.script(json!({"latency_ms": 300})).await;
-    create_yaml(&client, &ns, &relay_profile(peer.smtp_port)).await;
+    create_yaml(&client, &ns, &common::relay_profile("relay", peer.smtp_port, LIMITS)).await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let api: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);
 
@@ -253,7 +241,7 @@ async fn a_terminated_leader_finishes_its_send_and_hands_over_at_once() {
     let ns = common::namespace(&client, "ha-term", &[]).await;
     let peer = SmtpPeer::start(&[]);
     peer.script(json!({"latency_ms": 2000})).await;
-    create_yaml(&client, &ns, &relay_profile(peer.smtp_port)).await;
+    create_yaml(&client, &ns, &common::relay_profile("relay", peer.smtp_port, LIMITS)).await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let api: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);
 
@@ -325,7 +313,7 @@ async fn a_send_that_outlasts_the_shutdown_timeout_is_left_to_the_successor() {
     let ns = common::namespace(&client, "ha-abandon", &[]).await;
     let peer = SmtpPeer::start(&[]);
     peer.script(json!({"latency_ms": 8000})).await;
-    create_yaml(&client, &ns, &relay_profile(peer.smtp_port)).await;
+    create_yaml(&client, &ns, &common::relay_profile("relay", peer.smtp_port, LIMITS)).await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let api: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);
 

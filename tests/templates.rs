@@ -14,19 +14,6 @@ use mailroom::api::{EmailMessage, Phase};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn relay_profile(port: u16) -> String {
-    format!(
-        r#"
-apiVersion: mailroom.dev/v1alpha1
-kind: MailProfile
-metadata: {{name: relay}}
-spec:
-  senders: {{default: "alerts@contoso.com"}}
-  smtp: {{host: 127.0.0.1, port: {port}, tls: None}}
-"#
-    )
-}
-
 /// A message that names `template` and passes `values` (a YAML flow mapping).
 fn templated(name: &str, template: &str, values: &str) -> String {
     format!(
@@ -55,7 +42,7 @@ async fn the_deployment_notification_example_is_rendered_and_delivered() {
     let ns = common::namespace(&client, "tpl-example", &[]).await;
     let peer = SmtpPeer::start(&[]);
     let op = Operator::start("tpl-example", &ns, &[]);
-    create_yaml(&client, &ns, &relay_profile(peer.smtp_port)).await;
+    create_yaml(&client, &ns, &common::relay_profile("relay", peer.smtp_port, "")).await;
     let example = std::fs::read_to_string(common::repo_root().join("examples/deployment-notification.yaml"))
         .expect("examples/deployment-notification.yaml");
     let example = example
@@ -100,7 +87,7 @@ async fn template_problems_end_the_message_failed_with_a_reason_and_nothing_is_s
     let ns = common::namespace(&client, "tpl-errors", &[]).await;
     let peer = SmtpPeer::start(&[]);
     let op = Operator::start("tpl-errors", &ns, &[]);
-    create_yaml(&client, &ns, &relay_profile(peer.smtp_port)).await;
+    create_yaml(&client, &ns, &common::relay_profile("relay", peer.smtp_port, "")).await;
     create_yaml(
         &client,
         &ns,

@@ -200,6 +200,21 @@ pub async fn create_yaml(client: &Client, namespace: &str, yaml: &str) {
     }
 }
 
+/// A MailProfile sending through the SMTP test server on `port` (plain, no authentication) as
+/// alerts@contoso.com; `extra` is more of its spec, indented by two spaces.
+pub fn relay_profile(name: &str, port: u16, extra: &str) -> String {
+    format!(
+        r#"
+apiVersion: mailroom.dev/v1alpha1
+kind: MailProfile
+metadata: {{name: {name}}}
+spec:
+  senders: {{default: "alerts@contoso.com"}}
+  smtp: {{host: 127.0.0.1, port: {port}, tls: None}}
+{extra}"#
+    )
+}
+
 /// The phase of a message, if it has one.
 pub fn phase(m: &mailroom::api::EmailMessage) -> Option<mailroom::api::Phase> {
     m.phase()
