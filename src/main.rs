@@ -91,6 +91,10 @@ struct RunArgs {
     /// Accept plain http:// Graph and authority endpoints (local testing only).
     #[arg(long, env = "MAILROOM_ALLOW_INSECURE_ENDPOINTS")]
     allow_insecure_endpoints: bool,
+    /// Accept authority hosts and Graph endpoints other than Microsoft's clouds' in namespaced
+    /// MailProfiles (proxies, tests); ClusterMailProfiles may always name them.
+    #[arg(long, env = "MAILROOM_ALLOW_CUSTOM_ENDPOINTS")]
+    allow_custom_endpoints: bool,
     /// Address of the Alertmanager webhook receiver (POST /alerts/{namespace}/{alertroute}); off when unset.
     #[arg(long, env = "MAILROOM_ALERTS_ADDR")]
     alerts_addr: Option<SocketAddr>,
@@ -185,6 +189,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
     let config = OperatorConfig {
         namespace: args.namespace.clone(),
         allow_insecure_endpoints: args.allow_insecure_endpoints,
+        allow_custom_endpoints: args.allow_custom_endpoints,
         trust,
         instance,
         concurrency: args.concurrency,

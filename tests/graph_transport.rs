@@ -176,8 +176,8 @@ async fn send_as_denied_is_permanent_with_the_code() {
 
     let err = transport(&server, Arc::default(), 4).send(&message()).await.unwrap_err();
 
-    let SendError::Permanent { reason } = err else {
-        panic!("403 must be permanent: {err:?}");
+    let SendError::Denied { reason } = err else {
+        panic!("403 ErrorSendAsDenied must be a permanent denial: {err:?}");
     };
     assert!(reason.starts_with("Graph 403 ErrorSendAsDenied: Access is denied."), "{reason}");
     assert!(reason.contains("application access policy"), "{reason}");

@@ -188,9 +188,7 @@ fn message() -> OutgoingMessage {
 }
 
 fn reason(error: &SendError) -> &str {
-    match error {
-        SendError::Transient { reason, .. } | SendError::Permanent { reason } => reason,
-    }
+    error.reason()
 }
 
 fn rcpt_tos(record: &Value) -> Vec<String> {

@@ -48,6 +48,8 @@ pub struct LocalKeySelector {
 pub mod conditions {
     /// A profile can send.
     pub const READY: &str = "Ready";
+    /// What is known of the profile's app's permission to send (advice; it never blocks).
+    pub const PERMISSIONS_VERIFIED: &str = "PermissionsVerified";
     /// A message was delivered.
     pub const SENT: &str = "Sent";
     /// A message has finished, sent or failed.

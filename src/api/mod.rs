@@ -2,6 +2,7 @@
 //! `AlertRoute`.
 
 pub mod alert_route;
+pub mod cloud;
 pub mod common;
 pub mod crd;
 pub mod message;
@@ -9,6 +10,7 @@ pub mod profile;
 pub mod template;
 
 pub use alert_route::*;
+pub use cloud::{Cloud, CloudEndpoints, default_scope};
 pub use common::*;
 pub use message::*;
 pub use profile::*;

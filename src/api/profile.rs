@@ -5,11 +5,12 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::cloud::{Cloud, default_scope};
 use super::common::{SecretKeySelector, SecretReference};
 
-/// Default Entra ID authority.
+/// The Entra ID authority of the Public cloud.
 pub const DEFAULT_AUTHORITY_HOST: &str = "https://login.microsoftonline.com";
-/// Default Microsoft Graph endpoint.
+/// The Microsoft Graph endpoint of the Public cloud.
 pub const DEFAULT_GRAPH_ENDPOINT: &str = "https://graph.microsoft.com";
 /// Exchange Online's sending limit per mailbox.
 pub const DEFAULT_MESSAGES_PER_MINUTE: u32 = 30;
@@ -118,15 +119,31 @@ pub struct EntraCredentials {
     /// Workload identity federation: a projected service account token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload_identity: Option<WorkloadIdentity>,
-    /// The Entra ID authority (sovereign clouds, tests).
+    /// The Microsoft cloud: Public (default), USGovernment, USGovernmentDoD or China. It sets
+    /// the authority host, the Graph endpoint and the token scope, and for XOAUTH2 the Outlook
+    /// scope and the default SMTP host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud: Option<Cloud>,
+    /// The Entra ID authority; default: the cloud's. Other than Microsoft's own, only in a
+    /// ClusterMailProfile or with the operator's `--allow-custom-endpoints` (proxies, tests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authority_host: Option<String>,
+    /// The scope tokens are requested for; default: `<Graph endpoint>/.default` (Graph) or the
+    /// cloud's Outlook scope (XOAUTH2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub token_scope: Option<String>,
 }
 
 impl EntraCredentials {
-    /// The authority host, defaulted.
+    /// The cloud, defaulted.
+    pub fn cloud(&self) -> Cloud {
+        self.cloud.unwrap_or_default()
+    }
+
+    /// The authority host: explicit, else the cloud's.
     pub fn authority_host(&self) -> &str {
-        self.authority_host.as_deref().unwrap_or(DEFAULT_AUTHORITY_HOST)
+        self.authority_host.as_deref().unwrap_or(self.cloud().endpoints().authority_host)
     }
 }
 
@@ -155,9 +172,22 @@ pub struct GraphTransport {
 }
 
 impl GraphTransport {
-    /// The Graph endpoint, defaulted.
+    /// The Graph endpoint: explicit, else the cloud's.
     pub fn endpoint(&self) -> &str {
-        self.endpoint.as_deref().unwrap_or(DEFAULT_GRAPH_ENDPOINT)
+        self.endpoint.as_deref().unwrap_or(self.credentials.cloud().endpoints().graph_endpoint)
+    }
+
+    /// The scope of Graph tokens: explicit; else that of the endpoint actually used when it is
+    /// one of Microsoft's (so `endpoint: https://graph.microsoft.us` asks for the US scope);
+    /// else the cloud's (a proxy in front of the cloud's Graph).
+    pub fn token_scope(&self) -> String {
+        if let Some(scope) = &self.credentials.token_scope {
+            return scope.trim().to_string();
+        }
+        match Cloud::of_graph_endpoint(self.endpoint()) {
+            Some(_) => default_scope(self.endpoint()),
+            None => self.credentials.cloud().graph_scope(),
+        }
     }
 }
 
@@ -174,12 +204,15 @@ pub enum TlsMode {
 }
 
 /// An SMTP server.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.host) || (has(self.auth) && has(self.auth.oauth2))").message("smtp.host is required unless smtp.auth.oauth2 is set (then it defaults to the cloud's SMTP AUTH host)"))]
 pub struct SmtpTransport {
-    /// Host name of the server.
+    /// Host name of the server; with `auth.oauth2` it defaults to the cloud's SMTP AUTH host
+    /// (`smtp.office365.com` for Public).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
-    pub host: String,
+    pub host: Option<String>,
     /// Port; default 25 for a relay, 587 with authentication, 465 with implicit TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
@@ -193,6 +226,30 @@ pub struct SmtpTransport {
 }
 
 impl SmtpTransport {
+    /// The server: explicit, else (XOAUTH2) the cloud's SMTP AUTH host, if Microsoft publishes one.
+    pub fn server(&self) -> Option<&str> {
+        match &self.host {
+            Some(host) => Some(host.as_str()),
+            None => self.oauth2().and_then(|o| o.cloud().endpoints().smtp_host),
+        }
+    }
+
+    /// The XOAUTH2 credentials, when the server is logged in to with OAuth 2.0.
+    pub fn oauth2(&self) -> Option<&EntraCredentials> {
+        self.auth.as_ref().and_then(|a| a.oauth2.as_ref())
+    }
+
+    /// The scope of XOAUTH2 tokens: explicit; else the Outlook scope of the cloud whose SMTP
+    /// host the server is (`smtp.office365.us` asks for the US scope); else the cloud's.
+    pub fn token_scope(&self) -> Option<String> {
+        let oauth2 = self.oauth2()?;
+        if let Some(scope) = &oauth2.token_scope {
+            return Some(scope.trim().to_string());
+        }
+        let cloud = self.host.as_deref().and_then(Cloud::of_smtp_host).unwrap_or(oauth2.cloud());
+        Some(cloud.outlook_scope())
+    }
+
     /// The TLS mode, defaulted.
     pub fn tls(&self) -> TlsMode {
         self.tls.unwrap_or_default()

@@ -7,6 +7,7 @@ mod assertion;
 mod cache;
 mod caches;
 mod credential;
+mod permissions;
 mod provider;
 mod request;
 mod response;
@@ -16,6 +17,10 @@ pub use assertion::{ASSERTION_ALGORITHM, ASSERTION_LIFETIME, AssertionClaims, Ce
 pub use cache::{TokenCache, TokenState};
 pub use caches::TokenCaches;
 pub use credential::{Credential, DEFAULT_AUTHORITY_HOST, EntraApp, check_authority_host};
+pub use permissions::{
+    AuthorizationPath, MAIL_SEND, PermissionVerdict, SMTP_SEND_AS_APP, SendEvidence, entra_remedy, rbac_remedy,
+    verify_permissions,
+};
 pub use provider::{EntraTokenProvider, TokenIssuer};
 pub use request::{ClientAuthentication, JWT_BEARER_ASSERTION_TYPE, TokenRequest, token_request, token_url};
 pub use response::{IssuedToken, aadsts_hint, describe_token_error, parse_token_response, token_roles};

@@ -13,9 +13,12 @@ use kube::{Api, Client};
 
 use super::{exit, parse_duration, printable};
 use crate::api::{ClusterMailProfile, MailProfile, MailProfileSpec};
-use crate::auth::{TokenCacheConfig, TokenCaches, TokenSource, TokenState};
+use crate::auth::{
+    AuthorizationPath, PermissionVerdict, SendEvidence, TokenCacheConfig, TokenCaches, TokenSource, TokenState,
+    entra_remedy, verify_permissions,
+};
 use crate::controller::outgoing::message_id;
-use crate::controller::profile::{judge, profile_trust, read_credential, required_role, validate};
+use crate::controller::profile::{EndpointPolicy, judge, profile_trust, read_credential, required_role, validate};
 use crate::controller::registry::{NotReady, ProfileKey};
 use crate::controller::wiring::{self, Built, TransportInputs};
 use crate::tls::TrustRoots;
@@ -40,6 +43,9 @@ pub struct CheckArgs {
     /// Accept plain http:// Graph and authority endpoints (local testing only), as the operator's flag.
     #[arg(long)]
     pub allow_insecure_endpoints: bool,
+    /// Accept authority hosts and Graph endpoints other than Microsoft's in a MailProfile, as the operator's flag.
+    #[arg(long)]
+    pub allow_custom_endpoints: bool,
     /// Also send a test message to this mailbox through the profile's transport.
     #[arg(long, value_name = "MAILBOX")]
     pub send_test: Option<String>,
@@ -82,7 +88,9 @@ pub async fn run(args: CheckArgs) -> u8 {
     } else {
         ProfileKey::Namespaced { namespace, name: args.name.clone() }
     };
-    let check = Check { client, key, trust, allow_insecure: args.allow_insecure_endpoints, timeout: args.timeout };
+    let policy =
+        EndpointPolicy { allow_insecure: args.allow_insecure_endpoints, allow_custom: args.allow_custom_endpoints };
+    let check = Check { client, key, trust, policy, timeout: args.timeout };
     match check.run(test_to).await {
         Ok(()) => exit::OK,
         Err(nr) => {
@@ -97,7 +105,7 @@ struct Check {
     client: Client,
     key: ProfileKey,
     trust: TrustRoots,
-    allow_insecure: bool,
+    policy: EndpointPolicy,
     timeout: Duration,
 }
 
@@ -105,14 +113,14 @@ impl Check {
     async fn run(&self, test_to: Option<Address>) -> Result<(), NotReady> {
         let settings = self.settings().await?;
         println!("profile: {} ({})", self.key, settings.transport_name());
-        validate(&self.key, &settings, self.allow_insecure)?;
+        validate(&self.key, &settings, self.policy)?;
         let credential = read_credential(&self.client, &self.key, &settings).await.map_err(api_error)??;
         let inputs = TransportInputs {
             profile: self.key.to_string(),
             settings: &settings,
             credential,
             trust: profile_trust(&self.trust, &settings)?,
-            allow_insecure: self.allow_insecure,
+            allow_insecure: self.policy.allow_insecure,
         };
         let caches = TokenCaches::new(TokenCacheConfig::default());
         let smtp = match &settings.smtp {
@@ -141,8 +149,12 @@ impl Check {
         if let Some(state) = &token {
             print!("{}", describe_token(state, Timestamp::now()));
         }
-        let judged = judge(Ok(transport), token, required_role(&settings), Timestamp::now());
+        let role = required_role(&settings);
+        let judged = judge(Ok(transport), token.clone(), role, None, Timestamp::now());
         let ready = judged.condition?;
+        if let (Some(role), Some(verdict)) = (role, &judged.permissions) {
+            print!("{}", describe_authorization(role, verdict));
+        }
         let sender = parse_mailbox(&settings.senders.default)
             .map_err(|e| NotReady { reason: "InvalidSettings".into(), message: format!("senders.default: {e}") })?;
         if let Some(config) = smtp {
@@ -163,6 +175,10 @@ impl Check {
             .map_err(|_| send_failed(format!("no answer within {}", super::human_duration(self.timeout))))?
             .map_err(|e| send_failed(e.to_string()))?;
         println!("test message: accepted: {}", printable(&delivered.response));
+        if let (Some(role), Some(state)) = (role, &token) {
+            let accepted = SendEvidence::Accepted { sender: message.from.email.clone(), at: Timestamp::now() };
+            print!("{}", describe_authorization(role, &verify_permissions(role, &state.roles, Some(&accepted))));
+        }
         if let Some(id) = delivered.request_id {
             println!("  request-id: {}", printable(&id));
         }
@@ -213,6 +229,23 @@ pub fn describe_token(state: &TokenState, now: Timestamp) -> String {
     out
 }
 
+/// Which of Microsoft 365's two ways of authorising an app the check sees.
+pub fn describe_authorization(role: &str, verdict: &PermissionVerdict) -> String {
+    let line = match verdict.path {
+        AuthorizationPath::EntraPermission => {
+            format!("Microsoft Entra application permission {role} (in the token; tenant-wide)")
+        }
+        AuthorizationPath::ExchangeRbac => format!(
+            "Exchange Online RBAC for Applications (the token carries no {role} role, and the message was accepted)"
+        ),
+        AuthorizationPath::Unknown => format!(
+            "no {role} role in the token: Exchange Online RBAC for Applications decides per mailbox, if the app has a role assignment (--send-test MAILBOX proves it); otherwise {}",
+            entra_remedy(role)
+        ),
+    };
+    format!("authorisation: {line}\n")
+}
+
 /// What the SMTP server showed.
 pub fn describe_probe(probe: &SmtpProbe) -> String {
     let mechanisms =
@@ -247,6 +280,19 @@ pub fn test_message(key: &ProfileKey, from: Address, to: Address) -> OutgoingMes
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_authorisation_path_is_named() {
+        let entra = describe_authorization("Mail.Send", &verify_permissions("Mail.Send", &["Mail.Send".into()], None));
+        assert!(entra.contains("Microsoft Entra application permission Mail.Send"), "{entra}");
+        let unknown = describe_authorization("Mail.Send", &verify_permissions("Mail.Send", &[], None));
+        assert!(unknown.contains("Exchange Online RBAC for Applications decides") && unknown.contains("--send-test"));
+        let accepted =
+            SendEvidence::Accepted { sender: "a@contoso.com".into(), at: Timestamp::from_second(0).unwrap() };
+        let rbac =
+            describe_authorization("SMTP.SendAsApp", &verify_permissions("SMTP.SendAsApp", &[], Some(&accepted)));
+        assert!(rbac.starts_with("authorisation: Exchange Online RBAC for Applications"), "{rbac}");
+    }
 
     #[test]
     fn token_description_never_has_the_token() {

@@ -1,6 +1,6 @@
 //! What the reconcilers share.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use kube::Client;
@@ -10,7 +10,7 @@ use tokio::sync::{OnceCell, mpsc, watch};
 use super::registry::ProfileKey;
 use super::registry::ProfileRegistry;
 use crate::api::{ClusterMailProfile, EmailMessage, MailProfile};
-use crate::auth::{TokenCacheConfig, TokenCaches};
+use crate::auth::{SendEvidence, TokenCacheConfig, TokenCaches};
 use crate::delivery::limits::SendLimits;
 use crate::metrics::Metrics;
 use crate::server::Health;
@@ -24,6 +24,8 @@ pub struct OperatorConfig {
     pub namespace: Option<String>,
     /// Accept plain `http://` Graph and authority endpoints (local testing only).
     pub allow_insecure_endpoints: bool,
+    /// Accept authority hosts and Graph endpoints other than Microsoft's in MailProfiles.
+    pub allow_custom_endpoints: bool,
     /// Roots trusted besides the platform's.
     pub trust: TrustRoots,
     /// This process's name in Events (the pod name).
@@ -36,6 +38,14 @@ pub struct OperatorConfig {
 pub const DEFAULT_CONCURRENCY: u16 = 64;
 
 impl OperatorConfig {
+    /// Which endpoints profiles may name.
+    pub fn endpoint_policy(&self) -> super::profile::EndpointPolicy {
+        super::profile::EndpointPolicy {
+            allow_insecure: self.allow_insecure_endpoints,
+            allow_custom: self.allow_custom_endpoints,
+        }
+    }
+
     /// EmailMessages reconciled at once.
     pub fn concurrency(&self) -> u16 {
         if self.concurrency == 0 { DEFAULT_CONCURRENCY } else { self.concurrency }
@@ -76,6 +86,8 @@ pub struct Context {
     pub followed_caches: Mutex<HashSet<usize>>,
     /// True once a graceful shutdown began: from then on no message is claimed.
     pub stopping: watch::Sender<bool>,
+    /// What the latest sends told of each profile's authorisation, for `PermissionsVerified`.
+    pub send_evidence: Mutex<HashMap<ProfileKey, SendEvidence>>,
 }
 
 /// Wakes a message whose turn came, unless it is gone from the cache or finished.
@@ -124,6 +136,7 @@ impl Context {
             token_caches: TokenCaches::new(TokenCacheConfig::default()),
             followed_caches: Mutex::new(HashSet::new()),
             stopping: watch::Sender::new(false),
+            send_evidence: Mutex::new(HashMap::new()),
         };
         (ctx, Triggers { messages: woken, mail_profiles: profiles, cluster_profiles })
     }
@@ -157,6 +170,37 @@ impl Context {
     pub async fn stopped(&self) {
         let mut rx = self.stopping.subscribe();
         let _ = rx.wait_for(|stopping| *stopping).await;
+    }
+
+    /// Records what a send told of a profile's authorisation and, when that is news, has the
+    /// profile reconciled so that its `PermissionsVerified` condition shows it.
+    pub fn note_send_evidence(&self, key: &ProfileKey, evidence: SendEvidence) {
+        let news = {
+            let mut known = self.send_evidence.lock().unwrap_or_else(|e| e.into_inner());
+            let news = evidence.is_news(known.get(key));
+            if news {
+                known.insert(key.clone(), evidence);
+            }
+            news
+        };
+        if news {
+            let _ = match key {
+                ProfileKey::Namespaced { namespace, name } => {
+                    self.wake_profile.send(ObjectRef::new(name).within(namespace)).is_ok()
+                }
+                ProfileKey::Cluster { name } => self.wake_cluster_profile.send(ObjectRef::new(name)).is_ok(),
+            };
+        }
+    }
+
+    /// What the latest sends told of a profile's authorisation.
+    pub fn send_evidence(&self, key: &ProfileKey) -> Option<SendEvidence> {
+        self.send_evidence.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
+    }
+
+    /// Forgets what sends told of a profile (it was deleted, or its app or credential changed).
+    pub fn forget_send_evidence(&self, key: &ProfileKey) {
+        self.send_evidence.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
     }
 
     /// Whether the profile still exists (a deleted profile's resolution may linger in the registry).

@@ -21,6 +21,7 @@ use super::outgoing::{self, BuildError, MAX_MESSAGE_BYTES, MAX_SMTP_MESSAGE_BYTE
 use super::registry::{ProfileKey, ResolvedProfile};
 use super::status::{self, Claim};
 use crate::api::{EmailMessage, EmailMessageStatus, OnUncertain, Phase};
+use crate::auth::SendEvidence;
 use crate::delivery::limits::{SendPermit, Turn};
 use crate::delivery::policy;
 use crate::delivery::retry::{self, RetryDecision, RetryPolicy};
@@ -229,6 +230,9 @@ async fn claim_and_send(
     let msg = &msg;
     let now = Timestamp::now();
     let gen_ = msg.metadata.generation;
+    if let Some(evidence) = send_evidence(&result, &claim.from, now) {
+        ctx.note_send_evidence(&profile.key, evidence);
+    }
     match result {
         Ok(delivered) => {
             let next = status::sent(
@@ -253,7 +257,7 @@ async fn claim_and_send(
             }
             Ok(expire_after(msg))
         }
-        Err(SendError::Permanent { reason }) => {
+        Err(SendError::Permanent { reason }) | Err(SendError::Denied { reason }) => {
             let next = status::failed(&claimed, "SendFailed", &reason, gen_, now);
             record_outcome(api, msg, &next).await?;
             warn!(message = %msg.name_any(), attempt, %reason, "failed");
@@ -573,6 +577,22 @@ pub fn error_policy(_msg: Arc<EmailMessage>, err: &Error, ctx: Arc<Context>) -> 
     Action::requeue(Duration::from_secs(5))
 }
 
+/// What a send's outcome tells of the app's authorisation for the sender mailbox: an accepted
+/// message proves it, a denial disproves it, anything else (network, throttling) says nothing.
+fn send_evidence(
+    result: &Result<crate::transport::Delivered, SendError>,
+    sender: &str,
+    now: Timestamp,
+) -> Option<SendEvidence> {
+    match result {
+        Ok(_) => Some(SendEvidence::Accepted { sender: sender.to_string(), at: now }),
+        Err(SendError::Denied { reason }) => {
+            Some(SendEvidence::Denied { sender: sender.to_string(), reason: reason.clone(), at: now })
+        }
+        Err(_) => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -668,5 +688,20 @@ mod tests {
     fn outcome_retry_delays_double_up_to_four_seconds() {
         let delays: Vec<u64> = (1..=7).map(|t| outcome_retry_delay(t).as_millis() as u64).collect();
         assert_eq!(delays, vec![250, 500, 1000, 2000, 4000, 4000, 4000]);
+    }
+
+    #[test]
+    fn only_acceptance_and_denial_are_evidence() {
+        let now = Timestamp::from_second(1_800_000_000).expect("time");
+        let ok: Result<crate::transport::Delivered, SendError> =
+            Ok(crate::transport::Delivered { response: "202 Accepted".into(), request_id: None, rejected: vec![] });
+        assert_eq!(
+            send_evidence(&ok, "a@contoso.com", now),
+            Some(SendEvidence::Accepted { sender: "a@contoso.com".into(), at: now })
+        );
+        let denied = Err(SendError::Denied { reason: "Graph 403 ErrorAccessDenied".into() });
+        assert!(matches!(send_evidence(&denied, "a@contoso.com", now), Some(SendEvidence::Denied { .. })));
+        assert_eq!(send_evidence(&Err(SendError::permanent("550 no such user")), "a@contoso.com", now), None);
+        assert_eq!(send_evidence(&Err(SendError::transient("Graph 429")), "a@contoso.com", now), None);
     }
 }

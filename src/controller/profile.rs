@@ -17,10 +17,12 @@ use super::context::Context;
 use super::registry::{NotReady, ProfileKey, ResolvedProfile};
 use super::wiring::{self, Built, CredentialMaterial, TransportInputs};
 use crate::api::{
-    ClusterMailProfile, EmailMessage, EntraCredentials, MailProfile, MailProfileSpec, MailProfileStatus, ProfileKind,
-    SecretKeySelector, SecretReference, TokenStatus, condition, conditions, set_condition,
+    Cloud, ClusterMailProfile, EmailMessage, EntraCredentials, MailProfile, MailProfileSpec, MailProfileStatus,
+    ProfileKind, SecretKeySelector, SecretReference, TokenStatus, condition, conditions, set_condition,
 };
-use crate::auth::{TokenCache, TokenState};
+use crate::auth::{
+    MAIL_SEND, PermissionVerdict, SMTP_SEND_AS_APP, SendEvidence, TokenCache, TokenState, verify_permissions,
+};
 use crate::error::{Error, Result};
 use crate::metrics::ProfileLabels;
 use crate::tls::TrustRoots;
@@ -86,8 +88,30 @@ where
             let _ = tokio::time::timeout(FIRST_TOKEN_WAIT, crate::auth::TokenSource::token(cache.as_ref())).await;
         }
     }
-    let judged = judge(built.map(|b| b.transport), tokens.as_ref().map(|c| c.snapshot()), required_role(settings), now);
+    let evidence = ctx.send_evidence(&key);
+    let judged = judge(
+        built.map(|b| b.transport),
+        tokens.as_ref().map(|c| c.snapshot()),
+        required_role(settings),
+        evidence.as_ref(),
+        now,
+    );
     next.token = judged.token;
+    match &judged.permissions {
+        Some(v) => {
+            let c = condition(
+                &status.conditions,
+                conditions::PERMISSIONS_VERIFIED,
+                v.verified,
+                v.reason,
+                v.message.clone(),
+                generation,
+                Time(now),
+            );
+            set_condition(&mut next.conditions, c);
+        }
+        None => next.conditions.retain(|c| c.type_ != conditions::PERMISSIONS_VERIFIED),
+    }
     let ready = match &judged.condition {
         Ok(message) => {
             condition(&status.conditions, conditions::READY, true, "Ready", message.clone(), generation, Time(now))
@@ -135,23 +159,33 @@ pub struct Judgement {
     pub condition: Result<String, NotReady>,
     /// `status.token`.
     pub token: Option<TokenStatus>,
+    /// The `PermissionsVerified` condition of a profile with a token.
+    pub permissions: Option<PermissionVerdict>,
 }
 
 /// Decides readiness from the transport and the token cache's state. A failed refresh while the
 /// current token is still valid keeps messages flowing but shows `Ready=False`, so people see it
-/// before the token runs out.
+/// before the token runs out. The token's roles never hold messages back: an app authorised
+/// through Exchange Online RBAC for Applications gets tokens without them
+/// ([`crate::auth::verify_permissions`]); they only inform `PermissionsVerified`.
 pub fn judge(
     transport: Result<Arc<dyn crate::transport::Transport>, NotReady>,
     token: Option<TokenState>,
     required_role: Option<&str>,
+    evidence: Option<&SendEvidence>,
     now: Timestamp,
 ) -> Judgement {
     let transport = match transport {
         Ok(t) => t,
-        Err(nr) => return Judgement { state: Err(nr.clone()), condition: Err(nr), token: None },
+        Err(nr) => return Judgement { state: Err(nr.clone()), condition: Err(nr), token: None, permissions: None },
     };
     let Some(token) = token else {
-        return Judgement { state: Ok(transport), condition: Ok("profile can send".into()), token: None };
+        return Judgement {
+            state: Ok(transport),
+            condition: Ok("profile can send".into()),
+            token: None,
+            permissions: None,
+        };
     };
     let status = TokenStatus {
         expires_at: token.expires_at.map(Time),
@@ -159,61 +193,40 @@ pub fn judge(
         roles: token.roles.clone(),
     };
     let valid = token.expires_at.is_some_and(|e| e > now);
-    match (&token.last_error, valid) {
-        (Some(err), true) => Judgement {
-            state: Ok(transport),
-            condition: Err(NotReady {
+    let permissions = (valid || token.last_refresh_time.is_some())
+        .then(|| required_role.map(|role| verify_permissions(role, &token.roles, evidence)))
+        .flatten();
+    let (state, condition) = match (&token.last_error, valid) {
+        (Some(err), true) => (
+            Ok(transport),
+            Err(NotReady {
                 reason: "TokenRefreshFailed".into(),
                 message: format!("{err}; the current token stays in use until it expires"),
             }),
-            token: Some(status),
-        },
+        ),
         (Some(err), false) => {
             let nr = NotReady { reason: "TokenRequestFailed".into(), message: err.to_string() };
-            Judgement { state: Err(nr.clone()), condition: Err(nr), token: Some(status) }
+            (Err(nr.clone()), Err(nr))
         }
-        (None, true) => match required_role.filter(|role| !token.roles.iter().any(|r| r == role)) {
-            // A token can be issued without the permission that sending needs; the failure would
-            // only show later, as a 403 on every message. Messages wait until it is granted.
-            Some(role) => {
-                let nr = missing_permission(role, &token.roles);
-                Judgement { state: Err(nr.clone()), condition: Err(nr), token: Some(status) }
-            }
-            None => Judgement {
-                state: Ok(transport),
-                condition: Ok("token acquired; profile can send".into()),
-                token: Some(status),
-            },
-        },
+        (None, true) => (Ok(transport), Ok("token acquired; profile can send".into())),
         (None, false) => {
             let nr = NotReady {
                 reason: "TokenPending".into(),
                 message: "waiting for the first token from Microsoft Entra ID".into(),
             };
-            Judgement { state: Err(nr.clone()), condition: Err(nr), token: Some(status) }
+            (Err(nr.clone()), Err(nr))
         }
-    }
+    };
+    Judgement { state, condition, token: Some(status), permissions }
 }
 
-/// The application role a profile's token must carry to send: `Mail.Send` for Graph,
+/// The application role a profile's app needs to send: `Mail.Send` for Graph,
 /// `SMTP.SendAsApp` for SMTP with OAuth 2.0.
 pub fn required_role(settings: &MailProfileSpec) -> Option<&'static str> {
     if settings.graph.is_some() {
-        return Some("Mail.Send");
+        return Some(MAIL_SEND);
     }
-    settings.smtp.as_ref().and_then(|s| s.auth.as_ref()).and_then(|a| a.oauth2.as_ref()).map(|_| "SMTP.SendAsApp")
-}
-
-/// What to grant, and where, when the token lacks the role.
-fn missing_permission(role: &str, has: &[String]) -> NotReady {
-    let api = if role == "Mail.Send" { "Microsoft Graph" } else { "Office 365 Exchange Online" };
-    let has = if has.is_empty() { "none".to_string() } else { has.join(", ") };
-    NotReady {
-        reason: "MissingPermission".into(),
-        message: format!(
-            "the app's token lacks the {role} application role (it has: {has}); in Microsoft Entra ID, add the {api} application permission {role} to the app registration and grant admin consent; the next token picks it up"
-        ),
-    }
+    settings.smtp.as_ref().and_then(|s| s.oauth2()).map(|_| SMTP_SEND_AS_APP)
 }
 
 /// Re-reconciles the profile whenever its token cache refreshes or fails, and keeps the token
@@ -267,6 +280,7 @@ fn forget(ctx: &Context, key: &ProfileKey, cache_address: usize) {
     ctx.token_caches.remove_profile(&name);
     ctx.profiles.remove(key);
     ctx.limits.forget_profile(&name);
+    ctx.forget_send_evidence(key);
     ctx.followed_caches.lock().unwrap_or_else(|e| e.into_inner()).remove(&cache_address);
     tracing::info!(profile = %key, "profile deleted: its token refreshes stopped");
     // Its messages waiting for a turn were in the queues just dropped: they now wait for the profile.
@@ -299,7 +313,7 @@ type Resolution = (Result<Built, NotReady>, u64);
 /// The profile's transport, or why it cannot have one, and the digest of its inputs. API errors
 /// are returned as errors. An unchanged profile keeps its transport (and what it has learned).
 async fn resolve(ctx: &Context, key: &ProfileKey, settings: &MailProfileSpec) -> Result<Resolution> {
-    if let Err(nr) = validate(key, settings, ctx.config.allow_insecure_endpoints) {
+    if let Err(nr) = validate(key, settings, ctx.config.endpoint_policy()) {
         return Ok((Err(nr), 0));
     }
     let credential = match read_credential(&ctx.client, key, settings).await? {
@@ -313,11 +327,16 @@ async fn resolve(ctx: &Context, key: &ProfileKey, settings: &MailProfileSpec) ->
         credential.hash(&mut h);
         h.finish()
     };
-    if let Some(existing) = ctx.profiles.get(key)
-        && existing.fingerprint == fingerprint
-        && let Ok(transport) = &existing.state
-    {
-        return Ok((Ok(Built { transport: Arc::clone(transport), tokens: existing.tokens.clone() }), fingerprint));
+    if let Some(existing) = ctx.profiles.get(key) {
+        if existing.fingerprint == fingerprint
+            && let Ok(transport) = &existing.state
+        {
+            return Ok((Ok(Built { transport: Arc::clone(transport), tokens: existing.tokens.clone() }), fingerprint));
+        }
+        if existing.fingerprint != fingerprint {
+            // Another app, credential or endpoint: what sends told of the old one no longer holds.
+            ctx.forget_send_evidence(key);
+        }
     }
     let trust = match profile_trust(&ctx.config.trust, settings) {
         Ok(trust) => trust,
@@ -347,21 +366,57 @@ fn invalid(message: String) -> NotReady {
     NotReady { reason: "InvalidSettings".into(), message }
 }
 
-/// Checks what the CRD schema cannot: endpoints, and which namespaces Secret references name.
-pub fn validate(key: &ProfileKey, settings: &MailProfileSpec, allow_insecure: bool) -> Result<(), NotReady> {
-    let check_url = |field: &str, url: &str| -> Result<(), NotReady> {
-        if url.starts_with("https://") || (allow_insecure && url.starts_with("http://")) {
-            Ok(())
-        } else if url.starts_with("http://") {
-            Err(invalid(format!(
+/// Which endpoints a profile may name besides Microsoft's cloud endpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointPolicy {
+    /// Plain `http://` endpoints (the operator's `--allow-insecure-endpoints`; local testing only).
+    /// Such an endpoint is never Microsoft's, so this admits custom endpoints as well.
+    pub allow_insecure: bool,
+    /// Authority hosts and Graph endpoints other than Microsoft's in namespaced MailProfiles
+    /// (the operator's `--allow-custom-endpoints`).
+    pub allow_custom: bool,
+}
+
+impl EndpointPolicy {
+    /// Whether the profile `key` may name an endpoint that is not one of Microsoft's. A
+    /// ClusterMailProfile is written by a cluster administrator; a MailProfile by a namespace's
+    /// users, who must not point the operator at arbitrary internal URLs.
+    fn custom_allowed(&self, key: &ProfileKey) -> bool {
+        self.allow_custom || self.allow_insecure || matches!(key, ProfileKey::Cluster { .. })
+    }
+}
+
+/// Checks what the CRD schema cannot: endpoints, the SMTP server, the token scope, and which
+/// namespaces Secret references name.
+pub fn validate(key: &ProfileKey, settings: &MailProfileSpec, policy: EndpointPolicy) -> Result<(), NotReady> {
+    let check_url = |field: &str, url: &str, microsoft: fn(&str) -> bool, known: &str| -> Result<(), NotReady> {
+        if url.starts_with("http://") && !policy.allow_insecure {
+            return Err(invalid(format!(
                 "{field} {url} is plain http; only https is allowed (the operator's --allow-insecure-endpoints is for local testing)"
-            )))
-        } else {
-            Err(invalid(format!("{field} {url} must be an https:// URL")))
+            )));
         }
+        if !url.starts_with("https://") && !url.starts_with("http://") {
+            return Err(invalid(format!("{field} {url} must be an https:// URL")));
+        }
+        if !microsoft(url) && !policy.custom_allowed(key) {
+            return Err(invalid(format!(
+                "{field} {url} is not one of Microsoft's ({known}); a MailProfile may only use Microsoft's cloud endpoints (set cloud instead), custom endpoints need a ClusterMailProfile or the operator's --allow-custom-endpoints"
+            )));
+        }
+        Ok(())
     };
     let entra = |prefix: &str, c: &EntraCredentials| -> Result<(), NotReady> {
-        check_url(&format!("{prefix}.authorityHost"), c.authority_host())?;
+        check_url(
+            &format!("{prefix}.authorityHost"),
+            c.authority_host(),
+            Cloud::is_authority_host,
+            &known_authorities(),
+        )?;
+        if let Some(scope) = &c.token_scope
+            && (scope.trim().is_empty() || scope.trim().contains(char::is_whitespace))
+        {
+            return Err(invalid(format!("{prefix}.tokenScope {scope:?} must be one scope, without spaces")));
+        }
         let count = [c.client_secret_ref.is_some(), c.certificate_ref.is_some(), c.workload_identity.is_some()]
             .iter()
             .filter(|x| **x)
@@ -381,10 +436,16 @@ pub fn validate(key: &ProfileKey, settings: &MailProfileSpec, allow_insecure: bo
     };
     match (&settings.graph, &settings.smtp) {
         (Some(g), None) => {
-            check_url("graph.endpoint", g.endpoint())?;
+            check_url("graph.endpoint", g.endpoint(), |u| Cloud::of_graph_endpoint(u).is_some(), &known_graph())?;
             entra("graph", &g.credentials)?;
         }
         (None, Some(s)) => {
+            if s.server().is_none() {
+                let cloud = s.oauth2().map(|o| o.cloud()).unwrap_or_default();
+                return Err(invalid(format!(
+                    "smtp.host is not set, and Microsoft publishes no SMTP AUTH host for the {cloud:?} cloud: set smtp.host"
+                )));
+            }
             if let Some(auth) = &s.auth {
                 match (&auth.password, &auth.oauth2) {
                     (Some(p), None) => {
@@ -402,6 +463,16 @@ pub fn validate(key: &ProfileKey, settings: &MailProfileSpec, allow_insecure: bo
         }
     }
     Ok(())
+}
+
+fn known_authorities() -> String {
+    let mut hosts: Vec<&str> = Cloud::ALL.iter().map(|c| c.endpoints().authority_host).collect();
+    hosts.dedup();
+    hosts.join(", ")
+}
+
+fn known_graph() -> String {
+    Cloud::ALL.iter().map(|c| c.endpoints().graph_endpoint).collect::<Vec<_>>().join(", ")
 }
 
 fn check_ref_namespace(key: &ProfileKey, field: &str, namespace: Option<&str>) -> Result<(), NotReady> {
@@ -597,7 +668,9 @@ mod tests {
                     }),
                     certificate_ref: None,
                     workload_identity: None,
+                    cloud: None,
                     authority_host: None,
+                    token_scope: None,
                 },
                 save_to_sent_items: None,
                 endpoint: Some(endpoint.into()),
@@ -637,22 +710,20 @@ mod tests {
     }
 
     fn judged(t: TokenState, role: Option<&str>) -> Judgement {
-        judge(Ok(Arc::new(NoTransport)), Some(t), role, Timestamp::from_second(1_000).unwrap())
+        judge(Ok(Arc::new(NoTransport)), Some(t), role, None, Timestamp::from_second(1_000).unwrap())
     }
+
+    const STRICT: EndpointPolicy = EndpointPolicy { allow_insecure: false, allow_custom: false };
+    const CUSTOM: EndpointPolicy = EndpointPolicy { allow_insecure: false, allow_custom: true };
+    const INSECURE: EndpointPolicy = EndpointPolicy { allow_insecure: true, allow_custom: false };
+    const GRAPH: &str = "https://graph.microsoft.com";
 
     #[test]
     fn readiness_follows_the_token() {
         let ok = judged(token(&["Mail.Send"], None, 3600), Some("Mail.Send"));
         assert!(ok.state.is_ok() && ok.condition.is_ok());
         assert_eq!(ok.token.unwrap().roles, ["Mail.Send"]);
-
-        let missing = judged(token(&[], None, 3600), Some("Mail.Send"));
-        let nr = missing.condition.unwrap_err();
-        assert_eq!(nr.reason, "MissingPermission");
-        assert!(nr.message.contains("Mail.Send") && nr.message.contains("admin consent"), "{}", nr.message);
-        assert!(missing.state.is_err(), "messages wait until the permission is granted");
-        let smtp = judged(token(&["Mail.Send"], None, 3600), Some("SMTP.SendAsApp")).condition.unwrap_err();
-        assert!(smtp.message.contains("Office 365 Exchange Online"), "{}", smtp.message);
+        assert_eq!(ok.permissions.map(|p| (p.verified, p.reason)), Some((true, "RoleInToken")));
 
         let failing =
             judged(token(&["Mail.Send"], Some("AADSTS7000215: invalid client secret"), 60), Some("Mail.Send"));
@@ -665,39 +736,173 @@ mod tests {
     }
 
     #[test]
+    fn a_token_without_the_role_still_sends() {
+        // Exchange Online RBAC for Applications: the grant is not in the token.
+        for role in ["Mail.Send", "SMTP.SendAsApp"] {
+            let rbac = judged(token(&[], None, 3600), Some(role));
+            assert!(rbac.state.is_ok(), "{role}: messages go out; the provider's answer decides");
+            assert_eq!(rbac.condition.as_deref().ok(), Some("token acquired; profile can send"));
+            let advice = rbac.permissions.expect("a PermissionsVerified condition");
+            assert_eq!((advice.verified, advice.reason), (false, "RoleNotInToken"));
+            assert!(advice.message.contains(&format!("Application {role}")), "{}", advice.message);
+        }
+        let accepted =
+            SendEvidence::Accepted { sender: "a@contoso.com".into(), at: Timestamp::from_second(999).unwrap() };
+        let seen = judge(
+            Ok(Arc::new(NoTransport)),
+            Some(token(&[], None, 3600)),
+            Some("Mail.Send"),
+            Some(&accepted),
+            Timestamp::from_second(1_000).unwrap(),
+        );
+        assert_eq!(seen.permissions.map(|p| (p.verified, p.reason)), Some((true, "AuthorizedByExchange")));
+        let relay = judged(token(&[], None, 3600), None);
+        assert!(relay.permissions.is_none(), "no app, no permission to verify");
+    }
+
+    #[test]
     fn required_roles_follow_the_transport() {
-        assert_eq!(required_role(&graph("https://g", None)), Some("Mail.Send"));
+        assert_eq!(required_role(&graph(GRAPH, None)), Some("Mail.Send"));
         let relay = MailProfileSpec {
-            smtp: Some(SmtpTransport { host: "relay".into(), port: Some(25), tls: None, auth: None }),
+            smtp: Some(SmtpTransport { host: Some("relay".into()), port: Some(25), tls: None, auth: None }),
             graph: None,
-            ..graph("https://g", None)
+            ..graph(GRAPH, None)
         };
         assert_eq!(required_role(&relay), None);
+        assert_eq!(required_role(&xoauth2(None, None)), Some("SMTP.SendAsApp"));
+    }
+
+    fn credentials(spec: &MailProfileSpec) -> EntraCredentials {
+        spec.graph.as_ref().map(|g| g.credentials.clone()).expect("graph")
+    }
+
+    fn xoauth2(host: Option<&str>, cloud: Option<Cloud>) -> MailProfileSpec {
+        let mut oauth2 = credentials(&graph(GRAPH, None));
+        oauth2.cloud = cloud;
+        MailProfileSpec {
+            smtp: Some(SmtpTransport {
+                host: host.map(Into::into),
+                port: None,
+                tls: None,
+                auth: Some(crate::api::SmtpAuth { password: None, oauth2: Some(oauth2) }),
+            }),
+            graph: None,
+            ..graph(GRAPH, None)
+        }
     }
 
     #[test]
     fn plain_http_needs_the_flag() {
-        let err = validate(&ns_key(), &graph("http://127.0.0.1:1", None), false).unwrap_err();
+        let err = validate(&ns_key(), &graph("http://127.0.0.1:1", None), CUSTOM).unwrap_err();
         assert!(err.message.contains("plain http"), "{}", err.message);
-        assert!(validate(&ns_key(), &graph("http://127.0.0.1:1", None), true).is_ok());
-        assert!(validate(&ns_key(), &graph("https://graph.microsoft.com", None), false).is_ok());
-        assert!(validate(&ns_key(), &graph("ftp://x", None), true).is_err());
+        assert!(validate(&ns_key(), &graph("http://127.0.0.1:1", None), INSECURE).is_ok());
+        assert!(validate(&ns_key(), &graph(GRAPH, None), STRICT).is_ok());
+        assert!(validate(&ns_key(), &graph("ftp://x", None), INSECURE).is_err());
+    }
+
+    #[test]
+    fn a_mailprofile_may_only_name_microsofts_endpoints() {
+        for url in ["https://10.0.0.1", "https://graph.microsoft.com.attacker.example", "https://169.254.169.254"] {
+            let err = validate(&ns_key(), &graph(url, None), STRICT).unwrap_err();
+            assert_eq!(err.reason, "InvalidSettings");
+            assert!(
+                err.message.contains("graph.endpoint") && err.message.contains("ClusterMailProfile"),
+                "{}",
+                err.message
+            );
+            assert!(validate(&ns_key(), &graph(url, None), CUSTOM).is_ok(), "{url} with --allow-custom-endpoints");
+            let cluster = ProfileKey::Cluster { name: "c".into() };
+            assert!(validate(&cluster, &graph(url, Some("mail")), STRICT).is_ok(), "{url} in a ClusterMailProfile");
+        }
+        let mut spec = graph(GRAPH, None);
+        if let Some(g) = spec.graph.as_mut() {
+            g.credentials.authority_host = Some("https://login.attacker.example".into());
+        }
+        let err = validate(&ns_key(), &spec, STRICT).unwrap_err();
+        assert!(err.message.contains("graph.authorityHost"), "{}", err.message);
+        for cloud in Cloud::ALL {
+            let mut national = graph(cloud.endpoints().graph_endpoint, None);
+            if let Some(g) = national.graph.as_mut() {
+                g.credentials.authority_host = Some(cloud.endpoints().authority_host.into());
+            }
+            assert!(validate(&ns_key(), &national, STRICT).is_ok(), "{cloud:?}");
+        }
+        let mut xo = xoauth2(Some("smtp.office365.com"), None);
+        if let Some(o) = xo.smtp.as_mut().and_then(|s| s.auth.as_mut()).and_then(|a| a.oauth2.as_mut()) {
+            o.authority_host = Some("https://127.0.0.1:9".into());
+        }
+        assert!(validate(&ns_key(), &xo, STRICT).unwrap_err().message.contains("smtp.auth.oauth2.authorityHost"));
+    }
+
+    #[test]
+    fn the_cloud_sets_endpoints_and_scopes() {
+        let mut us = graph(GRAPH, None);
+        if let Some(g) = us.graph.as_mut() {
+            g.endpoint = None;
+            g.credentials.cloud = Some(Cloud::USGovernment);
+        }
+        let g = us.graph.as_ref().expect("graph");
+        assert_eq!(g.endpoint(), "https://graph.microsoft.us");
+        assert_eq!(g.credentials.authority_host(), "https://login.microsoftonline.us");
+        assert_eq!(g.token_scope(), "https://graph.microsoft.us/.default");
+        // The scope follows the endpoint actually used, cloud or not.
+        let china = graph("https://microsoftgraph.chinacloudapi.cn/", None);
+        assert_eq!(
+            china.graph.as_ref().map(|g| g.token_scope()).as_deref(),
+            Some("https://microsoftgraph.chinacloudapi.cn/.default")
+        );
+        // A proxy in front of a cloud's Graph: the cloud's scope, unless set explicitly.
+        let mut proxy = graph("https://graph-proxy.internal", None);
+        if let Some(g) = proxy.graph.as_mut() {
+            g.credentials.cloud = Some(Cloud::USGovernmentDoD);
+        }
+        assert_eq!(
+            proxy.graph.as_ref().map(|g| g.token_scope()).as_deref(),
+            Some("https://dod-graph.microsoft.us/.default")
+        );
+        if let Some(g) = proxy.graph.as_mut() {
+            g.credentials.token_scope = Some("api://proxy/.default".into());
+        }
+        assert_eq!(proxy.graph.as_ref().map(|g| g.token_scope()).as_deref(), Some("api://proxy/.default"));
+
+        let smtp = |spec: &MailProfileSpec| spec.smtp.clone().expect("smtp");
+        let public = smtp(&xoauth2(None, None));
+        assert_eq!((public.server(), public.port()), (Some("smtp.office365.com"), 587));
+        assert_eq!(public.token_scope().as_deref(), Some("https://outlook.office365.com/.default"));
+        let gcc_high = smtp(&xoauth2(None, Some(Cloud::USGovernment)));
+        assert_eq!(gcc_high.server(), Some("smtp.office365.us"));
+        assert_eq!(gcc_high.token_scope().as_deref(), Some("https://outlook.office365.us/.default"));
+        // The host names the cloud when the field does not.
+        let by_host = smtp(&xoauth2(Some("smtp.office365.us"), None));
+        assert_eq!(by_host.token_scope().as_deref(), Some("https://outlook.office365.us/.default"));
+        let china = smtp(&xoauth2(None, Some(Cloud::China)));
+        assert_eq!(china.server(), Some("smtp.partner.outlook.cn"));
+        assert_eq!(china.token_scope().as_deref(), Some("https://partner.outlook.cn/.default"));
+        // DoD publishes no SMTP AUTH host: the profile must name one.
+        let err = validate(&ns_key(), &xoauth2(None, Some(Cloud::USGovernmentDoD)), STRICT).unwrap_err();
+        assert!(err.message.contains("smtp.host"), "{}", err.message);
+        assert!(validate(&ns_key(), &xoauth2(Some("smtp.example.mil"), Some(Cloud::USGovernmentDoD)), STRICT).is_ok());
+        let mut bad_scope = graph(GRAPH, None);
+        if let Some(g) = bad_scope.graph.as_mut() {
+            g.credentials.token_scope = Some("a/.default b/.default".into());
+        }
+        assert!(validate(&ns_key(), &bad_scope, STRICT).unwrap_err().message.contains("tokenScope"));
     }
 
     #[test]
     fn namespaced_profile_cannot_reach_other_namespaces() {
-        let err = validate(&ns_key(), &graph("https://g", Some("kube-system")), false).unwrap_err();
+        let err = validate(&ns_key(), &graph(GRAPH, Some("kube-system")), STRICT).unwrap_err();
         assert!(err.message.contains("only use Secrets in its own namespace"), "{}", err.message);
-        assert!(validate(&ns_key(), &graph("https://g", Some("team-a")), false).is_ok());
+        assert!(validate(&ns_key(), &graph(GRAPH, Some("team-a")), STRICT).is_ok());
     }
 
     #[test]
     fn cluster_profile_refs_need_namespace() {
         let key = ProfileKey::Cluster { name: "c".into() };
-        assert!(validate(&key, &graph("https://g", None), false).is_err());
-        assert!(validate(&key, &graph("https://g", Some("mail-system")), false).is_ok());
+        assert!(validate(&key, &graph(GRAPH, None), STRICT).is_err());
+        assert!(validate(&key, &graph(GRAPH, Some("mail-system")), STRICT).is_ok());
         assert_eq!(
-            referenced_secrets(&key, &graph("https://g", Some("mail-system"))),
+            referenced_secrets(&key, &graph(GRAPH, Some("mail-system"))),
             vec![("mail-system".into(), "s".into())]
         );
     }
@@ -705,17 +910,20 @@ mod tests {
     #[test]
     fn relay_needs_nothing() {
         let spec = MailProfileSpec {
-            smtp: Some(SmtpTransport { host: "relay".into(), port: Some(25), tls: None, auth: None }),
+            smtp: Some(SmtpTransport { host: Some("relay".into()), port: Some(25), tls: None, auth: None }),
             graph: None,
-            ..graph("https://g", None)
+            ..graph(GRAPH, None)
         };
-        assert!(validate(&ns_key(), &spec, false).is_ok());
+        assert!(validate(&ns_key(), &spec, STRICT).is_ok());
         assert!(referenced_secrets(&ns_key(), &spec).is_empty());
-        let mut wi = graph("https://g", None);
+        let mut wi = graph(GRAPH, None);
         if let Some(g) = wi.graph.as_mut() {
             g.credentials.client_secret_ref = None;
             g.credentials.workload_identity = Some(WorkloadIdentity::default());
         }
-        assert!(validate(&ns_key(), &wi, false).is_ok());
+        assert!(validate(&ns_key(), &wi, STRICT).is_ok());
+        let hostless =
+            MailProfileSpec { smtp: Some(SmtpTransport { host: None, port: Some(25), tls: None, auth: None }), ..spec };
+        assert!(validate(&ns_key(), &hostless, STRICT).unwrap_err().message.contains("smtp.host"));
     }
 }

@@ -5,9 +5,7 @@ use std::sync::Arc;
 
 use super::registry::NotReady;
 use crate::api::{EntraCredentials, MailProfileSpec};
-use crate::auth::{
-    Credential, EntraApp, EntraTokenProvider, GRAPH_SCOPE, OUTLOOK_SCOPE, TokenCache, TokenCaches, TokenSource,
-};
+use crate::auth::{Credential, EntraApp, EntraTokenProvider, TokenCache, TokenCaches, TokenSource};
 use crate::tls::TrustRoots;
 use crate::transport::Transport;
 use crate::transport::graph::{GraphConfig, GraphTransport};
@@ -126,7 +124,8 @@ pub fn smtp_config(
             SmtpCredentials::Password { username: username.clone(), password: password.clone() }
         }
         (_, Some(oauth2)) => {
-            let cache = token_cache(inputs, caches, oauth2, OUTLOOK_SCOPE)?;
+            let scope = smtp.token_scope().unwrap_or_default();
+            let cache = token_cache(inputs, caches, oauth2, &scope)?;
             tokens = Some(Arc::clone(&cache));
             SmtpCredentials::XOAuth2(cache as Arc<dyn TokenSource>)
         }
@@ -146,7 +145,7 @@ pub async fn build_transport(inputs: TransportInputs<'_>, caches: &TokenCaches) 
     let Some(graph) = &settings.graph else {
         return Err(not_ready("InvalidSettings", "a profile needs exactly one transport: graph or smtp"));
     };
-    let cache = token_cache(&inputs, caches, &graph.credentials, GRAPH_SCOPE)?;
+    let cache = token_cache(&inputs, caches, &graph.credentials, &graph.token_scope())?;
     let config = GraphConfig {
         endpoint: graph.endpoint().trim_end_matches('/').to_string(),
         save_to_sent_items: graph.save_to_sent_items.unwrap_or(false),

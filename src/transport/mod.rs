@@ -91,6 +91,14 @@ pub enum SendError {
         /// What happened, in words a person can act on (the server's reply included).
         reason: String,
     },
+    /// The provider refused the app for this sender mailbox (Graph 403 access denied, XOAUTH2
+    /// refused with a newly issued token): permanent for the message, and what the profile's
+    /// `PermissionsVerified` condition reports.
+    #[error("{reason}")]
+    Denied {
+        /// The provider's answer and what to grant.
+        reason: String,
+    },
 }
 
 impl SendError {
@@ -102,6 +110,15 @@ impl SendError {
     /// A permanent error.
     pub fn permanent(reason: impl Into<String>) -> Self {
         SendError::Permanent { reason: reason.into() }
+    }
+
+    /// What happened, whatever the kind.
+    pub fn reason(&self) -> &str {
+        match self {
+            SendError::Transient { reason, .. } | SendError::Permanent { reason } | SendError::Denied { reason } => {
+                reason
+            }
+        }
     }
 
     /// Whether a retry can help.

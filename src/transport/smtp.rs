@@ -117,9 +117,10 @@ impl SmtpConfig {
         }
     }
 
-    /// A configuration from a profile's `smtp` section (host, port and TLS mode defaulted).
+    /// A configuration from a profile's `smtp` section (host, port and TLS mode defaulted; a
+    /// profile without a server gets an empty host, which [`SmtpTransport::new`] refuses).
     pub fn from_spec(spec: &crate::api::SmtpTransport, roots: TrustRoots, credentials: SmtpCredentials) -> Self {
-        SmtpConfig::new(spec.host.clone(), spec.port(), spec.tls(), roots, credentials)
+        SmtpConfig::new(spec.server().unwrap_or_default().to_string(), spec.port(), spec.tls(), roots, credentials)
     }
 }
 

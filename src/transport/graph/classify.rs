@@ -50,8 +50,19 @@ pub fn classify(
     let reason = reason(status, error, request_id);
     match status {
         408 | 429 | 500..=599 => SendError::Transient { reason, retry_after },
+        403 if is_access_denial(&error.code) => SendError::Denied { reason },
         _ => SendError::Permanent { reason },
     }
+}
+
+/// The 403 codes that say the app may not act for the mailbox (as opposed to, say, a
+/// mailbox quota): Graph answers `ErrorAccessDenied` to an app without Mail.Send and to a
+/// mailbox outside its RBAC for Applications scope, `ErrorSendAsDenied` outside an
+/// application access policy.
+fn is_access_denial(code: &str) -> bool {
+    ["ErrorAccessDenied", "AccessDenied", "ErrorSendAsDenied", "Authorization_RequestDenied"]
+        .iter()
+        .any(|c| c.eq_ignore_ascii_case(code))
 }
 
 /// `Graph 403 ErrorSendAsDenied: <message> (<hint>; request-id <id>)`.
@@ -87,7 +98,11 @@ fn hint(status: u16, code: &str) -> Option<&'static str> {
     Some(match code.as_str() {
         "errorsendasdenied" => "the app may not send as this mailbox: check the application access policy",
         "erroraccessdenied" | "accessdenied" | "authorization_requestdenied" => {
-            "grant the Mail.Send application permission with admin consent"
+            "the app is not authorised to send as this mailbox: with Exchange Online RBAC for Applications, \
+             put the mailbox in the management scope of the app's \"Application Mail.Send\" role assignment \
+             (New-ManagementRoleAssignment -CustomResourceScope; the service principal is registered with the \
+             Enterprise Application's object id); or grant the Microsoft Graph application permission \
+             Mail.Send with admin consent (tenant-wide)"
         }
         "mailboxnotenabledforrestapi" => {
             "the sender has no Exchange Online mailbox (or it is on premises, inactive or soft-deleted)"
@@ -97,7 +112,7 @@ fn hint(status: u16, code: &str) -> Option<&'static str> {
         "errorinvalidinternetmessageheader" => "custom headers must be named X-...",
         "errormessagesizeexceeded" => "the message is larger than the mailbox accepts",
         "invalidauthenticationtoken" => {
-            "a fresh token was refused too: check the tenant and the app's Mail.Send permission"
+            "a fresh token was refused too: check the tenant, the cloud (a national cloud's Graph needs its own token scope) and the app's Mail.Send permission"
         }
         _ if status == 413 => "the message is larger than Graph accepts",
         _ => return None,
@@ -157,13 +172,19 @@ mod tests {
         let got = classify(403, &error("ErrorSendAsDenied", "Access is denied."), Some("abc-123"), None);
         assert_eq!(
             got,
-            SendError::permanent(
-                "Graph 403 ErrorSendAsDenied: Access is denied. (the app may not send as this \
+            SendError::Denied {
+                reason: "Graph 403 ErrorSendAsDenied: Access is denied. (the app may not send as this \
                  mailbox: check the application access policy; request-id abc-123)"
-            )
+                    .into()
+            }
         );
         let got = classify(403, &error("ErrorAccessDenied", "Access is denied."), None, None);
-        assert!(got.to_string().contains("Mail.Send application permission with admin consent"));
+        assert!(matches!(got, SendError::Denied { .. }), "{got:?}");
+        for remedy in ["management scope", "Application Mail.Send", "Mail.Send with admin consent"] {
+            assert!(got.to_string().contains(remedy), "{got}");
+        }
+        let quota = classify(403, &error("ErrorQuotaExceeded", "quota"), None, None);
+        assert!(matches!(quota, SendError::Permanent { .. }), "other 403s are no statement on permissions");
     }
 
     #[test]

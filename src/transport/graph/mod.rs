@@ -405,6 +405,7 @@ fn map_reason(error: SendError, f: impl FnOnce(String) -> String) -> SendError {
     match error {
         SendError::Transient { reason, retry_after } => SendError::Transient { reason: f(reason), retry_after },
         SendError::Permanent { reason } => SendError::Permanent { reason: f(reason) },
+        SendError::Denied { reason } => SendError::Denied { reason: f(reason) },
     }
 }
 

@@ -273,12 +273,16 @@ pub fn classify_token_refusal(failure: &Failure, verdict: TokenRefusal, server: 
         TokenRefusal::MaybeStale => SendError::transient(format!(
             "{server} refused the XOAUTH2 token for {sender}: {reply}; the next attempt uses a new token"
         )),
-        TokenRefusal::NewTokenRefused => SendError::permanent(format!(
-            "{server} refused XOAUTH2 for {sender} with a newly issued token too: {reply}; check that \
-             the app has the SMTP.SendAsApp permission with admin consent, that its service principal \
-             is registered in Exchange Online with access to the mailbox {sender}, and that SMTP AUTH \
-             is enabled for that mailbox"
-        )),
+        TokenRefusal::NewTokenRefused => SendError::Denied {
+            reason: format!(
+                "{server} refused XOAUTH2 for {sender} with a newly issued token too: {reply}; the app must be \
+                 authorised to send as {sender}, either with the Office 365 Exchange Online application \
+                 permission SMTP.SendAsApp (admin consent) and the service principal registered in Exchange \
+                 Online with access to the mailbox, or with Exchange Online RBAC for Applications: {}; and \
+                 SMTP AUTH must be enabled for the mailbox",
+                crate::auth::rbac_remedy(crate::auth::SMTP_SEND_AS_APP)
+            ),
+        },
     }
 }
 
@@ -340,9 +344,7 @@ mod tests {
     }
 
     fn reason(e: &SendError) -> &str {
-        match e {
-            SendError::Transient { reason, .. } | SendError::Permanent { reason } => reason,
-        }
+        e.reason()
     }
 
     #[test]
@@ -471,7 +473,8 @@ mod tests {
         assert!(e.is_transient());
         assert!(reason(&e).contains("535 5.7.3 Authentication unsuccessful"));
         let e = classify_token_refusal(&failure, TokenRefusal::NewTokenRefused, SERVER, "alerts@contoso.com");
-        assert!(!e.is_transient());
+        assert!(matches!(e, SendError::Denied { .. }), "{e:?}");
+        assert!(reason(&e).contains("Application SMTP.SendAsApp") && reason(&e).contains("management scope"));
         assert!(reason(&e).contains("SMTP.SendAsApp"));
     }
 
