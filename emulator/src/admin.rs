@@ -1,5 +1,5 @@
-//! The admin API under `/_emulator`: registrations, faults, inspection, reset. No
-//! authentication, so it answers loopback peers only.
+//! The admin API under `/_emulator`: registrations, Exchange role assignments, faults,
+//! inspection, reset. No authentication, so it answers loopback peers only.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +16,8 @@ use serde_json::json;
 use crate::apps::{App, AppSpec};
 use crate::clock;
 use crate::faults::FaultSpec;
+use crate::rbac::{RoleAssignment, RoleAssignmentSpec};
+use crate::signing::AccessClaims;
 use crate::state::AppState;
 
 /// The admin routes.
@@ -31,6 +33,10 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/_emulator/reset", post(reset))
         .route("/_emulator/stats", get(stats))
         .route("/_emulator/mailboxes", post(set_mailbox).get(list_mailboxes))
+        .route(
+            "/_emulator/role-assignments",
+            post(add_role_assignment).get(list_role_assignments).delete(clear_role_assignments),
+        )
         .route("/_emulator/health", get(health))
         .route_layer(middleware::from_fn_with_state(state, loopback_only))
 }
@@ -129,40 +135,100 @@ async fn issued_tokens(State(state): State<AppState>) -> Response {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct IntrospectRequest {
     token: String,
+    /// With `permission`: the mailbox to decide for (an SMTP peer passes the XOAUTH2 `user`).
+    #[serde(default)]
+    mailbox: Option<String>,
+    /// With `mailbox`: the permission, e.g. `SMTP.SendAsApp`.
+    #[serde(default)]
+    permission: Option<String>,
 }
 
+/// Tells a test peer what the emulator knows of a token, and with `mailbox` and `permission`
+/// whether Exchange would authorize it: a peer cannot see Exchange's role assignments itself.
 async fn introspect(State(state): State<AppState>, body: axum::body::Bytes) -> Response {
     let request: IntrospectRequest = match parse(&body) {
         Ok(r) => r,
         Err(r) => return *r,
     };
-    let now = clock::now_unix();
-    let body = match state.signer.verify_signature(&request.token) {
-        Err(rejection) => json!({ "active": false, "reason": rejection.reason() }),
-        Ok(claims) => {
-            let reason = if now >= claims.exp {
-                Some("expired")
-            } else if now < claims.nbf {
-                Some("not_yet_valid")
-            } else {
-                None
-            };
-            json!({
-                "active": reason.is_none(),
-                "reason": reason,
-                "clientId": claims.appid,
-                "tenantId": claims.tid,
-                "roles": claims.roles,
-                "aud": claims.aud,
-                "exp": claims.exp,
-                "iat": claims.iat,
-                "appidacr": claims.appidacr,
-            })
-        }
+    let question = match (request.mailbox.as_deref(), request.permission.as_deref()) {
+        (Some(mailbox), Some(permission)) => Some((mailbox, permission)),
+        (None, None) => None,
+        _ => return problem(StatusCode::BAD_REQUEST, "mailbox and permission go together"),
     };
+    let mut body = match state.signer.verify_signature(&request.token) {
+        Err(rejection) => json!({ "active": false, "reason": rejection.reason() }),
+        Ok(claims) => describe_token(&claims),
+    };
+    if let Some((mailbox, permission)) = question {
+        body["authorized"] = json!(is_authorized(&state, &request.token, mailbox, permission));
+    }
     Json(body).into_response()
+}
+
+/// The introspection answer for a token whose signature verifies.
+fn describe_token(claims: &AccessClaims) -> serde_json::Value {
+    let now = clock::now_unix();
+    let reason = if now >= claims.exp {
+        Some("expired")
+    } else if now < claims.nbf {
+        Some("not_yet_valid")
+    } else {
+        None
+    };
+    json!({
+        "active": reason.is_none(),
+        "reason": reason,
+        "clientId": claims.appid,
+        "tenantId": claims.tid,
+        "roles": claims.roles,
+        "aud": claims.aud,
+        "exp": claims.exp,
+        "iat": claims.iat,
+        "appidacr": claims.appidacr,
+    })
+}
+
+/// Exchange's decision for an active token: `permission` in its `roles` (Entra consent), or
+/// an `Application <permission>` assignment of its service principal covering `mailbox`.
+/// Application access policies are left out: they govern Graph and EWS, not SMTP. The
+/// audience is the caller's to check, as the answer's `aud` says it.
+fn is_authorized(state: &AppState, token: &str, mailbox: &str, permission: &str) -> bool {
+    let Ok(claims) = state.signer.verify(token, clock::now_unix()) else {
+        return false;
+    };
+    claims.has_role(permission) || state.lock().rbac_grants(&claims.tid, &claims.oid, permission, mailbox)
+}
+
+async fn add_role_assignment(State(state): State<AppState>, body: axum::body::Bytes) -> Response {
+    let spec: RoleAssignmentSpec = match parse(&body) {
+        Ok(spec) => spec,
+        Err(r) => return *r,
+    };
+    let assignment = match RoleAssignment::from_spec(spec) {
+        Ok(a) => a,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    tracing::info!(
+        tenant = %assignment.tenant_id,
+        service_principal = %assignment.service_principal_object_id,
+        role = assignment.role.name(),
+        scoped = assignment.mailboxes.is_some(),
+        "role assignment added"
+    );
+    state.lock().role_assignments.push(assignment.clone());
+    (StatusCode::CREATED, Json(assignment)).into_response()
+}
+
+async fn list_role_assignments(State(state): State<AppState>) -> Response {
+    Json(state.lock().role_assignments.clone()).into_response()
+}
+
+async fn clear_role_assignments(State(state): State<AppState>) -> Response {
+    state.lock().role_assignments.clear();
+    StatusCode::NO_CONTENT.into_response()
 }
 
 async fn reset(State(state): State<AppState>) -> Response {

@@ -119,8 +119,13 @@ pub struct App {
     pub tenant_id: String,
     /// Client id, lower case.
     pub client_id: String,
-    /// The service principal's object id (the token's `oid` and `sub`).
+    /// The service principal's object id (the Enterprise Application's "Object ID"; the
+    /// token's `oid` and `sub`). Exchange RBAC for Applications assignments must name this id.
     pub object_id: String,
+    /// The app registration's object id (the "Object ID" on the App registrations page): a
+    /// different object from the service principal, which no token carries. Naming it in
+    /// `New-ServicePrincipal -ObjectId` is a common mistake the emulator lets tests reproduce.
+    pub application_object_id: String,
     /// Display name.
     pub display_name: Option<String>,
     /// Secret values.
@@ -144,6 +149,7 @@ pub struct AppSummary {
     tenant_id: String,
     client_id: String,
     object_id: String,
+    application_object_id: String,
     secret_count: usize,
     certificates: Vec<CertificateSummary>,
     federated: Vec<FederatedSummary>,
@@ -193,6 +199,7 @@ impl App {
             tenant_id,
             client_id,
             object_id: uuid::Uuid::new_v4().to_string(),
+            application_object_id: uuid::Uuid::new_v4().to_string(),
             display_name: spec.display_name,
             secrets: spec.secrets,
             certificates,
@@ -224,6 +231,7 @@ impl App {
             tenant_id: self.tenant_id.clone(),
             client_id: self.client_id.clone(),
             object_id: self.object_id.clone(),
+            application_object_id: self.application_object_id.clone(),
             secret_count: self.secrets.len(),
             certificates: self
                 .certificates
@@ -339,6 +347,15 @@ mod tests {
         assert!(!app.has_role("Mail.ReadWrite"));
         assert!(app.may_use_mailbox("alerts@contoso.com"));
         assert!(!app.may_use_mailbox("other@contoso.com"));
+    }
+
+    #[test]
+    fn the_service_principal_and_the_registration_are_different_objects() {
+        let app = App::from_spec(spec(serde_json::json!({"tenantId": "t", "clientId": "c"}))).expect("app");
+        assert_ne!(app.object_id, app.application_object_id);
+        let summary = serde_json::to_value(app.summary()).expect("json");
+        assert_eq!(summary["objectId"], app.object_id.as_str());
+        assert_eq!(summary["applicationObjectId"], app.application_object_id.as_str());
     }
 
     #[test]

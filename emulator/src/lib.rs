@@ -4,10 +4,12 @@
 pub mod admin;
 pub mod apps;
 pub mod clock;
+pub mod cloud;
 pub mod faults;
 pub mod graph;
 pub mod logging;
 pub mod origin;
+pub mod rbac;
 pub mod records;
 pub mod server;
 pub mod signing;
@@ -16,5 +18,6 @@ pub mod throttle;
 pub mod tls;
 pub mod tokens;
 
+pub use cloud::Cloud;
 pub use server::{Config, RunningEmulator, StartError, start};
 pub use signing::TokenSigner;

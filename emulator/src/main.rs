@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::Parser;
-use m365_emulator::{Config, TokenSigner};
+use m365_emulator::{Cloud, Config, TokenSigner};
 
 /// A stateful emulator of Microsoft Entra ID's token endpoint and Microsoft Graph mail sending.
 #[derive(Parser)]
@@ -31,6 +31,10 @@ struct Cli {
     /// `Retry-After` seconds sent with a mailbox concurrency 429.
     #[arg(long, default_value_t = 1)]
     throttle_retry_after: u64,
+    /// The Microsoft cloud to play: Public, USGovernment (GCC High), USGovernmentDoD or China
+    /// (21Vianet). It decides the Graph and Outlook resources tokens are issued for.
+    #[arg(long, default_value_t = Cloud::Public)]
+    cloud: Cloud,
 }
 
 fn main() -> std::process::ExitCode {
@@ -71,6 +75,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         signer,
         mailbox_concurrency: cli.mailbox_concurrency,
         throttle_retry_after: cli.throttle_retry_after,
+        cloud: cli.cloud,
     })
     .await?;
     // ca.pem first: a reader that sees `url` can rely on the CA being there.

@@ -11,6 +11,7 @@ use axum_server::Handle;
 use axum_server::tls_rustls::RustlsConfig;
 use tokio::task::JoinHandle;
 
+use crate::cloud::Cloud;
 use crate::signing::{SignerError, TokenSigner};
 use crate::state::{AppState, RuntimeSettings, SharedState};
 use crate::{admin, graph, logging, tls, tokens};
@@ -28,6 +29,8 @@ pub struct Config {
     pub mailbox_concurrency: usize,
     /// `Retry-After` seconds on a concurrency 429.
     pub throttle_retry_after: u64,
+    /// The cloud the emulator plays: its Graph and Outlook resources and token audiences.
+    pub cloud: Cloud,
 }
 
 impl Default for Config {
@@ -38,6 +41,7 @@ impl Default for Config {
             signer: None,
             mailbox_concurrency: 4,
             throttle_retry_after: 1,
+            cloud: Cloud::Public,
         }
     }
 }
@@ -121,6 +125,7 @@ pub async fn start(config: Config) -> Result<RunningEmulator, StartError> {
             default_token_lifetime: config.default_token_lifetime,
             mailbox_concurrency: config.mailbox_concurrency.max(1),
             throttle_retry_after: config.throttle_retry_after,
+            cloud: config.cloud,
         },
         signer,
     ));
@@ -138,7 +143,7 @@ pub async fn start(config: Config) -> Result<RunningEmulator, StartError> {
         .handle(handle.clone());
     let task = tokio::spawn(server.serve(app.into_make_service_with_connect_info::<SocketAddr>()));
     handle.listening().await;
-    tracing::info!(%url, "m365 emulator listening");
+    tracing::info!(%url, cloud = %config.cloud, "m365 emulator listening");
     Ok(RunningEmulator { url, ca_pem: tls.ca_pem, handle, task })
 }
 

@@ -68,6 +68,13 @@ pub struct AccessClaims {
     pub ver: String,
 }
 
+impl AccessClaims {
+    /// Whether the token's `roles` hold the application permission `role` (an Entra grant).
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r.eq_ignore_ascii_case(role))
+    }
+}
+
 /// Why a presented access token is not acceptable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenRejection {

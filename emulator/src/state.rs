@@ -4,9 +4,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::apps::App;
+use crate::cloud::Cloud;
 use crate::faults::FaultQueue;
 use crate::graph::drafts::Draft;
 use crate::graph::upload::UploadSession;
+use crate::rbac::{self, RoleAssignment};
 use crate::records::{IssuedToken, MessageRecord, Stats, TokenRequestRecord};
 use crate::signing::TokenSigner;
 
@@ -21,6 +23,8 @@ pub struct RuntimeSettings {
     pub mailbox_concurrency: usize,
     /// `Retry-After` seconds on a concurrency 429.
     pub throttle_retry_after: u64,
+    /// The cloud this emulator plays.
+    pub cloud: Cloud,
 }
 
 /// Everything that changes, behind one lock (never held across an await).
@@ -42,6 +46,8 @@ pub struct Inner {
     pub drafts: HashMap<String, Draft>,
     /// Upload sessions by id.
     pub uploads: HashMap<String, UploadSession>,
+    /// Exchange RBAC for Applications role assignments, oldest first.
+    pub role_assignments: Vec<RoleAssignment>,
     /// Mailboxes (lower case) that answer MailboxNotEnabledForRESTAPI.
     pub disabled_mailboxes: BTreeSet<String>,
     /// Requests in flight per mailbox (lower case).
@@ -65,6 +71,12 @@ impl Inner {
     /// The app registered as (`tenant`, `client`), ids compared case-insensitively.
     pub fn app(&self, tenant: &str, client: &str) -> Option<Arc<App>> {
         self.apps.get(&(tenant.to_ascii_lowercase(), client.to_ascii_lowercase())).cloned()
+    }
+
+    /// Whether an Exchange role assignment grants `permission` on `mailbox` to the service
+    /// principal `oid` of tenant `tid`.
+    pub fn rbac_grants(&self, tid: &str, oid: &str, permission: &str, mailbox: &str) -> bool {
+        rbac::any_grants(&self.role_assignments, tid, oid, permission, mailbox)
     }
 
     /// Records a `jti` as used; false if it already was. Expired entries are dropped.
@@ -118,8 +130,17 @@ mod tests {
         let mut inner = Inner::default();
         inner.in_flight.insert("a@x".into(), 2);
         inner.disabled_mailboxes.insert("b@x".into());
+        let spec = rbac::RoleAssignmentSpec {
+            tenant_id: "t".into(),
+            service_principal_object_id: "sp".into(),
+            role: "Application Mail.Send".into(),
+            mailboxes: None,
+        };
+        inner.role_assignments.push(RoleAssignment::from_spec(spec).expect("assignment"));
+        assert!(inner.rbac_grants("t", "sp", "Mail.Send", "b@x"));
         inner.reset();
         assert_eq!(inner.in_flight.get("a@x"), Some(&2));
         assert!(inner.disabled_mailboxes.is_empty());
+        assert!(!inner.rbac_grants("t", "sp", "Mail.Send", "b@x"));
     }
 }

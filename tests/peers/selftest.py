@@ -37,6 +37,7 @@ import smtp_server  # noqa: E402  (for its certificate generator, used by the fa
 
 PASSWORD = "s3cret-Passw0rd-never-logged"
 OUTLOOK = "https://outlook.office365.com"
+OUTLOOK_US = "https://outlook.office365.us"
 
 
 def message(subject: str, message_id: str) -> bytes:
@@ -126,6 +127,23 @@ class Server:
         return self.proc.returncode
 
 
+def introspection_answer(entry: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+    """What the emulator answers for a token described by `entry`.
+
+    `entry` is the answer itself plus, under "assigned", the mailboxes an Exchange RBAC for
+    Applications assignment of SMTP.SendAsApp covers (absent from the token, as in Exchange).
+    Asked about a mailbox and a permission, the answer adds "authorized": the permission in the
+    token's roles, or the mailbox in the assignment's scope. "undecided" leaves it out, as an
+    emulator without the question would.
+    """
+    answer = {k: v for k, v in entry.items() if k not in ("assigned", "undecided")}
+    if "mailbox" in body and "permission" in body and not entry.get("undecided"):
+        in_role = body["permission"] in (entry.get("roles") or [])
+        in_scope = str(body["mailbox"]).lower() in [m.lower() for m in entry.get("assigned", [])]
+        answer["authorized"] = entry.get("active") is True and (in_role or in_scope)
+    return answer
+
+
 class FakeIntrospection:
     """A tiny HTTPS stand-in for the Microsoft 365 emulator's POST /_emulator/introspect."""
 
@@ -141,12 +159,12 @@ class FakeIntrospection:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
                 outer.requests.append({"path": self.path, "body": body, "type": self.headers.get("Content-Type")})
-                answer = outer.answers.get(body.get("token"), {"active": False})
-                if answer == "error":
+                entry = outer.answers.get(body.get("token"), {"active": False})
+                if entry == "error":
                     self.send_response(500)
                     self.end_headers()
                     return
-                payload = json.dumps(answer).encode()
+                payload = json.dumps(introspection_answer(entry, body)).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
@@ -520,6 +538,11 @@ def xoauth2_checks(suite: Suite, root: Path) -> None:
         "eyJ.good-token-7f3a.sig": good,
         "eyJ.graph-audience-token.sig": {**good, "aud": "https://graph.microsoft.com"},
         "eyJ.mail-send-only-token.sig": {**good, "roles": ["Mail.Send"]},
+        # Exchange RBAC for Applications: no roles claim, SMTP.SendAsApp scoped to one mailbox.
+        "eyJ.rbac-scoped-token.sig": {**good, "roles": [], "assigned": ["Alerts@Contoso.com"]},
+        # A role in the token but no decision in the answer: the peer must not decide itself.
+        "eyJ.undecided-token.sig": {**good, "undecided": True},
+        "eyJ.us-cloud-token.sig": {**good, "aud": OUTLOOK_US},
         "eyJ.expired-token.sig": {**good, "exp": now - 10},
         "eyJ.inactive-token.sig": {"active": False},
         "eyJ.error-token.sig": "error",
@@ -567,14 +590,44 @@ def xoauth2_checks(suite: Suite, root: Path) -> None:
             assert record["auth_client_id"] == good["clientId"] and record["tls"] is True, record
             assert fake.requests[-1] == {
                 "path": "/_emulator/introspect",
-                "body": {"token": "eyJ.good-token-7f3a.sig"},
+                "body": {
+                    "token": "eyJ.good-token-7f3a.sig",
+                    "mailbox": "alerts@contoso.com",
+                    "permission": "SMTP.SendAsApp",
+                },
                 "type": "application/json",
             }, fake.requests[-1]
+
+        def rbac_authorized_token_sends() -> None:
+            srv.ok("POST", "/reset")
+            with session() as s:
+                assert xoauth2(s, "alerts@contoso.com", "eyJ.rbac-scoped-token.sig")[0] == 235
+                s.mail("alerts@contoso.com")
+                s.rcpt("ops@contoso.com")
+                code, _ = s.data(message("xoauth2 rbac", "<xoauth2-rbac@mailroom.test>"))
+            assert code == 250
+            [record] = srv.messages()
+            assert record["auth_user"] == "alerts@contoso.com" and record["auth_client_id"] == good["clientId"], record
+            assert fake.requests[-1]["body"]["mailbox"] == "alerts@contoso.com", fake.requests[-1]
+
+        def rbac_scope_refuses_other_mailboxes() -> None:
+            with session() as s:
+                reply = xoauth2(s, "ceo@contoso.com", "eyJ.rbac-scoped-token.sig")
+                assert reply == (535, b"5.7.3 Authentication unsuccessful"), reply
+                assert s.docmd("MAIL", "FROM:<ceo@contoso.com>")[0] == 530
+            assert fake.requests[-1]["body"] == {
+                "token": "eyJ.rbac-scoped-token.sig",
+                "mailbox": "ceo@contoso.com",
+                "permission": "SMTP.SendAsApp",
+            }, fake.requests[-1]
+            assert "AUTH XOAUTH2 failed for ceo@contoso.com: no SMTP.SendAsApp" in srv.log_text()
 
         def refused_tokens() -> None:
             for token in (
                 "eyJ.graph-audience-token.sig",
                 "eyJ.mail-send-only-token.sig",
+                "eyJ.undecided-token.sig",
+                "eyJ.us-cloud-token.sig",
                 "eyJ.expired-token.sig",
                 "eyJ.inactive-token.sig",
                 "eyJ.unknown-token.sig",
@@ -601,7 +654,9 @@ def xoauth2_checks(suite: Suite, root: Path) -> None:
 
         for name, fn in [
             ("good token: 235, send, envelope names the app", good_token_sends),
-            ("wrong audience, missing role, expired, inactive, unknown: 535 5.7.3", refused_tokens),
+            ("no role, SMTP.SendAsApp assigned in Exchange for the mailbox: 235, send", rbac_authorized_token_sends),
+            ("no role, assignment scoped to another mailbox: 535 5.7.3", rbac_scope_refuses_other_mailboxes),
+            ("wrong audience, not authorized, undecided, expired, inactive, unknown: 535 5.7.3", refused_tokens),
             ("malformed initial response: 535 5.7.3", malformed),
             ("introspection endpoint failing: 454", introspection_failure_is_temporary),
             ("tokens never logged", tokens_never_logged),
@@ -613,11 +668,70 @@ def xoauth2_checks(suite: Suite, root: Path) -> None:
     suite.check("xoauth2: SIGTERM exits 0", lambda: _stopped(srv, code))
 
 
+def national_cloud_checks(suite: Suite, root: Path) -> None:
+    now = int(time.time())
+    us = {
+        "active": True,
+        "clientId": "22222222-2222-2222-2222-222222222222",
+        "roles": ["SMTP.SendAsApp"],
+        "aud": OUTLOOK_US,
+        "exp": now + 3600,
+    }
+    tokens = {"eyJ.gcc-high-token.sig": us, "eyJ.commercial-token.sig": {**us, "aud": OUTLOOK}}
+    fake = FakeIntrospection(root / "cloud", tokens)
+    srv = Server(
+        "xoauth2-us",
+        root,
+        "--xoauth2-introspect",
+        fake.url,
+        "--xoauth2-ca",
+        str(fake.ca),
+        "--xoauth2-audience",
+        OUTLOOK_US + "/",
+    )
+
+    def xoauth2(token: str) -> tuple[int, bytes]:
+        with srv.smtp() as s:
+            s.ehlo("client.test")
+            blob = base64.b64encode(f"user=alerts@contoso.us\x01auth=Bearer {token}\x01\x01".encode()).decode()
+            return s.docmd("AUTH", f"XOAUTH2 {blob}")
+
+    try:
+
+        def own_cloud_audience_accepted() -> None:
+            assert xoauth2("eyJ.gcc-high-token.sig")[0] == 235
+
+        def commercial_audience_refused() -> None:
+            assert xoauth2("eyJ.commercial-token.sig") == (535, b"5.7.3 Authentication unsuccessful")
+            assert f"is not {OUTLOOK_US}" in srv.log_text()
+
+        suite.check("national cloud: --xoauth2-audience token accepted", own_cloud_audience_accepted)
+        suite.check("national cloud: commercial audience refused: 535 5.7.3", commercial_audience_refused)
+    finally:
+        code = srv.stop()
+        fake.stop()
+    suite.check("national cloud: SIGTERM exits 0", lambda: _stopped(srv, code))
+
+    def bad_command_lines() -> None:
+        for args in (
+            ["--xoauth2-audience", OUTLOOK_US],
+            ["--xoauth2-introspect", fake.url, "--xoauth2-audience", "outlook"],
+        ):
+            proc = subprocess.run(
+                [sys.executable, str(SERVER), "--state-dir", str(root / "bad"), *args],
+                capture_output=True,
+                timeout=30,
+            )
+            assert proc.returncode == 2 and b"--xoauth2-audience" in proc.stderr, (args, proc)
+
+    suite.check("national cloud: --xoauth2-audience alone or not https: exit 2", bad_command_lines)
+
+
 def main() -> int:
     suite = Suite()
     with tempfile.TemporaryDirectory(prefix="smtp-peer-selftest-") as tmp:
         root = Path(tmp)
-        for group in (plain_checks, starttls_checks, implicit_checks, xoauth2_checks):
+        for group in (plain_checks, starttls_checks, implicit_checks, xoauth2_checks, national_cloud_checks):
             try:
                 group(suite, root)
             except Exception:

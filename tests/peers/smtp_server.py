@@ -41,9 +41,15 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, TLSSetupException
 
 LOG = logging.getLogger("smtp-peer")
 
-# Exchange Online's audience and application role for SMTP client submission with OAuth.
-OUTLOOK_AUDIENCE = "https://outlook.office365.com"
-SEND_AS_APP_ROLE = "SMTP.SendAsApp"
+# Exchange Online's audience in the global service (--xoauth2-audience names a national
+# cloud's: https://outlook.office365.us, https://outlook-dod.office365.us, https://partner.outlook.cn)
+# and the permission SMTP client submission with an app-only token needs. The permission may be
+# consented in Entra (the token's roles) or assigned in Exchange through RBAC for Applications
+# (then absent from the token; Message Center MC1158911), so the emulator decides it, per mailbox:
+# https://learn.microsoft.com/en-us/exchange/client-developer/legacy-protocols/how-to-authenticate-an-imap-pop-smtp-application-by-using-oauth
+# https://learn.microsoft.com/en-us/exchange/permissions-exo/application-rbac
+DEFAULT_OUTLOOK_AUDIENCE = "https://outlook.office365.com"
+SEND_AS_APP_PERMISSION = "SMTP.SendAsApp"
 
 REPLY_NEED_STARTTLS = "530 5.7.0 Must issue a STARTTLS command first"
 REPLY_NEED_AUTH = "530 5.7.57 Client not authenticated to send mail"
@@ -261,21 +267,25 @@ def parse_xoauth2(initial: bytes) -> tuple[str, str] | None:
     return user, token
 
 
-def introspection_grants_smtp(answer: Any, now: float) -> bool:
-    """Whether an introspection answer is an active Exchange Online token allowed to send."""
+def refusal(answer: Any, now: float, audience: str) -> str | None:
+    """Why an introspection answer does not let the token submit mail, or None if it does.
+
+    The answer must be active, for Exchange Online's audience in this cloud, unexpired, and
+    authorized for SMTP.SendAsApp on the XOAUTH2 user's mailbox. The words never include the
+    token.
+    """
     if not isinstance(answer, dict) or answer.get("active") is not True:
-        return False
+        return "token not active"
     aud = answer.get("aud")
     audiences = aud if isinstance(aud, list) else [aud]
-    if not any(isinstance(a, str) and a.rstrip("/") == OUTLOOK_AUDIENCE for a in audiences):
-        return False
-    roles = answer.get("roles")
-    if not isinstance(roles, list) or SEND_AS_APP_ROLE not in roles:
-        return False
+    if not any(isinstance(a, str) and a.rstrip("/") == audience for a in audiences):
+        return f"audience {aud!r} is not {audience}"
     exp = answer.get("exp")
     if isinstance(exp, (int, float)) and not isinstance(exp, bool) and exp <= now:
-        return False
-    return True
+        return "token expired"
+    if answer.get("authorized") is not True:
+        return f"no {SEND_AS_APP_PERMISSION} for this mailbox (neither a token role nor an Exchange role assignment)"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,6 +309,7 @@ class Config:
     auth_pass: str | None
     xoauth2_introspect: str | None
     xoauth2_ca: Path | None
+    xoauth2_audience: str
     require_auth: bool
     max_message_size: int
 
@@ -477,11 +488,12 @@ class Peer:
         LOG.info("AUTH %s failed for %s", mechanism, user)
         return AuthResult(success=False, handled=False, message=REPLY_BAD_CREDENTIALS)
 
-    async def introspect(self, token: str) -> Any:
-        """Asks the identity emulator about a token; the token goes nowhere else."""
+    async def introspect(self, token: str, mailbox: str) -> Any:
+        """Asks the identity emulator about a token and whether it may send as `mailbox`; the
+        token goes nowhere else."""
         url = self.cfg.xoauth2_introspect
         assert url is not None
-        body = json.dumps({"token": token}).encode()
+        body = json.dumps({"token": token, "mailbox": mailbox, "permission": SEND_AS_APP_PERMISSION}).encode()
 
         def call() -> Any:
             request = urllib.request.Request(
@@ -952,15 +964,15 @@ class Handler:
             return AuthResult(success=False, handled=False, message=REPLY_XOAUTH2_FAILED)
         user, token = parsed
         try:
-            answer = await peer.introspect(token)
+            answer = await peer.introspect(token, user)
         except (OSError, ValueError, urllib.error.URLError) as err:
             peer.stats.auth_failed += 1
             # The error text comes from the transport, never from the token.
             LOG.warning("AUTH XOAUTH2 for %s: introspection unavailable: %s", user, type(err).__name__)
             return AuthResult(success=False, handled=False, message=REPLY_AUTH_TEMPFAIL)
-        if not introspection_grants_smtp(answer, time.time()):
+        reason = refusal(answer, time.time(), peer.cfg.xoauth2_audience)
+        if reason is not None:
             peer.stats.auth_failed += 1
-            reason = describe_refusal(answer)
             LOG.info("AUTH XOAUTH2 failed for %s: %s", user, reason)
             return AuthResult(success=False, handled=False, message=REPLY_XOAUTH2_FAILED)
         peer.stats.auth_succeeded += 1
@@ -968,20 +980,6 @@ class Handler:
         server.session.peer_auth = {"user": user, "mechanism": "XOAUTH2", "client_id": client_id}
         LOG.info("AUTH XOAUTH2 succeeded for %s (client %s)", user, client_id)
         return AuthResult(success=True, handled=False, message=REPLY_AUTH_OK)
-
-
-def describe_refusal(answer: Any) -> str:
-    """Why an introspection answer was refused, in words that never include the token."""
-    if not isinstance(answer, dict) or answer.get("active") is not True:
-        return "token not active"
-    aud = answer.get("aud")
-    audiences = aud if isinstance(aud, list) else [aud]
-    if not any(isinstance(a, str) and a.rstrip("/") == OUTLOOK_AUDIENCE for a in audiences):
-        return f"audience {aud!r} is not {OUTLOOK_AUDIENCE}"
-    roles = answer.get("roles")
-    if not isinstance(roles, list) or SEND_AS_APP_ROLE not in roles:
-        return f"roles {roles!r} lack {SEND_AS_APP_ROLE}"
-    return "token expired"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1005,6 +1003,12 @@ def build_config(argv: list[str] | None = None) -> Config:
     parser.add_argument("--auth-pass", help="password for --auth-user (or env SMTP_PEER_AUTH_PASS)")
     parser.add_argument("--xoauth2-introspect", help="token introspection URL: enables AUTH XOAUTH2")
     parser.add_argument("--xoauth2-ca", type=Path, help="PEM CA bundle to trust for --xoauth2-introspect")
+    parser.add_argument(
+        "--xoauth2-audience",
+        metavar="URL",
+        help=f"Exchange Online audience XOAUTH2 tokens must carry (default {DEFAULT_OUTLOOK_AUDIENCE}; "
+        "a national cloud's otherwise)",
+    )
     parser.add_argument("--require-auth", action="store_true", help="refuse MAIL without AUTH")
     parser.add_argument("--max-message-size", type=int, default=35 * 1024 * 1024, help="SIZE limit in bytes")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -1034,6 +1038,11 @@ def build_config(argv: list[str] | None = None) -> Config:
         raise ConfigError("--auth-user and --auth-pass go together")
     if args.xoauth2_ca is not None and not args.xoauth2_introspect:
         raise ConfigError("--xoauth2-ca needs --xoauth2-introspect")
+    if args.xoauth2_audience is not None and not args.xoauth2_introspect:
+        raise ConfigError("--xoauth2-audience needs --xoauth2-introspect")
+    audience = (args.xoauth2_audience or DEFAULT_OUTLOOK_AUDIENCE).rstrip("/")
+    if not audience.startswith("https://") or len(audience) == len("https://"):
+        raise ConfigError(f"--xoauth2-audience must be an https URL, not {args.xoauth2_audience!r}")
     if args.require_auth and args.auth_user is None and not args.xoauth2_introspect:
         raise ConfigError("--require-auth needs --auth-user or --xoauth2-introspect")
     for path in (args.tls_cert, args.tls_key, args.xoauth2_ca):
@@ -1058,6 +1067,7 @@ def build_config(argv: list[str] | None = None) -> Config:
         auth_pass=auth_pass,
         xoauth2_introspect=args.xoauth2_introspect,
         xoauth2_ca=args.xoauth2_ca,
+        xoauth2_audience=audience,
         require_auth=args.require_auth,
         max_message_size=args.max_message_size,
     )

@@ -53,8 +53,7 @@ pub async fn create(
     uri: Uri,
     body: Body,
 ) -> Result<Response, GraphError> {
-    auth::require(&caller, Permission::MailReadWrite)?;
-    auth::require_mailbox(&state, &caller, &sender)?;
+    auth::authorize(&state, &caller, Permission::MailReadWrite, &sender)?;
     let bytes = read_body(&headers, body, MAX_REQUEST_BYTES).await?;
     let parsed = message::parse_message(&message::json_object(&bytes)?)?;
     let draft = Draft {
@@ -102,8 +101,7 @@ pub async fn add_attachment(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, GraphError> {
-    auth::require(&caller, Permission::MailReadWrite)?;
-    auth::require_mailbox(&state, &caller, &sender)?;
+    auth::authorize(&state, &caller, Permission::MailReadWrite, &sender)?;
     find_draft(&state, &sender, &id)?;
     let bytes = read_body(&headers, body, MAX_REQUEST_BYTES).await?;
     let attachment = message::file_attachment(&serde_json::Value::Object(message::json_object(&bytes)?))?;
@@ -129,8 +127,7 @@ pub async fn send(
     Extension(caller): Extension<Caller>,
     Extension(ids): Extension<RequestIds>,
 ) -> Result<StatusCode, GraphError> {
-    auth::require(&caller, Permission::MailSend)?;
-    auth::require_mailbox(&state, &caller, &sender)?;
+    auth::authorize(&state, &caller, Permission::MailSend, &sender)?;
     let draft = find_draft(&state, &sender, &id)?;
     draft.message.require_recipients()?;
     {

@@ -24,8 +24,7 @@ pub async fn send_mail(
     headers: HeaderMap,
     body: Body,
 ) -> Result<StatusCode, GraphError> {
-    auth::require(&caller, Permission::MailSend)?;
-    auth::require_mailbox(&state, &caller, &sender)?;
+    auth::authorize(&state, &caller, Permission::MailSend, &sender)?;
     let bytes = read_body(&headers, body, MAX_REQUEST_BYTES).await?;
     let is_mime = headers
         .get(header::CONTENT_TYPE)

@@ -129,8 +129,7 @@ pub async fn create_session(
     uri: Uri,
     body: Body,
 ) -> Result<Response, GraphError> {
-    auth::require(&caller, Permission::MailReadWrite)?;
-    auth::require_mailbox(&state, &caller, &sender)?;
+    auth::authorize(&state, &caller, Permission::MailReadWrite, &sender)?;
     let mailbox = sender.to_ascii_lowercase();
     let exists = state.lock().drafts.get(&draft_id).is_some_and(|d| d.mailbox == mailbox);
     if !exists {

@@ -91,7 +91,9 @@ pub enum AadError {
     ScopeNotDefault(String),
     /// Several or unusable scopes.
     InvalidScope(String),
-    /// A `/.default` scope for a resource the emulator does not host.
+    /// A `/.default` scope for a resource the emulator's cloud does not hold, another cloud's
+    /// included: AADSTS500011 InvalidResourceServicePrincipalNotFound
+    /// (<https://learn.microsoft.com/entra/identity-platform/reference-error-codes>).
     ResourceNotFound {
         /// The resource.
         resource: String,

@@ -17,6 +17,7 @@ use axum::routing::{get, post};
 
 use crate::apps::App;
 use crate::clock;
+use crate::cloud::Cloud;
 use crate::faults::FaultTarget;
 use crate::origin::request_origin;
 use crate::records::{GrantKind, IssuedToken, TokenRequestRecord};
@@ -179,7 +180,7 @@ fn issue(
         .app(&tenant_key, &client_id)
         .ok_or_else(|| AadError::ApplicationNotFound { client: client_id.clone(), tenant: tenant.to_string() })?;
     let scope = attempt.scope.clone().ok_or(AadError::MissingParameter("scope"))?;
-    let resource = request::parse_scope(&scope, tenant)?;
+    let resource = request::parse_scope(&scope, tenant, state.settings.cloud)?;
 
     let now = clock::now_unix();
     let appidacr = match request::credential(&form, basic.map(|(_, secret)| secret))? {
@@ -206,7 +207,7 @@ fn issue(
     };
 
     let lifetime = app.token_lifetime_seconds.unwrap_or(state.settings.default_token_lifetime);
-    let claims = access_claims(&app, resource, appidacr, now, lifetime);
+    let claims = access_claims(&app, state.settings.cloud, resource, appidacr, now, lifetime);
     let access_token = state.signer.sign(&claims).map_err(|e| AadError::Fault {
         status: 500,
         retry_after: None,
@@ -216,10 +217,19 @@ fn issue(
     Ok(Issued { access_token, lifetime })
 }
 
-fn access_claims(app: &Arc<App>, resource: Resource, appidacr: &str, now: i64, lifetime: u64) -> AccessClaims {
-    let issuer = format!("https://sts.windows.net/{}/", app.tenant_id);
+/// Entra's v1 app-only claims. `roles` carries only what was consented in Entra: grants made in
+/// Exchange Online (RBAC for Applications) never reach the token.
+fn access_claims(
+    app: &Arc<App>,
+    cloud: Cloud,
+    resource: Resource,
+    appidacr: &str,
+    now: i64,
+    lifetime: u64,
+) -> AccessClaims {
+    let issuer = format!("{}/{}/", cloud.v1_issuer_host(), app.tenant_id);
     AccessClaims {
-        aud: resource.audience().to_string(),
+        aud: resource.audience(cloud).to_string(),
         iss: issuer.clone(),
         iat: now,
         nbf: now,
@@ -259,4 +269,32 @@ async fn openid_configuration(
 
 async fn keys(State(state): State<AppState>) -> Response {
     axum::Json(serde_json::json!({ "keys": [state.signer.jwk()] })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apps::AppSpec;
+
+    fn app() -> Arc<App> {
+        let spec: AppSpec =
+            serde_json::from_value(serde_json::json!({"tenantId": "t1", "clientId": "c1"})).expect("spec");
+        Arc::new(App::from_spec(spec).expect("app"))
+    }
+
+    #[test]
+    fn claims_name_the_cloud_resource_and_issuer() {
+        let app = app();
+        let public = access_claims(&app, Cloud::Public, Resource::Graph, "1", 100, 60);
+        assert_eq!(
+            (public.aud.as_str(), public.iss.as_str()),
+            ("https://graph.microsoft.com", "https://sts.windows.net/t1/")
+        );
+        let gov = access_claims(&app, Cloud::USGovernment, Resource::Outlook, "1", 100, 60);
+        assert_eq!(gov.aud, "https://outlook.office365.us");
+        let china = access_claims(&app, Cloud::China, Resource::Graph, "2", 100, 60);
+        assert_eq!(china.aud, "https://microsoftgraph.chinacloudapi.cn");
+        assert_eq!(china.iss, "https://sts.chinacloudapi.cn/t1/");
+        assert_eq!((china.oid.as_str(), china.exp), (app.object_id.as_str(), 160));
+    }
 }

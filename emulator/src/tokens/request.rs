@@ -7,6 +7,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
 use super::errors::AadError;
+use crate::cloud::{Cloud, EXCHANGE_APP_ID, GRAPH_APP_ID};
 
 /// The only client assertion type Entra ID accepts.
 pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -101,17 +102,19 @@ pub enum Resource {
 }
 
 impl Resource {
-    /// The `aud` of tokens for this resource.
-    pub fn audience(self) -> &'static str {
+    /// The `aud` of tokens for this resource in `cloud`.
+    pub fn audience(self, cloud: Cloud) -> &'static str {
         match self {
-            Self::Graph => "https://graph.microsoft.com",
-            Self::Outlook => "https://outlook.office365.com",
+            Self::Graph => cloud.graph_resource(),
+            Self::Outlook => cloud.outlook_resource(),
         }
     }
 }
 
-/// Reads the scope of a client credentials request: exactly one `{resource}/.default`.
-pub fn parse_scope(scope: &str, tenant: &str) -> Result<Resource, AadError> {
+/// Reads the scope of a client credentials request: exactly one `{resource}/.default`, where
+/// the resource is one `cloud`'s directory holds. Another cloud's resource is as unknown to
+/// this cloud's Entra as any other name: AADSTS500011.
+pub fn parse_scope(scope: &str, tenant: &str, cloud: Cloud) -> Result<Resource, AadError> {
     let scopes: Vec<&str> = scope.split_whitespace().collect();
     let [single] = scopes.as_slice() else {
         return Err(AadError::InvalidScope(scope.to_string()));
@@ -120,12 +123,18 @@ pub fn parse_scope(scope: &str, tenant: &str) -> Result<Resource, AadError> {
         return Err(AadError::ScopeNotDefault(single.to_string()));
     };
     let resource = resource.trim_end_matches('/').to_ascii_lowercase();
-    match resource.as_str() {
-        "https://graph.microsoft.com" | "00000003-0000-0000-c000-000000000000" => Ok(Resource::Graph),
-        "https://outlook.office365.com" | "https://outlook.office.com" | "00000002-0000-0ff1-ce00-000000000000" => {
-            Ok(Resource::Outlook)
-        }
-        _ => Err(AadError::ResourceNotFound { resource: resource.to_string(), tenant: tenant.to_string() }),
+    resource_in(cloud, &resource)
+        .ok_or_else(|| AadError::ResourceNotFound { resource: resource.to_string(), tenant: tenant.to_string() })
+}
+
+/// The resource `name` (lower case, no trailing slash) stands for in `cloud`, if any.
+fn resource_in(cloud: Cloud, name: &str) -> Option<Resource> {
+    if name == cloud.graph_resource() || name == GRAPH_APP_ID {
+        Some(Resource::Graph)
+    } else if name == cloud.outlook_resource() || name == EXCHANGE_APP_ID || cloud.outlook_aliases().contains(&name) {
+        Some(Resource::Outlook)
+    } else {
+        None
     }
 }
 
@@ -152,15 +161,41 @@ mod tests {
 
     #[test]
     fn scopes_follow_the_client_credentials_rules() {
-        assert_eq!(parse_scope("https://graph.microsoft.com/.default", "t"), Ok(Resource::Graph));
-        assert_eq!(parse_scope("https://graph.microsoft.com//.default", "t"), Ok(Resource::Graph));
-        assert_eq!(parse_scope("https://outlook.office365.com/.default", "t"), Ok(Resource::Outlook));
-        assert_eq!(parse_scope("https://graph.microsoft.com/Mail.Send", "t").map_err(|e| e.code()), Err(1002012));
+        let public = Cloud::Public;
+        assert_eq!(parse_scope("https://graph.microsoft.com/.default", "t", public), Ok(Resource::Graph));
+        assert_eq!(parse_scope("https://graph.microsoft.com//.default", "t", public), Ok(Resource::Graph));
+        assert_eq!(parse_scope("https://outlook.office365.com/.default", "t", public), Ok(Resource::Outlook));
         assert_eq!(
-            parse_scope("https://graph.microsoft.com/.default offline_access", "t").map_err(|e| e.code()),
+            parse_scope("https://graph.microsoft.com/Mail.Send", "t", public).map_err(|e| e.code()),
+            Err(1002012)
+        );
+        assert_eq!(
+            parse_scope("https://graph.microsoft.com/.default offline_access", "t", public).map_err(|e| e.code()),
             Err(70011)
         );
-        assert_eq!(parse_scope("https://example.com/.default", "t").map_err(|e| e.code()), Err(500011));
+        assert_eq!(parse_scope("https://example.com/.default", "t", public).map_err(|e| e.code()), Err(500011));
+    }
+
+    #[test]
+    fn each_cloud_knows_only_its_own_resources() {
+        for cloud in Cloud::ALL {
+            let graph = format!("{}/.default", cloud.graph_resource());
+            let outlook = format!("{}/.default", cloud.outlook_resource());
+            assert_eq!(parse_scope(&graph, "t", cloud), Ok(Resource::Graph), "{cloud}");
+            assert_eq!(parse_scope(&outlook, "t", cloud), Ok(Resource::Outlook), "{cloud}");
+            assert_eq!(parse_scope(&format!("{GRAPH_APP_ID}/.default"), "t", cloud), Ok(Resource::Graph));
+            for other in Cloud::ALL.into_iter().filter(|o| *o != cloud) {
+                let foreign = format!("{}/.default", other.graph_resource());
+                let err = parse_scope(&foreign, "t", cloud).err();
+                assert_eq!(
+                    err,
+                    Some(AadError::ResourceNotFound { resource: other.graph_resource().into(), tenant: "t".into() }),
+                    "{other} Graph in {cloud}"
+                );
+            }
+        }
+        assert_eq!(Resource::Graph.audience(Cloud::USGovernment), "https://graph.microsoft.us");
+        assert!(parse_scope("https://outlook.office.com/.default", "t", Cloud::USGovernment).is_err());
     }
 
     #[test]

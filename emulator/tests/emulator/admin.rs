@@ -1,8 +1,7 @@
 //! The admin API and the command line.
 
 use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use serde_json::{Value, json};
 
@@ -51,48 +50,71 @@ async fn reset_forgets_apps_and_records() {
 
 #[tokio::test]
 async fn the_binary_writes_ca_and_url_and_stops_on_sigterm() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let key = dir.path().join("signing-key.pem");
-    std::fs::write(&key, common::shared_signer().to_pkcs8_pem().expect("pem")).expect("key");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_m365-emulator"))
-        .args(["--listen", "127.0.0.1:0", "--state-dir"])
-        .arg(dir.path())
-        .arg("--signing-key")
-        .arg(&key)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn emulator");
-
-    let url_file = dir.path().join("url");
-    let started = Instant::now();
-    while !url_file.exists() {
-        assert!(started.elapsed() < Duration::from_secs(60), "no url file");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let url = std::fs::read_to_string(&url_file).expect("url");
+    let mut binary = common::Binary::spawn(&[]).await;
+    let url = binary.url.clone();
     assert!(url.starts_with("https://127.0.0.1:") && !url.ends_with('/'));
-    let ca = std::fs::read_to_string(dir.path().join("ca.pem")).expect("ca.pem");
-    let http = common::client_trusting(&ca);
     let health: Value =
-        http.get(format!("{url}/_emulator/health")).send().await.expect("health").json().await.expect("json");
+        binary.http.get(format!("{url}/_emulator/health")).send().await.expect("health").json().await.expect("json");
     assert_eq!(health["status"], "ok");
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
-    assert!(status.success());
-    let started = Instant::now();
-    let exit = loop {
-        if let Some(exit) = child.try_wait().expect("wait") {
-            break exit;
-        }
-        assert!(started.elapsed() < Duration::from_secs(20), "emulator did not stop");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let exit = binary.stop().await;
     assert!(exit.success(), "exit status {exit}");
-    assert!(!url_file.exists(), "url file left behind");
+    assert!(!binary.dir.path().join("url").exists(), "url file left behind");
     let mut log = String::new();
-    child.stderr.take().expect("stderr").read_to_string(&mut log).expect("log");
+    binary.child.stderr.take().expect("stderr").read_to_string(&mut log).expect("log");
     assert!(log.contains("/_emulator/health"), "{log}");
+    assert!(log.contains("cloud=Public"), "{log}");
+}
+
+#[tokio::test]
+async fn the_binary_plays_the_cloud_given_by_flag() {
+    let mut binary = common::Binary::spawn(&["--cloud", "USGovernmentDoD"]).await;
+    let client = uuid::Uuid::new_v4().to_string();
+    let r = binary
+        .http
+        .post(format!("{}/_emulator/apps", binary.url))
+        .json(&json!({"tenantId": TENANT, "clientId": client, "secrets": ["s"], "roles": ["Mail.Send"]}))
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(r.status(), 201);
+    let token = |scope: &'static str| {
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", client.as_str()),
+            ("client_secret", "s"),
+            ("scope", scope),
+        ];
+        binary.http.post(format!("{}/{TENANT}/oauth2/v2.0/token", binary.url)).form(&form).send()
+    };
+    let ok: Value = token("https://dod-graph.microsoft.us/.default").await.expect("token").json().await.expect("json");
+    let info: Value = binary
+        .http
+        .post(format!("{}/_emulator/introspect", binary.url))
+        .json(&json!({"token": ok["access_token"]}))
+        .send()
+        .await
+        .expect("introspect")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(info["aud"], "https://dod-graph.microsoft.us");
+    let refused = token("https://graph.microsoft.us/.default").await.expect("token");
+    assert_eq!(aad_code(refused).await, (400, "invalid_resource".to_string(), 500011));
+    assert!(binary.stop().await.success());
+}
+
+#[test]
+fn the_binary_refuses_an_unknown_cloud() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(env!("CARGO_BIN_EXE_m365-emulator"))
+        .args(["--cloud", "Germany", "--state-dir"])
+        .arg(dir.path())
+        .output()
+        .expect("run emulator");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown cloud 'Germany'"), "{stderr}");
 }
 
 #[tokio::test]

@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 pub const TENANT: &str = "00000000-0000-0000-0000-0000000000aa";
 pub const GRAPH_SCOPE: &str = "https://graph.microsoft.com/.default";
+pub const OUTLOOK_SCOPE: &str = "https://outlook.office365.com/.default";
 pub const SENDER: &str = "alerts@contoso.com";
 
 /// One signing key for every emulator of this test run: RSA generation is slow in debug.
@@ -94,12 +95,33 @@ impl Emu {
 
     /// Registers a secret-credential app with `roles` and returns its client id.
     pub async fn secret_app(&self, secret: &str, roles: &[&str]) -> String {
+        self.secret_app_summary(secret, roles).await["clientId"].as_str().expect("clientId").to_string()
+    }
+
+    /// Registers a secret-credential app with `roles` and returns its summary (`clientId`,
+    /// `objectId` of the service principal, `applicationObjectId` of the registration).
+    pub async fn secret_app_summary(&self, secret: &str, roles: &[&str]) -> Value {
         let client = uuid::Uuid::new_v4().to_string();
         self.register(json!({
             "tenantId": TENANT, "clientId": client, "secrets": [secret], "roles": roles
         }))
-        .await;
-        client
+        .await
+    }
+
+    /// `POST /_emulator/role-assignments` in TENANT: `mailboxes` None is organization-wide.
+    pub async fn assign_role(&self, object_id: &str, role: &str, mailboxes: Option<&[&str]>) -> reqwest::Response {
+        self.admin_post(
+            "role-assignments",
+            json!({
+                "tenantId": TENANT, "servicePrincipalObjectId": object_id, "role": role, "mailboxes": mailboxes
+            }),
+        )
+        .await
+    }
+
+    /// `POST /_emulator/introspect` with `body`.
+    pub async fn introspect(&self, body: Value) -> Value {
+        self.admin_post("introspect", body).await.json().await.expect("json")
     }
 
     pub async fn admin_post(&self, path: &str, body: Value) -> reqwest::Response {
@@ -123,6 +145,11 @@ impl Emu {
 
     /// A Graph token for a secret app.
     pub async fn secret_token(&self, client: &str, secret: &str) -> String {
+        self.scoped_token(client, secret, GRAPH_SCOPE).await
+    }
+
+    /// A token for `scope` for a secret app; panics unless 200.
+    pub async fn scoped_token(&self, client: &str, secret: &str, scope: &str) -> String {
         let r = self
             .token_request(
                 TENANT,
@@ -130,11 +157,11 @@ impl Emu {
                     ("grant_type", "client_credentials"),
                     ("client_id", client),
                     ("client_secret", secret),
-                    ("scope", GRAPH_SCOPE),
+                    ("scope", scope),
                 ],
             )
             .await;
-        assert_eq!(r.status(), 200);
+        assert_eq!(r.status(), 200, "token for {scope}");
         let body: Value = r.json().await.expect("json");
         body["access_token"].as_str().expect("token").to_string()
     }
@@ -183,4 +210,61 @@ pub async fn aad_code(r: reqwest::Response) -> (u16, String, u64) {
         body["error"].as_str().unwrap_or_default().to_string(),
         body["error_codes"][0].as_u64().unwrap_or_default(),
     )
+}
+
+/// The `m365-emulator` binary, started with the shared signing key and `extra` arguments.
+pub struct Binary {
+    pub child: std::process::Child,
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub http: reqwest::Client,
+}
+
+impl Binary {
+    /// Starts the binary and waits until it has written `url` (and so `ca.pem`).
+    pub async fn spawn(extra: &[&str]) -> Binary {
+        use std::process::{Command, Stdio};
+        use std::time::{Duration, Instant};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("signing-key.pem");
+        std::fs::write(&key, shared_signer().to_pkcs8_pem().expect("pem")).expect("key");
+        let child = Command::new(env!("CARGO_BIN_EXE_m365-emulator"))
+            .args(["--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(dir.path())
+            .arg("--signing-key")
+            .arg(&key)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn emulator");
+        let url_file = dir.path().join("url");
+        let started = Instant::now();
+        while !url_file.exists() {
+            assert!(started.elapsed() < Duration::from_secs(60), "no url file");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let url = std::fs::read_to_string(&url_file).expect("url");
+        let ca = std::fs::read_to_string(dir.path().join("ca.pem")).expect("ca.pem");
+        let http = client_trusting(&ca);
+        Binary { child, dir, url, http }
+    }
+
+    /// Sends SIGTERM and waits (at most 20 s) for the exit status.
+    pub async fn stop(&mut self) -> std::process::ExitStatus {
+        use std::time::{Duration, Instant};
+
+        let status =
+            std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
+        assert!(status.success());
+        let started = Instant::now();
+        loop {
+            if let Some(exit) = self.child.try_wait().expect("wait") {
+                return exit;
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "emulator did not stop");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
