@@ -381,7 +381,7 @@ up_locked() {
   metrics_port="${ports% *}"
   health_port="${ports#* }"
   launch operator env KUBECONFIG="$MAILROOM_TESTENV_DIR/kubeconfig" RUST_LOG="info,kube=warn" \
-    "$MAILROOM_BIN" run --ca-bundle "$DEMO/emulator/ca.pem" \
+    "$MAILROOM_BIN" run --ca-bundle "$DEMO/emulator/ca.pem" --allow-custom-endpoints \
     --metrics-addr "127.0.0.1:$metrics_port" --health-addr "127.0.0.1:$health_port"
   local deadline=$((SECONDS + 60))
   until http_ok "http://127.0.0.1:$health_port/readyz"; do

@@ -367,8 +367,14 @@ async fn chaos_every_message_ends_sent_or_failed_and_duplicates_stay_within_the_
     concat_pems(&bundle, &[emu.ca_pem(), exo.ca_pem()]);
     let bundle = bundle.display().to_string();
     let kubeconfig = plane.kubeconfig.display().to_string();
-    let start_operator =
-        || Operator::start_with_env("chaos", NS, &["--ca-bundle", &bundle], &[("KUBECONFIG", kubeconfig.as_str())]);
+    let start_operator = || {
+        Operator::start_with_env(
+            "chaos",
+            NS,
+            &["--ca-bundle", &bundle, "--allow-custom-endpoints"],
+            &[("KUBECONFIG", kubeconfig.as_str())],
+        )
+    };
     // Every start of the operator appends to one log; it starts empty for this run.
     let _ = std::fs::remove_file(repo_root().join("target/test-logs/chaos-chaos.log"));
     let mut operator = start_operator();

@@ -52,7 +52,7 @@ impl World {
         cas.extend_from_slice(more);
         concat_pems(&bundle, &cas);
         let bundle = bundle.display().to_string();
-        Operator::start(self.test, &self.ns, &["--ca-bundle", &bundle])
+        Operator::start(self.test, &self.ns, &["--ca-bundle", &bundle, "--allow-custom-endpoints"])
     }
 
     fn messages(&self) -> Api<EmailMessage> {
@@ -159,7 +159,11 @@ async fn create_message(api: &Api<EmailMessage>, name: &str, profile: &str, extr
 }
 
 fn ready(p: &MailProfile) -> Option<&Condition> {
-    p.status.as_ref().and_then(|s| find_condition(&s.conditions, "Ready"))
+    profile_condition(p, "Ready")
+}
+
+fn profile_condition<'a>(p: &'a MailProfile, type_: &str) -> Option<&'a Condition> {
+    p.status.as_ref().and_then(|s| find_condition(&s.conditions, type_))
 }
 
 /// Waits for `want`; a message that ends otherwise fails the test at once, with its status.
@@ -377,28 +381,174 @@ async fn a_wrong_secret_holds_messages_until_it_is_fixed() {
     assert!(!op.log_text().is_empty(), "the operator logged nothing: the check above proves little");
 }
 
-/// A token issued without Mail.Send makes the profile say what to grant, and messages wait
-/// instead of collecting 403s.
+/// Exchange Online RBAC for Applications: the app holds no Entra role, so its token carries no
+/// `roles`; a scoped `Application Mail.Send` assignment lets it send as the mailboxes of its
+/// management scope. The profile is Ready and says what it sees; a sender in scope goes out, a
+/// sender outside it fails at once with Graph's 403 and what to grant, and the profile shows both.
 #[tokio::test]
-async fn a_token_without_mail_send_shows_missing_permission() {
-    let w = World::new("oauth-noperm").await;
-    w.register(app(&["noperm-secret-1"], json!({"roles": []}))).await;
-    w.secret(SECRET_NAME, None, json!({SECRET_KEY: "noperm-secret-1"})).await;
+async fn rbac_for_applications_sends_from_its_scope_only() {
+    let w = World::new("oauth-rbac").await;
+    let registered = w.emu.register_app(app(&["rbac-secret-1"], json!({"roles": []}))).await;
+    let sp = registered["objectId"].as_str().expect("service principal object id").to_string();
+    w.emu
+        .assign_role(json!({"tenantId": TENANT, "servicePrincipalObjectId": sp, "role": "Application Mail.Send", "mailboxes": [SENDER]}))
+        .await;
+    w.secret(SECRET_NAME, None, json!({SECRET_KEY: "rbac-secret-1"})).await;
     let _op = w.operator(&[]);
-    w.graph_profile("m365", CLIENT, secret_ref(), json!({})).await;
-    let profile = w.wait_ready("m365", "False").await;
-    let cond = ready(&profile).expect("Ready").clone();
-    assert_eq!(cond.reason, "MissingPermission", "{cond:?}");
-    assert!(cond.message.contains("Mail.Send") && cond.message.contains("admin consent"), "{cond:?}");
+    let senders = json!({"senders": {"default": SENDER, "allowed": [SENDER, "ceo@contoso.com"]}});
+    w.graph_profile("m365", CLIENT, secret_ref(), senders).await;
+    let profile = w.wait_ready("m365", "True").await;
     assert!(profile.status.as_ref().and_then(|s| s.token.as_ref()).is_some_and(|t| t.roles.is_empty()));
-    w.send("held", "m365", json!({})).await;
-    let held = common::wait_for(&w.messages(), "held", WAIT, |m| {
-        message_condition(m, "Waiting").is_some_and(|c| c.status == "True" && c.reason == "ProfileNotReady")
+    let advice = profile_condition(&profile, "PermissionsVerified").expect("PermissionsVerified");
+    assert_eq!((advice.status.as_str(), advice.reason.as_str()), ("False", "RoleNotInToken"), "{advice:?}");
+    assert!(advice.message.contains("Application Mail.Send"), "{advice:?}");
+
+    w.send("in-scope", "m365", json!({})).await;
+    let sent = w.wait_sent("in-scope").await;
+    assert_eq!(status_of(&sent).attempts, Some(1));
+    let verified = common::wait_for(&w.profiles(), "m365", WAIT, |p| {
+        profile_condition(p, "PermissionsVerified").is_some_and(|c| c.reason == "AuthorizedByExchange")
     })
     .await;
-    assert!(message_condition(&held, "Waiting").unwrap().message.contains("MissingPermission"));
-    assert_eq!(status_of(&held).attempts, None, "nothing was sent");
+    assert_eq!(profile_condition(&verified, "PermissionsVerified").map(|c| c.status.as_str()), Some("True"));
+
+    w.send("out-of-scope", "m365", json!({"from": "ceo@contoso.com"})).await;
+    let failed = wait_phase(&w.messages(), "out-of-scope", Phase::Failed).await;
+    assert_eq!(status_of(&failed).attempts, Some(1), "a denial is not retried");
+    let cond = message_condition(&failed, "Failed").expect("Failed condition");
+    assert!(cond.message.contains("Graph 403 ErrorAccessDenied"), "{cond:?}");
+    assert!(cond.message.contains("management scope") && cond.message.contains("Application Mail.Send"), "{cond:?}");
+    let denied = common::wait_for(&w.profiles(), "m365", WAIT, |p| {
+        profile_condition(p, "PermissionsVerified").is_some_and(|c| c.reason == "SendDenied")
+    })
+    .await;
+    let shown = profile_condition(&denied, "PermissionsVerified").expect("PermissionsVerified");
+    assert!(shown.status == "False" && shown.message.contains("ceo@contoso.com"), "{shown:?}");
+    assert_eq!(
+        ready(&denied).map(|c| c.status.as_str()),
+        Some("True"),
+        "one mailbox's denial does not stop the profile"
+    );
+    let accepted = w.emu.messages().await;
+    assert_eq!(accepted.len(), 1, "{accepted:#?}");
+    assert_eq!(accepted[0]["sender"], SENDER);
+}
+
+/// The gotcha of `New-ServicePrincipal`: registered with the app registration's object id instead
+/// of the Enterprise Application's, the role assignment never matches the app's token, and Graph
+/// refuses every send with 403 ErrorAccessDenied, which the message and the profile say.
+#[tokio::test]
+async fn a_role_assigned_to_the_wrong_object_id_is_denied() {
+    let w = World::new("oauth-wrong-sp").await;
+    let registered = w.emu.register_app(app(&["wrongsp-secret-1"], json!({"roles": []}))).await;
+    let wrong = registered["applicationObjectId"].as_str().expect("app registration object id").to_string();
+    w.emu
+        .assign_role(json!({"tenantId": TENANT, "servicePrincipalObjectId": wrong, "role": "Application Mail.Send", "mailboxes": null}))
+        .await;
+    w.secret(SECRET_NAME, None, json!({SECRET_KEY: "wrongsp-secret-1"})).await;
+    let _op = w.operator(&[]);
+    w.graph_profile("m365", CLIENT, secret_ref(), json!({})).await;
+    w.wait_ready("m365", "True").await;
+    w.send("denied", "m365", json!({})).await;
+    let failed = wait_phase(&w.messages(), "denied", Phase::Failed).await;
+    let cond = message_condition(&failed, "Failed").expect("Failed condition");
+    assert!(
+        cond.message.contains("ErrorAccessDenied") && cond.message.contains("Enterprise Application's object id"),
+        "{cond:?}"
+    );
+    common::wait_for(&w.profiles(), "m365", WAIT, |p| {
+        profile_condition(p, "PermissionsVerified").is_some_and(|c| c.status == "False" && c.reason == "SendDenied")
+    })
+    .await;
     assert!(w.emu.messages().await.is_empty());
+}
+
+/// A national cloud: with `cloud: USGovernment` the token is asked for the US Graph's scope,
+/// which that cloud's Entra issues; a profile left on the Public cloud asks for the commercial
+/// scope and is refused with Entra's AADSTS500011, shown in its Ready condition.
+#[tokio::test]
+async fn a_national_cloud_profile_asks_for_its_own_scope() {
+    let test = "oauth-cloud";
+    let client = common::client().await;
+    let ns = common::namespace(&client, test, &[]).await;
+    let w = World { client, ns, emu: Emulator::start_in_cloud(test, "USGovernment").await, test };
+    w.register(app(&["gov-secret-1"], json!({}))).await;
+    w.secret(SECRET_NAME, None, json!({SECRET_KEY: "gov-secret-1"})).await;
+    let _op = w.operator(&[]);
+    w.graph_profile("gcc-high", CLIENT, secret_ref(), json!({})).await;
+    let profiles = w.profiles();
+    let mut spec = profiles.get("gcc-high").await.expect("profile").spec;
+    if let Some(g) = spec.graph.as_mut() {
+        g.credentials.cloud = Some(mailroom::api::Cloud::USGovernment);
+    }
+    let patch = json!({"spec": spec});
+    profiles.patch("gcc-high", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("set the cloud");
+    w.graph_profile("commercial", CLIENT, secret_ref(), json!({})).await;
+
+    let refused = w.wait_ready("commercial", "False").await;
+    let cond = ready(&refused).expect("Ready");
+    assert_eq!(cond.reason, "TokenRequestFailed", "{cond:?}");
+    assert!(cond.message.contains("AADSTS500011"), "{cond:?}");
+    common::wait_for(&profiles, "gcc-high", WAIT, |p| {
+        ready(p).is_some_and(|c| c.status == "True")
+            && p.status.as_ref().and_then(|s| s.observed_generation) == p.metadata.generation
+    })
+    .await;
+    w.send("gov", "gcc-high", json!({})).await;
+    w.wait_sent("gov").await;
+    let scopes: BTreeSet<String> = w
+        .emu
+        .token_requests()
+        .await
+        .iter()
+        .filter(|t| t["outcome"] == "success")
+        .filter_map(|t| t["scope"].as_str().map(String::from))
+        .collect();
+    assert_eq!(scopes, BTreeSet::from(["https://graph.microsoft.us/.default".to_string()]));
+}
+
+/// A MailProfile may only name Microsoft's cloud endpoints: one pointing at another URL is
+/// refused (`Ready=False InvalidSettings`) and nothing is contacted, while a ClusterMailProfile,
+/// which a cluster administrator writes, may name it.
+#[tokio::test]
+async fn a_mailprofile_cannot_point_the_operator_at_other_urls() {
+    let w = World::new("oauth-ssrf").await;
+    w.register(app(&["ssrf-secret-1"], json!({}))).await;
+    w.secret(SECRET_NAME, None, json!({SECRET_KEY: "ssrf-secret-1"})).await;
+    let bundle = w.emu.dir.path().join("strict-ca-bundle.pem");
+    concat_pems(&bundle, &[w.emu.ca_pem()]);
+    let bundle = bundle.display().to_string();
+    let _op = Operator::start_all_with_env(&format!("{}-{}", w.test, w.ns), &["--ca-bundle", &bundle], &[]);
+    w.graph_profile("internal", CLIENT, secret_ref(), json!({})).await;
+    let refused = w.wait_ready("internal", "False").await;
+    let cond = ready(&refused).expect("Ready");
+    assert_eq!(cond.reason, "InvalidSettings", "{cond:?}");
+    assert!(cond.message.contains("not one of Microsoft's") && cond.message.contains("ClusterMailProfile"), "{cond:?}");
+    assert!(w.emu.token_requests().await.is_empty(), "the refused MailProfile contacted its endpoint");
+
+    let name = format!("{}-shared", w.ns);
+    let cluster: mailroom::api::ClusterMailProfile = serde_json::from_value(json!({
+        "apiVersion": "mailroom.dev/v1alpha1", "kind": "ClusterMailProfile", "metadata": {"name": name},
+        "spec": {
+            "allowedNamespaces": {},
+            "senders": {"default": SENDER},
+            "graph": {
+                "tenantId": TENANT, "clientId": CLIENT, "authorityHost": w.emu.url, "endpoint": w.emu.url,
+                "clientSecretRef": {"name": SECRET_NAME, "key": SECRET_KEY, "namespace": w.ns},
+            },
+        },
+    }))
+    .expect("ClusterMailProfile");
+    let clusters: Api<mailroom::api::ClusterMailProfile> = Api::all(w.client.clone());
+    clusters.create(&PostParams::default(), &cluster).await.expect("create ClusterMailProfile");
+    let ok = common::wait_for(&clusters, &name, WAIT, |p| {
+        p.status.as_ref().and_then(|s| find_condition(&s.conditions, "Ready")).is_some_and(|c| c.status == "True")
+    })
+    .await;
+    clusters.delete(&name, &Default::default()).await.expect("delete ClusterMailProfile");
+    assert!(ok.status.is_some());
+    let requests = w.emu.token_requests().await;
+    assert!(requests.iter().any(|t| t["outcome"] == "success"), "the ClusterMailProfile got its token: {requests:#?}");
 }
 
 /// A deleted profile's token stops being refreshed (at most the refresh already due happens).
@@ -414,8 +564,10 @@ async fn a_deleted_profile_stops_requesting_tokens() {
     w.emu.wait_token_requests(WAIT, |t| t.len() >= 2).await;
     w.profiles().delete("m365", &Default::default()).await.expect("delete the profile");
 
+    // Operators of tests running beside this one log the same line for their own profiles.
+    let stopped_line = format!("its token refreshes stopped profile=MailProfile {}/m365", w.ns);
     let start = Instant::now();
-    while !op.log_text().contains("its token refreshes stopped") {
+    while !op.log_text().contains(&stopped_line) {
         assert!(start.elapsed() < WAIT, "the operator did not stop the deleted profile's token refreshes");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -680,4 +832,56 @@ async fn smtp_xoauth2_sends_with_an_outlook_token() {
     assert_eq!(tokens.len(), 1, "{tokens:#?}");
     assert_eq!(tokens[0]["scope"], "https://outlook.office365.com/.default");
     assert_eq!(tokens[0]["outcome"], "success");
+}
+
+/// SMTP with XOAUTH2 onboarded through Exchange Online App RBAC (`Application SMTP.SendAsApp`
+/// scoped to one mailbox, no Entra role): the token has no roles, the mailbox in scope sends, and
+/// another mailbox is refused with 535 even with a new token, failing with what to grant.
+#[tokio::test]
+async fn smtp_xoauth2_through_app_rbac() {
+    let w = World::new("oauth-xoauth2-rbac").await;
+    let emu_ca = w.emu.ca_pem().display().to_string();
+    let peer = SmtpPeer::start(&[
+        "--self-signed",
+        "--require-starttls",
+        "--xoauth2-introspect",
+        &w.emu.introspect_url(),
+        "--xoauth2-ca",
+        &emu_ca,
+    ]);
+    let registered = w.emu.register_app(app(&["smtp-rbac-1"], json!({"roles": []}))).await;
+    let sp = registered["objectId"].as_str().expect("service principal object id").to_string();
+    w.emu
+        .assign_role(json!({"tenantId": TENANT, "servicePrincipalObjectId": sp, "role": "Application SMTP.SendAsApp", "mailboxes": [SENDER]}))
+        .await;
+    w.secret(SECRET_NAME, None, json!({SECRET_KEY: "smtp-rbac-1"})).await;
+    let _op = w.operator(&[peer.ca_pem()]);
+    let mut oauth2 = json!({"tenantId": TENANT, "clientId": CLIENT, "authorityHost": w.emu.url});
+    merge(&mut oauth2, secret_ref());
+    w.profile(
+        "exo",
+        json!({
+            "senders": {"default": SENDER, "allowed": [SENDER, "other@contoso.com"]},
+            "smtp": {"host": "127.0.0.1", "port": peer.smtp_port, "tls": "StartTLS", "auth": {"oauth2": oauth2}},
+        }),
+    )
+    .await;
+    let profile = w.wait_ready("exo", "True").await;
+    let advice = profile_condition(&profile, "PermissionsVerified").expect("PermissionsVerified");
+    assert_eq!(advice.reason, "RoleNotInToken", "{advice:?}");
+    assert!(advice.message.contains("Application SMTP.SendAsApp"), "{advice:?}");
+    w.send("in-scope", "exo", json!({})).await;
+    w.wait_sent("in-scope").await;
+    assert_eq!(peer.wait_messages(1, WAIT).await[0]["auth_mechanism"], "XOAUTH2");
+
+    w.send("out-of-scope", "exo", json!({"from": "other@contoso.com"})).await;
+    let failed = wait_phase(&w.messages(), "out-of-scope", Phase::Failed).await;
+    let cond = message_condition(&failed, "Failed").expect("Failed condition");
+    assert!(cond.message.contains("535 5.7.3") && cond.message.contains("Application SMTP.SendAsApp"), "{cond:?}");
+    assert_eq!(status_of(&failed).attempts, Some(2), "one retry with a new token, then the denial is final");
+    common::wait_for(&w.profiles(), "exo", WAIT, |p| {
+        profile_condition(p, "PermissionsVerified").is_some_and(|c| c.reason == "SendDenied")
+    })
+    .await;
+    assert_eq!(peer.messages().await.len(), 1, "nothing went out for the mailbox outside the scope");
 }

@@ -187,7 +187,12 @@ async fn no_secret_or_token_appears_in_logs_status_or_events() {
     let bundle = dir.path().join("ca-bundle.pem");
     concat_pems(&bundle, &[emu.ca_pem(), xoauth2_peer.ca_pem(), password_peer.ca_pem()]);
     let bundle = bundle.display().to_string();
-    let op = Operator::start_with_env("hygiene", &ns, &["--ca-bundle", &bundle], &[("RUST_LOG", "debug")]);
+    let op = Operator::start_with_env(
+        "hygiene",
+        &ns,
+        &["--ca-bundle", &bundle, "--allow-custom-endpoints"],
+        &[("RUST_LOG", "debug")],
+    );
 
     let planted = unique("planted");
     message(&client, &ns, &planted, "by-secret").await;

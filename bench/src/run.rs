@@ -497,11 +497,19 @@ async fn setup_profile(
 ) -> Result<Vec<String>, BenchError> {
     let limits = json!({"messagesPerMinute": args.messages_per_minute, "maxConcurrent": args.max_concurrent});
     let senders = json!({"default": sender(0, args.mailboxes), "allowed": ["*@contoso.com"]});
-    let mut op_args: Vec<String> =
-        ["run", "--metrics-addr", "127.0.0.1:0", "--health-addr", "127.0.0.1:0", "--namespace", ns]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+    let mut op_args: Vec<String> = [
+        "run",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--health-addr",
+        "127.0.0.1:0",
+        "--allow-custom-endpoints",
+        "--namespace",
+        ns,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     op_args.extend(["--concurrency".to_string(), args.concurrency.to_string()]);
     let spec = match transport {
         Transport::Graph => {

@@ -71,6 +71,15 @@ pub fn rsa_certificate(dir: &Path, name: &str) -> (String, String) {
 impl Emulator {
     /// Starts `$MAILROOM_EMULATOR_BIN --listen 127.0.0.1:0 --state-dir DIR` and waits for `DIR/url`.
     pub async fn start(test: &str) -> Emulator {
+        Emulator::start_with(test, &[]).await
+    }
+
+    /// Starts an emulator of one of Microsoft's national clouds (`--cloud USGovernment`, ...).
+    pub async fn start_in_cloud(test: &str, cloud: &str) -> Emulator {
+        Emulator::start_with(test, &["--cloud", cloud]).await
+    }
+
+    async fn start_with(test: &str, args: &[&str]) -> Emulator {
         mailroom::tls::install_crypto_provider();
         let bin = required_env("MAILROOM_EMULATOR_BIN");
         let dir = tempfile::tempdir().expect("emulator state dir");
@@ -79,7 +88,7 @@ impl Emulator {
         let log = logs.join(format!("{test}-emulator-{}.log", uuid::Uuid::new_v4().simple()));
         let out = std::fs::File::create(&log).expect("emulator log");
         let mut command = Command::new(bin);
-        command.args(["--listen", "127.0.0.1:0", "--state-dir"]).arg(dir.path());
+        command.args(["--listen", "127.0.0.1:0", "--state-dir"]).arg(dir.path()).args(args);
         if let Some(key) = signing_key() {
             command.arg("--signing-key").arg(key);
         }
@@ -136,6 +145,12 @@ impl Emulator {
     /// "federated","roles","tokenLifetimeSeconds","allowedMailboxes"}`.
     pub async fn register_app(&self, app: Value) -> Value {
         self.post("/apps", &app).await
+    }
+
+    /// Assigns an Exchange Online RBAC for Applications role (`New-ManagementRoleAssignment`):
+    /// `{"tenantId","servicePrincipalObjectId","role","mailboxes"}`.
+    pub async fn assign_role(&self, assignment: Value) -> Value {
+        self.post("/role-assignments", &assignment).await
     }
 
     /// Injects a fault: `{"target":"token"|"graph","status","count","retryAfterSeconds","latencyMs"}`.
