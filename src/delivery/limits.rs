@@ -7,6 +7,11 @@
 //! message asks again. A backlog of thousands of messages is then a queue of references, not
 //! thousands of parked futures, and a slow profile never holds a reconcile slot that another
 //! profile's message could use.
+//!
+//! A mailbox is created on first use and forgotten after [`IDLE_EXPIRY`] without use, with nobody
+//! waiting and nothing in flight: a `*@domain` sender pattern admits any number of mailboxes, and
+//! one that sent once must not be kept forever. Nothing is lost by forgetting it: its bucket
+//! refills completely within a minute, so a mailbox made again later starts as the old one would.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hash;
@@ -24,6 +29,10 @@ pub type Wake<W> = Arc<dyn Fn(&W) -> bool + Send + Sync>;
 /// How long a woken message keeps the slot it was woken for. One that does not ask again within
 /// it (deleted meanwhile, or busy with something else) loses its claim on the slot.
 pub const WOKEN_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a mailbox without use, waiters or sends in flight is kept. Longer than the minute in
+/// which its bucket refills, so that forgetting it never lets a burst through early.
+pub const IDLE_EXPIRY: Duration = Duration::from_secs(5 * 60);
 
 /// (profile, mailbox), the mailbox in lower case.
 type MailboxKey = (String, String);
@@ -56,11 +65,23 @@ struct Queue<W> {
     woken: HashMap<W, Instant>,
     /// A timer wakes the head when the bucket refills.
     timer: bool,
+    /// When a message last asked for a turn or released one.
+    last_used: tokio::time::Instant,
+    /// Taken out of the map (idle, or replaced by changed limits): whoever holds it asks the map again.
+    retired: bool,
 }
 
 impl<W> Default for Queue<W> {
     fn default() -> Self {
-        Queue { in_use: 0, waiting: VecDeque::new(), members: HashSet::new(), woken: HashMap::new(), timer: false }
+        Queue {
+            in_use: 0,
+            waiting: VecDeque::new(),
+            members: HashSet::new(),
+            woken: HashMap::new(),
+            timer: false,
+            last_used: tokio::time::Instant::now(),
+            retired: false,
+        }
     }
 }
 
@@ -81,6 +102,7 @@ impl<W: Clone + Eq + Hash + Send + 'static> Drop for SendPermit<W> {
     fn drop(&mut self) {
         let mut q = self.mailbox.lock();
         q.in_use = q.in_use.saturating_sub(1);
+        q.last_used = tokio::time::Instant::now();
         self.mailbox.wake_next(&mut q);
     }
 }
@@ -100,31 +122,12 @@ impl<W: Clone + Eq + Hash + Send + 'static> SendLimits<W> {
     /// waited goes before one that did not. Changing a profile's limits takes effect for the
     /// next message; the queue carries over.
     pub fn try_acquire(&self, profile: &str, mailbox: &str, per_minute: u32, concurrent: u32, me: &W) -> Turn<W> {
-        let mb = self.mailbox(profile, mailbox, per_minute, concurrent);
-        let mut q = mb.lock();
-        let woken = q.woken.remove(me).is_some();
-        let others_first = !woken && q.waiting.front().is_some_and(|head| head != me);
-        if q.has_room(mb.concurrent, mb.grace) && !others_first {
-            match mb.bucket.check() {
-                Ok(()) => {
-                    q.dequeue(me);
-                    q.in_use += 1;
-                    mb.wake_next(&mut q);
-                    drop(q);
-                    return Turn::Go(SendPermit { mailbox: mb });
-                }
-                Err(not_until) => {
-                    q.enqueue(me, woken);
-                    let wait = not_until.wait_time_from(DefaultClock::default().now());
-                    Mailbox::arm_timer(&mb, &mut q, wait);
-                    return Turn::Wait;
-                }
+        loop {
+            let mb = self.mailbox(profile, mailbox, per_minute, concurrent);
+            if let Some(turn) = Mailbox::try_acquire(mb, me) {
+                return turn;
             }
         }
-        q.enqueue(me, woken);
-        // A slot may be free with others ahead (a woken message never came back): wake the head.
-        mb.wake_next(&mut q);
-        Turn::Wait
     }
 
     /// Wakes the head of every queue that has room: the safety net for a wake that went nowhere
@@ -138,11 +141,45 @@ impl<W: Clone + Eq + Hash + Send + 'static> SendLimits<W> {
         }
     }
 
-    /// Forgets a profile's mailboxes (the profile was deleted).
+    /// Forgets a profile's mailboxes (the profile was deleted). Messages in their queues are the
+    /// caller's to wake.
     pub fn forget_profile(&self, profile: &str) {
-        if let Ok(mut map) = self.mailboxes.lock() {
-            map.retain(|(p, _), _| p != profile);
-        }
+        let mut map = self.mailboxes.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|(p, _), mb| {
+            let keep = p != profile;
+            if !keep {
+                mb.lock().retired = true;
+            }
+            keep
+        });
+    }
+
+    /// Forgets the mailboxes unused for `idle` with nobody waiting, nobody woken and nothing in
+    /// flight; returns how many. Runs with the map locked, so no message can pick one up meanwhile
+    /// (one that already holds it sees it retired and asks again).
+    pub fn forget_idle(&self, idle: Duration) -> usize {
+        let now = tokio::time::Instant::now();
+        let mut map = self.mailboxes.lock().unwrap_or_else(|e| e.into_inner());
+        let before = map.len();
+        map.retain(|_, mb| {
+            let mut q = mb.lock();
+            let expired = q.is_idle(mb.grace) && now.saturating_duration_since(q.last_used) >= idle;
+            if expired {
+                q.retired = true;
+            }
+            !expired
+        });
+        before - map.len()
+    }
+
+    /// Mailboxes with limits and queues, for metrics.
+    pub fn len(&self) -> usize {
+        self.mailboxes.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     fn mailbox(&self, profile: &str, mailbox: &str, per_minute: u32, concurrent: u32) -> Arc<Mailbox<W>> {
@@ -158,6 +195,7 @@ impl<W: Clone + Eq + Hash + Send + 'static> SendLimits<W> {
         let queue = match old {
             Some(old) => {
                 let mut q = old.lock();
+                q.retired = true;
                 Queue {
                     waiting: std::mem::take(&mut q.waiting),
                     members: std::mem::take(&mut q.members),
@@ -183,6 +221,39 @@ impl<W: Clone + Eq + Hash + Send + 'static> SendLimits<W> {
 impl<W: Clone + Eq + Hash + Send + 'static> Mailbox<W> {
     fn lock(&self) -> MutexGuard<'_, Queue<W>> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// [`SendLimits::try_acquire`] on this mailbox; `None` when it was retired after the map
+    /// lookup (a queue nobody would wake), so the caller asks the map again.
+    fn try_acquire(mb: Arc<Mailbox<W>>, me: &W) -> Option<Turn<W>> {
+        let mut q = mb.lock();
+        if q.retired {
+            return None;
+        }
+        q.last_used = tokio::time::Instant::now();
+        let woken = q.woken.remove(me).is_some();
+        let others_first = !woken && q.waiting.front().is_some_and(|head| head != me);
+        if q.has_room(mb.concurrent, mb.grace) && !others_first {
+            match mb.bucket.check() {
+                Ok(()) => {
+                    q.dequeue(me);
+                    q.in_use += 1;
+                    mb.wake_next(&mut q);
+                    drop(q);
+                    return Some(Turn::Go(SendPermit { mailbox: mb }));
+                }
+                Err(not_until) => {
+                    q.enqueue(me, woken);
+                    let wait = not_until.wait_time_from(DefaultClock::default().now());
+                    Mailbox::arm_timer(&mb, &mut q, wait);
+                    return Some(Turn::Wait);
+                }
+            }
+        }
+        q.enqueue(me, woken);
+        // A slot may be free with others ahead (a woken message never came back): wake the head.
+        mb.wake_next(&mut q);
+        Some(Turn::Wait)
     }
 
     /// Wakes the first messages in line that still wait, one for each slot no woken message
@@ -226,6 +297,12 @@ impl<W: Clone + Eq + Hash + Send + 'static> Mailbox<W> {
 }
 
 impl<W: Clone + Eq + Hash> Queue<W> {
+    /// Nobody waits, nobody woken holds a slot, nothing is in flight and no timer will fire.
+    fn is_idle(&mut self, grace: Duration) -> bool {
+        self.woken.retain(|_, at| at.elapsed() < grace);
+        self.in_use == 0 && self.waiting.is_empty() && self.woken.is_empty() && !self.timer
+    }
+
     /// Whether a slot is free that no recently woken message holds; forgets woken messages
     /// that did not come back in time.
     fn has_room(&mut self, concurrent: u32, grace: Duration) -> bool {
@@ -392,6 +469,46 @@ mod tests {
         assert_eq!(*woken.lock().unwrap(), vec!["m2", "m3"]);
         l.kick();
         assert_eq!(*woken.lock().unwrap(), vec!["m2", "m3"], "nobody else waits");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_mailboxes_expire_and_busy_ones_stay() {
+        let (l, woken) = limits(&[]);
+        // Used once and released: idle from then on.
+        drop(ask(&l, "a@noreply.contoso.com", 100_000, 1, "m1").expect("slot"));
+        // A send in flight.
+        let in_flight = ask(&l, "b@noreply.contoso.com", 100_000, 1, "m2").expect("slot");
+        // One a minute: m3 goes, m4 waits for the bucket.
+        drop(ask(&l, "c@noreply.contoso.com", 1, 1, "m3").expect("slot"));
+        assert!(ask(&l, "c@noreply.contoso.com", 1, 1, "m4").is_none());
+        assert_eq!(l.len(), 3);
+
+        tokio::time::sleep(IDLE_EXPIRY - Duration::from_secs(1)).await;
+        assert_eq!(l.forget_idle(IDLE_EXPIRY), 0, "not idle for long enough yet");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(l.forget_idle(IDLE_EXPIRY), 1, "only the idle one goes");
+        assert_eq!(l.len(), 2);
+        // m4 was woken when the bucket refilled and holds its slot: c is not idle.
+        assert_eq!(*woken.lock().unwrap(), vec!["m4"]);
+
+        // Releasing counts as use: b expires a whole IDLE_EXPIRY after its send ended.
+        drop(in_flight);
+        assert_eq!(l.forget_idle(IDLE_EXPIRY), 0);
+        tokio::time::sleep(IDLE_EXPIRY).await;
+        assert_eq!(l.forget_idle(IDLE_EXPIRY), 1);
+        // A mailbox asked for again after it expired starts afresh.
+        assert!(ask(&l, "a@noreply.contoso.com", 100_000, 1, "m5").is_some());
+        assert_eq!(l.len(), 2);
+    }
+
+    #[test]
+    fn a_message_holding_a_retired_mailbox_asks_the_new_one() {
+        let (l, _) = limits(&[]);
+        let old = l.mailbox("ns/p", "a@contoso.com", 100_000, 1);
+        l.forget_profile("ns/p");
+        assert!(Mailbox::try_acquire(old, &"m1").is_none(), "a retired mailbox answers nothing");
+        let _a = ask(&l, "a@contoso.com", 100_000, 1, "m1").expect("the new mailbox's slot");
+        assert_eq!(l.len(), 1);
     }
 
     #[test]
