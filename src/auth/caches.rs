@@ -71,6 +71,32 @@ impl TokenCaches {
         });
     }
 
+    /// Removes and stops every cache of `profile` but the one for `scope` (none when `None`): the
+    /// profile's transport or token scope changed, and a cache for a scope no longer used would
+    /// otherwise refresh forever. Returns how many were removed.
+    pub fn retain_only(&self, profile: &str, scope: Option<&str>) -> usize {
+        let mut caches = self.lock();
+        let before = caches.len();
+        caches.retain(|(key, cached_scope), cache| {
+            let keep = key != profile || Some(cached_scope.as_str()) == scope;
+            if !keep {
+                cache.shutdown();
+            }
+            keep
+        });
+        before - caches.len()
+    }
+
+    /// How many caches there are.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
     /// The state of every cache, as `(profile, scope, state)`, for metrics.
     pub fn snapshots(&self) -> Vec<(String, String, TokenState)> {
         let mut all: Vec<_> = self
@@ -152,5 +178,56 @@ mod tests {
         caches.remove_profile("MailProfile/a/p");
         assert!(caches.get("MailProfile/a/p", GRAPH_SCOPE).is_none());
         assert_eq!(caches.snapshots()[0].0, "MailProfile/b/q");
+    }
+
+    /// Answers with short-lived tokens and counts the requests for each scope.
+    #[derive(Default)]
+    struct CountingIssuer {
+        scopes: Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl TokenIssuer for CountingIssuer {
+        async fn issue(&self, _app: &EntraApp, scope: &str) -> Result<IssuedToken, AuthError> {
+            self.scopes.lock().expect("lock").push(scope.to_string());
+            Ok(IssuedToken { secret: format!("token@{scope}"), lifetime: Duration::from_secs(10) })
+        }
+    }
+
+    impl CountingIssuer {
+        fn count(&self, scope: &str) -> usize {
+            self.scopes.lock().expect("lock").iter().filter(|s| *s == scope).count()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_changed_scope_stops_the_old_cache() {
+        let caches = TokenCaches::new(TokenCacheConfig::default());
+        let (mine, theirs) = (Arc::new(CountingIssuer::default()), Arc::new(CountingIssuer::default()));
+        let old = caches.get_or_create("MailProfile/a/p", GRAPH_SCOPE, app("s"), mine.clone());
+        caches.get_or_create("MailProfile/b/q", GRAPH_SCOPE, app("s"), theirs.clone());
+        old.token().await.expect("token");
+
+        // The profile now asks for another scope (a national cloud, a tokenScope): only that cache stays.
+        let new = caches.get_or_create("MailProfile/a/p", OUTLOOK_SCOPE, app("s"), mine.clone());
+        assert_eq!(caches.retain_only("MailProfile/a/p", Some(OUTLOOK_SCOPE)), 1);
+        assert!(caches.get("MailProfile/a/p", GRAPH_SCOPE).is_none());
+        assert!(Arc::ptr_eq(&caches.get("MailProfile/a/p", OUTLOOK_SCOPE).expect("kept"), &new));
+        assert!(caches.get("MailProfile/b/q", GRAPH_SCOPE).is_some(), "another profile's cache is not touched");
+        assert_eq!(caches.len(), 2);
+
+        // The old cache no longer refreshes, though something may still hold it; the others do
+        // (10 s tokens are refreshed every 5 s).
+        let (old_scope, other) = (mine.count(GRAPH_SCOPE), theirs.count(GRAPH_SCOPE));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(mine.count(GRAPH_SCOPE), old_scope, "the old scope's cache refreshed");
+        assert!(theirs.count(GRAPH_SCOPE) >= other + 10, "{}", theirs.count(GRAPH_SCOPE));
+        assert!(mine.count(OUTLOOK_SCOPE) >= 10, "{}", mine.count(OUTLOOK_SCOPE));
+        drop(old);
+
+        // Graph to an SMTP relay: no scope at all.
+        assert_eq!(caches.retain_only("MailProfile/a/p", None), 1);
+        assert_eq!(caches.len(), 1);
+        assert_eq!(caches.retain_only("MailProfile/a/p", None), 0);
     }
 }
