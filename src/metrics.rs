@@ -57,6 +57,12 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     /// 1 while this process leads (holds the leader Lease, or runs without leader election).
     pub leader: Gauge,
+    /// Profiles this process holds resolved (transport, settings, readiness).
+    pub profiles: Gauge,
+    /// Token caches, one per OAuth profile and scope, each refreshing in the background.
+    pub token_caches: Gauge,
+    /// Sender mailboxes with rate-limit state (bucket, sends in flight, queue).
+    pub limit_mailboxes: Gauge,
 }
 
 impl Default for Metrics {
@@ -92,6 +98,24 @@ impl Default for Metrics {
         registry.register("queue_depth", "EmailMessages not yet Sent or Failed", queue_depth.clone());
         let leader = Gauge::default();
         registry.register("leader", "1 while this process holds the leader Lease and sends, else 0", leader.clone());
+        let profiles = Gauge::default();
+        registry.register(
+            "profiles",
+            "MailProfiles and ClusterMailProfiles this process holds resolved",
+            profiles.clone(),
+        );
+        let token_caches = Gauge::default();
+        registry.register(
+            "token_caches",
+            "Token caches (one per OAuth profile and scope) refreshing in the background",
+            token_caches.clone(),
+        );
+        let limit_mailboxes = Gauge::default();
+        registry.register(
+            "rate_limit_mailboxes",
+            "Sender mailboxes with rate-limit state; idle ones are forgotten after five minutes",
+            limit_mailboxes.clone(),
+        );
         Metrics {
             registry,
             messages,
@@ -103,6 +127,9 @@ impl Default for Metrics {
             reconcile_errors,
             queue_depth,
             leader,
+            profiles,
+            token_caches,
+            limit_mailboxes,
         }
     }
 }
@@ -117,6 +144,15 @@ impl Metrics {
                 outcome: outcome.into(),
             })
             .inc();
+    }
+
+    /// Drops a profile's token series (it was deleted, or no longer uses a token): a stale
+    /// `token_expiry_seconds` would otherwise count down forever for a profile that is gone.
+    pub fn forget_token_series(&self, profile: &str) {
+        let labels = ProfileLabels { profile: profile.to_string() };
+        self.token_refreshes.remove(&labels);
+        self.token_failures.remove(&labels);
+        self.token_expiry_seconds.remove(&labels);
     }
 
     /// The text exposition format.
@@ -145,5 +181,20 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("mailroom_delivery_latency_seconds_count 1"), "{text}");
+    }
+
+    #[test]
+    fn a_forgotten_profile_loses_its_token_series() {
+        let m = Metrics::default();
+        let labels = |p: &str| ProfileLabels { profile: p.into() };
+        m.token_refreshes.get_or_create(&labels("team-a/gone")).inc();
+        m.token_expiry_seconds.get_or_create(&labels("team-a/gone")).set(3000.0);
+        m.token_refreshes.get_or_create(&labels("team-a/kept")).inc();
+        m.forget_token_series("team-a/gone");
+        let text = m.encode();
+        assert!(!text.contains("team-a/gone"), "{text}");
+        assert!(text.contains(r#"mailroom_token_refreshes_total{profile="team-a/kept"} 1"#), "{text}");
+        assert!(text.contains("mailroom_profiles 0") && text.contains("mailroom_token_caches 0"), "{text}");
+        assert!(text.contains("mailroom_rate_limit_mailboxes 0"), "{text}");
     }
 }
