@@ -2,6 +2,7 @@
 
 pub mod cache;
 pub mod context;
+pub mod index;
 pub mod message;
 pub mod outgoing;
 pub mod profile;
