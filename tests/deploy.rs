@@ -609,6 +609,8 @@ async fn rbac_is_enough_for_the_operator_and_no_more() {
         (vec!["watch", "secrets", "--all-namespaces"], true),
         (vec!["get", "configmaps", "-n", n], true),
         (vec!["get", "namespaces"], true),
+        (vec!["list", "namespaces"], true),
+        (vec!["watch", "namespaces"], true),
         (vec!["create", "events.events.k8s.io", "-n", n], true),
         (vec!["update", "leases.coordination.k8s.io", "-n", SYSTEM_NS], true),
         // Credentials are read, never written.
@@ -626,7 +628,8 @@ async fn rbac_is_enough_for_the_operator_and_no_more() {
         (vec!["update", "emailmessages.mailroom.dev", "-n", n], false),
         (vec!["patch", "mailprofiles.mailroom.dev", "-n", n], false),
         (vec!["list", "configmaps", "-n", n], false),
-        (vec!["list", "namespaces"], false),
+        (vec!["create", "namespaces"], false),
+        (vec!["patch", "namespaces"], false),
         (vec!["update", "leases.coordination.k8s.io", "-n", n], false),
         (vec!["create", "customresourcedefinitions.apiextensions.k8s.io"], false),
     ] {

@@ -1,16 +1,19 @@
 //! What the reconcilers share.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Mutex, Weak};
 
-use kube::Client;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, ResourceExt};
 use tokio::sync::{OnceCell, mpsc, watch};
 
+use super::index::UnfinishedMessages;
 use super::registry::ProfileKey;
 use super::registry::ProfileRegistry;
 use crate::api::{ClusterMailProfile, EmailMessage, MailProfile};
-use crate::auth::{SendEvidence, TokenCacheConfig, TokenCaches};
+use crate::auth::{SendEvidence, TokenCache, TokenCacheConfig, TokenCaches};
 use crate::delivery::limits::SendLimits;
 use crate::metrics::Metrics;
 use crate::server::Health;
@@ -82,12 +85,42 @@ pub struct Context {
     pub wake_cluster_profile: mpsc::UnboundedSender<ObjectRef<ClusterMailProfile>>,
     /// One token cache per profile and scope.
     pub token_caches: TokenCaches,
-    /// Token caches whose changes are already followed (by address).
-    pub followed_caches: Mutex<HashSet<usize>>,
+    /// The task following each profile's token cache (see `profile::follow_token`).
+    pub followers: Mutex<HashMap<ProfileKey, TokenFollower>>,
+    /// The unfinished messages of each profile, kept from the message watch.
+    pub unfinished: UnfinishedMessages,
+    /// Namespaces by metadata (their labels, for ClusterMailProfiles' `allowedNamespaces`), once
+    /// the watch runs.
+    pub namespaces: OnceCell<Store<PartialObjectMeta<Namespace>>>,
     /// True once a graceful shutdown began: from then on no message is claimed.
     pub stopping: watch::Sender<bool>,
     /// What the latest sends told of each profile's authorisation, for `PermissionsVerified`.
     pub send_evidence: Mutex<HashMap<ProfileKey, SendEvidence>>,
+}
+
+/// The task that follows one token cache; dropping it stops the task.
+pub struct TokenFollower {
+    cache: Weak<TokenCache>,
+    task: tokio::task::AbortHandle,
+}
+
+impl TokenFollower {
+    /// Follows `cache` with `task`.
+    pub fn new(cache: &Arc<TokenCache>, task: tokio::task::AbortHandle) -> Self {
+        TokenFollower { cache: Arc::downgrade(cache), task }
+    }
+
+    /// Whether this follows `cache`. The weak reference keeps the allocation, so another cache
+    /// can never take the same address while this exists.
+    pub fn follows(&self, cache: &Arc<TokenCache>) -> bool {
+        std::ptr::eq(self.cache.as_ptr(), Arc::as_ptr(cache))
+    }
+}
+
+impl Drop for TokenFollower {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// Wakes a message whose turn came, unless it is gone from the cache or finished.
@@ -134,7 +167,9 @@ impl Context {
             wake_profile,
             wake_cluster_profile,
             token_caches: TokenCaches::new(TokenCacheConfig::default()),
-            followed_caches: Mutex::new(HashSet::new()),
+            followers: Mutex::new(HashMap::new()),
+            unfinished: UnfinishedMessages::default(),
+            namespaces: OnceCell::new(),
             stopping: watch::Sender::new(false),
             send_evidence: Mutex::new(HashMap::new()),
         };
@@ -201,6 +236,35 @@ impl Context {
     /// Forgets what sends told of a profile (it was deleted, or its app or credential changed).
     pub fn forget_send_evidence(&self, key: &ProfileKey) {
         self.send_evidence.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+    }
+
+    /// Stops following a profile's token cache (it has none any more, or it is gone).
+    pub fn unfollow(&self, key: &ProfileKey) {
+        let follower = self.followers.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+        drop(follower);
+    }
+
+    /// Every profile this process holds something for: a registry entry, a token follower or
+    /// what its sends told.
+    pub fn held_profiles(&self) -> HashSet<ProfileKey> {
+        let mut held: HashSet<ProfileKey> = self.profiles.keys().into_iter().collect();
+        held.extend(self.followers.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned());
+        held.extend(self.send_evidence.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned());
+        held
+    }
+
+    /// A namespace's labels from the metadata cache; `None` when the cache does not have it (not
+    /// synced yet, or the namespace was created a moment ago).
+    pub fn cached_namespace_labels(&self, name: &str) -> Option<BTreeMap<String, String>> {
+        let store = self.namespaces.get()?;
+        store.get(&ObjectRef::new(name)).map(|ns| ns.labels().clone())
+    }
+
+    /// Sets the gauges of what this process holds: profiles, token caches, rate-limit mailboxes.
+    pub fn update_gauges(&self) {
+        self.metrics.profiles.set(self.profiles.len() as i64);
+        self.metrics.token_caches.set(self.token_caches.len() as i64);
+        self.metrics.limit_mailboxes.set(self.limits.len() as i64);
     }
 
     /// Whether the profile still exists (a deleted profile's resolution may linger in the registry).

@@ -311,10 +311,17 @@ async fn check_policy(
 ) -> Result<Result<Address, (&'static str, String)>> {
     let name = profile.key.to_string();
     if let ProfileKey::Cluster { .. } = profile.key {
-        let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
-        let labels = namespaces.get_metadata_opt(ns).await?.map(|n| n.labels().clone()).unwrap_or_default();
-        if let Err(e) = policy::check_namespace(&name, profile.allowed_namespaces.as_ref(), ns, &labels) {
-            return Ok(Err(("NamespaceNotAdmitted", e.to_string())));
+        let admits = |labels: &_| policy::check_namespace(&name, profile.allowed_namespaces.as_ref(), ns, labels);
+        // The metadata cache decides when it admits the namespace. A namespace it does not have
+        // yet, or does not admit, is asked of the API server before the message fails for it: a
+        // label just added may not have reached the cache.
+        let cached = ctx.cached_namespace_labels(ns).map(|labels| admits(&labels));
+        if !matches!(cached, Some(Ok(()))) {
+            let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
+            let labels = namespaces.get_metadata_opt(ns).await?.map(|n| n.labels().clone()).unwrap_or_default();
+            if let Err(e) = admits(&labels) {
+                return Ok(Err(("NamespaceNotAdmitted", e.to_string())));
+            }
         }
     }
     let from = match outgoing::sender(&msg.spec, &profile.settings.senders.default) {

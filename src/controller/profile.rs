@@ -10,15 +10,16 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
-use super::context::Context;
+use super::context::{Context, TokenFollower};
 use super::registry::{NotReady, ProfileKey, ResolvedProfile};
 use super::wiring::{self, Built, CredentialMaterial, TransportInputs};
 use crate::api::{
-    Cloud, ClusterMailProfile, EmailMessage, EntraCredentials, MailProfile, MailProfileSpec, MailProfileStatus,
-    ProfileKind, SecretKeySelector, SecretReference, TokenStatus, condition, conditions, set_condition,
+    Cloud, ClusterMailProfile, EntraCredentials, MailProfile, MailProfileSpec, MailProfileStatus, ProfileKind,
+    SecretKeySelector, SecretReference, TokenStatus, condition, conditions, set_condition,
 };
 use crate::auth::{
     MAIL_SEND, PermissionVerdict, SMTP_SEND_AS_APP, SendEvidence, TokenCache, TokenState, verify_permissions,
@@ -79,8 +80,18 @@ where
     next.observed_generation = generation;
     next.transport = Some(settings.transport_name().to_string());
     let tokens = built.as_ref().ok().and_then(|b| b.tokens.clone());
+    // The token cache this build uses is the profile's only one: a cache for a scope it no longer
+    // asks for (another cloud or tokenScope, Graph to SMTP, a profile that cannot be built) would
+    // otherwise refresh forever.
+    ctx.token_caches.retain_only(&key.to_string(), tokens.as_ref().map(|c| c.scope()));
+    match &tokens {
+        Some(cache) => follow_token(ctx, &key, cache),
+        None => {
+            ctx.unfollow(&key);
+            ctx.metrics.forget_token_series(&super::message::profile_label(&key));
+        }
+    }
     if let Some(cache) = &tokens {
-        follow_token(ctx, &key, cache);
         let first = cache.snapshot();
         if first.expires_at.is_none() && first.last_error.is_none() {
             // The first token is on its way: wait for it briefly, so Ready says whether the
@@ -127,25 +138,48 @@ where
         ),
     };
     set_condition(&mut next.conditions, ready);
-    // Waiting messages are told about every change: they go out when it is ready, and their
-    // Waiting condition names the profile's current problem when it is not.
-    let changed = judged.state.is_ok() || differs(status, &next);
-    ctx.profiles.put(ResolvedProfile {
+    let resolved = ResolvedProfile {
         key: key.clone(),
         settings: settings.clone(),
         allowed_namespaces,
         state: judged.state,
         tokens,
         fingerprint,
-    });
-    if differs(status, &next) {
-        let patch = json!({ "status": next });
-        write_status(patch).await?;
+    };
+    let before = ctx.profiles.get(&key);
+    let wake = wakes_messages(before.as_deref(), &resolved);
+    drop(before);
+    ctx.profiles.put(resolved);
+    if !ctx.profile_exists(&key) {
+        // Deleted while this reconcile ran: its Delete event may have been handled before the
+        // entry above was made, so what the entry holds is freed here.
+        forget(ctx, &key);
+        return Ok(Action::await_change());
     }
-    if changed {
+    ctx.update_gauges();
+    if differs(status, &next) {
+        write_status(status_patch(status, &next)).await?;
+    }
+    if wake {
         wake_messages(ctx, &key);
     }
     Ok(Action::requeue(RESYNC))
+}
+
+/// Whether a profile's resolution is news to the messages that wait for it: the profile is new
+/// to this process, it became ready, it is not ready for another reason (their `Waiting`
+/// condition names it), or its settings or credential changed (another sender list, limits,
+/// transport). A resync or a token refresh that finds it as it was wakes nobody: its waiting
+/// messages are in their mailbox's queue, which wakes them itself.
+pub fn wakes_messages(before: Option<&ResolvedProfile>, after: &ResolvedProfile) -> bool {
+    let Some(before) = before else {
+        return true;
+    };
+    let seen = |p: &ResolvedProfile| p.state.as_ref().map(|_| ()).map_err(Clone::clone);
+    seen(before) != seen(after)
+        || before.fingerprint != after.fingerprint
+        || before.settings != after.settings
+        || before.allowed_namespaces != after.allowed_namespaces
 }
 
 /// How long a reconcile waits for a new profile's first token.
@@ -230,30 +264,21 @@ pub fn required_role(settings: &MailProfileSpec) -> Option<&'static str> {
 }
 
 /// Re-reconciles the profile whenever its token cache refreshes or fails, and keeps the token
-/// metrics. One follower per cache. A deleted profile is never reconciled again, so the follower
-/// is what notices it is gone and stops its cache, which would otherwise refresh forever.
+/// metrics. One follower per profile, for the cache its transport uses; it is stopped when the
+/// profile is forgotten or no longer has that cache.
 fn follow_token(ctx: &Arc<Context>, key: &ProfileKey, cache: &Arc<TokenCache>) {
-    let address = Arc::as_ptr(cache) as usize;
-    if !ctx.followed_caches.lock().unwrap_or_else(|e| e.into_inner()).insert(address) {
+    let mut followers = ctx.followers.lock().unwrap_or_else(|e| e.into_inner());
+    if followers.get(key).is_some_and(|f| f.follows(cache)) {
         return;
     }
     let mut rx = cache.subscribe();
-    let key = key.clone();
-    let label = ProfileLabels { profile: super::message::profile_label(&key) };
+    let label = ProfileLabels { profile: super::message::profile_label(key) };
     let metrics = Arc::clone(&ctx.metrics);
     let (mp, cmp) = (ctx.wake_profile.clone(), ctx.wake_cluster_profile.clone());
-    let context = Arc::downgrade(ctx);
-    tokio::spawn(async move {
+    let target = key.clone();
+    let task = tokio::spawn(async move {
         let (mut refreshes, mut failures) = (0u64, 0u64);
         loop {
-            let Some(ctx) = context.upgrade() else {
-                break;
-            };
-            if !ctx.profile_exists(&key) {
-                forget(&ctx, &key, address);
-                break;
-            }
-            drop(ctx);
             let state = rx.borrow_and_update().clone();
             metrics.token_refreshes.get_or_create(&label).inc_by(state.refreshes.saturating_sub(refreshes));
             metrics.token_failures.get_or_create(&label).inc_by(state.failures.saturating_sub(failures));
@@ -262,49 +287,99 @@ fn follow_token(ctx: &Arc<Context>, key: &ProfileKey, cache: &Arc<TokenCache>) {
                 let left = exp.duration_since(Timestamp::now()).as_secs_f64();
                 metrics.token_expiry_seconds.get_or_create(&label).set(left);
             }
-            let sent = match &key {
+            let sent = match &target {
                 ProfileKey::Namespaced { namespace, name } => mp.send(ObjectRef::new(name).within(namespace)).is_ok(),
                 ProfileKey::Cluster { name } => cmp.send(ObjectRef::new(name)).is_ok(),
             };
+            // The cache is gone (its last holder dropped it), or the controller stopped.
             if !sent || rx.changed().await.is_err() {
                 break;
             }
         }
     });
+    // Replacing the old follower (of the cache for another scope) stops it.
+    followers.insert(key.clone(), TokenFollower::new(cache, task.abort_handle()));
 }
 
-/// Forgets a deleted profile: stops its token caches, drops its registry entry and limits, and
-/// wakes its unfinished messages.
-fn forget(ctx: &Context, key: &ProfileKey, cache_address: usize) {
+/// The profiles to forget after an event of a profile watch: the one deleted, or, once a
+/// (re)list is complete, each profile of this kind that this process holds (`held`) and the
+/// list does not have (`listed`): a deletion the watch missed while it was down.
+pub fn departed<K: kube::Resource>(
+    event: &watcher::Event<K>,
+    key_of: impl Fn(&K) -> Option<ProfileKey>,
+    held: impl IntoIterator<Item = ProfileKey>,
+    listed: impl Fn(&ProfileKey) -> bool,
+) -> Vec<ProfileKey> {
+    match event {
+        watcher::Event::Delete(p) => key_of(p).into_iter().collect(),
+        watcher::Event::InitDone => {
+            let mut gone: Vec<ProfileKey> = held.into_iter().filter(|k| !listed(k)).collect();
+            gone.sort();
+            gone
+        }
+        watcher::Event::Apply(_) | watcher::Event::Init | watcher::Event::InitApply(_) => Vec::new(),
+    }
+}
+
+/// Follows the MailProfile watch (after its store): frees what deleted MailProfiles held.
+pub fn observe_mail_profiles(ctx: &Context, event: &watcher::Event<MailProfile>) {
+    let key_of = |p: &MailProfile| Some(ProfileKey::Namespaced { namespace: p.namespace()?, name: p.name_any() });
+    let held = ctx.held_profiles().into_iter().filter(|k| matches!(k, ProfileKey::Namespaced { .. }));
+    for key in departed(event, key_of, held, |k| ctx.profile_exists(k)) {
+        forget(ctx, &key);
+    }
+}
+
+/// Follows the ClusterMailProfile watch (after its store): frees what deleted ones held.
+pub fn observe_cluster_profiles(ctx: &Context, event: &watcher::Event<ClusterMailProfile>) {
+    let key_of = |p: &ClusterMailProfile| Some(ProfileKey::Cluster { name: p.name_any() });
+    let held = ctx.held_profiles().into_iter().filter(|k| matches!(k, ProfileKey::Cluster { .. }));
+    for key in departed(event, key_of, held, |k| ctx.profile_exists(k)) {
+        forget(ctx, &key);
+    }
+}
+
+/// Forgets a deleted profile, all at once: its registry entry (and with it the transport), its
+/// token caches and their follower, its mailboxes' limits and queues, what its sends told, and
+/// its token metrics; then wakes its unfinished messages, which now wait for the profile.
+pub fn forget(ctx: &Context, key: &ProfileKey) {
     let name = key.to_string();
-    ctx.token_caches.remove_profile(&name);
-    ctx.profiles.remove(key);
+    let resolved = ctx.profiles.remove(key).is_some();
+    let caches = ctx.token_caches.retain_only(&name, None);
+    ctx.unfollow(key);
     ctx.limits.forget_profile(&name);
     ctx.forget_send_evidence(key);
-    ctx.followed_caches.lock().unwrap_or_else(|e| e.into_inner()).remove(&cache_address);
-    tracing::info!(profile = %key, "profile deleted: its token refreshes stopped");
+    ctx.metrics.forget_token_series(&super::message::profile_label(key));
+    ctx.update_gauges();
+    if caches > 0 {
+        tracing::info!(profile = %key, "profile deleted: its token refreshes stopped");
+    } else if resolved {
+        tracing::info!(profile = %key, "profile deleted: its transport and limits freed");
+    }
     // Its messages waiting for a turn were in the queues just dropped: they now wait for the profile.
     wake_messages(ctx, key);
+}
+
+/// The merge patch from `before` to `next`: a profile that no longer has a token (Graph to an
+/// SMTP relay) loses `status.token`, which leaving the field out would keep.
+fn status_patch(before: &MailProfileStatus, next: &MailProfileStatus) -> serde_json::Value {
+    let mut patch = json!({ "status": next });
+    if before.token.is_some() && next.token.is_none() {
+        patch["status"]["token"] = serde_json::Value::Null;
+    }
+    patch
 }
 
 fn differs(a: &MailProfileStatus, b: &MailProfileStatus) -> bool {
     crate::api::differs_beyond_transition_times(a, b, |s| &mut s.conditions)
 }
 
-/// Wakes the unfinished messages that name this profile.
+/// Wakes the unfinished messages that name this profile (from the index: no scan of the cache).
 pub fn wake_messages(ctx: &Context, key: &ProfileKey) {
-    let Some(store) = ctx.messages.get() else {
-        return;
-    };
-    for m in store.state() {
-        if m.is_finished() {
-            continue;
-        }
-        let ns = m.namespace().unwrap_or_default();
-        if &ProfileKey::for_message(&ns, m.spec.profile_ref.kind(), &m.spec.profile_ref.name) == key {
-            tracing::debug!(message = %m.name_any(), profile = %key, "profile ready: waking message");
-            let _ = ctx.wake.send(ObjectRef::<EmailMessage>::from(m.as_ref()));
-        }
+    let waiting = ctx.unfinished.of(key);
+    tracing::debug!(profile = %key, messages = waiting.len(), "waking the profile's unfinished messages");
+    for m in waiting {
+        let _ = ctx.wake.send(m);
     }
 }
 
@@ -717,6 +792,87 @@ mod tests {
     const CUSTOM: EndpointPolicy = EndpointPolicy { allow_insecure: false, allow_custom: true };
     const INSECURE: EndpointPolicy = EndpointPolicy { allow_insecure: true, allow_custom: false };
     const GRAPH: &str = "https://graph.microsoft.com";
+
+    fn resolved(state: Result<(), (&str, &str)>, fingerprint: u64) -> ResolvedProfile {
+        ResolvedProfile {
+            key: ns_key(),
+            settings: graph(GRAPH, None),
+            allowed_namespaces: None,
+            state: state
+                .map(|()| Arc::new(NoTransport) as Arc<dyn crate::transport::Transport>)
+                .map_err(|(reason, message)| NotReady { reason: reason.into(), message: message.into() }),
+            tokens: None,
+            fingerprint,
+        }
+    }
+
+    #[test]
+    fn messages_are_woken_when_what_they_see_of_the_profile_changes() {
+        let ready = resolved(Ok(()), 7);
+        let pending = resolved(Err(("TokenPending", "waiting for the first token")), 7);
+        let failing = resolved(Err(("TokenRequestFailed", "AADSTS7000215: invalid client secret")), 7);
+        // New to this process; ready now; not ready for another reason; ready again.
+        assert!(wakes_messages(None, &pending));
+        assert!(wakes_messages(Some(&pending), &ready));
+        assert!(wakes_messages(Some(&pending), &failing));
+        assert!(wakes_messages(Some(&ready), &failing));
+        // A resync or token refresh that finds the profile as it was: nobody is woken.
+        assert!(!wakes_messages(Some(&ready), &resolved(Ok(()), 7)));
+        assert!(!wakes_messages(Some(&failing), &failing));
+        // Changed settings or credential (new limits, senders, a rotated Secret).
+        assert!(wakes_messages(Some(&ready), &resolved(Ok(()), 8)));
+        let mut more_senders = resolved(Ok(()), 7);
+        more_senders.settings.senders.allowed = Some(vec!["*@contoso.com".into()]);
+        assert!(wakes_messages(Some(&ready), &more_senders));
+        let mut admitting = resolved(Ok(()), 7);
+        admitting.allowed_namespaces = Some(LabelSelector::default());
+        assert!(wakes_messages(Some(&ready), &admitting));
+    }
+
+    fn mail_profile(ns: &str, name: &str) -> MailProfile {
+        serde_json::from_value(json!({
+            "apiVersion": "mailroom.dev/v1alpha1", "kind": "MailProfile",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"senders": {"default": "a@contoso.com"}, "smtp": {"host": "relay"}},
+        }))
+        .expect("MailProfile")
+    }
+
+    #[test]
+    fn a_profile_without_a_token_any_more_loses_its_token_status() {
+        let with_token = MailProfileStatus {
+            token: Some(TokenStatus { expires_at: None, last_refresh_time: None, roles: vec!["Mail.Send".into()] }),
+            ..MailProfileStatus::default()
+        };
+        let relay = MailProfileStatus { transport: Some("smtp-relay".into()), ..MailProfileStatus::default() };
+        let patch = status_patch(&with_token, &relay);
+        assert_eq!(patch["status"]["token"], serde_json::Value::Null);
+        assert_eq!(patch["status"]["transport"], "smtp-relay");
+        assert!(status_patch(&relay, &relay)["status"].get("token").is_none(), "nothing to remove");
+        assert!(status_patch(&with_token, &with_token)["status"]["token"].is_object());
+    }
+
+    #[test]
+    fn deleted_and_unlisted_profiles_are_departed() {
+        let key = |ns: &str, name: &str| ProfileKey::Namespaced { namespace: ns.into(), name: name.into() };
+        let key_of = |p: &MailProfile| Some(key(&p.namespace()?, &p.name_any()));
+        let held = vec![key("a", "kept"), key("a", "deleted-meanwhile"), key("b", "gone-too")];
+        let listed = |k: &ProfileKey| k == &key("a", "kept");
+
+        let deleted = watcher::Event::Delete(mail_profile("a", "p"));
+        assert_eq!(departed(&deleted, key_of, held.clone(), listed), vec![key("a", "p")]);
+        // A relist frees what it no longer has, once it is complete.
+        let none: Vec<ProfileKey> = Vec::new();
+        for event in [watcher::Event::Init, watcher::Event::InitApply(mail_profile("a", "kept"))] {
+            assert_eq!(departed(&event, key_of, held.clone(), listed), none);
+        }
+        assert_eq!(
+            departed(&watcher::Event::InitDone, key_of, held.clone(), listed),
+            vec![key("a", "deleted-meanwhile"), key("b", "gone-too")]
+        );
+        // An update frees nothing.
+        assert_eq!(departed(&watcher::Event::Apply(mail_profile("a", "kept")), key_of, held, listed), none);
+    }
 
     #[test]
     fn readiness_follows_the_token() {

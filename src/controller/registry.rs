@@ -97,8 +97,23 @@ impl ProfileRegistry {
         map.insert(profile.key.clone(), Arc::new(profile));
     }
 
-    /// Forgets a deleted profile.
-    pub fn remove(&self, key: &ProfileKey) {
-        self.map.write().unwrap_or_else(|e| e.into_inner()).remove(key);
+    /// Forgets a deleted profile; returns what it was resolved to.
+    pub fn remove(&self, key: &ProfileKey) -> Option<Arc<ResolvedProfile>> {
+        self.map.write().unwrap_or_else(|e| e.into_inner()).remove(key)
+    }
+
+    /// The profiles resolved.
+    pub fn keys(&self) -> Vec<ProfileKey> {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+    }
+
+    /// How many profiles are resolved.
+    pub fn len(&self) -> usize {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }

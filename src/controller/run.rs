@@ -3,8 +3,8 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::Secret;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -18,6 +18,7 @@ use super::context::{Context, OperatorConfig};
 use super::registry::ProfileKey;
 use super::{cache, message, profile};
 use crate::api::{ClusterMailProfile, EmailMessage, MailProfile};
+use crate::delivery::limits::IDLE_EXPIRY;
 use crate::error::Error;
 use crate::metrics::{ErrorLabels, Metrics};
 use crate::server::Health;
@@ -70,11 +71,35 @@ pub async fn run(
     let (mp_tx, cmp_tx) = (ctx.wake_profile.clone(), ctx.wake_cluster_profile.clone());
     let (mp_rx, cmp_rx) = (triggers.mail_profiles, triggers.cluster_profiles);
 
-    let profiles = Controller::new(profiles_api, watcher::Config::default())
+    // The profile controllers own their watches, so that a deletion is seen: kube's Controller
+    // never reconciles an object that is gone, and a deleted profile's transport, token caches
+    // and limits must not wait for anything else to be freed. The Delete event frees them at once;
+    // after a (re)list, profiles the list no longer has are freed too (a deletion the watch missed
+    // while it was down). No finalizer: nothing outside this process needs cleaning up, and a
+    // profile must stay deletable while the operator is down.
+    let (mp_store, mp_writer) = reflector::store();
+    let mp_events = {
+        let ctx = ctx.clone();
+        watcher(profiles_api, watcher::Config::default())
+            .default_backoff()
+            .reflect(mp_writer)
+            .inspect_ok(move |event| profile::observe_mail_profiles(&ctx, event))
+            .applied_objects()
+    };
+    let profiles = Controller::for_stream(mp_events, mp_store)
         .reconcile_on(UnboundedReceiverStream::new(mp_rx))
         .graceful_shutdown_on(stopped(&shutdown_tx));
     let _ = ctx.mail_profiles.set(profiles.store());
-    let cluster_profiles = Controller::new(cluster_api, watcher::Config::default())
+    let (cmp_store, cmp_writer) = reflector::store();
+    let cmp_events = {
+        let ctx = ctx.clone();
+        watcher(cluster_api, watcher::Config::default())
+            .default_backoff()
+            .reflect(cmp_writer)
+            .inspect_ok(move |event| profile::observe_cluster_profiles(&ctx, event))
+            .applied_objects()
+    };
+    let cluster_profiles = Controller::for_stream(cmp_events, cmp_store)
         .reconcile_on(UnboundedReceiverStream::new(cmp_rx))
         .graceful_shutdown_on(stopped(&shutdown_tx));
     let _ = ctx.cluster_profiles.set(cluster_profiles.store());
@@ -83,11 +108,16 @@ pub async fn run(
     let (message_store, message_writer) = reflector::store();
     // Listed in pages of 100: a page is parsed whole (bodies and attachments included) before
     // the cache strips it, so the page size bounds what a start over thousands of messages holds.
-    let message_events = watcher(messages_api, watcher::Config::default().page_size(MESSAGE_PAGE))
-        .default_backoff()
-        .modify(cache::strip_for_cache)
-        .reflect(message_writer)
-        .applied_objects();
+    // The index of each profile's unfinished messages follows the same events as the cache.
+    let message_events = {
+        let ctx = ctx.clone();
+        watcher(messages_api, watcher::Config::default().page_size(MESSAGE_PAGE))
+            .default_backoff()
+            .modify(cache::strip_for_cache)
+            .reflect(message_writer)
+            .inspect_ok(move |event| ctx.unfinished.observe(event))
+            .applied_objects()
+    };
     // Bounded: a backlog of thousands waits in the scheduler and the mailbox queues, not in
     // thousands of reconciles at once.
     let config = kube::runtime::controller::Config::default().concurrency(ctx.config.concurrency());
@@ -118,6 +148,40 @@ pub async fn run(
         }
     };
 
+    // Namespaces by metadata, labels only: a message on a ClusterMailProfile is checked against
+    // its namespace's labels from this cache instead of a GET per message and per wake.
+    let (ns_store, ns_writer) = reflector::store();
+    let _ = ctx.namespaces.set(ns_store);
+    let namespace_watch = {
+        let mut stop = shutdown_tx.subscribe();
+        let config = match &namespace {
+            Some(ns) => watcher::Config::default().fields(&format!("metadata.name={ns}")),
+            None => watcher::Config::default(),
+        };
+        let api: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
+        async move {
+            let stream = watcher(api, config)
+                .default_backoff()
+                .modify(|ns| {
+                    ns.metadata.managed_fields = None;
+                    ns.metadata.annotations = None;
+                })
+                .reflect(ns_writer)
+                .touched_objects();
+            futures::pin_mut!(stream);
+            loop {
+                tokio::select! {
+                    _ = stop.recv() => break,
+                    item = stream.next() => match item {
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => warn!(error = %e, "namespace watch"),
+                        None => break,
+                    },
+                }
+            }
+        }
+    };
+
     // Ready once the three caches hold the cluster's state; then count the unfinished messages.
     let readiness = {
         let ctx = ctx.clone();
@@ -135,8 +199,8 @@ pub async fn run(
             }
             info!("caches synced; ready");
             loop {
-                let depth = stores.2.state().iter().filter(|m| !m.is_finished()).count();
-                ctx.metrics.queue_depth.set(depth as i64);
+                ctx.metrics.queue_depth.set(ctx.unfinished.len() as i64);
+                ctx.update_gauges();
                 tokio::select! {
                     _ = stop.recv() => break,
                     _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
@@ -147,6 +211,7 @@ pub async fn run(
     };
 
     // Waiting messages have no timer of their own: their mailbox wakes them (see limits.rs).
+    // Mailboxes nobody used for a while are forgotten on the same beat.
     let kicks = {
         let ctx = ctx.clone();
         let mut stop = shutdown_tx.subscribe();
@@ -156,7 +221,12 @@ pub async fn run(
             loop {
                 tokio::select! {
                     _ = stop.recv() => break,
-                    _ = every.tick() => ctx.limits.kick(),
+                    _ = every.tick() => {
+                        ctx.limits.kick();
+                        if ctx.limits.forget_idle(IDLE_EXPIRY) > 0 {
+                            ctx.update_gauges();
+                        }
+                    }
                 }
             }
         }
@@ -171,6 +241,7 @@ pub async fn run(
         cluster_profiles.run(profile::reconcile_cluster, profile_error, c2).for_each(|_| async {}),
         messages.run(message::reconcile, message::error_policy, c3).for_each(|_| async {}),
         secret_watch,
+        namespace_watch,
         readiness,
         kicks,
     );
