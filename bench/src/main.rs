@@ -7,10 +7,14 @@
 //! the ceiling, kube-apiserver writes per message from its own counters, token requests, the
 //! operator's peak RSS and CPU); a restart over the finished messages (peak RSS); the latency run
 //! (N messages created while the operator runs: created-to-Sent latency as this process observes
-//! both); duplicates at the receiving end. Figures are printed and written as JSON; nothing here
-//! asserts a speed.
+//! both); duplicates at the receiving end. Then the profile lifecycle (N profiles created and
+//! deleted twice: the operator's memory, what its gauges still hold, token requests afterwards)
+//! and, when asked for, the waiting run (N messages waiting for their mailbox's turn through a
+//! ClusterMailProfile: kube-apiserver requests per minute). Figures are printed and written as
+//! JSON; nothing here asserts a speed.
 
 mod figures;
+mod lifecycle;
 mod peers;
 mod run;
 
@@ -115,6 +119,21 @@ pub struct Args {
     /// A label for this operator build in the results (e.g. before/after a change).
     #[arg(long, default_value = "current")]
     pub label: String,
+    /// Skip the throughput runs (ceiling, backlog, restart, latency) of each size and transport.
+    #[arg(long)]
+    pub no_throughput: bool,
+    /// Profiles the lifecycle run creates and deletes (twice); 0 skips it.
+    #[arg(long, default_value_t = 1000, env = "BENCH_PROFILES")]
+    pub profiles: usize,
+    /// Messages the waiting run keeps waiting for their mailbox's turn; 0 (the default) skips it.
+    #[arg(long, default_value_t = 0, env = "BENCH_WAITING")]
+    pub waiting: usize,
+    /// How long the waiting run counts kube-apiserver requests; the default is one profile resync.
+    #[arg(long, default_value_t = 300)]
+    pub waiting_window_secs: u64,
+    /// How long the waiting run lets the operator settle after the last message is created.
+    #[arg(long, default_value_t = 30)]
+    pub waiting_settle_secs: u64,
 }
 
 fn main() -> std::process::ExitCode {

@@ -18,6 +18,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::figures::{self, RequestKey};
+use crate::lifecycle;
 use crate::peers::{Emulator, Process, SmtpPeer};
 use crate::{Args, BenchError, Transport};
 
@@ -78,32 +79,64 @@ pub async fn all(args: Args) -> Result<(), BenchError> {
     std::fs::create_dir_all(&logs).map_err(|e| BenchError::io(&logs, e))?;
     let client = Client::try_default().await?;
     eprintln!("bench: starting the SMTP test server and the Microsoft 365 emulator");
-    let smtp = if args.transports.contains(&Transport::Smtp) {
+    let throughput = !args.no_throughput;
+    let smtp = if (throughput && args.transports.contains(&Transport::Smtp)) || args.waiting > 0 {
         Some(SmtpPeer::start(&args.python, &repo, &out.join("smtp")).await?)
     } else {
         None
     };
     let key = repo.join("target/test-emulator-signing-key.pem");
-    let emulator = if args.transports.contains(&Transport::Graph) {
+    let emulator = if (throughput && args.transports.contains(&Transport::Graph)) || args.profiles > 0 {
         Some(Emulator::start(&args.emulator_bin, &out.join("emulator"), key.exists().then_some(key.as_path())).await?)
     } else {
         None
     };
-    let mut results = Vec::new();
+    let mut results = Results::default();
     let file = out.join("results.json");
-    for &n in &args.sizes {
+    let sizes = if throughput { args.sizes.clone() } else { Vec::new() };
+    for &n in &sizes {
         for &transport in &args.transports {
             let peers = Peers { smtp: smtp.as_ref(), emulator: emulator.as_ref() };
             let result = one(&client, &args, transport, n, &peers, &logs).await?;
             print_table(std::slice::from_ref(&result), false);
-            results.push(result);
+            results.runs.push(result);
             write_results(&file, &args, &results)?;
         }
     }
+    if let Some(emu) = emulator.as_ref().filter(|_| args.profiles > 0) {
+        let result = lifecycle::profiles(&client, &args, emu, &logs).await?;
+        lifecycle::print_profiles(&result);
+        results.profiles = Some(result);
+        write_results(&file, &args, &results)?;
+    }
+    if let Some(smtp) = smtp.as_ref().filter(|_| args.waiting > 0) {
+        let result = lifecycle::waiting(&client, &args, smtp, &logs).await?;
+        lifecycle::print_waiting(&result);
+        results.waiting = Some(result);
+        write_results(&file, &args, &results)?;
+    }
     eprintln!();
-    print_table(&results, true);
+    if !results.runs.is_empty() {
+        print_table(&results.runs, true);
+    }
+    if let Some(r) = &results.profiles {
+        println!("profile lifecycle: {} profiles created and deleted twice (figures, not assertions)", r.profiles);
+        lifecycle::print_profiles(r);
+    }
+    if let Some(r) = &results.waiting {
+        println!("waiting messages: kube-apiserver requests per minute (figures, not assertions)");
+        lifecycle::print_waiting(r);
+    }
     println!("results: {}", file.display());
     Ok(())
+}
+
+/// Everything one invocation measured.
+#[derive(Default)]
+struct Results {
+    runs: Vec<RunResult>,
+    profiles: Option<lifecycle::ProfilesResult>,
+    waiting: Option<lifecycle::WaitingResult>,
 }
 
 struct Peers<'a> {
@@ -111,7 +144,7 @@ struct Peers<'a> {
     emulator: Option<&'a Emulator>,
 }
 
-fn write_results(file: &Path, args: &Args, results: &[RunResult]) -> Result<(), BenchError> {
+fn write_results(file: &Path, args: &Args, results: &Results) -> Result<(), BenchError> {
     let doc = json!({
         "command": std::env::var("BENCH_COMMAND").unwrap_or_else(|_| "make bench".into()),
         "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
@@ -120,7 +153,9 @@ fn write_results(file: &Path, args: &Args, results: &[RunResult]) -> Result<(), 
             "messagesPerMinute": args.messages_per_minute, "createConcurrency": args.create_concurrency,
             "bodyBytes": args.body_bytes, "attachmentBytes": args.attachment_bytes,
         },
-        "runs": results,
+        "runs": results.runs,
+        "profiles": results.profiles,
+        "waiting": results.waiting,
     });
     let text = serde_json::to_string_pretty(&doc).map_err(|e| BenchError::Peer(e.to_string()))?;
     std::fs::write(file, text).map_err(|e| BenchError::io(file, e))
@@ -216,7 +251,7 @@ async fn create_namespace(client: &Client, prefix: &str) -> Result<String, Bench
 }
 
 /// Removes what a run left (there is no namespace controller to do it).
-async fn clean_namespace(client: &Client, ns: &str) {
+pub async fn clean_namespace(client: &Client, ns: &str) {
     let dp = DeleteParams::default();
     let lp = ListParams::default();
     let _ = Api::<EmailMessage>::namespaced(client.clone(), ns).delete_collection(&dp, &lp).await;
@@ -455,7 +490,8 @@ async fn wait_finished(
     }
 }
 
-async fn apiserver_requests(client: &Client) -> Result<HashMap<RequestKey, f64>, BenchError> {
+/// kube-apiserver's `apiserver_request_total`, summed by group, resource, subresource and verb.
+pub async fn apiserver_requests(client: &Client) -> Result<HashMap<RequestKey, f64>, BenchError> {
     let req = http::Request::get("/metrics").body(Vec::new()).map_err(|e| BenchError::Peer(e.to_string()))?;
     Ok(figures::request_totals(&client.request_text(req).await?))
 }
@@ -538,7 +574,8 @@ async fn setup_profile(
     Ok(op_args)
 }
 
-fn rss_mib(p: &Process, field: &str) -> Option<f64> {
+/// A `kB` field of the process's /proc status (`VmRSS`, `VmHWM`) in MiB.
+pub fn rss_mib(p: &Process, field: &str) -> Option<f64> {
     figures::status_kb(&p.proc_status(), field).map(|kb| kb as f64 / 1048576.0)
 }
 
@@ -745,7 +782,7 @@ async fn restart_peak_rss(args: &Args, op_args: &[String], logs: &Path, tag: &st
 
 /// The client secret of the benchmark's emulator app: made up at every start, and only ever sent
 /// to the loopback emulator.
-fn secret_value() -> String {
+pub fn secret_value() -> String {
     static SECRET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SECRET.get_or_init(|| uuid::Uuid::new_v4().simple().to_string()).clone()
 }
