@@ -282,6 +282,10 @@ async fn claim_and_send(
                         &format!("attempt {attempt} failed: {reason}"),
                     )
                     .await;
+                    // The timer aims at the very instant the status holds (a whole second, so the
+                    // status keeps it exactly), counted from `now`, which is after the answer
+                    // arrived: it fires after Retry-After, never before, and the check of
+                    // nextAttemptTime at the top of `reconcile` agrees with it.
                     Ok(Action::requeue(retry::until(now, at)))
                 }
                 RetryDecision::GiveUp(why) => {

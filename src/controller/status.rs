@@ -234,6 +234,29 @@ mod tests {
     }
 
     #[test]
+    fn the_next_attempt_read_back_is_never_before_retry_after() {
+        use crate::delivery::retry::{self, RetryDecision, RetryPolicy};
+        use std::time::Duration;
+        let policy = RetryPolicy {
+            max_attempts: 8,
+            deadline: ts(100_000),
+            base_delay: Duration::from_millis(100),
+            max_delay: retry::MAX_DELAY,
+        };
+        let answered = Timestamp::from_millisecond(10_110).unwrap();
+        let RetryDecision::RetryAt(at) = retry::next_attempt(&policy, 1, answered, Some(Duration::from_secs(2)), 0.0)
+        else {
+            panic!("a retry is due");
+        };
+        let s = retrying(&EmailMessageStatus::default(), "Graph 429", at, None, answered);
+        // The status is stored in whole seconds; what the reconciler reads back is what it waits for.
+        let stored: EmailMessageStatus = serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
+        let next = stored.next_attempt_time.unwrap().0;
+        assert_eq!(next, at);
+        assert!(retry::until(answered, next) >= Duration::from_secs(2), "{next}");
+    }
+
+    #[test]
     fn long_messages_are_clipped_on_char_boundary() {
         let long = "é".repeat(2000);
         let f = failed(&EmailMessageStatus::default(), "X", &long, None, ts(1));
