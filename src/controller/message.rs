@@ -301,7 +301,8 @@ async fn claim_and_send(
     }
 }
 
-/// Checks the namespace, sender and recipients against the profile and returns the sender.
+/// Checks the namespace, sender and recipients (their number, their addresses and domains)
+/// against the profile and returns the sender.
 /// Ok(Err((reason, text))) is a violation that fails the message.
 async fn check_policy(
     ctx: &Context,
@@ -323,6 +324,10 @@ async fn check_policy(
     };
     if let Err(e) = policy::check_sender(&name, &profile.settings.senders, &from.email) {
         return Ok(Err(("SenderNotAllowed", e.to_string())));
+    }
+    // Counted before any address is parsed: a list far over the limit costs no parsing.
+    if let Err(e) = policy::check_recipient_count(msg.spec.recipient_count()) {
+        return Ok(Err(("TooManyRecipients", e.to_string())));
     }
     let mut bare = Vec::new();
     for (field, list) in [("to", &msg.spec.to), ("cc", &msg.spec.cc), ("bcc", &msg.spec.bcc)] {
