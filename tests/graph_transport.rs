@@ -413,3 +413,68 @@ async fn at_most_four_requests_in_flight_per_mailbox() {
 
     assert_eq!(arrivals.max_in_flight(), 4);
 }
+
+#[tokio::test]
+async fn utf8_text_attachments_are_sent_with_their_charset() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path(SEND_MAIL))
+        .respond_with(ResponseTemplate::new(202))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let mut msg = message();
+    msg.attachments = vec![
+        AttachmentData {
+            name: "greeting.txt".into(), content_type: "text/plain".into(), bytes: "Grüße ✅\n".into()
+        },
+        AttachmentData {
+            name: "latin1.txt".into(),
+            content_type: "text/plain".into(),
+            bytes: b"Gr\xfc\xdfe\n".to_vec(),
+        },
+        AttachmentData {
+            name: "legacy.csv".into(),
+            content_type: "text/csv; charset=windows-1252".into(),
+            bytes: b"a,b\n".to_vec(),
+        },
+    ];
+
+    transport(&server, Arc::default(), 4).send(&msg).await.expect("sent");
+
+    let requests = server.received_requests().await.unwrap();
+    let body: Value = requests[0].body_json().unwrap();
+    let types: Vec<&str> =
+        body["message"]["attachments"].as_array().unwrap().iter().map(|a| a["contentType"].as_str().unwrap()).collect();
+    assert_eq!(types, ["text/plain; charset=utf-8", "text/plain", "text/csv; charset=windows-1252"]);
+    let bytes = BASE64.decode(body["message"]["attachments"][0]["contentBytes"].as_str().unwrap()).unwrap();
+    assert_eq!(String::from_utf8(bytes).unwrap(), "Grüße ✅\n");
+}
+
+#[tokio::test]
+async fn utf8_text_attachments_keep_their_charset_in_mime_mode() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path(SEND_MAIL))
+        .respond_with(ResponseTemplate::new(202))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let mut msg = message();
+    msg.headers = (0..6).map(|i| (format!("X-Custom-{i}"), format!("{i}"))).collect();
+    msg.attachments = vec![AttachmentData {
+        name: "greeting.txt".into(),
+        content_type: "text/plain".into(),
+        bytes: "Grüße ✅".into(),
+    }];
+
+    transport(&server, Arc::default(), 4).send(&msg).await.expect("sent");
+
+    let requests = server.received_requests().await.unwrap();
+    let mime = BASE64.decode(&requests[0].body).expect("base64 body");
+    let parsed = mail_parser::MessageParser::default().parse(&mime).expect("RFC 5322");
+    let attachment = parsed.attachment(0).expect("the attachment");
+    use mail_parser::MimeHeaders as _;
+    assert_eq!(attachment.content_type().and_then(|c| c.attribute("charset")), Some("utf-8"));
+    assert_eq!(attachment.text_contents(), Some("Grüße ✅"));
+}
