@@ -12,7 +12,7 @@ use mailroom::api::Importance;
 use mailroom::auth::{AccessToken, AuthError, TokenSource};
 use mailroom::tls::TrustRoots;
 use mailroom::transport::graph::{GraphConfig, GraphTransport};
-use mailroom::transport::{Address, AttachmentData, OutgoingMessage, SendError, Transport};
+use mailroom::transport::{Acceptance, Address, AttachmentData, OutgoingMessage, SendError, Transport};
 use serde_json::{Value, json};
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
@@ -89,6 +89,8 @@ async fn accepted_with_request_id() {
 
     assert_eq!(delivered.response, "202 Accepted");
     assert_eq!(delivered.request_id.as_deref(), Some("rid-1"));
+    // Accepted for delivery: Graph confirms no more than that.
+    assert_eq!(delivered.acceptance, Acceptance::AcceptedForDelivery);
     let requests = server.received_requests().await.unwrap();
     let body: Value = requests[0].body_json().unwrap();
     assert_eq!(body["message"]["subject"], "Deploy finished");

@@ -231,21 +231,11 @@ async fn claim_and_send(
     let gen_ = msg.metadata.generation;
     match result {
         Ok(delivered) => {
-            let next = status::sent(
-                &claimed,
-                &delivered.response,
-                delivered.request_id.as_deref(),
-                &delivered.rejected,
-                gen_,
-                now,
-            );
+            let next = status::sent(&claimed, &delivered, gen_, now);
             record_outcome(api, msg, &next).await?;
             info!(message = %msg.name_any(), namespace = msg.namespace().unwrap_or_default(), attempt, elapsed_ms = started.elapsed().as_millis() as u64, "sent");
-            let mut text = format!("sent via {} (attempt {attempt}): {}", claim.transport, delivered.response);
-            if !delivered.rejected.is_empty() {
-                let list: Vec<&str> = delivered.rejected.iter().map(|(r, _)| r.as_str()).collect();
-                text.push_str(&format!("; rejected: {}", list.join(", ")));
-            }
+            // The Event says what the condition says: Graph's 202 is no confirmed delivery.
+            let text = format!("attempt {attempt} via {}: {}", claim.transport, status::sent_condition(&delivered).1);
             event(ctx, msg, EventType::Normal, "Sent", &text).await;
             ctx.metrics.outcome(&profile_label, &claim.transport, "sent");
             if let Some(created) = &msg.metadata.creation_timestamp {

@@ -25,7 +25,7 @@ pub use upload::{UPLOAD_CHUNK_SIZE, UPLOAD_CHUNK_UNIT, chunk_ranges};
 
 use crate::api::profile::{DEFAULT_GRAPH_ENDPOINT, DEFAULT_MAX_CONCURRENT};
 use crate::auth::{AuthError, TokenSource};
-use crate::transport::{AttachmentData, Delivered, OutgoingMessage, SendError, Transport};
+use crate::transport::{Acceptance, AttachmentData, Delivered, OutgoingMessage, SendError, Transport};
 use request::{Draft, FileAttachment, Plan, UploadSession, segment};
 
 /// How to reach Graph and how to send.
@@ -310,6 +310,7 @@ impl Answer {
 
     fn delivered(self) -> Delivered {
         Delivered {
+            acceptance: Acceptance::AcceptedForDelivery,
             response: format!("{} {}", self.status.as_u16(), self.status.canonical_reason().unwrap_or_default())
                 .trim_end()
                 .to_string(),
