@@ -16,9 +16,11 @@ pub use assertion::{ASSERTION_ALGORITHM, ASSERTION_LIFETIME, AssertionClaims, Ce
 pub use cache::{TokenCache, TokenState};
 pub use caches::TokenCaches;
 pub use credential::{Credential, DEFAULT_AUTHORITY_HOST, EntraApp, check_authority_host};
-pub use provider::{EntraTokenProvider, TokenIssuer};
+pub use provider::{EntraTokenProvider, TOKEN_ANSWER_LIMIT, TokenIssuer};
 pub use request::{ClientAuthentication, JWT_BEARER_ASSERTION_TYPE, TokenRequest, token_request, token_url};
-pub use response::{IssuedToken, aadsts_hint, describe_token_error, parse_token_response, token_roles};
+pub use response::{
+    IssuedToken, aadsts_hint, describe_oversized_answer, describe_token_error, parse_token_response, token_roles,
+};
 pub use schedule::{TokenCacheConfig, refresh_delay, retry_backoff, usable_for};
 
 use std::fmt;
