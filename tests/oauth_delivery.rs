@@ -237,6 +237,10 @@ async fn many_messages_share_one_token() {
         let request = s.request_id.clone().unwrap_or_else(|| panic!("no Graph request-id: {s:#?}"));
         assert!(accepted_ids.contains(id.as_str()), "{id} not among the accepted Message-IDs");
         assert!(accepted_requests.contains(request.as_str()), "request-id {request} not among the accepted");
+        // Graph's 202 is accepted for delivery, not delivered: the condition says no more.
+        let cond = message_condition(m, "Sent").expect("Sent condition");
+        assert_eq!((cond.status.as_str(), cond.reason.as_str()), ("True", "Accepted"), "{cond:?}");
+        assert!(cond.message.contains(&request) && cond.message.contains("not confirmed"), "{cond:?}");
         status_ids.insert(id);
     }
     assert_eq!(status_ids.len(), COUNT, "Message-IDs are distinct");

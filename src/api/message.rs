@@ -284,7 +284,7 @@ pub enum Phase {
     Pending,
     /// Claimed by the operator; an attempt is in progress.
     Sending,
-    /// Delivered to the provider.
+    /// Accepted by the provider; the `Sent` condition's reason says how far that goes.
     Sent,
     /// Will not be sent; see the conditions.
     Failed,

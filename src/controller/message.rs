@@ -235,21 +235,11 @@ async fn claim_and_send(
     }
     match result {
         Ok(delivered) => {
-            let next = status::sent(
-                &claimed,
-                &delivered.response,
-                delivered.request_id.as_deref(),
-                &delivered.rejected,
-                gen_,
-                now,
-            );
+            let next = status::sent(&claimed, &delivered, gen_, now);
             record_outcome(api, msg, &next).await?;
             info!(message = %msg.name_any(), namespace = msg.namespace().unwrap_or_default(), attempt, elapsed_ms = started.elapsed().as_millis() as u64, "sent");
-            let mut text = format!("sent via {} (attempt {attempt}): {}", claim.transport, delivered.response);
-            if !delivered.rejected.is_empty() {
-                let list: Vec<&str> = delivered.rejected.iter().map(|(r, _)| r.as_str()).collect();
-                text.push_str(&format!("; rejected: {}", list.join(", ")));
-            }
+            // The Event says what the condition says: Graph's 202 is no confirmed delivery.
+            let text = format!("attempt {attempt} via {}: {}", claim.transport, status::sent_condition(&delivered).1);
             event(ctx, msg, EventType::Normal, "Sent", &text).await;
             ctx.metrics.outcome(&profile_label, &claim.transport, "sent");
             if let Some(created) = &msg.metadata.creation_timestamp {
@@ -286,6 +276,10 @@ async fn claim_and_send(
                         &format!("attempt {attempt} failed: {reason}"),
                     )
                     .await;
+                    // The timer aims at the very instant the status holds (a whole second, so the
+                    // status keeps it exactly), counted from `now`, which is after the answer
+                    // arrived: it fires after Retry-After, never before, and the check of
+                    // nextAttemptTime at the top of `reconcile` agrees with it.
                     Ok(Action::requeue(retry::until(now, at)))
                 }
                 RetryDecision::GiveUp(why) => {
@@ -301,7 +295,8 @@ async fn claim_and_send(
     }
 }
 
-/// Checks the namespace, sender and recipients against the profile and returns the sender.
+/// Checks the namespace, sender and recipients (their number, their addresses and domains)
+/// against the profile and returns the sender.
 /// Ok(Err((reason, text))) is a violation that fails the message.
 async fn check_policy(
     ctx: &Context,
@@ -323,6 +318,10 @@ async fn check_policy(
     };
     if let Err(e) = policy::check_sender(&name, &profile.settings.senders, &from.email) {
         return Ok(Err(("SenderNotAllowed", e.to_string())));
+    }
+    // Counted before any address is parsed: a list far over the limit costs no parsing.
+    if let Err(e) = policy::check_recipient_count(msg.spec.recipient_count()) {
+        return Ok(Err(("TooManyRecipients", e.to_string())));
     }
     let mut bare = Vec::new();
     for (field, list) in [("to", &msg.spec.to), ("cc", &msg.spec.cc), ("bcc", &msg.spec.bcc)] {
@@ -694,7 +693,7 @@ mod tests {
     fn only_acceptance_and_denial_are_evidence() {
         let now = Timestamp::from_second(1_800_000_000).expect("time");
         let ok: Result<crate::transport::Delivered, SendError> =
-            Ok(crate::transport::Delivered { response: "202 Accepted".into(), request_id: None, rejected: vec![] });
+            Ok(crate::transport::Delivered { response: "202 Accepted".into(), ..Default::default() });
         assert_eq!(
             send_evidence(&ok, "a@contoso.com", now),
             Some(SendEvidence::Accepted { sender: "a@contoso.com".into(), at: now })
