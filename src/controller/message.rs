@@ -576,6 +576,31 @@ pub fn error_policy(_msg: Arc<EmailMessage>, err: &Error, ctx: Arc<Context>) -> 
     Action::requeue(Duration::from_secs(5))
 }
 
+/// Wakes the messages that are due and that nothing will wake: not finished, not in Sending,
+/// past their next attempt time, held by no send of this process and by no mailbox queue. The
+/// safety net for a wake that went nowhere (a message the queues dropped while its reconcile was
+/// delayed, say around an API server restart): a message must never wait for nothing. It reads
+/// the cache only; a message that waits for its profile is looked at again, which costs no request.
+pub fn wake_forgotten(ctx: &Context) {
+    let Some(store) = ctx.messages.get() else {
+        return;
+    };
+    let now = Timestamp::now();
+    for m in store.state() {
+        let status = m.status.as_ref();
+        let due = status.and_then(|s| s.next_attempt_time.as_ref()).is_none_or(|t| t.0 <= now);
+        let idle = status.and_then(|s| s.phase).is_none_or(|p| p == Phase::Pending);
+        if !due || !idle || m.uid().is_some_and(|uid| ctx.holds(&uid)) {
+            continue;
+        }
+        let me = ObjectRef::from(m.as_ref());
+        if !ctx.limits.holds_place_for(&me) {
+            tracing::debug!(message = %m.name_any(), "waking a due message that nothing else would wake");
+            let _ = ctx.wake.send(me);
+        }
+    }
+}
+
 /// What a send's outcome tells of the app's authorisation for the sender mailbox: an accepted
 /// message proves it, a denial disproves it, anything else (network, throttling) says nothing.
 fn send_evidence(

@@ -127,9 +127,12 @@ where
         ),
     };
     set_condition(&mut next.conditions, ready);
-    // Waiting messages are told about every change: they go out when it is ready, and their
-    // Waiting condition names the profile's current problem when it is not.
-    let changed = judged.state.is_ok() || differs(status, &next);
+    // Waiting messages are told when the profile becomes ready, and when its Ready condition
+    // changes (their Waiting condition names the profile's current problem). Nothing else wakes
+    // them: not a resync, a token refresh or a change of `PermissionsVerified`, which would turn
+    // every such reconcile into a pass over all of the profile's messages.
+    let was_ready = ctx.profiles.get(&key).is_some_and(|p| p.state.is_ok());
+    let changed = should_wake(was_ready, judged.state.is_ok(), status, &next);
     ctx.profiles.put(ResolvedProfile {
         key: key.clone(),
         settings: settings.clone(),
@@ -285,6 +288,16 @@ fn forget(ctx: &Context, key: &ProfileKey, cache_address: usize) {
     tracing::info!(profile = %key, "profile deleted: its token refreshes stopped");
     // Its messages waiting for a turn were in the queues just dropped: they now wait for the profile.
     wake_messages(ctx, key);
+}
+
+/// Whether a profile's unfinished messages are to be woken: it became ready, or its Ready
+/// condition says something new.
+fn should_wake(was_ready: bool, is_ready: bool, before: &MailProfileStatus, after: &MailProfileStatus) -> bool {
+    let ready = |s: &MailProfileStatus| {
+        crate::api::find_condition(&s.conditions, conditions::READY)
+            .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+    };
+    (is_ready && !was_ready) || ready(before) != ready(after)
 }
 
 fn differs(a: &MailProfileStatus, b: &MailProfileStatus) -> bool {
@@ -925,5 +938,38 @@ mod tests {
         let hostless =
             MailProfileSpec { smtp: Some(SmtpTransport { host: None, port: Some(25), tls: None, auth: None }), ..spec };
         assert!(validate(&ns_key(), &hostless, STRICT).unwrap_err().message.contains("smtp.host"));
+    }
+
+    #[test]
+    fn messages_are_woken_on_readiness_changes_only() {
+        let now = Time(Timestamp::from_second(1_000).unwrap());
+        let with = |ready: bool, reason: &str, verified: Option<&str>| {
+            let mut s = MailProfileStatus::default();
+            set_condition(
+                &mut s.conditions,
+                condition(&[], conditions::READY, ready, reason, "m", Some(1), now.clone()),
+            );
+            if let Some(v) = verified {
+                set_condition(
+                    &mut s.conditions,
+                    condition(&[], conditions::PERMISSIONS_VERIFIED, true, v, "m", Some(1), now.clone()),
+                );
+            }
+            s
+        };
+        let ready = with(true, "Ready", None);
+        assert!(should_wake(false, true, &ready, &ready), "it became ready");
+        assert!(!should_wake(true, true, &ready, &ready), "a resync or token refresh");
+        assert!(
+            !should_wake(
+                true,
+                true,
+                &with(true, "Ready", Some("RoleNotInToken")),
+                &with(true, "Ready", Some("AuthorizedByExchange"))
+            ),
+            "only PermissionsVerified changed"
+        );
+        assert!(should_wake(false, false, &with(false, "TokenPending", None), &with(false, "SecretNotFound", None)));
+        assert!(!should_wake(false, false, &with(false, "SecretNotFound", None), &with(false, "SecretNotFound", None)));
     }
 }

@@ -156,7 +156,10 @@ pub async fn run(
             loop {
                 tokio::select! {
                     _ = stop.recv() => break,
-                    _ = every.tick() => ctx.limits.kick(),
+                    _ = every.tick() => {
+                        ctx.limits.kick();
+                        super::message::wake_forgotten(&ctx);
+                    }
                 }
             }
         }
