@@ -310,6 +310,9 @@ async fn minimal_client(api: Api<EmailMessage>, mailboxes: usize, concurrency: u
                 recipients: 1,
                 transport: "graph".into(),
                 from: sender(i, mailboxes),
+                id: format!("bench-{i}"),
+                holder: "mailroom-bench".into(),
+                interruptions: 0,
             };
             let g = m.metadata.generation;
             let claimed = status::claimed(&Default::default(), &claim, g, Timestamp::now());

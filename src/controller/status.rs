@@ -22,6 +22,12 @@ pub struct Claim {
     pub transport: String,
     /// The sender's address.
     pub from: String,
+    /// This claim's id (unique per claim).
+    pub id: String,
+    /// Who claims: the operator instance.
+    pub holder: String,
+    /// Attempts in a row before this one that were interrupted (0 normally).
+    pub interruptions: u32,
 }
 
 fn clip(s: &str) -> String {
@@ -51,6 +57,9 @@ pub fn claimed(
     s.recipients = Some(claim.recipients);
     s.transport = Some(claim.transport.clone());
     s.from = Some(claim.from.clone());
+    s.claim_id = Some(claim.id.clone());
+    s.claimed_by = Some(claim.holder.clone());
+    s.interruptions = (claim.interruptions > 0).then_some(claim.interruptions);
     s.observed_generation = generation;
     let msg = format!("attempt {} in progress via {}", claim.attempt, claim.transport);
     set_condition(
@@ -73,6 +82,7 @@ pub fn sent(
 ) -> EmailMessageStatus {
     let mut s = prev.clone();
     s.phase = Some(Phase::Sent);
+    s.interruptions = None;
     s.sent_time = Some(Time(now));
     s.next_attempt_time = None;
     s.response = Some(clip(&delivered.response));
@@ -121,6 +131,7 @@ pub fn retrying(
 ) -> EmailMessageStatus {
     let mut s = prev.clone();
     s.phase = Some(Phase::Pending);
+    s.interruptions = None;
     s.next_attempt_time = Some(Time(next));
     let attempt = s.attempts.unwrap_or(0);
     let msg = format!("attempt {attempt} failed, retrying at {next}: {reason}");
@@ -141,6 +152,7 @@ pub fn failed(
 ) -> EmailMessageStatus {
     let mut s = prev.clone();
     s.phase = Some(Phase::Failed);
+    s.interruptions = None;
     s.next_attempt_time = None;
     s.observed_generation = generation;
     set_condition(
@@ -208,6 +220,9 @@ mod tests {
             recipients: 2,
             transport: "smtp-relay".into(),
             from: "a@b".into(),
+            id: format!("claim-{n}"),
+            holder: "mailroom-0".into(),
+            interruptions: 0,
         }
     }
 
