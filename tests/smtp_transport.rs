@@ -454,6 +454,8 @@ async fn introspection_server() -> String {
                                 "active": true,
                                 "aud": "https://outlook.office365.com",
                                 "roles": ["SMTP.SendAsApp"],
+                                // As the emulator answers when asked for a mailbox and permission.
+                                "authorized": true,
                                 "clientId": "11111111-1111-1111-1111-111111111111",
                                 "exp": Timestamp::now().as_second() + 3600,
                             })
