@@ -9,6 +9,7 @@ pub mod delivery;
 pub mod error;
 pub mod leader;
 pub mod metrics;
+pub mod response_body;
 pub mod server;
 pub mod tls;
 pub mod transport;

@@ -8,14 +8,17 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use mailroom::auth::{
-    AssertionClaims, AuthError, Credential, EntraApp, EntraTokenProvider, GRAPH_SCOPE, TokenCache, TokenCacheConfig,
-    TokenIssuer, TokenSource, token_url,
+    AssertionClaims, AuthError, Credential, EntraApp, EntraTokenProvider, GRAPH_SCOPE, TOKEN_ANSWER_LIMIT, TokenCache,
+    TokenCacheConfig, TokenIssuer, TokenSource, token_url,
 };
 use mailroom::tls::TrustRoots;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use wiremock::matchers::{body_string_contains, method, path};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+
+#[path = "common/streamed_body.rs"]
+mod streamed_body;
 
 const TENANT: &str = "00000000-0000-0000-0000-000000000000";
 const CLIENT: &str = "11111111-1111-1111-1111-111111111111";
@@ -289,6 +292,39 @@ async fn service_unavailable_is_retryable() {
         .await;
     let error = provider().request_token(&app(&server, secret("s")), GRAPH_SCOPE).await.expect_err("unavailable");
     assert!(matches!(&error, AuthError::Unavailable(m) if m.contains("503") && !m.contains("html")), "{error:?}");
+}
+
+#[tokio::test]
+async fn a_token_answer_over_the_cap_is_refused_unread() {
+    // 50 MiB streamed without Content-Length: the provider must stop at the cap, not buffer it.
+    let (endpoint, server) = streamed_body::serve("200 OK", streamed_body::FIFTY_MIB).await;
+    let app = EntraApp {
+        authority_host: format!("{endpoint}/"),
+        tenant_id: TENANT.into(),
+        client_id: CLIENT.into(),
+        credential: secret("never-shown"),
+    };
+
+    let error = provider().request_token(&app, GRAPH_SCOPE).await.expect_err("no token in 50 MiB");
+
+    let cap = format!("over {TOKEN_ANSWER_LIMIT} bytes and was not read");
+    assert!(
+        matches!(&error, AuthError::Unavailable(m) if m.contains(&cap) && m.contains("no token response")),
+        "{error:?}"
+    );
+    let written = tokio::time::timeout(Duration::from_secs(60), server).await.expect("hung up").expect("server");
+    assert!(written < streamed_body::FIFTY_MIB, "{written}");
+}
+
+#[tokio::test]
+async fn an_error_answer_over_the_cap_is_judged_by_its_status() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503).set_body_bytes(vec![b'x'; 2 * TOKEN_ANSWER_LIMIT]))
+        .mount(&server)
+        .await;
+    let error = provider().request_token(&app(&server, secret("s")), GRAPH_SCOPE).await.expect_err("unavailable");
+    assert!(matches!(&error, AuthError::Unavailable(m) if m.contains("503") && m.contains("not read")), "{error:?}");
 }
 
 #[tokio::test]

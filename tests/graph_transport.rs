@@ -11,11 +11,14 @@ use k8s_openapi::jiff::Timestamp;
 use mailroom::api::Importance;
 use mailroom::auth::{AccessToken, AuthError, TokenSource};
 use mailroom::tls::TrustRoots;
-use mailroom::transport::graph::{GraphConfig, GraphTransport};
-use mailroom::transport::{Address, AttachmentData, OutgoingMessage, SendError, Transport};
+use mailroom::transport::graph::{ANSWER_LIMIT, ECHO_LIMIT, GraphConfig, GraphTransport};
+use mailroom::transport::{Acceptance, Address, AttachmentData, OutgoingMessage, SendError, Transport};
 use serde_json::{Value, json};
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+#[path = "common/streamed_body.rs"]
+mod streamed_body;
 
 const SENDER: &str = "alerts@contoso.com";
 const SEND_MAIL: &str = "/v1.0/users/alerts@contoso.com/sendMail";
@@ -45,8 +48,16 @@ impl TokenSource for CountingTokens {
 }
 
 fn transport(server: &MockServer, tokens: Arc<CountingTokens>, max: usize) -> GraphTransport {
-    let config =
-        GraphConfig { endpoint: server.uri(), save_to_sent_items: false, max_concurrent: max, allow_insecure: true };
+    transport_at(&server.uri(), tokens, max)
+}
+
+fn transport_at(endpoint: &str, tokens: Arc<CountingTokens>, max: usize) -> GraphTransport {
+    let config = GraphConfig {
+        endpoint: endpoint.to_string(),
+        save_to_sent_items: false,
+        max_concurrent: max,
+        allow_insecure: true,
+    };
     let client = TrustRoots::default().http_client().expect("client");
     GraphTransport::new(config, tokens, client).expect("transport")
 }
@@ -89,6 +100,8 @@ async fn accepted_with_request_id() {
 
     assert_eq!(delivered.response, "202 Accepted");
     assert_eq!(delivered.request_id.as_deref(), Some("rid-1"));
+    // Accepted for delivery: Graph confirms no more than that.
+    assert_eq!(delivered.acceptance, Acceptance::AcceptedForDelivery);
     let requests = server.received_requests().await.unwrap();
     let body: Value = requests[0].body_json().unwrap();
     assert_eq!(body["message"]["subject"], "Deploy finished");
@@ -412,4 +425,125 @@ async fn at_most_four_requests_in_flight_per_mailbox() {
     }
 
     assert_eq!(arrivals.max_in_flight(), 4);
+}
+
+#[tokio::test]
+async fn utf8_text_attachments_are_sent_with_their_charset() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path(SEND_MAIL))
+        .respond_with(ResponseTemplate::new(202))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let mut msg = message();
+    msg.attachments = vec![
+        AttachmentData {
+            name: "greeting.txt".into(), content_type: "text/plain".into(), bytes: "Grüße ✅\n".into()
+        },
+        AttachmentData {
+            name: "latin1.txt".into(),
+            content_type: "text/plain".into(),
+            bytes: b"Gr\xfc\xdfe\n".to_vec(),
+        },
+        AttachmentData {
+            name: "legacy.csv".into(),
+            content_type: "text/csv; charset=windows-1252".into(),
+            bytes: b"a,b\n".to_vec(),
+        },
+    ];
+
+    transport(&server, Arc::default(), 4).send(&msg).await.expect("sent");
+
+    let requests = server.received_requests().await.unwrap();
+    let body: Value = requests[0].body_json().unwrap();
+    let types: Vec<&str> =
+        body["message"]["attachments"].as_array().unwrap().iter().map(|a| a["contentType"].as_str().unwrap()).collect();
+    assert_eq!(types, ["text/plain; charset=utf-8", "text/plain", "text/csv; charset=windows-1252"]);
+    let bytes = BASE64.decode(body["message"]["attachments"][0]["contentBytes"].as_str().unwrap()).unwrap();
+    assert_eq!(String::from_utf8(bytes).unwrap(), "Grüße ✅\n");
+}
+
+#[tokio::test]
+async fn utf8_text_attachments_keep_their_charset_in_mime_mode() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path(SEND_MAIL))
+        .respond_with(ResponseTemplate::new(202))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let mut msg = message();
+    msg.headers = (0..6).map(|i| (format!("X-Custom-{i}"), format!("{i}"))).collect();
+    msg.attachments = vec![AttachmentData {
+        name: "greeting.txt".into(),
+        content_type: "text/plain".into(),
+        bytes: "Grüße ✅".into(),
+    }];
+
+    transport(&server, Arc::default(), 4).send(&msg).await.expect("sent");
+
+    let requests = server.received_requests().await.unwrap();
+    let mime = BASE64.decode(&requests[0].body).expect("base64 body");
+    let parsed = mail_parser::MessageParser::default().parse(&mime).expect("RFC 5322");
+    let attachment = parsed.attachment(0).expect("the attachment");
+    use mail_parser::MimeHeaders as _;
+    assert_eq!(attachment.content_type().and_then(|c| c.attribute("charset")), Some("utf-8"));
+    assert_eq!(attachment.text_contents(), Some("Grüße ✅"));
+}
+
+/// Waits for the streaming server to see the client hang up, and returns what it wrote.
+async fn written(server: tokio::task::JoinHandle<u64>) -> u64 {
+    tokio::time::timeout(Duration::from_secs(60), server).await.expect("the client hung up").expect("server")
+}
+
+#[tokio::test]
+async fn an_error_body_over_the_cap_is_not_read_and_the_status_decides() {
+    let (endpoint, server) = streamed_body::serve("503 Service Unavailable", streamed_body::FIFTY_MIB).await;
+
+    let err = transport_at(&endpoint, Arc::default(), 4).send(&message()).await.unwrap_err();
+
+    let SendError::Transient { reason, .. } = err else {
+        panic!("a 503 stays transient whatever its body: {err:?}");
+    };
+    assert!(reason.starts_with("Graph 503"), "{reason}");
+    assert!(reason.contains(&format!("over {ANSWER_LIMIT} bytes and was not read")), "{reason}");
+    // Reading stopped at the cap: the server could not write the 50 MiB before the client left.
+    assert!(written(server).await < streamed_body::FIFTY_MIB);
+}
+
+#[tokio::test]
+async fn an_accepted_send_stays_accepted_when_its_body_passes_the_cap() {
+    let (endpoint, server) = streamed_body::serve("202 Accepted", streamed_body::FIFTY_MIB).await;
+
+    let delivered = transport_at(&endpoint, Arc::default(), 4).send(&message()).await.expect("Graph said 202");
+
+    assert_eq!(delivered.response, "202 Accepted");
+    assert!(written(server).await < streamed_body::FIFTY_MIB);
+}
+
+#[tokio::test]
+async fn a_draft_answer_over_the_cap_fails_the_step_without_sending() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path(MESSAGES))
+        .respond_with(ResponseTemplate::new(201).set_body_bytes(vec![b' '; ECHO_LIMIT + 1]))
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(format!("{DRAFT}/send")))
+        .respond_with(ResponseTemplate::new(202))
+        .expect(0)
+        .mount(&server)
+        .await;
+    let mut msg = message();
+    msg.attachments = vec![big_attachment()];
+
+    let err = transport(&server, Arc::default(), 4).send(&msg).await.unwrap_err();
+
+    let SendError::Transient { reason, .. } = err else {
+        panic!("an unreadable answer is the endpoint's fault, worth another attempt: {err:?}");
+    };
+    assert!(reason.starts_with("creating the draft: Graph answered 201 with a body over 16777216 bytes"), "{reason}");
 }

@@ -351,6 +351,11 @@ fn cases() -> Vec<Case> {
             json!({"profileRef": {"name": "plain-http"}}),
             Waiting("ProfileNotReady", "plain http"),
         ),
+        case(
+            "profile-internal-url",
+            json!({"profileRef": {"name": "internal-url"}}),
+            Waiting("ProfileNotReady", "not one of Microsoft's"),
+        ),
         // --- numbers ---------------------------------------------------------------------------------
         case(
             "max-attempts-huge",
@@ -510,6 +515,19 @@ spec:
     clientSecretRef: {{name: graph-credentials, key: client-secret}}
     authorityHost: http://127.0.0.1:{trap_port}
     endpoint: http://127.0.0.1:{trap_port}
+---
+# A namespace's user pointing the operator at an internal https service (SSRF).
+apiVersion: mailroom.dev/v1alpha1
+kind: MailProfile
+metadata: {{name: internal-url}}
+spec:
+  senders: {{default: "alerts@contoso.com"}}
+  graph:
+    tenantId: t
+    clientId: c
+    clientSecretRef: {{name: graph-credentials, key: client-secret}}
+    authorityHost: https://127.0.0.1:{trap_port}
+    endpoint: https://login.microsoftonline.com.127.0.0.1.nip.io:{trap_port}
 "#,
             port = peer.smtp_port
         ),
@@ -627,6 +645,13 @@ spec:
         Some(c) if c.status == "False" && c.reason == "InvalidSettings" && c.message.contains("plain http") => {}
         other => problems.push(format!("plain-http profile: expected Ready=False InvalidSettings, got {other:?}")),
     }
+    let internal = profiles.get("internal-url").await.expect("profile");
+    match internal.status.as_ref().and_then(|s| find_condition(&s.conditions, "Ready")) {
+        Some(c)
+            if c.status == "False" && c.reason == "InvalidSettings" && c.message.contains("not one of Microsoft's") => {
+        }
+        other => problems.push(format!("internal-url profile: expected Ready=False InvalidSettings, got {other:?}")),
+    }
 
     // A normal message still goes out, through the same process.
     create_yaml(
@@ -660,7 +685,7 @@ spec:
     assert!(raws.iter().any(|r| r.contains("after the hostile table")), "the normal message arrived: {raws:#?}");
     let hits = trap_hits.load(Ordering::SeqCst);
     if hits != 0 {
-        problems.push(format!("the plain-http endpoint was contacted {hits} times"));
+        problems.push(format!("the plain-http or internal endpoint was contacted {hits} times"));
     }
     assert!(problems.is_empty(), "{} of {} cases went wrong:\n{}", problems.len(), cases.len(), problems.join("\n"));
     println!("{} hostile cases in {:?}", cases.len(), started.elapsed());

@@ -119,6 +119,19 @@ impl World {
         common::wait_for(&self.profiles(), name, WAIT, |p| ready(p).is_some_and(|c| c.status == status)).await
     }
 
+    /// An SMTP test server with STARTTLS that checks XOAUTH2 tokens through this world's emulator.
+    fn xoauth2_peer(&self) -> SmtpPeer {
+        let emu_ca = self.emu.ca_pem().display().to_string();
+        SmtpPeer::start(&[
+            "--self-signed",
+            "--require-starttls",
+            "--xoauth2-introspect",
+            &self.emu.introspect_url(),
+            "--xoauth2-ca",
+            &emu_ca,
+        ])
+    }
+
     async fn wait_sent(&self, name: &str) -> EmailMessage {
         wait_phase(&self.messages(), name, Phase::Sent).await
     }
@@ -237,6 +250,10 @@ async fn many_messages_share_one_token() {
         let request = s.request_id.clone().unwrap_or_else(|| panic!("no Graph request-id: {s:#?}"));
         assert!(accepted_ids.contains(id.as_str()), "{id} not among the accepted Message-IDs");
         assert!(accepted_requests.contains(request.as_str()), "request-id {request} not among the accepted");
+        // Graph's 202 is accepted for delivery, not delivered: the condition says no more.
+        let cond = message_condition(m, "Sent").expect("Sent condition");
+        assert_eq!((cond.status.as_str(), cond.reason.as_str()), ("True", "Accepted"), "{cond:?}");
+        assert!(cond.message.contains(&request) && cond.message.contains("not confirmed"), "{cond:?}");
         status_ids.insert(id);
     }
     assert_eq!(status_ids.len(), COUNT, "Message-IDs are distinct");
@@ -797,15 +814,7 @@ fn base64_encode(bytes: &[u8]) -> String {
 #[tokio::test]
 async fn smtp_xoauth2_sends_with_an_outlook_token() {
     let w = World::new("oauth-xoauth2").await;
-    let emu_ca = w.emu.ca_pem().display().to_string();
-    let peer = SmtpPeer::start(&[
-        "--self-signed",
-        "--require-starttls",
-        "--xoauth2-introspect",
-        &w.emu.introspect_url(),
-        "--xoauth2-ca",
-        &emu_ca,
-    ]);
+    let peer = w.xoauth2_peer();
     w.register(app(&["smtp-secret-1"], json!({"roles": ["SMTP.SendAsApp"]}))).await;
     w.secret(SECRET_NAME, None, json!({SECRET_KEY: "smtp-secret-1"})).await;
     let _op = w.operator(&[peer.ca_pem()]);
@@ -840,15 +849,7 @@ async fn smtp_xoauth2_sends_with_an_outlook_token() {
 #[tokio::test]
 async fn smtp_xoauth2_through_app_rbac() {
     let w = World::new("oauth-xoauth2-rbac").await;
-    let emu_ca = w.emu.ca_pem().display().to_string();
-    let peer = SmtpPeer::start(&[
-        "--self-signed",
-        "--require-starttls",
-        "--xoauth2-introspect",
-        &w.emu.introspect_url(),
-        "--xoauth2-ca",
-        &emu_ca,
-    ]);
+    let peer = w.xoauth2_peer();
     let registered = w.emu.register_app(app(&["smtp-rbac-1"], json!({"roles": []}))).await;
     let sp = registered["objectId"].as_str().expect("service principal object id").to_string();
     w.emu

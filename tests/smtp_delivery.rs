@@ -105,6 +105,8 @@ spec:
     assert!(status.sent_time.is_some());
     let cond = message_condition(&sent, "Sent").unwrap();
     assert_eq!((cond.status.as_str(), cond.observed_generation), ("True", sent.metadata.generation));
+    // A 250 to the message data: the server took responsibility for it.
+    assert_eq!(cond.reason, "Delivered", "{cond:?}");
 
     let envelopes = peer.wait_messages(1, WAIT).await;
     assert_eq!(envelopes.len(), 1);

@@ -19,7 +19,9 @@ use mailroom::api::{Importance, TlsMode};
 use mailroom::auth::{AccessToken, AuthError, TokenSource};
 use mailroom::tls::{TrustRoots, install_crypto_provider};
 use mailroom::transport::smtp::{SmtpConfig, SmtpCredentials, SmtpTransport};
-use mailroom::transport::{AttachmentData, Delivered, OutgoingMessage, SendError, Transport, parse_mailbox};
+use mailroom::transport::{
+    Acceptance, AttachmentData, Delivered, OutgoingMessage, SendError, Transport, parse_mailbox,
+};
 
 /// The repository root: where hack/ and tests/peers/ are.
 fn repo_root() -> PathBuf {
@@ -206,6 +208,8 @@ fn check_received(record: &Value, delivered: &Delivered) {
     let queue_id = record["queue_id"].as_str().expect("queue id");
     assert!(delivered.response.starts_with("250 ") && delivered.response.contains(queue_id), "{delivered:?}");
     assert!(delivered.rejected.is_empty());
+    // A 250 to the message data: the server took responsibility for it.
+    assert_eq!(delivered.acceptance, Acceptance::ResponsibilityTaken);
 
     let raw = std::fs::read(record["eml"].as_str().expect("eml path")).expect("stored message");
     let header_end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a header block");
@@ -450,6 +454,8 @@ async fn introspection_server() -> String {
                                 "active": true,
                                 "aud": "https://outlook.office365.com",
                                 "roles": ["SMTP.SendAsApp"],
+                                // As the emulator answers when asked for a mailbox and permission.
+                                "authorized": true,
                                 "clientId": "11111111-1111-1111-1111-111111111111",
                                 "exp": Timestamp::now().as_second() + 3600,
                             })

@@ -14,6 +14,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use mailroom::api::{EmailMessage, MailProfile, Phase, find_condition};
 use mailroom::controller::status::{self, Claim};
+use mailroom::transport::Delivered;
 use serde::Serialize;
 use serde_json::json;
 
@@ -344,6 +345,9 @@ async fn minimal_client(api: Api<EmailMessage>, mailboxes: usize, concurrency: u
                 recipients: 1,
                 transport: "graph".into(),
                 from: sender(i, mailboxes),
+                id: format!("bench-{i}"),
+                holder: "mailroom-bench".into(),
+                interruptions: 0,
             };
             let g = m.metadata.generation;
             let claimed = status::claimed(&Default::default(), &claim, g, Timestamp::now());
@@ -352,7 +356,8 @@ async fn minimal_client(api: Api<EmailMessage>, mailboxes: usize, concurrency: u
                 eprintln!("bench: ceiling claim {}: {e}", m.name_any());
                 return;
             }
-            let sent = status::sent(&claimed, "202 Accepted", None, &[], g, Timestamp::now());
+            let accepted = Delivered { response: "202 Accepted".into(), ..Delivered::default() };
+            let sent = status::sent(&claimed, &accepted, g, Timestamp::now());
             if let Err(e) =
                 api.patch_status(&m.name_any(), &PatchParams::default(), &Patch::Merge(json!({"status": sent}))).await
             {

@@ -284,7 +284,7 @@ pub enum Phase {
     Pending,
     /// Claimed by the operator; an attempt is in progress.
     Sending,
-    /// Delivered to the provider.
+    /// Accepted by the provider; the `Sent` condition's reason says how far that goes.
     Sent,
     /// Will not be sent; see the conditions.
     Failed,
@@ -352,4 +352,15 @@ pub struct EmailMessageStatus {
     /// Graph's `request-id` of the accepted request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// The current claim's id: the operator that wrote it recognises it after its answer was
+    /// lost, and resumes or releases the claim instead of treating the message as in doubt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_id: Option<String>,
+    /// The operator instance (pod) that made the current claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_by: Option<String>,
+    /// Attempts in a row that an operator left in `Sending` (it stopped while sending); reset by
+    /// any outcome. Too many in a row fail the message, so that it cannot crash-loop the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interruptions: Option<u32>,
 }

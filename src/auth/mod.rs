@@ -21,9 +21,11 @@ pub use permissions::{
     AuthorizationPath, MAIL_SEND, PermissionVerdict, SMTP_SEND_AS_APP, SendEvidence, entra_remedy, rbac_remedy,
     verify_permissions,
 };
-pub use provider::{EntraTokenProvider, TokenIssuer};
+pub use provider::{EntraTokenProvider, TOKEN_ANSWER_LIMIT, TokenIssuer};
 pub use request::{ClientAuthentication, JWT_BEARER_ASSERTION_TYPE, TokenRequest, token_request, token_url};
-pub use response::{IssuedToken, aadsts_hint, describe_token_error, parse_token_response, token_roles};
+pub use response::{
+    IssuedToken, aadsts_hint, describe_oversized_answer, describe_token_error, parse_token_response, token_roles,
+};
 pub use schedule::{TokenCacheConfig, refresh_delay, retry_backoff, usable_for};
 
 use std::fmt;

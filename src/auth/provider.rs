@@ -11,8 +11,15 @@ use super::AuthError;
 use super::assertion::CertificateKey;
 use super::credential::{Credential, EntraApp};
 use super::request::{ClientAuthentication, token_request, token_url};
-use super::response::{IssuedToken, describe_token_error, parse_token_response};
+use super::response::{IssuedToken, describe_oversized_answer, describe_token_error, parse_token_response};
+use crate::response_body::{BodyError, read_capped};
 use crate::tls::TrustRoots;
+
+/// The largest token endpoint answer read. A token answer is one JSON object holding one
+/// access token (a JWT of a few KiB, more with many role claims) and an error answer a few
+/// hundred bytes of Microsoft's words: 64 KiB is ample for both, and nothing a token endpoint
+/// says is worth more.
+pub const TOKEN_ANSWER_LIMIT: usize = 64 * 1024;
 
 /// Something that issues tokens for an application and scope (the token endpoint, or a stand-in
 /// in tests). The cache asks it; it never caches.
@@ -89,7 +96,13 @@ impl EntraTokenProvider {
         let response =
             self.http.post(&request.url).form(&request.form).send().await.map_err(|e| unreachable(&request.url, &e))?;
         let status = response.status();
-        let body = response.text().await.map_err(|e| unreachable(&request.url, &e))?;
+        let body = match read_capped(response, TOKEN_ANSWER_LIMIT).await {
+            Ok(body) => body,
+            Err(BodyError::Read(e)) => return Err(unreachable(&request.url, &e)),
+            Err(BodyError::TooLarge { limit }) => return Err(describe_oversized_answer(status, limit)),
+        };
+        // JSON is UTF-8 (RFC 8259); anything else is no token answer and fails to parse.
+        let body = String::from_utf8_lossy(&body);
         if status == StatusCode::OK { parse_token_response(&body) } else { Err(describe_token_error(status, &body)) }
     }
 }

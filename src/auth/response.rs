@@ -120,6 +120,24 @@ pub fn describe_token_error(status: StatusCode, body: &str) -> AuthError {
     }
 }
 
+/// The error for an answer whose body passed the cap (`limit` bytes) and was not read. A 200
+/// that large is no token answer: like any 200 without a token it is `Unavailable` (a
+/// misdirected authorityHost or a proxy in between, worth retrying with backoff, and no fault
+/// of the credentials); any other status is judged by the status alone.
+pub fn describe_oversized_answer(status: StatusCode, limit: usize) -> AuthError {
+    let note = format!("its body is over {limit} bytes and was not read");
+    if status == StatusCode::OK {
+        return AuthError::Unavailable(format!(
+            "token endpoint answered 200 but {note}, which is no token response; is authorityHost an Entra ID endpoint?"
+        ));
+    }
+    match describe_token_error(status, "") {
+        AuthError::Rejected(words) => AuthError::Rejected(format!("{words} ({note})")),
+        AuthError::Unavailable(words) => AuthError::Unavailable(format!("{words} ({note})")),
+        AuthError::Credential(words) => AuthError::Credential(format!("{words} ({note})")),
+    }
+}
+
 /// `AADSTSnnnn: hint (first sentence)`, or the OAuth error and sentence when there is no code.
 fn summarize(body: &ErrorBody) -> Option<String> {
     let (code, rest) = split_aadsts(&body.error_description);
@@ -316,6 +334,25 @@ mod tests {
         let message = rejected(404, "<html>not found</html>");
         assert!(message.contains("404") && message.contains("authorityHost"));
         assert!(!message.contains("html"));
+    }
+
+    #[test]
+    fn oversized_answers_are_judged_by_their_status() {
+        let ok = describe_oversized_answer(StatusCode::OK, 65_536);
+        assert!(
+            matches!(&ok, AuthError::Unavailable(m) if m.contains("over 65536 bytes") && m.contains("no token response")),
+            "{ok:?}"
+        );
+        let busy = describe_oversized_answer(StatusCode::SERVICE_UNAVAILABLE, 65_536);
+        assert!(
+            matches!(&busy, AuthError::Unavailable(m) if m.contains("503") && m.contains("over 65536")),
+            "{busy:?}"
+        );
+        let refused = describe_oversized_answer(StatusCode::NOT_FOUND, 65_536);
+        assert!(
+            matches!(&refused, AuthError::Rejected(m) if m.contains("404") && m.contains("over 65536")),
+            "{refused:?}"
+        );
     }
 
     #[test]

@@ -67,6 +67,9 @@ pub struct Context {
     pub limits: SendLimits<ObjectRef<EmailMessage>>,
     /// Messages this process has claimed and not yet finished, by uid.
     pub in_flight: Mutex<HashSet<String>>,
+    /// Claims (by claim id) this process wrote, whose answer was lost and which it never sent:
+    /// found in `Sending`, they are resumed, not taken as in doubt.
+    pub unsent_claims: Mutex<HashSet<String>>,
     /// The message controller's cache, once it runs.
     pub messages: Arc<OnceCell<Store<EmailMessage>>>,
     /// The MailProfile cache, once it runs.
@@ -158,6 +161,7 @@ impl Context {
             profiles: ProfileRegistry::default(),
             limits,
             in_flight: Mutex::new(HashSet::new()),
+            unsent_claims: Mutex::new(HashSet::new()),
             messages,
             mail_profiles: OnceCell::new(),
             cluster_profiles: OnceCell::new(),
@@ -184,6 +188,21 @@ impl Context {
     /// Releases a claim.
     pub fn release(&self, uid: &str) {
         self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(uid);
+    }
+
+    /// Remembers a claim whose answer was lost and under which nothing was sent.
+    pub fn remember_unsent_claim(&self, claim_id: &str) {
+        self.unsent_claims.lock().unwrap_or_else(|e| e.into_inner()).insert(claim_id.to_string());
+    }
+
+    /// Whether `claim_id` is a claim of this process under which nothing was sent.
+    pub fn is_unsent_claim(&self, claim_id: Option<&str>) -> bool {
+        claim_id.is_some_and(|id| self.unsent_claims.lock().unwrap_or_else(|e| e.into_inner()).contains(id))
+    }
+
+    /// Forgets an unsent claim (it is being resumed); true when it was one.
+    pub fn take_unsent_claim(&self, claim_id: Option<&str>) -> bool {
+        claim_id.is_some_and(|id| self.unsent_claims.lock().unwrap_or_else(|e| e.into_inner()).remove(id))
     }
 
     /// Whether this process holds a claim on the message.

@@ -58,25 +58,29 @@ pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Acti
         if fresh.status.as_ref().and_then(|s| s.phase) != Some(Phase::Sending) {
             return Ok(Action::await_change());
         }
-        let attempt = fresh.status.as_ref().and_then(|s| s.attempts).unwrap_or(0);
-        match fresh.spec.on_uncertain() {
-            OnUncertain::Fail => {
-                let text = format!(
-                    "attempt {attempt} was interrupted (the operator stopped while sending); it may or may not have been delivered, and delivery.onUncertain is Fail"
-                );
-                let s = fresh.status.clone().unwrap_or_default();
-                let next = status::failed(&s, "DeliveryUncertain", &text, fresh.metadata.generation, now);
-                write_status(&api, &fresh, &next).await?;
-                event(&ctx, &fresh, EventType::Warning, "DeliveryUncertain", &text).await;
-                return Ok(Action::await_change());
+        let s = fresh.status.clone().unwrap_or_default();
+        if !ctx.is_unsent_claim(s.claim_id.as_deref()) {
+            // Nobody holds it: the operator that claimed it stopped while sending.
+            match in_doubt(&s, fresh.spec.on_uncertain(), fresh.spec.max_attempts()) {
+                Doubt::Fail { reason, text } => {
+                    let next = status::failed(&s, reason, &text, fresh.metadata.generation, now);
+                    if write_status(&api, &fresh, &next, Guard::Decided).await? == Written::Done {
+                        event(&ctx, &fresh, EventType::Warning, reason, &text).await;
+                    }
+                    return Ok(Action::await_change());
+                }
+                Doubt::Resend { interruptions, text } => {
+                    event(&ctx, &fresh, EventType::Warning, "ResendingInDoubt", &text).await;
+                    let mut fresh = fresh;
+                    if let Some(s) = fresh.status.as_mut() {
+                        s.interruptions = Some(interruptions);
+                    }
+                    msg = Arc::new(fresh);
+                }
             }
-            OnUncertain::Resend => {
-                let text = format!(
-                    "attempt {attempt} was interrupted; sending again with the same Message-ID (delivery.onUncertain is Resend)"
-                );
-                event(&ctx, &fresh, EventType::Warning, "ResendingInDoubt", &text).await;
-                msg = Arc::new(fresh);
-            }
+        } else {
+            // This process's own claim, whose answer was lost before anything was sent.
+            msg = Arc::new(fresh);
         }
     }
     let status = msg.status.clone().unwrap_or_default();
@@ -186,7 +190,9 @@ async fn claim_and_send(
     };
     let before = cached.status.clone().unwrap_or_default();
     let uid = cached.uid().unwrap_or_default();
-    let attempt = before.attempts.unwrap_or(0) + 1;
+    // A claim of ours that was never sent under is resumed with its attempt number.
+    let resumed = before.phase == Some(Phase::Sending) && ctx.take_unsent_claim(before.claim_id.as_deref());
+    let attempt = before.attempts.unwrap_or(0) + u32::from(!resumed);
     let message_id = before.message_id.clone().unwrap_or_else(|| outgoing::message_id(&uid, &from.email));
     let claim = Claim {
         attempt,
@@ -194,6 +200,9 @@ async fn claim_and_send(
         recipients: cached.spec.recipient_count() as u32,
         transport: profile.settings.transport_name().to_string(),
         from: from.email.clone(),
+        id: uuid::Uuid::new_v4().to_string(),
+        holder: ctx.config.instance.clone(),
+        interruptions: before.interruptions.unwrap_or(0),
     };
     let claimed = status::claimed(&before, &claim, cached.metadata.generation, Timestamp::now());
     // Optimistic concurrency: the claim carries the resourceVersion we decided on, so of two
@@ -202,6 +211,16 @@ async fn claim_and_send(
         Ok(m) if m.uid() == cached.uid() => m,
         Ok(_) => return Ok(Action::await_change()),
         Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => return Ok(Action::await_change()),
+        Err(e) if write_retryable(&e) => match find_claim(api, cached, &claim.id).await {
+            // The claim landed and only its answer was lost: it is ours, send under it.
+            ClaimLookup::Ours(m) => *m,
+            ClaimLookup::NotOurs => return Err(e.into()),
+            ClaimLookup::Unknown => {
+                // It may have landed: if it did, it is resumed when seen, never taken as in doubt.
+                ctx.remember_unsent_claim(&claim.id);
+                return Err(e.into());
+            }
+        },
         Err(e) => return Err(e.into()),
     };
     let outgoing = match build(ctx, &msg, referenced, from, message_id, profile).await {
@@ -209,14 +228,20 @@ async fn claim_and_send(
         Ok(Err((reason, text))) => {
             drop(permit);
             let next = status::failed(&before, reason, &text, msg.metadata.generation, Timestamp::now());
-            unclaim(api, &msg, &claimed, &next).await?;
+            unclaim(api, &msg, &claim.id, &next).await?;
             return failed(ctx, &msg, reason, &text).await;
         }
         Err(e) => {
             // The API server failed us (reading the template): nothing was sent, so the status
             // goes back to what it was and the error policy tries again.
             drop(permit);
-            unclaim(api, &msg, &claimed, &before).await?;
+            unclaim(api, &msg, &claim.id, &before).await?;
+            if resumed {
+                // `before` is the earlier claim of ours, still unsent.
+                if let Some(id) = before.claim_id.as_deref() {
+                    ctx.remember_unsent_claim(id);
+                }
+            }
             return Err(e);
         }
     };
@@ -235,21 +260,11 @@ async fn claim_and_send(
     }
     match result {
         Ok(delivered) => {
-            let next = status::sent(
-                &claimed,
-                &delivered.response,
-                delivered.request_id.as_deref(),
-                &delivered.rejected,
-                gen_,
-                now,
-            );
-            record_outcome(api, msg, &next).await?;
+            let next = status::sent(&claimed, &delivered, gen_, now);
+            record_outcome(api, msg, &claim.id, &next).await?;
             info!(message = %msg.name_any(), namespace = msg.namespace().unwrap_or_default(), attempt, elapsed_ms = started.elapsed().as_millis() as u64, "sent");
-            let mut text = format!("sent via {} (attempt {attempt}): {}", claim.transport, delivered.response);
-            if !delivered.rejected.is_empty() {
-                let list: Vec<&str> = delivered.rejected.iter().map(|(r, _)| r.as_str()).collect();
-                text.push_str(&format!("; rejected: {}", list.join(", ")));
-            }
+            // The Event says what the condition says: Graph's 202 is no confirmed delivery.
+            let text = format!("attempt {attempt} via {}: {}", claim.transport, status::sent_condition(&delivered).1);
             event(ctx, msg, EventType::Normal, "Sent", &text).await;
             ctx.metrics.outcome(&profile_label, &claim.transport, "sent");
             if let Some(created) = &msg.metadata.creation_timestamp {
@@ -259,7 +274,7 @@ async fn claim_and_send(
         }
         Err(SendError::Permanent { reason }) | Err(SendError::Denied { reason }) => {
             let next = status::failed(&claimed, "SendFailed", &reason, gen_, now);
-            record_outcome(api, msg, &next).await?;
+            record_outcome(api, msg, &claim.id, &next).await?;
             warn!(message = %msg.name_any(), attempt, %reason, "failed");
             event(ctx, msg, EventType::Warning, "Failed", &reason).await;
             ctx.metrics.outcome(&profile_label, &claim.transport, "failed");
@@ -276,7 +291,7 @@ async fn claim_and_send(
             match retry::next_attempt(&policy, attempt, now, retry_after, rand::random::<f64>()) {
                 RetryDecision::RetryAt(at) => {
                     let next = status::retrying(&claimed, &reason, at, gen_, now);
-                    record_outcome(api, msg, &next).await?;
+                    record_outcome(api, msg, &claim.id, &next).await?;
                     warn!(message = %msg.name_any(), attempt, %reason, "transient failure, retry scheduled");
                     event(
                         ctx,
@@ -286,12 +301,16 @@ async fn claim_and_send(
                         &format!("attempt {attempt} failed: {reason}"),
                     )
                     .await;
+                    // The timer aims at the very instant the status holds (a whole second, so the
+                    // status keeps it exactly), counted from `now`, which is after the answer
+                    // arrived: it fires after Retry-After, never before, and the check of
+                    // nextAttemptTime at the top of `reconcile` agrees with it.
                     Ok(Action::requeue(retry::until(now, at)))
                 }
                 RetryDecision::GiveUp(why) => {
                     let text = format!("{why}; last error: {reason}");
                     let next = status::failed(&claimed, "RetriesExhausted", &text, gen_, now);
-                    record_outcome(api, msg, &next).await?;
+                    record_outcome(api, msg, &claim.id, &next).await?;
                     event(ctx, msg, EventType::Warning, "Failed", &text).await;
                     ctx.metrics.outcome(&profile_label, &claim.transport, "failed");
                     Ok(expire_after(msg))
@@ -301,7 +320,8 @@ async fn claim_and_send(
     }
 }
 
-/// Checks the namespace, sender and recipients against the profile and returns the sender.
+/// Checks the namespace, sender and recipients (their number, their addresses and domains)
+/// against the profile and returns the sender.
 /// Ok(Err((reason, text))) is a violation that fails the message.
 async fn check_policy(
     ctx: &Context,
@@ -330,6 +350,10 @@ async fn check_policy(
     };
     if let Err(e) = policy::check_sender(&name, &profile.settings.senders, &from.email) {
         return Ok(Err(("SenderNotAllowed", e.to_string())));
+    }
+    // Counted before any address is parsed: a list far over the limit costs no parsing.
+    if let Err(e) = policy::check_recipient_count(msg.spec.recipient_count()) {
+        return Ok(Err(("TooManyRecipients", e.to_string())));
     }
     let mut bare = Vec::new();
     for (field, list) in [("to", &msg.spec.to), ("cc", &msg.spec.cc), ("bcc", &msg.spec.bcc)] {
@@ -362,8 +386,11 @@ pub fn profile_label(key: &ProfileKey) -> String {
 async fn fail(ctx: &Context, api: &Api<EmailMessage>, msg: &EmailMessage, reason: &str, text: &str) -> Result<Action> {
     let s = msg.status.clone().unwrap_or_default();
     let next = status::failed(&s, reason, text, msg.metadata.generation, Timestamp::now());
-    write_status(api, msg, &next).await?;
-    failed(ctx, msg, reason, text).await
+    match write_status(api, msg, &next, Guard::Decided).await? {
+        Written::Done => failed(ctx, msg, reason, text).await,
+        Written::Stale => Ok(Action::requeue(STALE_RECHECK)),
+        Written::Gone => Ok(Action::await_change()),
+    }
 }
 
 /// What follows a Failed status written for the message's own problem: the log, an Event, the metric.
@@ -383,51 +410,142 @@ async fn wait(ctx: &Context, api: &Api<EmailMessage>, msg: &EmailMessage, reason
     let s = msg.status.clone().unwrap_or_default();
     let next = status::waiting(&s, reason, text, msg.metadata.generation, Timestamp::now());
     if status::differs(&s, &next) {
-        write_status(api, msg, &next).await?;
-        event(ctx, msg, EventType::Normal, reason, text).await;
+        match write_status(api, msg, &next, Guard::Decided).await? {
+            Written::Done => event(ctx, msg, EventType::Normal, reason, text).await,
+            Written::Stale => return Ok(Action::requeue(STALE_RECHECK)),
+            Written::Gone => return Ok(Action::await_change()),
+        }
     }
     Ok(Action::requeue(WAIT_RECHECK))
 }
 
+/// A decision refused because the message changed (409) is made again this soon, from the newer
+/// object the watch brings.
+const STALE_RECHECK: Duration = Duration::from_secs(1);
+
 /// How long an outcome write is retried while the API server is unreachable.
 const OUTCOME_WRITE_BUDGET: Duration = Duration::from_secs(120);
 
-/// Writes the status that records a send's outcome. The send happened, so giving up on the
-/// first error would leave the message in Sending and make the next reconcile treat it as in
-/// doubt (sent again, or failed as DeliveryUncertain) although this process knows the outcome:
-/// while the API server is away (a restart, a network blip) the write is retried.
-async fn record_outcome(
-    api: &Api<EmailMessage>,
-    msg: &EmailMessage,
-    next: &EmailMessageStatus,
-) -> Result<(), kube::Error> {
-    patch_status_retrying(api, msg, json!({ "status": next })).await
+/// What a status write must not overwrite.
+#[derive(Clone, Copy, Debug)]
+enum Guard<'a> {
+    /// A decision made on this version of the message: any change since (a newer outcome, a
+    /// claim by another replica) refuses the write (409), and the decision is made again.
+    Decided,
+    /// What this process did under its claim `id`: it must not be lost, so it is retried while
+    /// the API server is away and, after a 409, re-based on the newer object as long as that
+    /// still carries this claim. A claim another operator took since is not overwritten.
+    Claim(&'a str),
 }
 
-/// Writes a status merge patch, retrying while the API server is away (no answer, 429, 5xx) for
-/// up to `OUTCOME_WRITE_BUDGET`.
-async fn patch_status_retrying(
+/// How a status write ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Written {
+    /// The status is `next`.
+    Done,
+    /// Not written: the message changed since the decision (or is no longer this claim's).
+    Stale,
+    /// The message is gone.
+    Gone,
+}
+
+/// The one way a message's status is written: a merge patch that carries the resourceVersion of
+/// `base` (so that a write decided on a stale object fails rather than undoing a newer one) and
+/// nulls every field of `base`'s status that `next` lacks (so that `nextAttemptTime` does not
+/// outlive the retry it was for).
+async fn write_status(
     api: &Api<EmailMessage>,
-    msg: &EmailMessage,
-    patch: serde_json::Value,
-) -> Result<(), kube::Error> {
+    base: &EmailMessage,
+    next: &EmailMessageStatus,
+    guard: Guard<'_>,
+) -> Result<Written, kube::Error> {
+    let name = base.name_any();
+    let mut base = std::borrow::Cow::Borrowed(base);
     let started = std::time::Instant::now();
     let mut tries = 0;
     loop {
-        match api.patch_status(&msg.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
-            Ok(_) => return Ok(()),
-            Err(e) if outcome_write_retryable(&e) && started.elapsed() < OUTCOME_WRITE_BUDGET => {
+        let patch = status_patch(&base, next);
+        let error = match api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => return Ok(Written::Done),
+            Err(e) => e,
+        };
+        match (&error, guard) {
+            (kube::Error::Api(e), _) if e.code == 404 => return Ok(Written::Gone),
+            (kube::Error::Api(e), Guard::Decided) if e.code == 409 => return Ok(Written::Stale),
+            (kube::Error::Api(e), Guard::Claim(id)) if e.code == 409 => match find_claim(api, &base, id).await {
+                ClaimLookup::Ours(fresh) => base = std::borrow::Cow::Owned(*fresh),
+                ClaimLookup::NotOurs => {
+                    warn!(message = %name, "another operator took the message over; its status is not overwritten");
+                    return Ok(Written::Stale);
+                }
+                ClaimLookup::Unknown => return Err(error),
+            },
+            (e, Guard::Claim(_)) if write_retryable(e) && started.elapsed() < OUTCOME_WRITE_BUDGET => {
                 tries += 1;
-                warn!(message = %msg.name_any(), error = %e, tries, "could not write the status yet; retrying");
+                warn!(message = %name, error = %e, tries, "could not write the status yet; retrying");
                 tokio::time::sleep(outcome_retry_delay(tries)).await;
             }
-            Err(e) => return Err(e),
+            _ => return Err(error),
         }
     }
 }
 
-/// Whether a failed status write may succeed later: no answer at all, 429 or a 5xx.
-fn outcome_write_retryable(err: &kube::Error) -> bool {
+/// The merge patch of [`write_status`].
+fn status_patch(base: &EmailMessage, next: &EmailMessageStatus) -> serde_json::Value {
+    let old = base.status.clone().unwrap_or_default();
+    json!({ "metadata": { "resourceVersion": base.resource_version() }, "status": replacing(&old, next) })
+}
+
+/// Writes the status that records a send's outcome under the claim `claim_id`. The send
+/// happened, so giving up on the first error would leave the message in Sending and make the
+/// next reconcile treat it as in doubt (sent again, or failed as DeliveryUncertain) although this
+/// process knows the outcome: while the API server is away the write is retried.
+async fn record_outcome(
+    api: &Api<EmailMessage>,
+    msg: &EmailMessage,
+    claim_id: &str,
+    next: &EmailMessageStatus,
+) -> Result<(), kube::Error> {
+    write_status(api, msg, next, Guard::Claim(claim_id)).await.map(|_| ())
+}
+
+/// What the API server says of a claim whose answer did not arrive.
+enum ClaimLookup {
+    /// The message carries the claim: it landed. The object is the current one.
+    Ours(Box<EmailMessage>),
+    /// The message carries another claim, or none, or is gone.
+    NotOurs,
+    /// The API server could not be asked within the budget.
+    Unknown,
+}
+
+/// Reads the message (retrying while the API server is away, for up to `OUTCOME_WRITE_BUDGET`)
+/// and says whether it carries the claim `claim_id`.
+async fn find_claim(api: &Api<EmailMessage>, msg: &EmailMessage, claim_id: &str) -> ClaimLookup {
+    let started = std::time::Instant::now();
+    let mut tries = 0;
+    loop {
+        match api.get_opt(&msg.name_any()).await {
+            Ok(Some(fresh)) if fresh.uid() == msg.uid() && carries_claim(&fresh, claim_id) => {
+                return ClaimLookup::Ours(Box::new(fresh));
+            }
+            Ok(_) => return ClaimLookup::NotOurs,
+            Err(e) if write_retryable(&e) && started.elapsed() < OUTCOME_WRITE_BUDGET => {
+                tries += 1;
+                tokio::time::sleep(outcome_retry_delay(tries)).await;
+            }
+            Err(_) => return ClaimLookup::Unknown,
+        }
+    }
+}
+
+/// Whether the message is in `Sending` under the claim `claim_id`.
+fn carries_claim(msg: &EmailMessage, claim_id: &str) -> bool {
+    msg.status.as_ref().is_some_and(|s| s.phase == Some(Phase::Sending) && s.claim_id.as_deref() == Some(claim_id))
+}
+
+/// Whether a failed write may succeed later: no answer at all, 429 or a 5xx.
+fn write_retryable(err: &kube::Error) -> bool {
     match err {
         kube::Error::Api(s) => s.code == 429 || s.code >= 500,
         kube::Error::HyperError(_) | kube::Error::Service(_) => true,
@@ -440,35 +558,26 @@ fn outcome_retry_delay(tries: u32) -> Duration {
     Duration::from_millis(250u64 << tries.saturating_sub(1).min(4))
 }
 
-/// Writes the whole status (the claim, which must match a resourceVersion, is `claim_status`).
-async fn write_status(
-    api: &Api<EmailMessage>,
-    msg: &EmailMessage,
-    next: &EmailMessageStatus,
-) -> Result<(), kube::Error> {
-    let patch = json!({ "status": next });
-    api.patch_status(&msg.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await.map(|_| ())
-}
-
-/// The claim: the status with the resourceVersion decided on; returns the whole object.
+/// The claim: the status with the resourceVersion decided on; returns the whole object. Like
+/// every status write it clears what the claimed status lacks (the last retry's time).
 async fn claim_status(
     api: &Api<EmailMessage>,
     msg: &EmailMessage,
     claimed: &EmailMessageStatus,
 ) -> Result<EmailMessage, kube::Error> {
-    let patch = json!({ "status": claimed, "metadata": { "resourceVersion": msg.resource_version() } });
-    api.patch_status(&msg.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await
+    api.patch_status(&msg.name_any(), &PatchParams::default(), &Patch::Merge(status_patch(msg, claimed))).await
 }
 
-/// Replaces a claim's status by `next`, which descends from the status before the claim.
+/// Replaces the status of a claim that sent nothing by `next`, which descends from the status
+/// before the claim. Like an outcome it must not be lost: a message left in Sending would be
+/// taken as in doubt.
 async fn unclaim(
     api: &Api<EmailMessage>,
     msg: &EmailMessage,
-    claimed: &EmailMessageStatus,
+    claim_id: &str,
     next: &EmailMessageStatus,
 ) -> Result<(), kube::Error> {
-    // Like an outcome, this must not be lost: a message left in Sending would be taken as in doubt.
-    patch_status_retrying(api, msg, json!({ "status": replacing(claimed, next) })).await
+    write_status(api, msg, next, Guard::Claim(claim_id)).await.map(|_| ())
 }
 
 /// A merge patch that turns `old` into `new`: a field `old` has and `new` lacks is set to null
@@ -484,6 +593,68 @@ fn replacing(old: &EmailMessageStatus, new: &EmailMessageStatus) -> serde_json::
         }
     }
     patch
+}
+
+/// What to do with a message found in `Sending` that nobody holds (its operator stopped while
+/// sending).
+#[derive(Debug, PartialEq, Eq)]
+enum Doubt {
+    /// Fail it, for this reason.
+    Fail {
+        /// The condition's reason.
+        reason: &'static str,
+        /// Why, in words.
+        text: String,
+    },
+    /// Send it again with the same Message-ID; `interruptions` in a row so far.
+    Resend {
+        /// Interrupted attempts in a row, this one included.
+        interruptions: u32,
+        /// The Event's text.
+        text: String,
+    },
+}
+
+/// Interrupted attempts in a row after which a message fails: one that keeps crashing the
+/// operator (running it out of memory, say) must not crash-loop it until its deadline.
+pub const MAX_INTERRUPTIONS: u32 = 3;
+
+/// Decides what to do with a message left in doubt. The interrupted attempt counts against
+/// `delivery.maxAttempts`, and [`MAX_INTERRUPTIONS`] in a row fail it whatever `onUncertain` says.
+fn in_doubt(s: &EmailMessageStatus, on_uncertain: OnUncertain, max_attempts: u32) -> Doubt {
+    let attempt = s.attempts.unwrap_or(0);
+    let holder = s.claimed_by.as_deref().map(|h| format!(" (claimed by {h})")).unwrap_or_default();
+    let interruptions = s.interruptions.unwrap_or(0) + 1;
+    if on_uncertain == OnUncertain::Fail {
+        return Doubt::Fail {
+            reason: "DeliveryUncertain",
+            text: format!(
+                "attempt {attempt}{holder} was interrupted (the operator stopped while sending); it may or may not have been delivered, and delivery.onUncertain is Fail"
+            ),
+        };
+    }
+    if interruptions >= MAX_INTERRUPTIONS {
+        return Doubt::Fail {
+            reason: "RepeatedlyInterrupted",
+            text: format!(
+                "the operator stopped while sending this message {interruptions} times in a row (attempt {attempt}{holder} was the last); it is not sent again, so that it cannot keep the operator from working. It may or may not have been delivered"
+            ),
+        };
+    }
+    if attempt >= max_attempts {
+        return Doubt::Fail {
+            reason: "RetriesExhausted",
+            text: format!(
+                "attempt {attempt}{holder} was interrupted and was the last that delivery.maxAttempts allows; it may or may not have been delivered"
+            ),
+        };
+    }
+    Doubt::Resend {
+        interruptions,
+        text: format!(
+            "attempt {attempt}{holder} was interrupted; sending again with the same Message-ID (delivery.onUncertain is Resend)"
+        ),
+    }
 }
 
 fn expire_after(msg: &EmailMessage) -> Action {
@@ -584,6 +755,31 @@ pub fn error_policy(_msg: Arc<EmailMessage>, err: &Error, ctx: Arc<Context>) -> 
     Action::requeue(Duration::from_secs(5))
 }
 
+/// Wakes the messages that are due and that nothing will wake: not finished, not in Sending,
+/// past their next attempt time, held by no send of this process and by no mailbox queue. The
+/// safety net for a wake that went nowhere (a message the queues dropped while its reconcile was
+/// delayed, say around an API server restart): a message must never wait for nothing. It reads
+/// the cache only; a message that waits for its profile is looked at again, which costs no request.
+pub fn wake_forgotten(ctx: &Context) {
+    let Some(store) = ctx.messages.get() else {
+        return;
+    };
+    let now = Timestamp::now();
+    for m in store.state() {
+        let status = m.status.as_ref();
+        let due = status.and_then(|s| s.next_attempt_time.as_ref()).is_none_or(|t| t.0 <= now);
+        let idle = status.and_then(|s| s.phase).is_none_or(|p| p == Phase::Pending);
+        if !due || !idle || m.uid().is_some_and(|uid| ctx.holds(&uid)) {
+            continue;
+        }
+        let me = ObjectRef::from(m.as_ref());
+        if !ctx.limits.holds_place_for(&me) {
+            tracing::debug!(message = %m.name_any(), "waking a due message that nothing else would wake");
+            let _ = ctx.wake.send(me);
+        }
+    }
+}
+
 /// What a send's outcome tells of the app's authorisation for the sender mailbox: an accepted
 /// message proves it, a denial disproves it, anything else (network, throttling) says nothing.
 fn send_evidence(
@@ -610,14 +806,14 @@ mod tests {
 
     #[test]
     fn outcome_writes_are_retried_without_an_answer_on_429_and_5xx_only() {
-        assert!(outcome_write_retryable(&kube::Error::Service("connection refused".into())));
-        assert!(outcome_write_retryable(&api_error(503)));
-        assert!(outcome_write_retryable(&api_error(500)));
-        assert!(outcome_write_retryable(&api_error(429)));
+        assert!(write_retryable(&kube::Error::Service("connection refused".into())));
+        assert!(write_retryable(&api_error(503)));
+        assert!(write_retryable(&api_error(500)));
+        assert!(write_retryable(&api_error(429)));
         // Deleted, conflicting or invalid: retrying the same write cannot help.
-        assert!(!outcome_write_retryable(&api_error(404)));
-        assert!(!outcome_write_retryable(&api_error(409)));
-        assert!(!outcome_write_retryable(&api_error(422)));
+        assert!(!write_retryable(&api_error(404)));
+        assert!(!write_retryable(&api_error(409)));
+        assert!(!write_retryable(&api_error(422)));
     }
 
     #[test]
@@ -653,13 +849,18 @@ mod tests {
             recipients: 2,
             transport: "graph".into(),
             from: "a@contoso.com".into(),
+            id: "c1".into(),
+            holder: "mailroom-0".into(),
+            interruptions: 0,
         };
         let now = Timestamp::now();
         let claimed = status::claimed(&before, &claim, Some(1), now);
         let failed = status::failed(&before, "TemplateError", "line 2: undefined value", Some(1), now);
         let patch = replacing(&claimed, &failed);
         // The claim's fields go; the attempt is not counted; the outcome's fields stay.
-        for gone in ["attempts", "messageId", "recipients", "transport", "from", "lastAttemptTime"] {
+        for gone in
+            ["attempts", "messageId", "recipients", "transport", "from", "lastAttemptTime", "claimId", "claimedBy"]
+        {
             assert_eq!(patch[gone], serde_json::Value::Null, "{gone}");
         }
         assert_eq!(patch["phase"], "Failed");
@@ -701,7 +902,7 @@ mod tests {
     fn only_acceptance_and_denial_are_evidence() {
         let now = Timestamp::from_second(1_800_000_000).expect("time");
         let ok: Result<crate::transport::Delivered, SendError> =
-            Ok(crate::transport::Delivered { response: "202 Accepted".into(), request_id: None, rejected: vec![] });
+            Ok(crate::transport::Delivered { response: "202 Accepted".into(), ..Default::default() });
         assert_eq!(
             send_evidence(&ok, "a@contoso.com", now),
             Some(SendEvidence::Accepted { sender: "a@contoso.com".into(), at: now })
@@ -710,5 +911,87 @@ mod tests {
         assert!(matches!(send_evidence(&denied, "a@contoso.com", now), Some(SendEvidence::Denied { .. })));
         assert_eq!(send_evidence(&Err(SendError::permanent("550 no such user")), "a@contoso.com", now), None);
         assert_eq!(send_evidence(&Err(SendError::transient("Graph 429")), "a@contoso.com", now), None);
+    }
+
+    fn sending(attempt: u32, interruptions: Option<u32>) -> EmailMessageStatus {
+        EmailMessageStatus {
+            phase: Some(Phase::Sending),
+            attempts: Some(attempt),
+            claim_id: Some("c1".into()),
+            claimed_by: Some("mailroom-7f9c".into()),
+            interruptions,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_message_in_doubt_is_resent_within_its_limits() {
+        match in_doubt(&sending(1, None), OnUncertain::Resend, 8) {
+            Doubt::Resend { interruptions, text } => {
+                assert_eq!(interruptions, 1);
+                assert!(text.contains("claimed by mailroom-7f9c"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let fail = in_doubt(&sending(1, None), OnUncertain::Fail, 8);
+        assert!(matches!(fail, Doubt::Fail { reason: "DeliveryUncertain", .. }), "{fail:?}");
+    }
+
+    #[test]
+    fn an_interrupted_attempt_counts_against_max_attempts() {
+        let last = in_doubt(&sending(3, None), OnUncertain::Resend, 3);
+        assert!(matches!(last, Doubt::Fail { reason: "RetriesExhausted", .. }), "{last:?}");
+        assert!(matches!(in_doubt(&sending(2, None), OnUncertain::Resend, 3), Doubt::Resend { .. }));
+    }
+
+    #[test]
+    fn repeated_interruptions_fail_the_message() {
+        assert!(matches!(
+            in_doubt(&sending(2, Some(1)), OnUncertain::Resend, 8),
+            Doubt::Resend { interruptions: 2, .. }
+        ));
+        let poison = in_doubt(&sending(3, Some(MAX_INTERRUPTIONS - 1)), OnUncertain::Resend, 8);
+        match poison {
+            Doubt::Fail { reason, text } => {
+                assert_eq!(reason, "RepeatedlyInterrupted");
+                assert!(text.contains(&format!("{MAX_INTERRUPTIONS} times in a row")), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_status_write_carries_its_version_and_clears_what_it_drops() {
+        let mut msg: EmailMessage = serde_json::from_value(serde_json::json!({
+            "apiVersion": "mailroom.dev/v1alpha1", "kind": "EmailMessage",
+            "metadata": {"name": "m", "namespace": "ns", "uid": "u1", "resourceVersion": "42"},
+            "spec": {"profileRef": {"name": "relay"}, "to": ["b@contoso.com"], "subject": "s", "body": {"text": "t"}},
+        }))
+        .unwrap();
+        let retrying = EmailMessageStatus {
+            phase: Some(Phase::Pending),
+            attempts: Some(1),
+            next_attempt_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now())),
+            ..Default::default()
+        };
+        msg.status = Some(retrying.clone());
+        let claim = Claim {
+            attempt: 2,
+            message_id: "<m@contoso.com>".into(),
+            recipients: 1,
+            transport: "smtp-relay".into(),
+            from: "a@contoso.com".into(),
+            id: "c2".into(),
+            holder: "mailroom-0".into(),
+            interruptions: 0,
+        };
+        let claimed = status::claimed(&retrying, &claim, Some(1), Timestamp::now());
+        let patch = status_patch(&msg, &claimed);
+        assert_eq!(patch["metadata"]["resourceVersion"], "42", "a stale decision must fail with 409");
+        assert_eq!(patch["status"]["nextAttemptTime"], serde_json::Value::Null, "the retry time is cleared");
+        assert_eq!(patch["status"]["claimId"], "c2");
+        assert!(carries_claim(&EmailMessage { status: Some(claimed.clone()), ..msg.clone() }, "c2"));
+        assert!(!carries_claim(&EmailMessage { status: Some(claimed), ..msg.clone() }, "c1"));
+        assert!(!carries_claim(&msg, "c2"));
     }
 }

@@ -226,6 +226,7 @@ pub async fn run(
                         if ctx.limits.forget_idle(IDLE_EXPIRY) > 0 {
                             ctx.update_gauges();
                         }
+                        super::message::wake_forgotten(&ctx);
                     }
                 }
             }

@@ -4,6 +4,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::api::{EmailMessageStatus, Phase, condition, conditions, set_condition};
+use crate::transport::{Acceptance, Delivered};
 
 /// The longest reason text kept in a condition message.
 const MAX_MESSAGE: usize = 1024;
@@ -21,6 +22,12 @@ pub struct Claim {
     pub transport: String,
     /// The sender's address.
     pub from: String,
+    /// This claim's id (unique per claim).
+    pub id: String,
+    /// Who claims: the operator instance.
+    pub holder: String,
+    /// Attempts in a row before this one that were interrupted (0 normally).
+    pub interruptions: u32,
 }
 
 fn clip(s: &str) -> String {
@@ -50,6 +57,9 @@ pub fn claimed(
     s.recipients = Some(claim.recipients);
     s.transport = Some(claim.transport.clone());
     s.from = Some(claim.from.clone());
+    s.claim_id = Some(claim.id.clone());
+    s.claimed_by = Some(claim.holder.clone());
+    s.interruptions = (claim.interruptions > 0).then_some(claim.interruptions);
     s.observed_generation = generation;
     let msg = format!("attempt {} in progress via {}", claim.attempt, claim.transport);
     set_condition(
@@ -66,29 +76,49 @@ pub fn claimed(
 /// `Sent`, with the provider's answer.
 pub fn sent(
     prev: &EmailMessageStatus,
-    response: &str,
-    request_id: Option<&str>,
-    rejected: &[(String, String)],
+    delivered: &Delivered,
     generation: Option<i64>,
     now: Timestamp,
 ) -> EmailMessageStatus {
     let mut s = prev.clone();
     s.phase = Some(Phase::Sent);
+    s.interruptions = None;
     s.sent_time = Some(Time(now));
     s.next_attempt_time = None;
-    s.response = Some(clip(response));
-    s.request_id = request_id.map(str::to_string);
-    let (reason, msg) = if rejected.is_empty() {
-        ("Delivered", format!("accepted by the provider: {response}"))
-    } else {
-        let list: Vec<String> = rejected.iter().map(|(r, why)| format!("{r} ({why})")).collect();
-        ("PartiallyDelivered", format!("accepted for some recipients; rejected: {}", list.join("; ")))
-    };
+    s.response = Some(clip(&delivered.response));
+    s.request_id = delivered.request_id.clone();
+    let (reason, msg) = sent_condition(delivered);
     set_condition(
         &mut s.conditions,
         condition(&prev.conditions, conditions::SENT, true, reason, clip(&msg), generation, Time(now)),
     );
     s
+}
+
+/// The reason and message of the `Sent` condition: no more than the provider's answer promises.
+pub fn sent_condition(delivered: &Delivered) -> (&'static str, String) {
+    let response = &delivered.response;
+    if !delivered.rejected.is_empty() {
+        let list: Vec<String> = delivered.rejected.iter().map(|(r, why)| format!("{r} ({why})")).collect();
+        return ("PartiallyDelivered", format!("accepted for some recipients; rejected: {}", list.join("; ")));
+    }
+    match delivered.acceptance {
+        Acceptance::AcceptedForDelivery => {
+            let answer = match &delivered.request_id {
+                Some(id) => format!("{response}, request-id {id}"),
+                None => response.clone(),
+            };
+            (
+                "Accepted",
+                format!(
+                    "Microsoft Graph accepted the message for delivery ({answer}); delivery itself is not confirmed"
+                ),
+            )
+        }
+        Acceptance::ResponsibilityTaken => {
+            ("Delivered", format!("the SMTP server took responsibility for delivering the message: {response}"))
+        }
+    }
 }
 
 /// Back to `Pending` until `next`, after a transient failure.
@@ -101,6 +131,7 @@ pub fn retrying(
 ) -> EmailMessageStatus {
     let mut s = prev.clone();
     s.phase = Some(Phase::Pending);
+    s.interruptions = None;
     s.next_attempt_time = Some(Time(next));
     let attempt = s.attempts.unwrap_or(0);
     let msg = format!("attempt {attempt} failed, retrying at {next}: {reason}");
@@ -121,6 +152,7 @@ pub fn failed(
 ) -> EmailMessageStatus {
     let mut s = prev.clone();
     s.phase = Some(Phase::Failed);
+    s.interruptions = None;
     s.next_attempt_time = None;
     s.observed_generation = generation;
     set_condition(
@@ -188,6 +220,18 @@ mod tests {
             recipients: 2,
             transport: "smtp-relay".into(),
             from: "a@b".into(),
+            id: format!("claim-{n}"),
+            holder: "mailroom-0".into(),
+            interruptions: 0,
+        }
+    }
+
+    fn smtp_reply(response: &str, rejected: &[(&str, &str)]) -> Delivered {
+        Delivered {
+            acceptance: Acceptance::ResponsibilityTaken,
+            response: response.into(),
+            request_id: None,
+            rejected: rejected.iter().map(|(r, why)| (r.to_string(), why.to_string())).collect(),
         }
     }
 
@@ -196,24 +240,41 @@ mod tests {
         let s = claimed(&EmailMessageStatus::default(), &claim(1), Some(1), ts(10));
         assert_eq!(s.phase, Some(Phase::Sending));
         assert_eq!(s.attempts, Some(1));
-        let s = sent(&s, "250 2.0.0 OK", None, &[], Some(1), ts(11));
+        let s = sent(&s, &smtp_reply("250 2.0.0 OK", &[]), Some(1), ts(11));
         assert_eq!(s.phase, Some(Phase::Sent));
         let c = find_condition(&s.conditions, "Sent").unwrap();
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Delivered"));
+        assert_eq!(c.message, "the SMTP server took responsibility for delivering the message: 250 2.0.0 OK");
         assert_eq!(c.last_transition_time, Time(ts(11)));
         assert_eq!(finished_at(&s), Some(ts(11)));
     }
 
     #[test]
-    fn partial_delivery_names_rejected() {
-        let s = sent(
-            &EmailMessageStatus::default(),
-            "250 OK",
-            None,
-            &[("x@y.z".into(), "550 5.1.1 unknown".into())],
-            None,
-            ts(1),
+    fn graph_202_is_accepted_not_delivered() {
+        let graph = Delivered {
+            acceptance: Acceptance::AcceptedForDelivery,
+            response: "202 Accepted".into(),
+            request_id: Some("5c2e1a8e".into()),
+            rejected: vec![],
+        };
+        let s = sent(&EmailMessageStatus::default(), &graph, Some(1), ts(11));
+        assert_eq!(s.phase, Some(Phase::Sent));
+        assert_eq!((s.response.as_deref(), s.request_id.as_deref()), (Some("202 Accepted"), Some("5c2e1a8e")));
+        let c = find_condition(&s.conditions, "Sent").unwrap();
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Accepted"));
+        assert_eq!(
+            c.message,
+            "Microsoft Graph accepted the message for delivery (202 Accepted, request-id 5c2e1a8e); \
+             delivery itself is not confirmed"
         );
+        let without_id = Delivered { request_id: None, ..graph };
+        assert!(sent_condition(&without_id).1.contains("(202 Accepted);"), "{:?}", sent_condition(&without_id));
+    }
+
+    #[test]
+    fn partial_delivery_names_rejected() {
+        let s =
+            sent(&EmailMessageStatus::default(), &smtp_reply("250 OK", &[("x@y.z", "550 5.1.1 unknown")]), None, ts(1));
         let c = find_condition(&s.conditions, "Sent").unwrap();
         assert_eq!(c.reason, "PartiallyDelivered");
         assert!(c.message.contains("x@y.z (550 5.1.1 unknown)"), "{}", c.message);
@@ -231,6 +292,29 @@ mod tests {
         assert_eq!(f.next_attempt_time, None);
         assert_eq!(find_condition(&f.conditions, "Failed").unwrap().status, "True");
         assert_eq!(finished_at(&f), Some(ts(30)));
+    }
+
+    #[test]
+    fn the_next_attempt_read_back_is_never_before_retry_after() {
+        use crate::delivery::retry::{self, RetryDecision, RetryPolicy};
+        use std::time::Duration;
+        let policy = RetryPolicy {
+            max_attempts: 8,
+            deadline: ts(100_000),
+            base_delay: Duration::from_millis(100),
+            max_delay: retry::MAX_DELAY,
+        };
+        let answered = Timestamp::from_millisecond(10_110).unwrap();
+        let RetryDecision::RetryAt(at) = retry::next_attempt(&policy, 1, answered, Some(Duration::from_secs(2)), 0.0)
+        else {
+            panic!("a retry is due");
+        };
+        let s = retrying(&EmailMessageStatus::default(), "Graph 429", at, None, answered);
+        // The status is stored in whole seconds; what the reconciler reads back is what it waits for.
+        let stored: EmailMessageStatus = serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
+        let next = stored.next_attempt_time.unwrap().0;
+        assert_eq!(next, at);
+        assert!(retry::until(answered, next) >= Duration::from_secs(2), "{next}");
     }
 
     #[test]

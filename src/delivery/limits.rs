@@ -141,6 +141,16 @@ impl<W: Clone + Eq + Hash + Send + 'static> SendLimits<W> {
         }
     }
 
+    /// Whether `me` waits in a queue, or was woken for a turn it has not taken yet.
+    pub fn holds_place_for(&self, me: &W) -> bool {
+        let mailboxes: Vec<Arc<Mailbox<W>>> =
+            self.mailboxes.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        mailboxes.iter().any(|mb| {
+            let q = mb.lock();
+            q.members.contains(me) || q.woken.contains_key(me)
+        })
+    }
+
     /// Forgets a profile's mailboxes (the profile was deleted). Messages in their queues are the
     /// caller's to wake.
     pub fn forget_profile(&self, profile: &str) {
@@ -518,5 +528,19 @@ mod tests {
         assert!(ask(&l, "a@contoso.com", 100_000, 1, "m2").is_none());
         l.forget_profile("ns/p");
         assert!(ask(&l, "a@contoso.com", 100_000, 1, "m3").is_some());
+    }
+
+    #[test]
+    fn who_holds_a_place_is_known() {
+        let (l, _) = limits(&[]);
+        let first = ask(&l, "a@x", 1000, 1, "first").expect("a free slot");
+        assert!(!l.holds_place_for(&"first"), "a message with a permit waits for nothing");
+        assert!(ask(&l, "a@x", 1000, 1, "second").is_none());
+        assert!(l.holds_place_for(&"second"), "queued");
+        assert!(!l.holds_place_for(&"third"), "never asked");
+        drop(first);
+        assert!(l.holds_place_for(&"second"), "woken for the freed slot, not back yet");
+        assert!(ask(&l, "a@x", 1000, 1, "second").is_some());
+        assert!(!l.holds_place_for(&"second"));
     }
 }

@@ -6,6 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::core::{Selector, SelectorExt};
 
 use crate::api::Senders;
+use crate::api::message::MAX_RECIPIENTS;
 
 /// A policy violation, in words a person can act on.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -29,6 +30,16 @@ pub enum PolicyError {
         profile: String,
         /// What the profile allows.
         domains: String,
+    },
+    /// More recipients than Exchange Online takes in one message.
+    #[error(
+        "the message has {count} recipients in to, cc and bcc together; Exchange Online accepts at most {limit} per message"
+    )]
+    TooManyRecipients {
+        /// Recipients in to, cc and bcc.
+        count: usize,
+        /// The most allowed.
+        limit: usize,
     },
     /// A ClusterMailProfile's `allowedNamespaces` does not admit the namespace.
     #[error("namespace {namespace} is not admitted by ClusterMailProfile {profile} (allowedNamespaces)")]
@@ -119,6 +130,18 @@ pub fn check_recipients<'a>(
     Ok(())
 }
 
+/// Checks the number of recipients in to, cc and bcc against [`MAX_RECIPIENTS`], Exchange
+/// Online's recipient limit: "the maximum number of recipients allowed in the To:, Cc:, and Bcc:
+/// fields for a single email message", 500
+/// (https://learn.microsoft.com/office365/servicedescriptions/exchange-online-service-description/exchange-online-limits#sending-limits).
+/// The CRD refuses more at apply; this holds when the schema did not run.
+pub fn check_recipient_count(count: usize) -> Result<(), PolicyError> {
+    if count > MAX_RECIPIENTS {
+        return Err(PolicyError::TooManyRecipients { count, limit: MAX_RECIPIENTS });
+    }
+    Ok(())
+}
+
 /// Whether a ClusterMailProfile's `allowedNamespaces` admits a namespace with these labels.
 /// An absent selector admits none; an empty one (`{}`) admits all.
 pub fn check_namespace(
@@ -176,6 +199,18 @@ mod tests {
         assert!(err.to_string().contains("b@notcontoso.com"));
         assert!(check_recipients("p", None, ["x@anything.org"]).is_ok());
         assert!(check_recipients("p", Some(&[]), ["x@anything.org"]).is_ok());
+    }
+
+    #[test]
+    fn at_most_500_recipients() {
+        assert!(check_recipient_count(1).is_ok());
+        assert!(check_recipient_count(MAX_RECIPIENTS).is_ok());
+        let err = check_recipient_count(MAX_RECIPIENTS + 1).unwrap_err();
+        assert_eq!(err, PolicyError::TooManyRecipients { count: 501, limit: 500 });
+        assert_eq!(
+            err.to_string(),
+            "the message has 501 recipients in to, cc and bcc together; Exchange Online accepts at most 500 per message"
+        );
     }
 
     #[test]

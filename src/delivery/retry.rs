@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::{RoundMode, SignedDuration, Timestamp, TimestampRound, Unit};
 
 /// The first retry waits about this long.
 pub const BASE_DELAY: Duration = Duration::from_secs(2);
@@ -41,7 +41,13 @@ pub fn exponential_delay(attempt: u32, base: Duration, max: Duration) -> Duratio
 ///
 /// `jitter` is a number in [0, 1) that spreads retries ("equal jitter": half the delay is fixed,
 /// half random), so that many messages failing together do not retry together. A provider's
-/// `Retry-After` is a floor: no attempt starts sooner.
+/// `Retry-After` is a floor: no attempt starts sooner. Graph asks a client to wait the number of
+/// seconds its `Retry-After` names (https://learn.microsoft.com/graph/throttling).
+///
+/// The instant is rounded up to a whole second: `nextAttemptTime` is written in whole seconds
+/// (RFC 3339, the fraction dropped) and the reconciler waits for what it reads back, so an instant
+/// with a fraction would be read as the second before it and the retry would come early (a
+/// `Retry-After: 2` answered at 10.110 s would be retried at 12 s, 1.89 s later).
 pub fn next_attempt(
     policy: &RetryPolicy,
     attempts_made: u32,
@@ -59,7 +65,7 @@ pub fn next_attempt(
         Some(floor) if floor > delay => floor,
         _ => delay,
     };
-    let at = add(now, delay);
+    let at = ceil_to_second(add(now, delay));
     if at > policy.deadline {
         return RetryDecision::GiveUp(format!(
             "gave up: the next attempt would start after the deadline {} (delivery.deadlineSeconds)",
@@ -67,6 +73,12 @@ pub fn next_attempt(
         ));
     }
     RetryDecision::RetryAt(at)
+}
+
+/// `t` rounded up to the next whole second, when it has a fraction of one.
+pub fn ceil_to_second(t: Timestamp) -> Timestamp {
+    // Only the last representable second has no whole second after it; it is past any deadline.
+    t.round(TimestampRound::new().smallest(Unit::Second).mode(RoundMode::Ceil)).unwrap_or(t)
 }
 
 /// `t + d`, saturating.
@@ -107,10 +119,46 @@ mod tests {
     fn jitter_keeps_half_the_delay() {
         let p = policy(8, 100_000);
         assert_eq!(next_attempt(&p, 3, ts(1000), None, 0.0), RetryDecision::RetryAt(ts(1004)));
-        assert_eq!(
-            next_attempt(&p, 3, ts(1000), None, 0.999_999),
-            RetryDecision::RetryAt(ts(1007) + SignedDuration::from_micros(999_996))
-        );
+        // 7.999996 s of backoff: the attempt is at the whole second after it.
+        assert_eq!(next_attempt(&p, 3, ts(1000), None, 0.999_999), RetryDecision::RetryAt(ts(1008)));
+    }
+
+    fn at_millis(millis: i64) -> Timestamp {
+        Timestamp::from_millisecond(millis).unwrap()
+    }
+
+    #[test]
+    fn retry_after_counts_from_the_answer_in_whole_seconds() {
+        let p = RetryPolicy { base_delay: Duration::from_millis(100), ..policy(8, 100_000) };
+        // Answered at 10.110 s with Retry-After: 2: 12.110 s is the earliest instant, so 13 s, never 12 s.
+        let now = at_millis(10_110);
+        let got = next_attempt(&p, 1, now, Some(Duration::from_secs(2)), 0.0);
+        assert_eq!(got, RetryDecision::RetryAt(ts(13)));
+        let RetryDecision::RetryAt(at) = got else { unreachable!() };
+        assert!(until(now, at) >= Duration::from_secs(2));
+        // What the status keeps (whole seconds) is the instant itself.
+        assert_eq!(at.subsec_nanosecond(), 0);
+        // An answer on a whole second needs no rounding.
+        assert_eq!(next_attempt(&p, 1, ts(10), Some(Duration::from_secs(2)), 0.0), RetryDecision::RetryAt(ts(12)));
+    }
+
+    #[test]
+    fn whole_seconds_round_up_only_with_a_fraction() {
+        assert_eq!(ceil_to_second(ts(12)), ts(12));
+        assert_eq!(ceil_to_second(at_millis(12_001)), ts(13));
+        assert_eq!(ceil_to_second(at_millis(12_999)), ts(13));
+        assert_eq!(ceil_to_second(at_millis(-1_500)), ts(-1));
+        assert_eq!(ceil_to_second(Timestamp::MAX), Timestamp::MAX);
+    }
+
+    #[test]
+    fn the_rounded_attempt_still_respects_the_deadline() {
+        // 1000.5 s + 2 s = 1002.5 s, rounded to 1003 s: past a deadline of 1002 s.
+        let p = policy(8, 1002);
+        match next_attempt(&p, 1, at_millis(1_000_500), Some(Duration::from_secs(2)), 0.0) {
+            RetryDecision::GiveUp(reason) => assert!(reason.contains("deadline"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! base64 for bodies. Everything a user wrote into a header is validated again here, because
 //! the transport must not depend on the CRD schema having run.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 
 use lettre::Message;
@@ -148,10 +149,36 @@ fn body_part(msg: &OutgoingMessage) -> Result<Body, MimeError> {
         if name.trim().is_empty() || name.chars().any(|c| c.is_control() || is_invisible_format(c)) {
             return Err(MimeError::AttachmentName(name.clone()));
         }
-        let content_type = attachment_content_type(name, &attachment.content_type)?;
+        let labelled = labelled_content_type(&attachment.content_type, &attachment.bytes);
+        let content_type = attachment_content_type(name, &labelled)?;
         mixed = mixed.singlepart(Attachment::new(name.clone()).body(attachment.bytes.clone(), content_type));
     }
     Ok(Body::Multi(mixed))
+}
+
+/// The content type an attachment goes out with: a `text/*` type without a `charset` parameter
+/// gets `charset=utf-8` when its bytes are UTF-8 (text from a ConfigMap, a Secret or inline
+/// data usually is). Without a charset a reader assumes US-ASCII (RFC 2046 section 4.1.2) and
+/// shows every non-ASCII character as garbage. An explicit charset is kept, and bytes that are
+/// not UTF-8 are not labelled as such; anything that does not parse is left for
+/// [`attachment_content_type`] to refuse.
+pub fn labelled_content_type<'a>(content_type: &'a str, bytes: &[u8]) -> Cow<'a, str> {
+    let given = content_type.trim();
+    let Ok(parsed) = given.parse::<mime_guess::mime::Mime>() else {
+        return Cow::Borrowed(content_type);
+    };
+    if parsed.type_() != mime_guess::mime::TEXT
+        || parsed.get_param(mime_guess::mime::CHARSET).is_some()
+        || std::str::from_utf8(bytes).is_err()
+    {
+        return Cow::Borrowed(content_type);
+    }
+    let base = given.trim_end_matches(|c: char| c == ';' || c.is_ascii_whitespace());
+    let labelled = format!("{base}; charset=utf-8");
+    match labelled.parse::<mime_guess::mime::Mime>() {
+        Ok(_) => Cow::Owned(labelled),
+        Err(_) => Cow::Borrowed(content_type),
+    }
 }
 
 /// Parses an attachment's content type; empty means `application/octet-stream`.
@@ -477,6 +504,51 @@ mod tests {
             String::from_utf8_lossy(&bytes).contains("filename*0*=utf-8''r%C3%A9sum%C3%A9.pdf"),
             "RFC 2231 encoding of the non-ASCII name"
         );
+    }
+
+    #[test]
+    fn utf8_text_attachments_say_so_and_decode_back() {
+        let text = "Grüße ✅\nZeile 2\n";
+        let latin1: Vec<u8> = b"Gr\xfc\xdfe\n".to_vec();
+        let mut msg = message();
+        msg.attachments = vec![
+            AttachmentData { name: "greeting.txt".into(), content_type: "text/plain".into(), bytes: text.into() },
+            AttachmentData {
+                name: "legacy.csv".into(),
+                content_type: "text/csv; charset=iso-8859-1".into(),
+                bytes: latin1.clone(),
+            },
+            AttachmentData { name: "unknown.txt".into(), content_type: "text/plain".into(), bytes: latin1.clone() },
+        ];
+        let bytes = build_bytes(&msg).unwrap();
+        let parsed = parse(&bytes);
+        let attachments: Vec<_> = parsed.attachments().collect();
+        assert_eq!(attachments.len(), 3);
+
+        let greeting = attachments[0];
+        assert_eq!(greeting.content_type().and_then(|c| c.attribute("charset")), Some("utf-8"));
+        assert_eq!(greeting.text_contents(), Some(text));
+
+        // An explicit charset stays as given, and so do bytes that are not UTF-8.
+        assert_eq!(attachments[1].content_type().and_then(|c| c.attribute("charset")), Some("iso-8859-1"));
+        assert_eq!(attachments[2].content_type().and_then(|c| c.attribute("charset")), None);
+    }
+
+    #[test]
+    fn only_unlabelled_utf8_text_gets_a_charset() {
+        let utf8 = "Grüße ✅".as_bytes();
+        assert_eq!(labelled_content_type("text/plain", utf8), "text/plain; charset=utf-8");
+        assert_eq!(labelled_content_type(" text/csv ", b"a,b\n"), "text/csv; charset=utf-8");
+        assert_eq!(labelled_content_type("text/plain;", utf8), "text/plain; charset=utf-8");
+        assert_eq!(labelled_content_type("text/html; name=\"x;y\"", utf8), "text/html; name=\"x;y\"; charset=utf-8");
+        assert_eq!(labelled_content_type("TEXT/Plain", utf8), "TEXT/Plain; charset=utf-8");
+        for kept in
+            ["text/plain; charset=iso-8859-1", "text/plain; Charset=\"UTF-8\"", "application/json", "image/png", ""]
+        {
+            assert_eq!(labelled_content_type(kept, utf8), kept, "{kept:?}");
+        }
+        assert_eq!(labelled_content_type("text/plain", b"Gr\xfc\xdfe"), "text/plain");
+        assert_eq!(labelled_content_type("not a type", utf8), "not a type");
     }
 
     #[test]

@@ -66,12 +66,30 @@ pub struct AttachmentData {
 /// The provider accepted the message.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Delivered {
-    /// The provider's answer: the SMTP reply to DATA, or `Graph 202 Accepted`.
+    /// What the provider's acceptance promises.
+    pub acceptance: Acceptance,
+    /// The provider's answer: the SMTP reply to DATA, or `202 Accepted`.
     pub response: String,
     /// Graph's `request-id`.
     pub request_id: Option<String>,
     /// Recipients that the server rejected while others were accepted, with its reply.
     pub rejected: Vec<(String, String)>,
+}
+
+/// How far a provider's "yes" goes: the two transports promise different things.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Acceptance {
+    /// Accepted for delivery, and delivery itself not confirmed: Graph's `202 Accepted` means
+    /// "the request has been accepted; however, it does not indicate that the request processing
+    /// has completed" (https://learn.microsoft.com/graph/api/user-sendmail, and the same 202 for
+    /// a draft's send: https://learn.microsoft.com/graph/api/message-send). The weaker promise is
+    /// the default.
+    #[default]
+    AcceptedForDelivery,
+    /// An SMTP server answered the message data with 250: it has taken responsibility for
+    /// delivering or relaying it (RFC 5321 section 6.1), so a failure later comes back as a
+    /// bounce to the sender rather than as an answer here.
+    ResponsibilityTaken,
 }
 
 /// Why a send did not succeed, and whether trying again can help.

@@ -22,7 +22,7 @@ use lettre::transport::smtp::commands::{Auth, Data, Mail, Rcpt};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
 
-use super::{Delivered, OutgoingMessage, SendError, Transport, mime};
+use super::{Acceptance, Delivered, OutgoingMessage, SendError, Transport, mime};
 use crate::api::TlsMode;
 use crate::auth::TokenSource;
 use crate::tls::TrustRoots;
@@ -343,6 +343,7 @@ impl SmtpTransport {
         let reply =
             timed(self.data_timeout, conn.message(bytes)).await.map_err(|f| classify(&f, Stage::Message, &server))?;
         Ok(Delivered {
+            acceptance: Acceptance::ResponsibilityTaken,
             response: format_response(&reply),
             request_id: None,
             rejected: refused.into_iter().map(|r| (r.recipient, r.reply.to_string())).collect(),

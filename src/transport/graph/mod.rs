@@ -25,8 +25,24 @@ pub use upload::{UPLOAD_CHUNK_SIZE, UPLOAD_CHUNK_UNIT, chunk_ranges};
 
 use crate::api::profile::{DEFAULT_GRAPH_ENDPOINT, DEFAULT_MAX_CONCURRENT};
 use crate::auth::{AuthError, TokenSource};
-use crate::transport::{AttachmentData, Delivered, OutgoingMessage, SendError, Transport};
+use crate::response_body::{BodyError, read_capped};
+use crate::transport::{Acceptance, AttachmentData, Delivered, OutgoingMessage, SendError, Transport};
 use request::{Draft, FileAttachment, Plan, UploadSession, segment};
+
+/// The most of a Graph answer read when it carries little or nothing: an error (Graph's
+/// `{"error":{"code","message","innerError"}}`), `sendMail`'s and `send`'s 202 ("It doesn't
+/// return anything in the response body", https://learn.microsoft.com/graph/api/user-sendmail),
+/// an upload session or the answer to one of its chunks (an upload URL and a few ranges).
+/// 64 KiB is far more than any of them.
+pub const ANSWER_LIMIT: usize = 64 * 1024;
+
+/// The most of a Graph answer read when it echoes what was just created: a draft comes back as
+/// the message with its body (https://learn.microsoft.com/graph/api/user-post-messages), an
+/// added attachment with its `contentBytes`
+/// (https://learn.microsoft.com/graph/api/message-post-attachments). Either is at most about one
+/// request (4 MB, [`MAX_REQUEST_BYTES`]); 16 MiB leaves room for JSON escaping and the
+/// properties Graph adds, and still bounds what a broken endpoint can make the operator hold.
+pub const ECHO_LIMIT: usize = 4 * MAX_REQUEST_BYTES;
 
 /// How to reach Graph and how to send.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,6 +141,7 @@ impl GraphTransport {
 
     /// One request to Graph with a bearer token; after a 401 the token is invalidated and
     /// the request repeated once per send (`auth` remembers whether that happened).
+    /// At most `limit` bytes of a successful answer are read ([`ANSWER_LIMIT`] of an error).
     async fn call(
         &self,
         auth: &mut Reauthorized,
@@ -132,6 +149,7 @@ impl GraphTransport {
         url: &str,
         content_type: &'static str,
         body: Bytes,
+        limit: usize,
     ) -> Result<Answer, SendError> {
         loop {
             let token = self.tokens.token().await.map_err(token_error)?;
@@ -144,7 +162,7 @@ impl GraphTransport {
                 .send()
                 .await
                 .map_err(network_error)?;
-            let answer = Answer::read(response).await?;
+            let answer = Answer::read(response, limit).await?;
             if answer.status.is_success() {
                 return Ok(answer);
             }
@@ -167,7 +185,7 @@ impl GraphTransport {
         body: Bytes,
     ) -> Result<Delivered, SendError> {
         let url = format!("{}/sendMail", self.user_url(sender));
-        let answer = self.call(auth, Method::POST, &url, content_type, body).await?;
+        let answer = self.call(auth, Method::POST, &url, content_type, body, ANSWER_LIMIT).await?;
         Ok(answer.delivered())
     }
 
@@ -179,18 +197,19 @@ impl GraphTransport {
     ) -> Result<Delivered, SendError> {
         let url = format!("{}/messages", self.user_url(sender));
         let created = self
-            .call(auth, Method::POST, &url, draft.content_type, draft.body.clone())
+            .call(auth, Method::POST, &url, draft.content_type, draft.body.clone(), ECHO_LIMIT)
             .await
             .map_err(|e| in_step(e, "creating the draft"))
             .map_err(draft_permission_hint)?;
-        let id = serde_json::from_slice::<Created>(&created.body)
+        let id = serde_json::from_slice::<Created>(created.body("creating the draft")?)
             .map_err(|_| SendError::transient("Graph created a draft but did not return its id"))?
             .id;
         let message_url = format!("{url}/{}", segment(&id));
         let result = self.complete_draft(auth, &message_url, &draft).await;
         if result.is_err() {
             // Best effort: a draft left behind is clutter in the sender's Drafts folder.
-            let deleted = self.call(auth, Method::DELETE, &message_url, request::JSON, Bytes::new()).await;
+            let deleted =
+                self.call(auth, Method::DELETE, &message_url, request::JSON, Bytes::new(), ANSWER_LIMIT).await;
             if let Err(e) = deleted {
                 tracing::warn!(sender, error = %e, "could not delete the unsent Graph draft");
             }
@@ -208,7 +227,7 @@ impl GraphTransport {
         for attachment in &draft.attach {
             let step = format!("adding attachment {:?}", attachment.name);
             let body = request::to_json(&FileAttachment::new(attachment))?;
-            self.call(auth, Method::POST, &attachments_url, request::JSON, body)
+            self.call(auth, Method::POST, &attachments_url, request::JSON, body, ECHO_LIMIT)
                 .await
                 .map_err(|e| in_step(e, &step))?;
         }
@@ -218,7 +237,7 @@ impl GraphTransport {
         }
         let url = format!("{message_url}/send");
         let answer = self
-            .call(auth, Method::POST, &url, request::JSON, Bytes::new())
+            .call(auth, Method::POST, &url, request::JSON, Bytes::new(), ANSWER_LIMIT)
             .await
             .map_err(|e| in_step(e, "sending the draft"))?;
         Ok(answer.delivered())
@@ -234,8 +253,8 @@ impl GraphTransport {
     ) -> Result<(), SendError> {
         let url = format!("{attachments_url}/createUploadSession");
         let body = request::to_json(&UploadSession::new(attachment))?;
-        let session = self.call(auth, Method::POST, &url, request::JSON, body).await?;
-        let upload_url = serde_json::from_slice::<Session>(&session.body)
+        let session = self.call(auth, Method::POST, &url, request::JSON, body, ANSWER_LIMIT).await?;
+        let upload_url = serde_json::from_slice::<Session>(session.body("creating the upload session")?)
             .ok()
             .and_then(|s| Url::parse(&s.upload_url).ok())
             .ok_or_else(|| SendError::transient("Graph returned no usable upload URL"))?;
@@ -257,7 +276,7 @@ impl GraphTransport {
                 .send()
                 .await
                 .map_err(network_error)?;
-            let answer = Answer::read(response).await?;
+            let answer = Answer::read(response, ANSWER_LIMIT).await?;
             if !answer.status.is_success() {
                 return Err(answer.error());
             }
@@ -290,26 +309,62 @@ impl Transport for GraphTransport {
 #[derive(Default)]
 struct Reauthorized(bool);
 
-/// A response read whole.
+/// A response, its body read up to a cap.
 struct Answer {
     status: StatusCode,
     request_id: Option<String>,
     retry_after: Option<std::time::Duration>,
-    body: Bytes,
+    body: AnswerBody,
+}
+
+/// The body of an answer, or the cap it passed.
+enum AnswerBody {
+    Read(Bytes),
+    /// Larger than this many bytes: reading stopped there.
+    TooLarge(usize),
 }
 
 impl Answer {
-    async fn read(response: reqwest::Response) -> Result<Self, SendError> {
+    /// Reads the status, the headers and at most `limit` bytes of body (of an error, at most
+    /// [`ANSWER_LIMIT`]). A body over the cap is not an error by itself: the status still says
+    /// what happened, and only a step that needs the body fails for it (see [`Answer::body`]).
+    async fn read(response: reqwest::Response, limit: usize) -> Result<Self, SendError> {
         let status = response.status();
         let headers = response.headers();
         let request_id = header(headers, "request-id");
         let retry_after = header(headers, RETRY_AFTER.as_str()).and_then(|v| parse_retry_after(&v, SystemTime::now()));
-        let body = response.bytes().await.map_err(network_error)?;
+        let limit = if status.is_success() { limit } else { ANSWER_LIMIT.min(limit) };
+        let body = match read_capped(response, limit).await {
+            Ok(bytes) => AnswerBody::Read(bytes),
+            Err(BodyError::TooLarge { limit }) => {
+                tracing::warn!(status = status.as_u16(), limit, "Graph answered with a body over the cap; not read");
+                AnswerBody::TooLarge(limit)
+            }
+            Err(BodyError::Read(e)) => return Err(network_error(e)),
+        };
         Ok(Answer { status, request_id, retry_after, body })
     }
 
+    /// The body of a successful answer whose content a step needs (a draft's id, an upload
+    /// URL). Over the cap it is no answer Graph gives: transient, like an answer without the
+    /// field, since the endpoint (or a proxy in front of it) is at fault, not the message, and
+    /// `maxAttempts` bounds the retries.
+    fn body(&self, step: &str) -> Result<&[u8], SendError> {
+        match &self.body {
+            AnswerBody::Read(bytes) => Ok(bytes),
+            AnswerBody::TooLarge(limit) => Err(SendError::transient(format!(
+                "{step}: Graph answered {} with a body over {limit} bytes, more than such an answer can be; it was not read",
+                self.status.as_u16()
+            ))),
+        }
+    }
+
+    /// A success needs no body: `sendMail` and `send` answer 202 with none. Even when one comes
+    /// over the cap, the status is Graph's word that it accepted the message: failing here would
+    /// send it again or call an accepted message failed.
     fn delivered(self) -> Delivered {
         Delivered {
+            acceptance: Acceptance::AcceptedForDelivery,
             response: format!("{} {}", self.status.as_u16(), self.status.canonical_reason().unwrap_or_default())
                 .trim_end()
                 .to_string(),
@@ -318,13 +373,17 @@ impl Answer {
         }
     }
 
+    /// An error answer, judged by its status (429 and 5xx stay transient, with their
+    /// Retry-After, whatever the size of the body).
     fn error(&self) -> SendError {
-        classify(
-            self.status.as_u16(),
-            &GraphApiError::from_body(&self.body),
-            self.request_id.as_deref(),
-            self.retry_after,
-        )
+        let error = match &self.body {
+            AnswerBody::Read(bytes) => GraphApiError::from_body(bytes),
+            AnswerBody::TooLarge(limit) => GraphApiError {
+                code: String::new(),
+                message: format!("the error body is over {limit} bytes and was not read"),
+            },
+        };
+        classify(self.status.as_u16(), &error, self.request_id.as_deref(), self.retry_after)
     }
 }
 

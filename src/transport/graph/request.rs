@@ -1,6 +1,8 @@
 //! Pure request building: the JSON (or MIME) Graph receives, and how a message is split
 //! between one `sendMail` request and a draft with attachments added one by one.
 
+use std::borrow::Cow;
+
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
@@ -95,7 +97,7 @@ pub struct FileAttachment<'a> {
     #[serde(rename = "@odata.type")]
     odata_type: &'static str,
     name: &'a str,
-    content_type: &'a str,
+    content_type: Cow<'a, str>,
     content_bytes: String,
 }
 
@@ -105,10 +107,18 @@ impl<'a> FileAttachment<'a> {
         FileAttachment {
             odata_type: "#microsoft.graph.fileAttachment",
             name: &attachment.name,
-            content_type: &attachment.content_type,
+            content_type: content_type(attachment),
             content_bytes: BASE64.encode(&attachment.bytes),
         }
     }
+}
+
+/// The content type Graph is given for an attachment: the one the MIME message would carry, so
+/// that UTF-8 text says so whichever way the message goes (JSON, MIME, draft or upload session).
+/// `contentType` is a plain string there, parameters included
+/// (https://learn.microsoft.com/graph/api/resources/fileattachment).
+fn content_type(attachment: &AttachmentData) -> Cow<'_, str> {
+    mime::labelled_content_type(&attachment.content_type, &attachment.bytes)
 }
 
 /// The body of `createUploadSession`.
@@ -124,7 +134,7 @@ struct AttachmentItem<'a> {
     attachment_type: &'static str,
     name: &'a str,
     size: usize,
-    content_type: &'a str,
+    content_type: Cow<'a, str>,
 }
 
 impl<'a> UploadSession<'a> {
@@ -135,7 +145,7 @@ impl<'a> UploadSession<'a> {
                 attachment_type: "file",
                 name: &attachment.name,
                 size: attachment.bytes.len(),
-                content_type: &attachment.content_type,
+                content_type: content_type(attachment),
             },
         }
     }
@@ -270,7 +280,7 @@ fn attachment_json_len(attachment: &AttachmentData) -> usize {
     let meta = serde_json::json!({
         "@odata.type": "#microsoft.graph.fileAttachment",
         "name": attachment.name,
-        "contentType": attachment.content_type,
+        "contentType": content_type(attachment),
         "contentBytes": "",
     });
     meta.to_string().len() + attachment.bytes.len().div_ceil(3) * 4
@@ -386,7 +396,7 @@ mod tests {
             json!([{
                 "@odata.type": "#microsoft.graph.fileAttachment",
                 "name": "hello.txt",
-                "contentType": "text/plain",
+                "contentType": "text/plain; charset=utf-8",
                 "contentBytes": "aGVsbG8K",
             }])
         );
@@ -524,6 +534,29 @@ mod tests {
             let real = serde_json::to_vec(&FileAttachment::new(&a)).unwrap().len();
             assert_eq!(attachment_json_len(&a), real, "{len} bytes");
         }
+    }
+
+    #[test]
+    fn utf8_text_attachments_carry_the_charset_in_every_request() {
+        let text =
+            AttachmentData {
+                name: "greeting.txt".into(), content_type: "text/plain".into(), bytes: "Grüße ✅".into()
+            };
+        assert_eq!(
+            serde_json::to_value(FileAttachment::new(&text)).unwrap()["contentType"],
+            "text/plain; charset=utf-8"
+        );
+        assert_eq!(
+            serde_json::to_value(UploadSession::new(&text)).unwrap()["AttachmentItem"]["contentType"],
+            "text/plain; charset=utf-8"
+        );
+        let latin1 = AttachmentData { bytes: b"Gr\xfc\xdfe".to_vec(), ..text.clone() };
+        assert_eq!(serde_json::to_value(FileAttachment::new(&latin1)).unwrap()["contentType"], "text/plain");
+        let explicit = AttachmentData { content_type: "text/plain; charset=windows-1252".into(), ..text };
+        assert_eq!(
+            serde_json::to_value(FileAttachment::new(&explicit)).unwrap()["contentType"],
+            "text/plain; charset=windows-1252"
+        );
     }
 
     #[test]
