@@ -463,10 +463,31 @@ impl Fleet {
         caught
     }
 
-    /// SIGKILLs the leader and starts a new replica in its place.
+    /// Waits (up to `max`) until the replica `name` has a claim in Sending, so that its death
+    /// catches a send in doubt (when messages are left to send at all); whether it had.
+    async fn wait_for_sends(&mut self, name: &str, max: Duration) -> bool {
+        let until = Instant::now() + max;
+        let all = ListParams::default();
+        while Instant::now() < until {
+            if let Ok(list) = self.messages.list(&all).await
+                && list.items.iter().any(|m| {
+                    m.status
+                        .as_ref()
+                        .is_some_and(|s| s.phase == Some(Phase::Sending) && s.claimed_by.as_deref() == Some(name))
+                })
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    /// SIGKILLs the leader, preferably while it sends, and starts a new replica in its place.
     async fn kill_leader(&mut self, rng: &mut StdRng) {
         let i = self.wait_leader().await;
         let name = self.replicas[i].name.clone();
+        self.wait_for_sends(&name, Duration::from_secs(10)).await;
         self.replicas[i].op.kill();
         // Nothing of the dead process changes the messages from now on, except requests it
         // wrote just before it died that the proxy and the API server still carry out: look
@@ -484,12 +505,14 @@ impl Fleet {
         self.replicas[i] = self.spawn();
     }
 
-    /// Stops kube-apiserver until the leader stepped down (it must, after the renew deadline),
+    /// Stops kube-apiserver, preferably while the leader sends, until the leader stepped down (it
+    /// must, after the renew deadline),
     /// then starts it again; returns how long it was away. The proxy holds the replicas off
     /// while the harness notes the claims the leader left, so the note is exact.
     async fn outage(&mut self, plane: &Arc<ControlPlane>, proxy: &ApiProxy) -> Duration {
         let i = self.wait_leader().await;
         let name = self.replicas[i].name.clone();
+        self.wait_for_sends(&name, Duration::from_secs(10)).await;
         let stopped = Instant::now();
         let p = Arc::clone(plane);
         tokio::task::spawn_blocking(move || p.apiserver("stop-apiserver")).await.expect("stop");
@@ -667,8 +690,9 @@ async fn chaos_every_message_ends_sent_or_failed_and_duplicates_stay_within_the_
     // Every other Graph request is held 150 ms, so that more than 4 are in flight for the mailbox
     // and the emulator's concurrency limit answers 429 too.
     emu.fault(json!({"target": "graph", "latencyMs": 150, "rate": 1.0, "seed": scale.seed + 2})).await;
-    relay.script(json!({"drop_in_data_rate": 0.1, "drop_in_data_seed": scale.seed})).await;
-    exo.script(json!({"drop_in_data_rate": 0.1, "drop_in_data_seed": scale.seed + 1})).await;
+    // Each answer to DATA takes 100 ms, so that SMTP sends too are under way when a replica dies.
+    relay.script(json!({"drop_in_data_rate": 0.1, "drop_in_data_seed": scale.seed, "latency_ms": 100})).await;
+    exo.script(json!({"drop_in_data_rate": 0.1, "drop_in_data_seed": scale.seed + 1, "latency_ms": 100})).await;
 
     // The replicas reach the API server through the proxy that loses claim answers; the harness
     // talks to it directly.
@@ -705,18 +729,18 @@ async fn chaos_every_message_ends_sent_or_failed_and_duplicates_stay_within_the_
     fleet.start_all(scale.replicas);
     println!("chaos: {} {} replicas started (logs {}/chaos-replica-*)", elapsed(start), scale.replicas, logs.display());
 
-    // --- messages, created in small batches over the time the disruptions take ----------------------
-    // (a takeover waits for the Lease to expire, about 20 s), so that each finds sends under way.
+    // --- messages, created in batches spread over the time the disruptions take -------------------
+    // (a takeover waits for the Lease to expire, about 20 s), so that each finds sends to catch.
     let plans = plans(&scale, &mut rng);
     let created = Arc::new(AtomicUsize::new(0));
     let expected_secs = 20 * (scale.kills + scale.outages) + 8 * scale.apiserver_restarts + 5;
-    let pause = Duration::from_millis((expected_secs as u64 * 1000 / (scale.messages as u64 / 10).max(1)).max(200));
+    let pause = Duration::from_millis((expected_secs as u64 * 1000 / (scale.messages as u64 / 25).max(1)).max(200));
     let creator = {
         let messages = messages.clone();
         let created = Arc::clone(&created);
         let plans = plans.clone();
         tokio::spawn(async move {
-            for batch in plans.chunks(10) {
+            for batch in plans.chunks(25) {
                 futures::stream::iter(batch.iter().cloned())
                     .for_each_concurrent(8, |plan| {
                         let messages = messages.clone();
