@@ -86,9 +86,34 @@ pub fn cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// The slope of the least-squares line through (seconds, value) points, per hour; None with
+/// fewer than three points or no spread in time.
+pub fn slope_per_hour(points: &[(f64, f64)]) -> Option<f64> {
+    if points.len() < 3 {
+        return None;
+    }
+    let n = points.len() as f64;
+    let (mt, mv) = (points.iter().map(|p| p.0).sum::<f64>() / n, points.iter().map(|p| p.1).sum::<f64>() / n);
+    let sxx: f64 = points.iter().map(|p| (p.0 - mt).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mt) * (p.1 - mv)).sum();
+    (sxx > 0.0).then(|| sxy / sxx * 3600.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slopes_are_per_hour_and_need_three_points() {
+        // 1 unit a minute is 60 an hour, whatever the offset and the noise around the line.
+        let line: Vec<(f64, f64)> = (0..30).map(|i| (i as f64 * 60.0, 100.0 + i as f64 + [0.5, -0.5][i % 2])).collect();
+        let slope = slope_per_hour(&line).expect("a slope");
+        assert!((slope - 60.0).abs() < 1.0, "{slope}");
+        let flat: Vec<(f64, f64)> = (0..10).map(|i| (i as f64, 7.0)).collect();
+        assert_eq!(slope_per_hour(&flat), Some(0.0));
+        assert_eq!(slope_per_hour(&[(0.0, 1.0), (1.0, 2.0)]), None);
+        assert_eq!(slope_per_hour(&[(5.0, 1.0), (5.0, 2.0), (5.0, 3.0)]), None);
+    }
 
     #[test]
     fn sums_request_counters_over_codes() {
