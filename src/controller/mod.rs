@@ -6,6 +6,7 @@ pub mod index;
 pub mod message;
 pub mod outgoing;
 pub mod profile;
+pub mod reason;
 pub mod registry;
 pub mod run;
 pub mod status;
