@@ -17,6 +17,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::context::Context;
+use super::memory::{self, MessageMemory};
 use super::outgoing::{self, BuildError, MAX_MESSAGE_BYTES, MAX_SMTP_MESSAGE_BYTES};
 use super::registry::{ProfileKey, ResolvedProfile};
 use super::status::{self, Claim};
@@ -118,6 +119,10 @@ pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Acti
     // neither its body nor its attachments, nor a reconcile slot: it waits in its mailbox's queue,
     // which wakes it when its turn comes (see `run::TURN_KICK` for the safety net).
     let me = ObjectRef::from(msg.as_ref());
+    // So does its share of the memory budget; a turn it cannot take gives the bytes back.
+    let Some(memory) = memory::reserve(&ctx, &msg, &profile) else {
+        return Ok(Action::await_change());
+    };
     let limits_key = key.to_string();
     let permit = match ctx.limits.try_acquire(
         &limits_key,
@@ -134,7 +139,7 @@ pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Acti
     if ctx.is_stopping() || !ctx.hold(&uid) {
         return Ok(Action::await_change());
     }
-    let result = claim_and_send(&ctx, &api, &msg, from, &profile, transport.as_ref(), permit).await;
+    let result = claim_and_send(&ctx, &api, &msg, from, &profile, transport.as_ref(), (permit, memory)).await;
     ctx.release(&uid);
     result
 }
@@ -174,7 +179,8 @@ async fn claim_and_send(
     from: Address,
     profile: &ResolvedProfile,
     transport: &dyn crate::transport::Transport,
-    permit: SendPermit<ObjectRef<EmailMessage>>,
+    // The mailbox's turn and the message's share of the memory budget, both held until the send ends.
+    (permit, mut memory): (SendPermit<ObjectRef<EmailMessage>>, MessageMemory),
 ) -> Result<Action> {
     let ns = cached.namespace().unwrap_or_default();
     let referenced = match outgoing::load_referenced_attachments(&ctx.client, &ns, &cached.spec).await? {
@@ -245,6 +251,7 @@ async fn claim_and_send(
             return Err(e);
         }
     };
+    memory::settle(&mut memory, profile, &msg, &outgoing);
     let profile_label = profile_label(&profile.key);
     ctx.metrics.attempts.get_or_create(&crate::metrics::ProfileLabels { profile: profile_label.clone() }).inc();
     let started = std::time::Instant::now();
@@ -252,6 +259,7 @@ async fn claim_and_send(
     // The slot is the provider's; recording the outcome need not hold it.
     drop(permit);
     drop(outgoing);
+    drop(memory);
     let msg = &msg;
     let now = Timestamp::now();
     let gen_ = msg.metadata.generation;
@@ -773,7 +781,7 @@ pub fn wake_forgotten(ctx: &Context) {
             continue;
         }
         let me = ObjectRef::from(m.as_ref());
-        if !ctx.limits.holds_place_for(&me) {
+        if !ctx.limits.holds_place_for(&me) && !ctx.budget.holds_place_for(&me) {
             tracing::debug!(message = %m.name_any(), "waking a due message that nothing else would wake");
             let _ = ctx.wake.send(me);
         }
