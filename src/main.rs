@@ -102,6 +102,11 @@ struct RunArgs {
     /// for a rate-limit turn do not count: they wait in their mailbox's queue.
     #[arg(long, env = "MAILROOM_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
     concurrency: u16,
+    /// Bytes the messages being built and sent may hold together (attachments as read, their
+    /// encoding, request bodies), e.g. 512Mi or 2Gi. A message waits for its share without
+    /// holding a reconcile slot; one larger than the budget goes alone.
+    #[arg(long, env = "MAILROOM_MEMORY_BUDGET", value_name = "BYTES", default_value = "512Mi", value_parser = mailroom::delivery::footprint::parse_bytes)]
+    memory_budget: u64,
 }
 
 fn main() -> ExitCode {
@@ -193,6 +198,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         trust,
         instance,
         concurrency: args.concurrency,
+        memory_budget: args.memory_budget,
     };
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());

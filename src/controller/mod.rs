@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod context;
 pub mod index;
+pub mod memory;
 pub mod message;
 pub mod outgoing;
 pub mod profile;

@@ -105,7 +105,7 @@ pub fn wake_forgotten(ctx: &Context) {
             continue;
         }
         let me = ObjectRef::from(m.as_ref());
-        if !ctx.limits.holds_place_for(&me) {
+        if !ctx.limits.holds_place_for(&me) && !ctx.budget.holds_place_for(&me) {
             tracing::debug!(message = %m.name_any(), "waking a due message that nothing else would wake");
             let _ = ctx.wake.send(me);
         }

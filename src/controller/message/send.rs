@@ -9,6 +9,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 
 use super::super::context::Context;
+use super::super::memory;
 use super::super::outgoing::{self, MAX_MESSAGE_BYTES, MAX_SMTP_MESSAGE_BYTES};
 use super::super::reason::Reason;
 use super::super::registry::ResolvedProfile;
@@ -35,7 +36,8 @@ impl Drop for Hold<'_> {
 
 /// How far an attempt got.
 pub enum Tried {
-    /// Not the message's turn in its mailbox: the mailbox's queue wakes it.
+    /// Not the message's turn in its mailbox, or not yet its share of the memory budget: the
+    /// mailbox's (or the budget's) queue wakes it.
     NotItsTurn,
     /// Left alone: the operator is stopping (the next leader takes it), or a send of this
     /// process already holds it.
@@ -85,6 +87,10 @@ pub async fn claim_and_send<'a>(
     // The turn comes before anything large is read: a message waiting for the rate limit holds
     // neither its body nor its attachments, nor a reconcile slot: it waits in its mailbox's queue,
     // which wakes it when its turn comes (see `run::TURN_KICK` for the safety net).
+    // So does its share of the memory budget; a turn it cannot take gives the bytes back.
+    let Some(mut memory) = memory::reserve(ctx, cached, &go.profile) else {
+        return Ok((None, Tried::NotItsTurn));
+    };
     let settings = &go.profile.settings;
     let me = ObjectRef::from(cached);
     let limits_key = go.profile.key.to_string();
@@ -121,6 +127,7 @@ pub async fn claim_and_send<'a>(
         Ok(Err((reason, text))) => return Ok((Some(hold), Tried::Unbuildable(claimed, reason, text))),
         Err(e) => return Ok((Some(hold), Tried::Interrupted(claimed, e))),
     };
+    memory::settle(&mut memory, &go.profile, &claimed.msg, &outgoing);
     let profile_label = super::profile_label(&go.profile.key);
     ctx.metrics.attempts.get_or_create(&crate::metrics::ProfileLabels { profile: profile_label }).inc();
     let started = Instant::now();
@@ -128,6 +135,7 @@ pub async fn claim_and_send<'a>(
     // The slot is the provider's; recording the outcome need not hold it.
     drop(permit);
     drop(outgoing);
+    drop(memory);
     if let Some(evidence) = send_evidence(&result, &claimed.claim.from, Timestamp::now()) {
         ctx.note_send_evidence(&go.profile.key, evidence);
     }
