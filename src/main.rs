@@ -21,6 +21,21 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options (`opt.*` in jemalloc(3)): a background thread returns freed pages to the
+/// system after about a second, straight away rather than through the lazy `MADV_FREE` state, so
+/// an operator that freed what it held (deleted profiles, finished messages) also gives the
+/// memory back while it is idle. Without it jemalloc purges only when it is called, and 1,000
+/// deleted profiles left about 55 MiB resident above the baseline instead of about 22 MiB.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: MallocConf = MallocConf(c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
+
+/// jemalloc's `const char *malloc_conf`: a thin pointer to a static C string.
+#[repr(transparent)]
+struct MallocConf(*const std::ffi::c_char);
+
+// SAFETY: it points to a string literal, never written.
+unsafe impl Sync for MallocConf {}
+
 /// A Kubernetes operator that sends email from custom resources.
 #[derive(Parser)]
 #[command(name = "mailroom", version, about)]

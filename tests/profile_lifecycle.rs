@@ -294,3 +294,25 @@ async fn a_changed_scope_or_transport_drops_the_old_token() {
     w.profiles().delete("relayed", &DeleteParams::default()).await.expect("delete");
     w.wait_gauges(1.0, 1.0, 0.0).await;
 }
+
+/// The operator binary carries its allocator options (a background thread purging freed pages
+/// after about a second), so memory freed by deleted profiles goes back while it is idle. jemalloc
+/// prints the options in force when asked to through its environment variable.
+#[test]
+fn the_operator_returns_freed_memory_while_idle() {
+    let bin = std::env::var("MAILROOM_BIN")
+        .unwrap_or_else(|_| common::repo_root().join("target/debug/mailroom").display().to_string());
+    let out = std::process::Command::new(bin)
+        .arg("--version")
+        .env("_RJEM_MALLOC_CONF", "stats_print:true")
+        .output()
+        .expect("run the operator binary");
+    let stats = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    for option in ["opt.background_thread: true", "opt.dirty_decay_ms: 1000", "opt.muzzy_decay_ms: 0"] {
+        assert!(
+            stats.contains(option),
+            "{option} not in force:\n{}",
+            stats.lines().take(40).collect::<Vec<_>>().join("\n")
+        );
+    }
+}
