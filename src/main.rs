@@ -21,6 +21,21 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options (`opt.*` in jemalloc(3)): a background thread returns freed pages to the
+/// system after about a second, straight away rather than through the lazy `MADV_FREE` state, so
+/// an operator that freed what it held (deleted profiles, finished messages) also gives the
+/// memory back while it is idle. Without it jemalloc purges only when it is called, and 1,000
+/// deleted profiles left about 55 MiB resident above the baseline instead of about 22 MiB.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: MallocConf = MallocConf(c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
+
+/// jemalloc's `const char *malloc_conf`: a thin pointer to a static C string.
+#[repr(transparent)]
+struct MallocConf(*const std::ffi::c_char);
+
+// SAFETY: it points to a string literal, never written.
+unsafe impl Sync for MallocConf {}
+
 /// A Kubernetes operator that sends email from custom resources.
 #[derive(Parser)]
 #[command(name = "mailroom", version, about)]
@@ -102,6 +117,11 @@ struct RunArgs {
     /// for a rate-limit turn do not count: they wait in their mailbox's queue.
     #[arg(long, env = "MAILROOM_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
     concurrency: u16,
+    /// Bytes the messages being built and sent may hold together (attachments as read, their
+    /// encoding, request bodies), e.g. 512Mi or 2Gi. A message waits for its share without
+    /// holding a reconcile slot; one larger than the budget goes alone.
+    #[arg(long, env = "MAILROOM_MEMORY_BUDGET", value_name = "BYTES", default_value = "512Mi", value_parser = mailroom::delivery::footprint::parse_bytes)]
+    memory_budget: u64,
 }
 
 fn main() -> ExitCode {
@@ -193,6 +213,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         trust,
         instance,
         concurrency: args.concurrency,
+        memory_budget: args.memory_budget,
     };
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());

@@ -148,4 +148,43 @@ mod tests {
         // The client hung up, so the server's writes fail and it ends.
         tokio::time::timeout(std::time::Duration::from_secs(30), server).await.expect("server done").unwrap();
     }
+
+    /// Every file under `src/`, with its text.
+    fn sources(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, String)>) {
+        for entry in std::fs::read_dir(dir).expect("src/").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).expect("a source file");
+                out.push((path, text));
+            }
+        }
+    }
+
+    #[test]
+    fn no_response_body_is_read_without_a_cap() {
+        // reqwest's own readers (`bytes`, `text`, `json`, `chunk`, `bytes_stream`) buffer whatever
+        // comes; every answer the operator reads goes through `read_capped` instead.
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        sources(&root, &mut files);
+        let uncapped =
+            [".bytes().await", ".text().await", ".json().await", ".json::<", ".chunk().await", ".bytes_stream()"];
+        let mut found = Vec::new();
+        for (path, text) in &files {
+            if path.ends_with("response_body.rs") {
+                continue;
+            }
+            for (n, line) in text.lines().enumerate() {
+                if uncapped.iter().any(|u| line.contains(u)) {
+                    found.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
+                }
+            }
+        }
+        assert!(found.is_empty(), "response bodies read without a cap:\n{}", found.join("\n"));
+        let capped: Vec<_> =
+            files.iter().filter(|(p, t)| !p.ends_with("response_body.rs") && t.contains("read_capped(")).collect();
+        assert!(capped.len() >= 2, "the token provider and the Graph transport read through read_capped");
+    }
 }

@@ -671,6 +671,8 @@ spec:
         url = emu.url
     );
     create_yaml(&client, &ns, &yaml).await;
+    // A cluster-scoped profile outlives the test's namespace: it goes with the test, even a failed one.
+    let _cleanup = ClusterProfileCleanup(ns.clone());
     let bundle = emu.dir.path().join("cli-ca-bundle.pem");
     concat_pems(&bundle, &[emu.ca_pem(), peer.ca_pem()]);
     let bundle = bundle.display().to_string();
@@ -741,4 +743,13 @@ stringData: {{client-secret: some-Secret-a1b2}}
     assert_eq!(code, 1, "{stdout}");
     assert!(stdout.contains("not ready: TokenRequestFailed: "), "{stdout}");
     assert!(!stdout.contains("some-Secret-a1b2"), "the secret was printed");
+}
+
+/// Deletes a ClusterMailProfile when dropped, so that no other test's operator sees it.
+struct ClusterProfileCleanup(String);
+
+impl Drop for ClusterProfileCleanup {
+    fn drop(&mut self) {
+        common::kubectl(&["delete", "clustermailprofile", &self.0, "--ignore-not-found", "--wait=false"]);
+    }
 }

@@ -70,7 +70,7 @@ async fn wait_leader(leases: &Api<Lease>, ops: &[Operator], timeout: Duration) -
 
 /// The messages an operator's log says it sent, in order.
 fn sent_by(op: &Operator) -> Vec<String> {
-    const MARK: &str = "mailroom::controller::message: sent ";
+    const MARK: &str = "mailroom::controller::message::record: sent ";
     op.log_text()
         .lines()
         .filter_map(|l| l.split_once(MARK).and_then(|(_, rest)| rest.split_whitespace().next()).map(str::to_string))
@@ -299,7 +299,7 @@ async fn a_terminated_leader_finishes_its_send_and_hands_over_at_once() {
 
     let sent = common::wait_for(&api, "in-flight", Duration::from_secs(10), |m| phase(m) == Some(Phase::Sent)).await;
     assert_eq!(sent.status.as_ref().and_then(|s| s.attempts), Some(1), "finished by the first leader, not resent");
-    wait_log(&ops[0], "message: sent in-flight ", Duration::from_secs(5)).await;
+    wait_log(&ops[0], "message::record: sent in-flight ", Duration::from_secs(5)).await;
     assert_eq!(sent_by(&ops[0]), ["in-flight"]);
     assert!(sent_by(&ops[1]).is_empty());
     let log = ops[0].log_text();
@@ -340,7 +340,7 @@ async fn a_send_that_outlasts_the_shutdown_timeout_is_left_to_the_successor() {
     let status = sent.status.clone().unwrap_or_default();
     assert_eq!(status.attempts, Some(2), "{status:?}");
     // The status is written before the "sent" line is logged.
-    wait_log(&ops[1], "message: sent slow ", Duration::from_secs(5)).await;
+    wait_log(&ops[1], "message::record: sent slow ", Duration::from_secs(5)).await;
     assert_eq!(sent_by(&ops[1]), ["slow"]);
     let events = common::events_for(&client, &ns, "slow").await;
     assert!(events.iter().any(|(reason, _)| reason == "ResendingInDoubt"), "{events:?}");

@@ -15,7 +15,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
-use mailroom::api::{EmailMessage, MailProfile, Phase, find_condition};
+use mailroom::api::{ClusterMailProfile, EmailMessage, MailProfile, Phase, find_condition};
 use serde_json::{Value, json};
 
 const TENANT: &str = "3c4d5e6f-0000-4000-8000-00000000fe01";
@@ -37,6 +37,8 @@ struct World {
     smtp: SmtpPeer,
     op: Operator,
     metrics: String,
+    /// The gauges (profiles, token caches) for what existed before the test.
+    base: (f64, f64),
 }
 
 impl World {
@@ -60,7 +62,22 @@ impl World {
         let ca = emu.ca_pem().display().to_string();
         let op = Operator::start(test, &ns, &["--ca-bundle", &ca, "--allow-custom-endpoints"]);
         let metrics = metrics_address(&op).await;
-        World { client, ns, emu, smtp, op, metrics }
+        let mut w = World { client, ns, emu, smtp, op, metrics, base: (0.0, 0.0) };
+        w.base = w.baseline().await;
+        w
+    }
+
+    /// What the gauges read for the ClusterMailProfiles that exist before the test (another
+    /// test's, say), once the operator has resolved each: the test's figures come on top.
+    async fn baseline(&self) -> (f64, f64) {
+        let cluster = Api::<ClusterMailProfile>::all(self.client.clone());
+        let count = cluster.list(&Default::default()).await.expect("ClusterMailProfiles").items.len() as f64;
+        let start = Instant::now();
+        while self.gauge("mailroom_profiles").await < count {
+            assert!(start.elapsed() < WAIT, "the operator did not resolve the {count} existing ClusterMailProfiles");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        (self.gauge("mailroom_profiles").await, self.gauge("mailroom_token_caches").await)
     }
 
     fn profiles(&self) -> Api<MailProfile> {
@@ -139,8 +156,9 @@ impl World {
             .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
     }
 
-    /// Waits until the gauges read `profiles`, `caches` and `mailboxes`.
+    /// Waits until the gauges read `profiles`, `caches` and `mailboxes` (above the baseline).
     async fn wait_gauges(&self, profiles: f64, caches: f64, mailboxes: f64) {
+        let (profiles, caches) = (profiles + self.base.0, caches + self.base.1);
         let start = Instant::now();
         loop {
             let now = (
@@ -293,4 +311,26 @@ async fn a_changed_scope_or_transport_drops_the_old_token() {
     w.wait_gauges(2.0, 1.0, 1.0).await;
     w.profiles().delete("relayed", &DeleteParams::default()).await.expect("delete");
     w.wait_gauges(1.0, 1.0, 0.0).await;
+}
+
+/// The operator binary carries its allocator options (a background thread purging freed pages
+/// after about a second), so memory freed by deleted profiles goes back while it is idle. jemalloc
+/// prints the options in force when asked to through its environment variable.
+#[test]
+fn the_operator_returns_freed_memory_while_idle() {
+    let bin = std::env::var("MAILROOM_BIN")
+        .unwrap_or_else(|_| common::repo_root().join("target/debug/mailroom").display().to_string());
+    let out = std::process::Command::new(bin)
+        .arg("--version")
+        .env("_RJEM_MALLOC_CONF", "stats_print:true")
+        .output()
+        .expect("run the operator binary");
+    let stats = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    for option in ["opt.background_thread: true", "opt.dirty_decay_ms: 1000", "opt.muzzy_decay_ms: 0"] {
+        assert!(
+            stats.contains(option),
+            "{option} not in force:\n{}",
+            stats.lines().take(40).collect::<Vec<_>>().join("\n")
+        );
+    }
 }

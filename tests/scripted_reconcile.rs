@@ -1,7 +1,7 @@
 //! The message reconciler against a scripted Kubernetes API: the branches a real API server
 //! rarely takes on cue (a claim whose answer is lost, a 409 on an outcome write, a decision made
 //! on a stale cache, a claim taken over by another operator), each answered exactly as the API
-//! server would.
+//! server would, and the unclaim of a claim that sent nothing.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -288,4 +288,84 @@ async fn an_unsent_claim_of_ours_is_resumed_not_in_doubt() {
     let (events, _) = events_until_done(&mut api, done).await;
     assert!(!events.iter().any(|e| e == "ResendingInDoubt" || e == "DeliveryUncertain"), "{events:?}");
     assert_eq!(transport.sends.load(Ordering::SeqCst), 1);
+}
+
+/// A message with `templateRef`, claimed and then found to name no EmailTemplate.
+fn templated(resource_version: &str, status: Value) -> Value {
+    let mut m = message(resource_version, status);
+    m["spec"]["templateRef"] = json!({"name": "deploy"});
+    let spec = m["spec"].as_object_mut().expect("spec");
+    spec.remove("body");
+    spec.remove("subject");
+    m
+}
+
+const TEMPLATE_PATH: &str = "/apis/mailroom.dev/v1alpha1/namespaces/team-a/emailtemplates/deploy";
+
+/// Claimed, then it cannot be built (its template does not exist): its own problem, so the claim
+/// is taken back, the status is what it was before the claim but Failed, and no attempt counts.
+#[tokio::test]
+async fn a_claimed_message_that_cannot_be_built_is_unclaimed_and_failed() {
+    let transport = Arc::new(CountingTransport::default());
+    let (ctx, mut api) = context(Arc::clone(&transport));
+    let done = spawn(&ctx, templated("1", json!({})));
+    let (claim, send) = next(&mut api).await;
+    assert_eq!(claim.body["status"]["phase"], "Sending");
+    let claimed = merged(json!({}), &claim.body["status"]);
+    answer(send, StatusCode::OK, &templated("2", claimed.clone()));
+
+    let (read, send) = next(&mut api).await;
+    assert_eq!((read.method.as_str(), read.path.as_str()), ("GET", TEMPLATE_PATH));
+    answer(
+        send,
+        StatusCode::NOT_FOUND,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404,
+                "message": "emailtemplates.mailroom.dev \"deploy\" not found"}),
+    );
+
+    let (unclaim, send) = next(&mut api).await;
+    assert_eq!((unclaim.method.as_str(), unclaim.path.as_str()), ("PATCH", STATUS_PATH));
+    assert_eq!(unclaim.body["metadata"]["resourceVersion"], "2", "written under the claim that landed");
+    let after = merged(claimed.clone(), &unclaim.body["status"]);
+    assert_eq!(after["phase"], "Failed");
+    for gone in ["attempts", "claimId", "claimedBy", "messageId", "transport", "lastAttemptTime"] {
+        assert!(after.get(gone).is_none(), "{gone} outlived the claim: {after}");
+    }
+    let reasons: Vec<&str> =
+        after["conditions"].as_array().expect("conditions").iter().filter_map(|c| c["reason"].as_str()).collect();
+    assert!(reasons.contains(&"TemplateNotFound"), "{reasons:?}");
+    answer(send, StatusCode::OK, &templated("3", after));
+    let (events, _) = events_until_done(&mut api, done).await;
+    assert_eq!(events, ["TemplateNotFound"]);
+    assert_eq!(transport.sends.load(Ordering::SeqCst), 0, "nothing is sent");
+}
+
+/// Claimed, then the API server fails the template read: nothing was sent, so the status goes
+/// back to exactly what it was, and the error policy tries again later.
+#[tokio::test]
+async fn a_claim_interrupted_by_the_api_server_is_given_back() {
+    let transport = Arc::new(CountingTransport::default());
+    let (ctx, mut api) = context(Arc::clone(&transport));
+    let done = spawn(&ctx, templated("1", json!({})));
+    let (claim, send) = next(&mut api).await;
+    let claimed = merged(json!({}), &claim.body["status"]);
+    answer(send, StatusCode::OK, &templated("2", claimed.clone()));
+
+    let (read, send) = next(&mut api).await;
+    assert_eq!(read.path, TEMPLATE_PATH);
+    answer(
+        send,
+        StatusCode::SERVICE_UNAVAILABLE,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "ServiceUnavailable", "code": 503,
+                "message": "the server is currently unable to handle the request"}),
+    );
+
+    let (unclaim, send) = next(&mut api).await;
+    assert_eq!((unclaim.method.as_str(), unclaim.path.as_str()), ("PATCH", STATUS_PATH));
+    let after = merged(claimed, &unclaim.body["status"]);
+    assert!(after.as_object().is_none_or(|o| o.is_empty()), "the status before the claim was empty: {after}");
+    answer(send, StatusCode::OK, &templated("3", json!({})));
+    let result = done.await.expect("reconcile task");
+    assert!(result.is_err(), "the error policy retries");
+    assert_eq!(transport.sends.load(Ordering::SeqCst), 0, "nothing is sent");
 }

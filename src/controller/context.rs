@@ -14,6 +14,7 @@ use super::registry::ProfileKey;
 use super::registry::ProfileRegistry;
 use crate::api::{ClusterMailProfile, EmailMessage, MailProfile};
 use crate::auth::{SendEvidence, TokenCache, TokenCacheConfig, TokenCaches};
+use crate::delivery::budget::{DEFAULT_MEMORY_BUDGET, MemoryBudget};
 use crate::delivery::limits::SendLimits;
 use crate::metrics::Metrics;
 use crate::server::Health;
@@ -35,6 +36,8 @@ pub struct OperatorConfig {
     pub instance: String,
     /// EmailMessages reconciled at once; 0 means the default.
     pub concurrency: u16,
+    /// Bytes the messages being built and sent may hold together; 0 means the default.
+    pub memory_budget: u64,
 }
 
 /// EmailMessages reconciled at once unless configured otherwise.
@@ -53,6 +56,11 @@ impl OperatorConfig {
     pub fn concurrency(&self) -> u16 {
         if self.concurrency == 0 { DEFAULT_CONCURRENCY } else { self.concurrency }
     }
+
+    /// Bytes the messages being built and sent may hold together.
+    pub fn memory_budget(&self) -> u64 {
+        if self.memory_budget == 0 { DEFAULT_MEMORY_BUDGET } else { self.memory_budget }
+    }
 }
 
 /// Shared by every reconcile.
@@ -65,6 +73,8 @@ pub struct Context {
     pub profiles: ProfileRegistry,
     /// Rate and concurrency limits per profile and mailbox, and who waits for a turn.
     pub limits: SendLimits<ObjectRef<EmailMessage>>,
+    /// The bytes the messages being built and sent may hold, and who waits for them.
+    pub budget: MemoryBudget<ObjectRef<EmailMessage>>,
     /// Messages this process has claimed and not yet finished, by uid.
     pub in_flight: Mutex<HashSet<String>>,
     /// Claims (by claim id) this process wrote, whose answer was lost and which it never sent:
@@ -155,11 +165,13 @@ impl Context {
         let (wake_cluster_profile, cluster_profiles) = mpsc::unbounded_channel();
         let messages: Arc<OnceCell<Store<EmailMessage>>> = Arc::default();
         let limits = SendLimits::new(wake_waiting(wake.clone(), messages.clone()));
+        let budget = MemoryBudget::new(config.memory_budget(), wake_waiting(wake.clone(), messages.clone()));
         let ctx = Context {
             client,
             config,
             profiles: ProfileRegistry::default(),
             limits,
+            budget,
             in_flight: Mutex::new(HashSet::new()),
             unsent_claims: Mutex::new(HashSet::new()),
             messages,

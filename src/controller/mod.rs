@@ -3,9 +3,11 @@
 pub mod cache;
 pub mod context;
 pub mod index;
+pub mod memory;
 pub mod message;
 pub mod outgoing;
 pub mod profile;
+pub mod reason;
 pub mod registry;
 pub mod run;
 pub mod status;

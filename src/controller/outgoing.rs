@@ -5,6 +5,7 @@ use base64::Engine;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{Api, Client};
 
+use super::reason::Reason;
 use crate::api::{Attachment, EmailMessageSpec};
 use crate::transport::mime::{self, MimeError};
 use crate::transport::{AttachmentData, OutgoingMessage, parse_mailbox};
@@ -92,17 +93,17 @@ pub enum BuildError {
 
 impl BuildError {
     /// A CamelCase reason for conditions and Events.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            BuildError::Address { .. } => "InvalidAddress",
-            BuildError::Header { .. } => "InvalidHeader",
-            BuildError::Subject => "InvalidSubject",
-            BuildError::Base64 { .. } => "InvalidAttachment",
-            BuildError::ContentType { .. } => "InvalidAttachment",
-            BuildError::AttachmentName(_) => "InvalidAttachment",
-            BuildError::SourceNotFound { .. } => "AttachmentNotFound",
-            BuildError::KeyNotFound { .. } => "AttachmentNotFound",
-            BuildError::TooLarge { .. } => "MessageTooLarge",
+            BuildError::Address { .. } => Reason::InvalidAddress,
+            BuildError::Header { .. } => Reason::InvalidHeader,
+            BuildError::Subject => Reason::InvalidSubject,
+            BuildError::Base64 { .. } => Reason::InvalidAttachment,
+            BuildError::ContentType { .. } => Reason::InvalidAttachment,
+            BuildError::AttachmentName(_) => Reason::InvalidAttachment,
+            BuildError::SourceNotFound { .. } => Reason::AttachmentNotFound,
+            BuildError::KeyNotFound { .. } => Reason::AttachmentNotFound,
+            BuildError::TooLarge { .. } => Reason::MessageTooLarge,
         }
     }
 

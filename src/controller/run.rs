@@ -223,6 +223,7 @@ pub async fn run(
                     _ = stop.recv() => break,
                     _ = every.tick() => {
                         ctx.limits.kick();
+                        ctx.budget.kick();
                         if ctx.limits.forget_idle(IDLE_EXPIRY) > 0 {
                             ctx.update_gauges();
                         }

@@ -3,6 +3,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
+use super::reason::Reason;
 use crate::api::{EmailMessageStatus, Phase, condition, conditions, set_condition};
 use crate::transport::{Acceptance, Delivered};
 
@@ -64,11 +65,11 @@ pub fn claimed(
     let msg = format!("attempt {} in progress via {}", claim.attempt, claim.transport);
     set_condition(
         &mut s.conditions,
-        condition(&prev.conditions, conditions::SENT, false, "Sending", msg, generation, Time(now)),
+        condition(&prev.conditions, conditions::SENT, false, Reason::Sending.as_str(), msg, generation, Time(now)),
     );
     set_condition(
         &mut s.conditions,
-        condition(&prev.conditions, conditions::WAITING, false, "Claimed", "", generation, Time(now)),
+        condition(&prev.conditions, conditions::WAITING, false, Reason::Claimed.as_str(), "", generation, Time(now)),
     );
     s
 }
@@ -90,17 +91,17 @@ pub fn sent(
     let (reason, msg) = sent_condition(delivered);
     set_condition(
         &mut s.conditions,
-        condition(&prev.conditions, conditions::SENT, true, reason, clip(&msg), generation, Time(now)),
+        condition(&prev.conditions, conditions::SENT, true, reason.as_str(), clip(&msg), generation, Time(now)),
     );
     s
 }
 
 /// The reason and message of the `Sent` condition: no more than the provider's answer promises.
-pub fn sent_condition(delivered: &Delivered) -> (&'static str, String) {
+pub fn sent_condition(delivered: &Delivered) -> (Reason, String) {
     let response = &delivered.response;
     if !delivered.rejected.is_empty() {
         let list: Vec<String> = delivered.rejected.iter().map(|(r, why)| format!("{r} ({why})")).collect();
-        return ("PartiallyDelivered", format!("accepted for some recipients; rejected: {}", list.join("; ")));
+        return (Reason::PartiallyDelivered, format!("accepted for some recipients; rejected: {}", list.join("; ")));
     }
     match delivered.acceptance {
         Acceptance::AcceptedForDelivery => {
@@ -109,14 +110,14 @@ pub fn sent_condition(delivered: &Delivered) -> (&'static str, String) {
                 None => response.clone(),
             };
             (
-                "Accepted",
+                Reason::Accepted,
                 format!(
                     "Microsoft Graph accepted the message for delivery ({answer}); delivery itself is not confirmed"
                 ),
             )
         }
         Acceptance::ResponsibilityTaken => {
-            ("Delivered", format!("the SMTP server took responsibility for delivering the message: {response}"))
+            (Reason::Delivered, format!("the SMTP server took responsibility for delivering the message: {response}"))
         }
     }
 }
@@ -137,7 +138,15 @@ pub fn retrying(
     let msg = format!("attempt {attempt} failed, retrying at {next}: {reason}");
     set_condition(
         &mut s.conditions,
-        condition(&prev.conditions, conditions::SENT, false, "RetryScheduled", clip(&msg), generation, Time(now)),
+        condition(
+            &prev.conditions,
+            conditions::SENT,
+            false,
+            Reason::RetryScheduled.as_str(),
+            clip(&msg),
+            generation,
+            Time(now),
+        ),
     );
     s
 }
@@ -145,7 +154,7 @@ pub fn retrying(
 /// `Failed`, for good, with a reason a person can act on.
 pub fn failed(
     prev: &EmailMessageStatus,
-    reason: &str,
+    reason: Reason,
     message: &str,
     generation: Option<i64>,
     now: Timestamp,
@@ -157,15 +166,15 @@ pub fn failed(
     s.observed_generation = generation;
     set_condition(
         &mut s.conditions,
-        condition(&prev.conditions, conditions::SENT, false, reason, clip(message), generation, Time(now)),
+        condition(&prev.conditions, conditions::SENT, false, reason.as_str(), clip(message), generation, Time(now)),
     );
     set_condition(
         &mut s.conditions,
-        condition(&prev.conditions, conditions::FAILED, true, reason, clip(message), generation, Time(now)),
+        condition(&prev.conditions, conditions::FAILED, true, reason.as_str(), clip(message), generation, Time(now)),
     );
     set_condition(
         &mut s.conditions,
-        condition(&prev.conditions, conditions::WAITING, false, reason, "", generation, Time(now)),
+        condition(&prev.conditions, conditions::WAITING, false, reason.as_str(), "", generation, Time(now)),
     );
     s
 }
@@ -173,7 +182,7 @@ pub fn failed(
 /// `Pending`, waiting for something outside the message (a profile, a Secret).
 pub fn waiting(
     prev: &EmailMessageStatus,
-    reason: &str,
+    reason: Reason,
     message: &str,
     generation: Option<i64>,
     now: Timestamp,
@@ -183,7 +192,7 @@ pub fn waiting(
     s.observed_generation = generation;
     set_condition(
         &mut s.conditions,
-        condition(&prev.conditions, conditions::WAITING, true, reason, clip(message), generation, Time(now)),
+        condition(&prev.conditions, conditions::WAITING, true, reason.as_str(), clip(message), generation, Time(now)),
     );
     s
 }
@@ -287,7 +296,7 @@ mod tests {
         assert_eq!(s.phase, Some(Phase::Pending));
         assert_eq!(s.next_attempt_time, Some(Time(ts(20))));
         assert!(find_condition(&s.conditions, "Sent").unwrap().message.contains("451 4.3.0 later"));
-        let f = failed(&s, "Rejected", "550 5.7.64 TenantAttribution; Relay Access Denied", None, ts(30));
+        let f = failed(&s, Reason::SendFailed, "550 5.7.64 TenantAttribution; Relay Access Denied", None, ts(30));
         assert_eq!(f.phase, Some(Phase::Failed));
         assert_eq!(f.next_attempt_time, None);
         assert_eq!(find_condition(&f.conditions, "Failed").unwrap().status, "True");
@@ -320,16 +329,16 @@ mod tests {
     #[test]
     fn long_messages_are_clipped_on_char_boundary() {
         let long = "é".repeat(2000);
-        let f = failed(&EmailMessageStatus::default(), "X", &long, None, ts(1));
+        let f = failed(&EmailMessageStatus::default(), Reason::SendFailed, &long, None, ts(1));
         assert!(find_condition(&f.conditions, "Failed").unwrap().message.len() <= MAX_MESSAGE + 3);
     }
 
     #[test]
     fn waiting_twice_is_no_change() {
-        let a = waiting(&EmailMessageStatus::default(), "ProfileNotFound", "m", None, ts(1));
-        let b = waiting(&a, "ProfileNotFound", "m", None, ts(2));
+        let a = waiting(&EmailMessageStatus::default(), Reason::ProfileNotFound, "m", None, ts(1));
+        let b = waiting(&a, Reason::ProfileNotFound, "m", None, ts(2));
         assert!(!differs(&a, &b));
-        let c = waiting(&b, "ProfileNotReady", "m", None, ts(3));
+        let c = waiting(&b, Reason::ProfileNotReady, "m", None, ts(3));
         assert!(differs(&b, &c));
     }
 }

@@ -9,6 +9,7 @@ use kube::{Api, Client};
 use minijinja::value::{Serde, Value};
 use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 
+use super::reason::Reason;
 use crate::api::{Body, EmailMessageSpec, EmailTemplate, EmailTemplateSpec, LocalReference};
 
 /// Bounds the work of one part's rendering: every instruction costs one, every 64 bytes of data
@@ -77,10 +78,10 @@ fn at_line(line: Option<usize>) -> String {
 impl RenderError {
     /// A CamelCase reason for conditions and Events; a subject that breaks the header rules is
     /// `InvalidSubject`, as for a written one.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            RenderError::SubjectLineBreak | RenderError::SubjectTooLong => "InvalidSubject",
-            _ => "TemplateError",
+            RenderError::SubjectLineBreak | RenderError::SubjectTooLong => Reason::InvalidSubject,
+            _ => Reason::TemplateError,
         }
     }
 }
@@ -115,12 +116,12 @@ pub enum TemplateError {
 
 impl TemplateError {
     /// A CamelCase reason for conditions and Events.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            TemplateError::NotFound { .. } => "TemplateNotFound",
+            TemplateError::NotFound { .. } => Reason::TemplateNotFound,
             TemplateError::Render { source, .. } => source.reason(),
-            TemplateError::Conflict(_) => "TemplateConflict",
-            TemplateError::NoBody => "MissingBody",
+            TemplateError::Conflict(_) => Reason::TemplateConflict,
+            TemplateError::NoBody => Reason::MissingBody,
         }
     }
 }
@@ -442,7 +443,7 @@ mod tests {
         let nf = TemplateError::NotFound { name: "deploy".into(), namespace: "team-a".into() };
         assert_eq!(
             (nf.reason(), nf.to_string().as_str()),
-            ("TemplateNotFound", "EmailTemplate deploy not found in namespace team-a")
+            (Reason::TemplateNotFound, "EmailTemplate deploy not found in namespace team-a")
         );
         let r = TemplateError::Render {
             name: "deploy".into(),

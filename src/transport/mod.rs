@@ -12,6 +12,7 @@ use crate::api::Importance;
 pub mod address;
 pub mod graph;
 pub mod mime;
+pub mod offload;
 pub mod smtp;
 
 pub use address::{Address, AddressError, parse_mailbox};

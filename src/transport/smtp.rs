@@ -22,7 +22,7 @@ use lettre::transport::smtp::commands::{Auth, Data, Mail, Rcpt};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
 
-use super::{Acceptance, Delivered, OutgoingMessage, SendError, Transport, mime};
+use super::{Acceptance, Delivered, OutgoingMessage, SendError, Transport, mime, offload};
 use crate::api::TlsMode;
 use crate::auth::TokenSource;
 use crate::tls::TrustRoots;
@@ -41,6 +41,8 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default time to transmit the message and get the reply to its final dot.
 pub const DEFAULT_DATA_TIMEOUT: Duration = Duration::from_secs(300);
+/// The message data is written in pieces of this size.
+const DATA_CHUNK: usize = 64 * 1024;
 
 /// How the transport authenticates.
 #[derive(Clone, Default)]
@@ -341,7 +343,10 @@ impl SmtpTransport {
 
         timed(self.command_timeout, conn.command(Data)).await.map_err(|f| classify(&f, Stage::Data, &server))?;
         let reply =
-            timed(self.data_timeout, conn.message(bytes)).await.map_err(|f| classify(&f, Stage::Message, &server))?;
+            // In chunks: dot-stuffing the whole message at once would copy all of it again.
+            timed(self.data_timeout, conn.message_iter(bytes.chunks(DATA_CHUNK)))
+                .await
+                .map_err(|f| classify(&f, Stage::Message, &server))?;
         Ok(Delivered {
             acceptance: Acceptance::ResponsibilityTaken,
             response: format_response(&reply),
@@ -354,12 +359,13 @@ impl SmtpTransport {
 #[async_trait]
 impl Transport for SmtpTransport {
     async fn send(&self, message: &OutgoingMessage) -> Result<Delivered, SendError> {
-        let built =
-            mime::build(message).map_err(|e| SendError::permanent(format!("the message cannot be built: {e}")))?;
-        let bytes = built.formatted();
+        // Only the formatted message is kept: its parts, as long again, go once it is formatted.
+        let (envelope, bytes) =
+            offload::encode(|| mime::build(message).map(|built| (built.envelope().clone(), built.formatted())))
+                .map_err(|e| SendError::permanent(format!("the message cannot be built: {e}")))?;
         let mut conn = self.connect().await?;
         let result = match self.authenticate(&mut conn, &message.from.email).await {
-            Ok(()) => self.transaction(&mut conn, built.envelope(), &bytes).await,
+            Ok(()) => self.transaction(&mut conn, &envelope, &bytes).await,
             Err(e) => Err(e),
         };
         // The outcome is settled; QUIT is a courtesy whose failure changes nothing.

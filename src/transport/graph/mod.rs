@@ -26,7 +26,7 @@ pub use upload::{UPLOAD_CHUNK_SIZE, UPLOAD_CHUNK_UNIT, chunk_ranges};
 use crate::api::profile::{DEFAULT_GRAPH_ENDPOINT, DEFAULT_MAX_CONCURRENT};
 use crate::auth::{AuthError, TokenSource};
 use crate::response_body::{BodyError, read_capped};
-use crate::transport::{Acceptance, AttachmentData, Delivered, OutgoingMessage, SendError, Transport};
+use crate::transport::{Acceptance, AttachmentData, Delivered, OutgoingMessage, SendError, Transport, offload};
 use request::{Draft, FileAttachment, Plan, UploadSession, segment};
 
 /// The most of a Graph answer read when it carries little or nothing: an error (Graph's
@@ -226,7 +226,7 @@ impl GraphTransport {
         let attachments_url = format!("{message_url}/attachments");
         for attachment in &draft.attach {
             let step = format!("adding attachment {:?}", attachment.name);
-            let body = request::to_json(&FileAttachment::new(attachment))?;
+            let body = offload::encode(|| request::to_json(&FileAttachment::new(attachment)))?;
             self.call(auth, Method::POST, &attachments_url, request::JSON, body, ECHO_LIMIT)
                 .await
                 .map_err(|e| in_step(e, &step))?;
@@ -288,7 +288,7 @@ impl GraphTransport {
 #[async_trait]
 impl Transport for GraphTransport {
     async fn send(&self, message: &OutgoingMessage) -> Result<Delivered, SendError> {
-        let plan = request::plan(message, self.save_to_sent_items)?;
+        let plan = offload::encode(|| request::plan(message, self.save_to_sent_items))?;
         let sender = message.from.email.as_str();
         let _slot = self.limiter.acquire(sender).await;
         let mut auth = Reauthorized::default();

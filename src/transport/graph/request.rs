@@ -237,14 +237,18 @@ fn plan_json(message: &OutgoingMessage, save_to_sent_items: bool) -> Result<Plan
     let request = |attachments: &[&AttachmentData]| {
         to_json(&SendMail { message: self::message(message, attachments), save_to_sent_items })
     };
-    if upload.is_empty() {
+    let bare = request(&[])?.len();
+    // A lower bound of the whole request's length, known without encoding a byte: a message that
+    // cannot fit is never encoded whole only to be thrown away (three copies of its attachments).
+    let at_least = bare + small.iter().map(|a| attachment_json_len(a) + 1).sum::<usize>();
+    if upload.is_empty() && at_least <= MAX_REQUEST_BYTES {
         let body = request(&small)?;
         if body.len() <= MAX_REQUEST_BYTES {
             return Ok(Plan::SendMail { content_type: JSON, body });
         }
     }
     // Inline what fits, in order; add the rest to the draft one request each.
-    let mut budget = MAX_REQUEST_BYTES.saturating_sub(request(&[])?.len());
+    let mut budget = MAX_REQUEST_BYTES.saturating_sub(bare);
     let (mut inline, mut attach) = (Vec::new(), Vec::new());
     for attachment in small {
         // Each inline attachment also costs a comma between array elements.
@@ -260,9 +264,14 @@ fn plan_json(message: &OutgoingMessage, save_to_sent_items: bool) -> Result<Plan
 }
 
 fn plan_mime(message: &OutgoingMessage) -> Result<Plan<'_>, SendError> {
-    let body = mime_base64(message)?;
-    if body.len() <= MAX_REQUEST_BYTES {
-        return Ok(Plan::SendMail { content_type: MIME, body });
+    // The request is base64 of a MIME message that holds every attachment's bytes at least once:
+    // longer than 4/3 of them. One over the limit for that alone is not encoded whole.
+    let attached: usize = message.attachments.iter().map(|a| a.bytes.len()).sum();
+    if attached.div_ceil(3) * 4 <= MAX_REQUEST_BYTES {
+        let body = mime_base64(message)?;
+        if body.len() <= MAX_REQUEST_BYTES {
+            return Ok(Plan::SendMail { content_type: MIME, body });
+        }
     }
     // The MIME draft carries no attachment; they follow as in JSON mode.
     let bare = OutgoingMessage { attachments: Vec::new(), ..message.clone() };

@@ -1,0 +1,206 @@
+//! Claim and send: the message's turn in its sender mailbox, the attachments kept in Secrets and
+//! ConfigMaps, the claim, the build, the send. What happened is handed to [`super::record`],
+//! which writes it.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, ResourceExt};
+
+use super::super::context::Context;
+use super::super::memory;
+use super::super::outgoing::{self, MAX_MESSAGE_BYTES, MAX_SMTP_MESSAGE_BYTES};
+use super::super::reason::Reason;
+use super::super::registry::ResolvedProfile;
+use super::super::status::{self, Claim};
+use super::decide::{Go, send_evidence};
+use super::record;
+use crate::api::{EmailMessage, EmailMessageStatus, Phase};
+use crate::delivery::limits::Turn;
+use crate::error::{Error, Result};
+use crate::transport::{Address, AttachmentData, Delivered, OutgoingMessage, SendError};
+
+/// A message this process is sending: no other reconcile of this process takes it meanwhile.
+/// Released when dropped.
+pub struct Hold<'a> {
+    ctx: &'a Context,
+    uid: String,
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        self.ctx.release(&self.uid);
+    }
+}
+
+/// How far an attempt got.
+pub enum Tried {
+    /// Not the message's turn in its mailbox, or not yet its share of the memory budget: the
+    /// mailbox's (or the budget's) queue wakes it.
+    NotItsTurn,
+    /// Left alone: the operator is stopping (the next leader takes it), or a send of this
+    /// process already holds it.
+    Left,
+    /// An attachment's source cannot be read (before any claim): the message waits for it, or
+    /// fails when waiting cannot help.
+    Unreadable {
+        /// Whether the source may appear later.
+        waits: bool,
+        /// The reason.
+        reason: Reason,
+        /// Why, in words.
+        text: String,
+    },
+    /// Another writer changed or claimed the message first, or it is gone.
+    Outrun,
+    /// Claimed, and then it could not be built: its own problem, which costs no attempt.
+    Unbuildable(Claimed, Reason, String),
+    /// Claimed, and then the API server failed us before anything was sent.
+    Interrupted(Claimed, Error),
+    /// Sent, with the provider's answer.
+    Sent(Claimed, Result<Delivered, SendError>, Duration),
+}
+
+/// A claim that landed.
+pub struct Claimed {
+    /// The message as the claim returned it.
+    pub msg: EmailMessage,
+    /// Its status before the claim.
+    pub before: EmailMessageStatus,
+    /// Its status under the claim.
+    pub status: EmailMessageStatus,
+    /// The claim.
+    pub claim: Claim,
+    /// The claim resumes an earlier claim of ours whose answer was lost.
+    pub resumed: bool,
+}
+
+/// Takes the message's turn and holds it, then claims, builds and sends it. The [`Hold`] (if
+/// any) is kept until its outcome is recorded.
+pub async fn claim_and_send<'a>(
+    ctx: &'a Context,
+    api: &Api<EmailMessage>,
+    cached: &EmailMessage,
+    go: Go,
+) -> Result<(Option<Hold<'a>>, Tried)> {
+    // The turn comes before anything large is read: a message waiting for the rate limit holds
+    // neither its body nor its attachments, nor a reconcile slot: it waits in its mailbox's queue,
+    // which wakes it when its turn comes (see `run::TURN_KICK` for the safety net).
+    // So does its share of the memory budget; a turn it cannot take gives the bytes back.
+    let Some(mut memory) = memory::reserve(ctx, cached, &go.profile) else {
+        return Ok((None, Tried::NotItsTurn));
+    };
+    let settings = &go.profile.settings;
+    let me = ObjectRef::from(cached);
+    let limits_key = go.profile.key.to_string();
+    let turn = ctx.limits.try_acquire(
+        &limits_key,
+        &go.from.email,
+        settings.messages_per_minute(),
+        settings.max_concurrent(),
+        &me,
+    );
+    let Turn::Go(permit) = turn else {
+        return Ok((None, Tried::NotItsTurn));
+    };
+    // Graceful shutdown: a message that has not been claimed is left for the next leader.
+    let uid = cached.uid().unwrap_or_default();
+    if ctx.is_stopping() || !ctx.hold(&uid) {
+        return Ok((None, Tried::Left));
+    }
+    let hold = Hold { ctx, uid };
+    let ns = cached.namespace().unwrap_or_default();
+    let referenced = match outgoing::load_referenced_attachments(&ctx.client, &ns, &cached.spec).await? {
+        Ok(r) => r,
+        Err(e) => {
+            let tried = Tried::Unreadable { waits: e.may_resolve_later(), reason: e.reason(), text: e.to_string() };
+            return Ok((Some(hold), tried));
+        }
+    };
+    let Some(claimed) = claim(ctx, api, cached, &go).await? else {
+        return Ok((Some(hold), Tried::Outrun));
+    };
+    let message_id = claimed.claim.message_id.clone();
+    let outgoing = match build(ctx, &claimed.msg, referenced, go.from.clone(), message_id, &go.profile).await {
+        Ok(Ok(o)) => o,
+        Ok(Err((reason, text))) => return Ok((Some(hold), Tried::Unbuildable(claimed, reason, text))),
+        Err(e) => return Ok((Some(hold), Tried::Interrupted(claimed, e))),
+    };
+    memory::settle(&mut memory, &go.profile, &claimed.msg, &outgoing);
+    let profile_label = super::profile_label(&go.profile.key);
+    ctx.metrics.attempts.get_or_create(&crate::metrics::ProfileLabels { profile: profile_label }).inc();
+    let started = Instant::now();
+    let result = go.transport.send(&outgoing).await;
+    // The slot is the provider's; recording the outcome need not hold it.
+    drop(permit);
+    drop(outgoing);
+    drop(memory);
+    if let Some(evidence) = send_evidence(&result, &claimed.claim.from, Timestamp::now()) {
+        ctx.note_send_evidence(&go.profile.key, evidence);
+    }
+    Ok((Some(hold), Tried::Sent(claimed, result, started.elapsed())))
+}
+
+/// Claims the message with the resourceVersion it was decided on, so that of two writers
+/// (replicas, or a stale cache) exactly one wins. None: the other won, or the message is gone.
+/// A claim whose answer was lost is looked for: if it landed it is ours, and sent under.
+async fn claim(ctx: &Context, api: &Api<EmailMessage>, cached: &EmailMessage, go: &Go) -> Result<Option<Claimed>> {
+    let before = cached.status.clone().unwrap_or_default();
+    let uid = cached.uid().unwrap_or_default();
+    // A claim of ours that was never sent under is resumed with its attempt number.
+    let resumed = before.phase == Some(Phase::Sending) && ctx.take_unsent_claim(before.claim_id.as_deref());
+    let attempt = before.attempts.unwrap_or(0) + u32::from(!resumed);
+    let message_id = before.message_id.clone().unwrap_or_else(|| outgoing::message_id(&uid, &go.from.email));
+    let claim = Claim {
+        attempt,
+        message_id,
+        recipients: cached.spec.recipient_count() as u32,
+        transport: go.profile.settings.transport_name().to_string(),
+        from: go.from.email.clone(),
+        id: uuid::Uuid::new_v4().to_string(),
+        holder: ctx.config.instance.clone(),
+        interruptions: before.interruptions.unwrap_or(0),
+    };
+    let status = status::claimed(&before, &claim, cached.metadata.generation, Timestamp::now());
+    let msg = match record::claim(api, cached, &status).await {
+        Ok(m) if m.uid() == cached.uid() => m,
+        Ok(_) => return Ok(None),
+        Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => return Ok(None),
+        Err(e) if record::write_retryable(&e) => match record::find_claim(api, cached, &claim.id).await {
+            // The claim landed and only its answer was lost: it is ours, send under it.
+            record::ClaimLookup::Ours(m) => *m,
+            record::ClaimLookup::NotOurs => return Err(e.into()),
+            record::ClaimLookup::Unknown => {
+                // It may have landed: if it did, it is resumed when seen, never taken as in doubt.
+                ctx.remember_unsent_claim(&claim.id);
+                return Err(e.into());
+            }
+        },
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Some(Claimed { msg, before, status, claim, resumed }))
+}
+
+/// Builds the whole message as the claim returned it (the cache keeps no bodies, so no extra
+/// read is needed): inline attachments, template, MIME. Ok(Err): the message's own problem.
+async fn build(
+    ctx: &Context,
+    msg: &EmailMessage,
+    referenced: Vec<Option<AttachmentData>>,
+    from: Address,
+    message_id: String,
+    profile: &ResolvedProfile,
+) -> Result<Result<OutgoingMessage, (Reason, String)>> {
+    let ns = msg.namespace().unwrap_or_default();
+    let attachments = match outgoing::with_inline_attachments(&msg.spec, referenced) {
+        Ok(a) => a,
+        Err(e) => return Ok(Err((e.reason(), e.to_string()))),
+    };
+    let spec = match super::super::template::render_message(&ctx.client, &ns, &msg.spec).await? {
+        Ok(spec) => spec,
+        Err(e) => return Ok(Err((e.reason(), e.to_string()))),
+    };
+    let limit = if profile.settings.graph.is_some() { MAX_MESSAGE_BYTES } else { MAX_SMTP_MESSAGE_BYTES };
+    Ok(outgoing::build(&spec, from, attachments, message_id, limit).map_err(|e| (e.reason(), e.to_string())))
+}
