@@ -4,8 +4,9 @@
 //! samples the operator's resident memory, its async tasks (the `mailroom_tasks` gauge), its
 //! threads and its open file descriptors (/proc), and how many messages exist. At the end it fits
 //! a straight line through each series after a warm-up and prints the slopes per hour, with the
-//! samples written to CSV and JSON. A slope is flagged when, kept up for a day, it would add more
-//! than a quarter of the series' mean: a figure to look at, never an assertion.
+//! samples written to CSV and JSON. A series is called a leak only when its slope stands out of
+//! the noise (over three standard errors) and grows by more than a bound per 1,000 messages
+//! handled (a task, a descriptor, 256 bytes): a figure to look at, never an assertion.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -30,6 +31,8 @@ const CLIENT_ID: &str = "5b1c2d3e-1111-4111-8111-00000000be02";
 const SECRET: &str = "bench-graph";
 /// Token lifetime the emulator gives the soak's app: refreshed about every five minutes.
 const TOKEN_LIFETIME_SECS: u64 = 600;
+/// RSS growth per 1,000 messages handled that counts as a leak: 256 bytes a message.
+const LEAK_MIB_PER_THOUSAND: f64 = 0.25;
 
 /// One sample of the operator.
 #[derive(Debug, Clone, Serialize)]
@@ -57,18 +60,54 @@ struct Trend {
     min: f64,
     max: f64,
     slope_per_hour: Option<f64>,
-    suspicious: bool,
+    /// The slope's standard error per hour.
+    slope_error_per_hour: Option<f64>,
+    /// The slope per 1,000 messages handled.
+    per_thousand_messages: Option<f64>,
+    verdict: &'static str,
 }
 
-fn trend(name: &'static str, unit: &'static str, points: &[(f64, f64)]) -> Trend {
+/// The figures of one series; `leak_per_thousand` is the growth per 1,000 messages handled above
+/// which a real trend counts as a leak (None: a workload figure, not a resource).
+fn trend(
+    name: &'static str,
+    unit: &'static str,
+    points: &[(f64, f64)],
+    messages_per_hour: f64,
+    leak_per_thousand: Option<f64>,
+) -> Trend {
     let values: Vec<f64> = points.iter().map(|p| p.1).collect();
     let mean = if values.is_empty() { 0.0 } else { values.iter().sum::<f64>() / values.len() as f64 };
     let min = values.iter().copied().fold(f64::INFINITY, f64::min);
     let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let slope = slope_per_hour(points);
-    // Kept up for a day, would it add more than a quarter of the mean (and more than a few units)?
-    let suspicious = slope.is_some_and(|s| s * 24.0 > (mean * 0.25).max(4.0));
-    Trend { name, unit, mean, min, max, slope_per_hour: slope, suspicious }
+    let line = slope_per_hour(points);
+    let per_thousand = line.map(|(slope, _)| slope / (messages_per_hour / 1000.0).max(f64::MIN_POSITIVE));
+    Trend {
+        name,
+        unit,
+        mean,
+        min,
+        max,
+        slope_per_hour: line.map(|l| l.0),
+        slope_error_per_hour: line.map(|l| l.1),
+        per_thousand_messages: per_thousand,
+        verdict: verdict(line, per_thousand, leak_per_thousand),
+    }
+}
+
+/// Flat, unless the slope stands out of the noise (over three standard errors) and grows by
+/// more than `limit` per 1,000 messages: a leak of a task, a descriptor or a few hundred bytes per
+/// message shows within a soak's few thousand messages; allocator noise and a busy moment do not.
+fn verdict(line: Option<(f64, f64)>, per_thousand: Option<f64>, limit: Option<f64>) -> &'static str {
+    let (Some((slope, error)), Some(per_thousand), Some(limit)) = (line, per_thousand, limit) else {
+        return "";
+    };
+    let real = slope > 3.0 * error;
+    match (real, per_thousand > limit) {
+        (true, true) => "LEAK? grows with the messages handled",
+        (true, false) => "flat (a trend, below the leak bound)",
+        (false, _) => "flat",
+    }
 }
 
 /// Entries of /proc/PID/fd.
@@ -236,12 +275,13 @@ pub async fn run(args: Args, minutes: u64) -> Result<(), BenchError> {
     let series = |f: &dyn Fn(&Sample) -> Option<f64>| -> Vec<(f64, f64)> {
         after.iter().filter_map(|s| f(s).map(|v| (s.t, v))).collect()
     };
+    let per_hour = args.soak_rate * 3600.0;
     let trends = vec![
-        trend("RSS", "MiB", &series(&|s| Some(s.rss_mib))),
-        trend("tasks (mailroom_tasks)", "tasks", &series(&|s| s.tasks)),
-        trend("threads (/proc)", "threads", &series(&|s| Some(s.threads))),
-        trend("open fds (/proc)", "fds", &series(&|s| Some(s.fds))),
-        trend("messages existing", "messages", &series(&|s| Some(s.messages as f64))),
+        trend("RSS", "MiB", &series(&|s| Some(s.rss_mib)), per_hour, Some(LEAK_MIB_PER_THOUSAND)),
+        trend("tasks (mailroom_tasks)", "tasks", &series(&|s| s.tasks), per_hour, Some(1.0)),
+        trend("threads (/proc)", "threads", &series(&|s| Some(s.threads)), per_hour, Some(1.0)),
+        trend("open fds (/proc)", "fds", &series(&|s| Some(s.fds)), per_hour, Some(1.0)),
+        trend("messages existing", "messages", &series(&|s| Some(s.messages as f64)), per_hour, None),
     ];
     let total_created = created.load(Ordering::Relaxed);
 
@@ -287,19 +327,50 @@ pub async fn run(args: Args, minutes: u64) -> Result<(), BenchError> {
         create_errors.load(Ordering::Relaxed)
     );
     println!("after a {} min warm-up, {} samples:", warmup.as_secs() / 60, after.len());
-    println!("{:<24} {:>10} {:>10} {:>10} {:>14}  note", "series", "mean", "min", "max", "slope per hour");
+    println!(
+        "{:<24} {:>8} {:>8} {:>8} {:>22} {:>16}  verdict",
+        "series", "mean", "min", "max", "slope per hour", "per 1,000 msgs"
+    );
     for t in &trends {
+        let slope = match (t.slope_per_hour, t.slope_error_per_hour) {
+            (Some(s), Some(e)) => format!("{s:+.3} ± {e:.3} {}", t.unit),
+            _ => "-".into(),
+        };
         println!(
-            "{:<24} {:>10.1} {:>10.1} {:>10.1} {:>14}  {}",
+            "{:<24} {:>8.1} {:>8.1} {:>8.1} {:>22} {:>16}  {}",
             t.name,
             t.mean,
             t.min,
             t.max,
-            t.slope_per_hour.map_or("-".into(), |s| format!("{s:+.2} {}", t.unit)),
-            if t.suspicious { "SUSPICIOUS: a day of this adds over a quarter of the mean" } else { "" }
+            slope,
+            t.per_thousand_messages.map_or("-".into(), |p| format!("{p:+.3}")),
+            t.verdict
         );
     }
     println!("samples: {}", csv.display());
     println!("results: {}", file.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leak_must_be_real_and_large_per_message() {
+        // 7,200 messages an hour.
+        let hour = 7200.0;
+        // One fd per 100 messages, with no noise: a leak.
+        let leak: Vec<(f64, f64)> = (0..100).map(|i| (i as f64 * 10.0, 20.0 + i as f64 * 0.2)).collect();
+        assert_eq!(trend("fds", "fds", &leak, hour, Some(1.0)).verdict, "LEAK? grows with the messages handled");
+        // Integer noise around a constant: flat.
+        let noise: Vec<(f64, f64)> =
+            (0..100).map(|i| (i as f64 * 10.0, 22.0 + [0.0, 2.0, 1.0, 0.0, 3.0][i % 5])).collect();
+        assert_eq!(trend("tasks", "tasks", &noise, hour, Some(1.0)).verdict, "flat");
+        // A real but tiny rise: a trend below the bound.
+        let tiny: Vec<(f64, f64)> = (0..100).map(|i| (i as f64 * 10.0, 21.0 + i as f64 * 0.0001)).collect();
+        assert_eq!(trend("RSS", "MiB", &tiny, hour, Some(0.25)).verdict, "flat (a trend, below the leak bound)");
+        // A workload figure gets no verdict.
+        assert_eq!(trend("messages", "messages", &leak, hour, None).verdict, "");
+    }
 }
