@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build test bench chaos fuzz lint fmt fmt-check clippy unit integration crds crds-check testenv testenv-down pyenv demo demo-down clean-testenv
+.PHONY: all build test bench chaos soak fuzz lint fmt fmt-check clippy unit integration crds crds-check testenv testenv-down pyenv demo demo-down clean-testenv
 
 all: build
 
@@ -20,6 +20,10 @@ test:
 ## chaos: the full chaos run (1,000 messages, operator kills, an API server restart, injected faults)
 chaos:
 	@bash hack/chaos.sh
+
+## soak: the release operator for SOAK_MINUTES (default 30) at a steady rate with TTL cleanup; RSS, task, thread and fd slopes per hour
+soak:
+	@SOAK_MINUTES="$(SOAK_MINUTES)" SOAK_RATE="$(SOAK_RATE)" bash hack/soak.sh $(ARGS)
 
 ## bench: the release operator with N EmailMessages (default 2000; N=10000, BENCH_SIZES=1000,2000,5000)
 bench:

@@ -5,8 +5,11 @@
 #
 # Environment (defaults are the full run; see tests/chaos.rs):
 #   MAILROOM_CHAOS_MESSAGES            1000
-#   MAILROOM_CHAOS_KILLS               6
-#   MAILROOM_CHAOS_APISERVER_RESTARTS  1
+#   MAILROOM_CHAOS_REPLICAS            3 (operator processes with --leader-elect)
+#   MAILROOM_CHAOS_KILLS               6 (SIGKILLs of the leader)
+#   MAILROOM_CHAOS_APISERVER_RESTARTS  1 (quick restarts of kube-apiserver)
+#   MAILROOM_CHAOS_OUTAGES             2 (kube-apiserver stopped until the leader steps down)
+#   MAILROOM_CHAOS_LOST_ANSWERS        0.15 (share of claims whose answer the proxy withholds)
 #   MAILROOM_CHAOS_SEED                random (printed at the start; set it to replay a run)
 #   MAILROOM_CHAOS_TIMEOUT_SECS        900 (the run fails if messages are unfinished by then)
 set -euo pipefail
@@ -16,8 +19,10 @@ cd "$REPO_ROOT"
 say() { printf '==> %s\n' "$*" >&2; }
 
 export MAILROOM_CHAOS_MESSAGES="${MAILROOM_CHAOS_MESSAGES:-1000}"
+export MAILROOM_CHAOS_REPLICAS="${MAILROOM_CHAOS_REPLICAS:-3}"
 export MAILROOM_CHAOS_KILLS="${MAILROOM_CHAOS_KILLS:-6}"
 export MAILROOM_CHAOS_APISERVER_RESTARTS="${MAILROOM_CHAOS_APISERVER_RESTARTS:-1}"
+export MAILROOM_CHAOS_OUTAGES="${MAILROOM_CHAOS_OUTAGES:-2}"
 export MAILROOM_CHAOS_TIMEOUT_SECS="${MAILROOM_CHAOS_TIMEOUT_SECS:-900}"
 
 target="${CARGO_TARGET_DIR:-$REPO_ROOT/target}"
@@ -29,7 +34,7 @@ export MAILROOM_EMULATOR_BIN="$target/debug/m365-emulator"
 MAILROOM_PYTHON="$(bash hack/pyenv.sh | tail -n 1)"
 export MAILROOM_PYTHON
 
-say "chaos run: $MAILROOM_CHAOS_MESSAGES messages, $MAILROOM_CHAOS_KILLS kills, $MAILROOM_CHAOS_APISERVER_RESTARTS API server restart(s)"
+say "chaos run: $MAILROOM_CHAOS_MESSAGES messages, $MAILROOM_CHAOS_REPLICAS replicas, $MAILROOM_CHAOS_KILLS leader kills, $MAILROOM_CHAOS_APISERVER_RESTARTS API server restart(s), $MAILROOM_CHAOS_OUTAGES outage(s)"
 # A hard bound on top of the test's own: the run always stops by itself.
 timeout --kill-after=30 $((MAILROOM_CHAOS_TIMEOUT_SECS + 180)) \
   cargo test --quiet --test chaos -- --nocapture --test-threads 1

@@ -8,6 +8,8 @@
 #   hack/testenv.sh status             print the server URL and exit 0 when running and healthy
 #   hack/testenv.sh env                print export lines: eval "$(hack/testenv.sh env)"
 #   hack/testenv.sh restart-apiserver  restart kube-apiserver alone, same flags and port
+#   hack/testenv.sh stop-apiserver     stop kube-apiserver alone (etcd keeps running)
+#   hack/testenv.sh start-apiserver    start it again after stop-apiserver, same flags and port
 #
 # Environment:
 #   MAILROOM_CACHE            machine cache (default ~/.cache/mailroom); binaries go under testenv/<key>/bin
@@ -555,34 +557,56 @@ cmd_restart_apiserver() {
 }
 
 restart_apiserver_locked() {
-  local bin port start
-  bin="$(bin_dir)"
-  have_binaries "$bin" || die "binaries missing from $bin; run: $REPO_ROOT/hack/testenv.sh build"
-  running_pid etcd >/dev/null || die "etcd is not running; run: $REPO_ROOT/hack/testenv.sh down && $REPO_ROOT/hack/testenv.sh up"
+  local start="$SECONDS"
+  stop_apiserver_locked
+  start_apiserver_locked
+  log "kube-apiserver ready again in $((SECONDS - start))s"
+}
+
+cmd_stop_apiserver() {
+  [[ -f "$STATE/$MARKER" ]] || die "not running (no state in $STATE); run: $REPO_ROOT/hack/testenv.sh up"
+  with_lock "$(state_lock)" stop_apiserver_locked
+}
+
+cmd_start_apiserver() {
+  [[ -f "$STATE/$MARKER" ]] || die "not running (no state in $STATE); run: $REPO_ROOT/hack/testenv.sh up"
+  with_lock "$(state_lock)" start_apiserver_locked
+}
+
+# Stops kube-apiserver and waits until its port is free, so that it can start on it again.
+stop_apiserver_locked() {
+  local port i
   port="$(cat "$STATE/apiserver-port")"
-  start="$SECONDS"
   stop_component kube-apiserver
-  local i
   for ((i = 0; i < 50; i++)); do
     port_free "$port" && break
     sleep 0.1
   done
   port_free "$port" || die "port $port is still in use after kube-apiserver stopped"
+}
+
+start_apiserver_locked() {
+  local bin
+  bin="$(bin_dir)"
+  have_binaries "$bin" || die "binaries missing from $bin; run: $REPO_ROOT/hack/testenv.sh build"
+  running_pid etcd >/dev/null || die "etcd is not running; run: $REPO_ROOT/hack/testenv.sh down && $REPO_ROOT/hack/testenv.sh up"
+  running_pid kube-apiserver >/dev/null && die "kube-apiserver is already running"
   log "starting kube-apiserver on $(cat "$STATE/url")"
   start_apiserver "$bin"
   wait_ready
-  log "kube-apiserver ready again in $((SECONDS - start))s"
 }
 
 usage() {
   cat >&2 <<EOF
-usage: $0 build|up|down|status|env|restart-apiserver
+usage: $0 build|up|down|status|env|restart-apiserver|stop-apiserver|start-apiserver
   build              build kube-apiserver, etcd and kubectl into $CACHE_ROOT/<key>/bin
   up                 start etcd and kube-apiserver on 127.0.0.1 (state in $STATE)
   down               stop them and remove the state directory
   status             print the server URL; exit non-zero unless running and ready
   env                print export lines for: eval "\$($0 env)"
   restart-apiserver  restart kube-apiserver alone with the same flags and port
+  stop-apiserver     stop kube-apiserver alone (etcd keeps running)
+  start-apiserver    start kube-apiserver again after stop-apiserver
 EOF
 }
 
@@ -597,6 +621,8 @@ main() {
     status) cmd_status ;;
     env) cmd_env ;;
     restart-apiserver) cmd_restart_apiserver ;;
+    stop-apiserver) cmd_stop_apiserver ;;
+    start-apiserver) cmd_start_apiserver ;;
     -h | --help | help)
       usage
       ;;

@@ -63,6 +63,9 @@ pub struct Metrics {
     pub token_caches: Gauge,
     /// Sender mailboxes with rate-limit state (bucket, sends in flight, queue).
     pub limit_mailboxes: Gauge,
+    /// Tasks alive in the async runtime, counted when the metrics are scraped: a number that
+    /// grows without bound is a leak (a task per message or per profile never ended).
+    pub tasks: Gauge,
 }
 
 impl Default for Metrics {
@@ -116,6 +119,8 @@ impl Default for Metrics {
             "Sender mailboxes with rate-limit state; idle ones are forgotten after five minutes",
             limit_mailboxes.clone(),
         );
+        let tasks = Gauge::default();
+        registry.register("tasks", "Tasks alive in the async runtime, counted at scrape time", tasks.clone());
         Metrics {
             registry,
             messages,
@@ -130,6 +135,7 @@ impl Default for Metrics {
             profiles,
             token_caches,
             limit_mailboxes,
+            tasks,
         }
     }
 }

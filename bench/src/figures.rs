@@ -86,9 +86,45 @@ pub fn cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// The least-squares line through (seconds, value) points: its slope per hour and the slope's
+/// standard error per hour; None with fewer than three points or no spread in time.
+pub fn slope_per_hour(points: &[(f64, f64)]) -> Option<(f64, f64)> {
+    if points.len() < 3 {
+        return None;
+    }
+    let n = points.len() as f64;
+    let (mt, mv) = (points.iter().map(|p| p.0).sum::<f64>() / n, points.iter().map(|p| p.1).sum::<f64>() / n);
+    let sxx: f64 = points.iter().map(|p| (p.0 - mt).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mt) * (p.1 - mv)).sum();
+    if sxx <= 0.0 {
+        return None;
+    }
+    let slope = sxy / sxx;
+    let residuals: f64 = points.iter().map(|p| (p.1 - mv - slope * (p.0 - mt)).powi(2)).sum();
+    let error = (residuals / (n - 2.0) / sxx).sqrt();
+    Some((slope * 3600.0, error * 3600.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slopes_are_per_hour_and_need_three_points() {
+        // 1 unit a minute is 60 an hour, whatever the offset and the noise around the line.
+        let line: Vec<(f64, f64)> = (0..30).map(|i| (i as f64 * 60.0, 100.0 + i as f64 + [0.5, -0.5][i % 2])).collect();
+        let (slope, error) = slope_per_hour(&line).expect("a slope");
+        assert!((slope - 60.0).abs() < 1.0, "{slope}");
+        assert!(error > 0.0 && error < 1.0, "the noise is small against the trend: {error}");
+        let flat: Vec<(f64, f64)> = (0..10).map(|i| (i as f64, 7.0)).collect();
+        assert_eq!(slope_per_hour(&flat), Some((0.0, 0.0)));
+        // Noise alone: a slope within a few standard errors of zero.
+        let noise: Vec<(f64, f64)> = (0..40).map(|i| (i as f64 * 10.0, 22.0 + [0.0, 1.0, 0.0, 2.0][i % 4])).collect();
+        let (slope, error) = slope_per_hour(&noise).expect("a slope");
+        assert!(slope.abs() < 3.0 * error, "{slope} ± {error}");
+        assert_eq!(slope_per_hour(&[(0.0, 1.0), (1.0, 2.0)]), None);
+        assert_eq!(slope_per_hour(&[(5.0, 1.0), (5.0, 2.0), (5.0, 3.0)]), None);
+    }
 
     #[test]
     fn sums_request_counters_over_codes() {

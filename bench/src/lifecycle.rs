@@ -71,15 +71,15 @@ fn free_port() -> Result<u16, BenchError> {
 }
 
 /// A running operator with known metrics and health ports.
-struct Operator {
-    process: Process,
+pub(crate) struct Operator {
+    pub(crate) process: Process,
     metrics: u16,
     health: u16,
     http: reqwest::Client,
 }
 
 impl Operator {
-    fn start(args: &Args, ns: &str, extra: &[String], log: &Path) -> Result<Operator, BenchError> {
+    pub(crate) fn start(args: &Args, ns: &str, extra: &[String], log: &Path) -> Result<Operator, BenchError> {
         let (metrics, health) = (free_port()?, free_port()?);
         let mut op_args: Vec<String> = vec![
             "run".into(),
@@ -97,7 +97,7 @@ impl Operator {
         Ok(Operator { process, metrics, health, http: reqwest::Client::new() })
     }
 
-    async fn wait_ready(&mut self) -> Result<(), BenchError> {
+    pub(crate) async fn wait_ready(&mut self) -> Result<(), BenchError> {
         let start = Instant::now();
         loop {
             self.process.check_alive()?;
@@ -113,7 +113,7 @@ impl Operator {
     }
 
     /// A gauge from its /metrics; None when this build has no such metric.
-    async fn gauge(&self, name: &str) -> Result<Option<f64>, BenchError> {
+    pub(crate) async fn gauge(&self, name: &str) -> Result<Option<f64>, BenchError> {
         let text = self.http.get(format!("http://127.0.0.1:{}/metrics", self.metrics)).send().await?.text().await?;
         let prefix = format!("{name} ");
         Ok(text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()))

@@ -17,6 +17,7 @@ mod figures;
 mod lifecycle;
 mod peers;
 mod run;
+mod soak;
 
 use std::path::PathBuf;
 
@@ -134,6 +135,21 @@ pub struct Args {
     /// How long the waiting run lets the operator settle after the last message is created.
     #[arg(long, default_value_t = 30)]
     pub waiting_settle_secs: u64,
+    /// Run the soak (`make soak`) for this many minutes instead of the benchmark.
+    #[arg(long, env = "SOAK_MINUTES")]
+    pub soak_minutes: Option<u64>,
+    /// The soak's message rate (messages per second, half Graph and half SMTP).
+    #[arg(long, default_value_t = 2.0, env = "SOAK_RATE")]
+    pub soak_rate: f64,
+    /// The soak's ttlSecondsAfterFinished on every message.
+    #[arg(long, default_value_t = 30, env = "SOAK_TTL_SECONDS")]
+    pub soak_ttl_secs: u64,
+    /// Seconds between two samples of the soak.
+    #[arg(long, default_value_t = 10, env = "SOAK_SAMPLE_SECONDS")]
+    pub soak_sample_secs: u64,
+    /// Minutes of the soak left out of the slopes (caches filling, allocator settling).
+    #[arg(long, default_value_t = 5, env = "SOAK_WARMUP_MINUTES")]
+    pub soak_warmup_minutes: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -146,7 +162,13 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run::all(args)) {
+    let work = async {
+        match args.soak_minutes {
+            Some(minutes) => soak::run(args, minutes).await,
+            None => run::all(args).await,
+        }
+    };
+    match runtime.block_on(work) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bench: error: {e}");

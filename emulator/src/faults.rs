@@ -50,6 +50,10 @@ pub struct FaultSpec {
     /// Overrides the error message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Closes the connection instead of answering (token requests only): the request is
+    /// read, then the client sees the connection end without a complete answer.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drop_connection: bool,
 }
 
 impl FaultSpec {

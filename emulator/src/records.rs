@@ -134,7 +134,7 @@ pub struct TokenRequestRecord {
     pub scope: Option<String>,
     /// `success`, or the AADSTS code (e.g. `AADSTS7000215`), or `fault:503`.
     pub outcome: String,
-    /// The HTTP status answered.
+    /// The HTTP status answered (0: the connection was dropped).
     pub status: u16,
     /// Lifetime of the issued token, on success.
     #[serde(skip_serializing_if = "Option::is_none")]

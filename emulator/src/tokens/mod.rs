@@ -70,6 +70,22 @@ async fn token(
         if let Some(ms) = fault.latency_ms {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
+        if fault.drop_connection {
+            tracing::info!(tenant = %tenant, outcome = "fault:dropped", "token request");
+            let mut inner = state.lock();
+            *inner.stats.token_requests.entry("fault:dropped".into()).or_insert(0) += 1;
+            inner.token_requests.push(TokenRequestRecord {
+                time: clock::now_rfc3339(),
+                tenant: tenant.clone(),
+                client_id: None,
+                grant: attempt.grant,
+                scope: None,
+                outcome: "fault:dropped".into(),
+                status: 0,
+                expires_in: None,
+            });
+            return dropped_connection();
+        }
         if let Some(status) = fault.error_status() {
             faulted = true;
             outcome = Err(AadError::Fault {
@@ -269,6 +285,18 @@ async fn openid_configuration(
 
 async fn keys(State(state): State<AppState>) -> Response {
     axum::Json(serde_json::json!({ "keys": [state.signer.jwk()] })).into_response()
+}
+
+/// A response whose body fails before its first byte: the server closes the connection, and
+/// the client sees it end without a complete answer, as when a proxy or load balancer drops it.
+fn dropped_connection() -> Response {
+    let failing = futures::stream::once(async {
+        Err::<axum::body::Bytes, std::io::Error>(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            "injected fault: connection dropped",
+        ))
+    });
+    axum::body::Body::from_stream(failing).into_response()
 }
 
 #[cfg(test)]

@@ -230,3 +230,27 @@ async fn an_injected_token_fault_answers_then_clears() {
     assert_eq!(aad_code(faulted).await.1, "temporarily_unavailable");
     assert_eq!(emu.token_request(TENANT, &form).await.status(), 200);
 }
+
+#[tokio::test]
+async fn a_dropped_connection_fault_gives_no_answer_then_clears() {
+    let emu = common::start().await;
+    let client = emu.secret_app("s", &["Mail.Send"]).await;
+    let r = emu.admin_post("faults", json!({"target": "token", "dropConnection": true, "count": 1})).await;
+    assert_eq!(r.status(), 201);
+    let form = [
+        ("grant_type", "client_credentials"),
+        ("client_id", client.as_str()),
+        ("client_secret", "s"),
+        ("scope", GRAPH_SCOPE),
+    ];
+    // The connection ends without a complete answer: an error at the head or at the body.
+    let dropped = match emu.http.post(emu.token_url(TENANT)).form(&form).send().await {
+        Ok(r) => r.bytes().await.err().map(|e| e.to_string()),
+        Err(e) => Some(e.to_string()),
+    };
+    assert!(dropped.is_some(), "a dropped connection gave a complete answer");
+    assert_eq!(emu.token_request(TENANT, &form).await.status(), 200);
+    let records = emu.admin_get("token-requests").await;
+    assert_eq!(records[0]["outcome"], "fault:dropped");
+    assert_eq!(records[1]["outcome"], "success");
+}
