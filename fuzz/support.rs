@@ -1,6 +1,6 @@
 // Shared by the fuzz targets (included, so each target stays one binary without a library).
 
-use mailroom::api::Importance;
+use mailroom::transport::Importance;
 use mailroom::transport::{Address, AttachmentData, OutgoingMessage};
 
 /// Builds an OutgoingMessage from raw parts; addresses are taken as given, unvalidated, as a

@@ -11,6 +11,7 @@ pub mod leader;
 pub mod metrics;
 pub mod response_body;
 pub mod server;
+pub mod text;
 pub mod tls;
 pub mod transport;
 

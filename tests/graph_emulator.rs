@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use k8s_openapi::jiff::Timestamp;
-use mailroom::api::Importance;
 use mailroom::auth::{AccessToken, AuthError, TokenSource};
 use mailroom::tls::TrustRoots;
+use mailroom::transport::Importance;
 use mailroom::transport::graph::{GraphConfig, GraphTransport};
 use mailroom::transport::{Address, AttachmentData, OutgoingMessage, SendError, Transport};
 use serde_json::{Value, json};

@@ -15,9 +15,10 @@ use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use mailroom::api::{Importance, TlsMode};
 use mailroom::auth::{AccessToken, AuthError, TokenSource};
 use mailroom::tls::{TrustRoots, install_crypto_provider};
+use mailroom::transport::Importance;
+use mailroom::transport::smtp::TlsMode;
 use mailroom::transport::smtp::{SmtpConfig, SmtpCredentials, SmtpTransport};
 use mailroom::transport::{
     Acceptance, AttachmentData, Delivered, OutgoingMessage, SendError, Transport, parse_mailbox,

@@ -53,8 +53,8 @@ impl Cloud {
     pub fn endpoints(self) -> &'static CloudEndpoints {
         match self {
             Cloud::Public => &CloudEndpoints {
-                authority_host: "https://login.microsoftonline.com",
-                graph_endpoint: "https://graph.microsoft.com",
+                authority_host: crate::auth::DEFAULT_AUTHORITY_HOST,
+                graph_endpoint: crate::transport::graph::DEFAULT_ENDPOINT,
                 outlook_resource: "https://outlook.office365.com",
                 smtp_host: Some("smtp.office365.com"),
             },

@@ -8,14 +8,10 @@ use serde::{Deserialize, Serialize};
 use super::cloud::{Cloud, default_scope};
 use super::common::{SecretKeySelector, SecretReference};
 
-/// The Entra ID authority of the Public cloud.
-pub const DEFAULT_AUTHORITY_HOST: &str = "https://login.microsoftonline.com";
-/// The Microsoft Graph endpoint of the Public cloud.
-pub const DEFAULT_GRAPH_ENDPOINT: &str = "https://graph.microsoft.com";
 /// Exchange Online's sending limit per mailbox.
 pub const DEFAULT_MESSAGES_PER_MINUTE: u32 = 30;
 /// Graph's concurrency limit per mailbox.
-pub const DEFAULT_MAX_CONCURRENT: u32 = 4;
+pub const DEFAULT_MAX_CONCURRENT: u32 = crate::transport::graph::MAILBOX_CONCURRENCY;
 
 /// How to send: exactly one transport, its credentials, its limits and policy.
 #[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]

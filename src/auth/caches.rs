@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::cache::{TokenCache, TokenState};
+use super::cache::TokenCache;
 use super::credential::EntraApp;
 use super::provider::TokenIssuer;
 use super::schedule::TokenCacheConfig;
@@ -46,20 +46,6 @@ impl TokenCaches {
         cache
     }
 
-    /// The cache of `profile` for `scope`, if any.
-    pub fn get(&self, profile: &str, scope: &str) -> Option<Arc<TokenCache>> {
-        self.lock().get(&(profile.to_owned(), scope.to_owned())).cloned()
-    }
-
-    /// Removes the cache of `profile` for `scope` and stops its refreshes.
-    pub fn remove(&self, profile: &str, scope: &str) -> Option<Arc<TokenCache>> {
-        let removed = self.lock().remove(&(profile.to_owned(), scope.to_owned()));
-        if let Some(cache) = &removed {
-            cache.shutdown();
-        }
-        removed
-    }
-
     /// Removes every cache of `profile` (deleted, or no longer using OAuth) and stops them.
     pub fn remove_profile(&self, profile: &str) {
         self.lock().retain(|(key, _), cache| {
@@ -95,17 +81,6 @@ impl TokenCaches {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.lock().is_empty()
-    }
-
-    /// The state of every cache, as `(profile, scope, state)`, for metrics.
-    pub fn snapshots(&self) -> Vec<(String, String, TokenState)> {
-        let mut all: Vec<_> = self
-            .lock()
-            .iter()
-            .map(|((profile, scope), cache)| (profile.clone(), scope.clone(), cache.snapshot()))
-            .collect();
-        all.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
-        all
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<(String, String), Arc<TokenCache>>> {
@@ -165,19 +140,24 @@ mod tests {
         let outlook = get("MailProfile/a/p", OUTLOOK_SCOPE, "s1");
         assert!(!Arc::ptr_eq(&graph, &outlook));
         assert_eq!(outlook.scope(), OUTLOOK_SCOPE);
-        assert_eq!(caches.snapshots().len(), 2);
+        assert_eq!(caches.len(), 2);
 
         // A changed Secret replaces the credential of the same cache.
         let changed = get("MailProfile/a/p", GRAPH_SCOPE, "s2");
         assert!(Arc::ptr_eq(&graph, &changed));
         assert_eq!(changed.token().await.expect("token").secret, format!("s2@{GRAPH_SCOPE}"));
 
-        assert!(caches.remove("MailProfile/a/p", OUTLOOK_SCOPE).is_some());
-        assert!(caches.get("MailProfile/a/p", OUTLOOK_SCOPE).is_none());
         get("MailProfile/b/q", GRAPH_SCOPE, "s3");
         caches.remove_profile("MailProfile/a/p");
-        assert!(caches.get("MailProfile/a/p", GRAPH_SCOPE).is_none());
-        assert_eq!(caches.snapshots()[0].0, "MailProfile/b/q");
+        assert!(cached(&caches, "MailProfile/a/p", GRAPH_SCOPE).is_none());
+        assert!(cached(&caches, "MailProfile/a/p", OUTLOOK_SCOPE).is_none());
+        assert!(cached(&caches, "MailProfile/b/q", GRAPH_SCOPE).is_some());
+        assert_eq!(caches.len(), 1);
+    }
+
+    /// The cache of `profile` for `scope`, if there is one.
+    fn cached(caches: &TokenCaches, profile: &str, scope: &str) -> Option<Arc<TokenCache>> {
+        caches.lock().get(&(profile.to_owned(), scope.to_owned())).cloned()
     }
 
     /// Answers with short-lived tokens and counts the requests for each scope.
@@ -211,9 +191,9 @@ mod tests {
         // The profile now asks for another scope (a national cloud, a tokenScope): only that cache stays.
         let new = caches.get_or_create("MailProfile/a/p", OUTLOOK_SCOPE, app("s"), mine.clone());
         assert_eq!(caches.retain_only("MailProfile/a/p", Some(OUTLOOK_SCOPE)), 1);
-        assert!(caches.get("MailProfile/a/p", GRAPH_SCOPE).is_none());
-        assert!(Arc::ptr_eq(&caches.get("MailProfile/a/p", OUTLOOK_SCOPE).expect("kept"), &new));
-        assert!(caches.get("MailProfile/b/q", GRAPH_SCOPE).is_some(), "another profile's cache is not touched");
+        assert!(cached(&caches, "MailProfile/a/p", GRAPH_SCOPE).is_none());
+        assert!(Arc::ptr_eq(&cached(&caches, "MailProfile/a/p", OUTLOOK_SCOPE).expect("kept"), &new));
+        assert!(cached(&caches, "MailProfile/b/q", GRAPH_SCOPE).is_some(), "another profile's cache is not touched");
         assert_eq!(caches.len(), 2);
 
         // The old cache no longer refreshes, though something may still hold it; the others do

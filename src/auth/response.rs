@@ -178,14 +178,7 @@ fn first_sentence(text: &str) -> String {
         Some(end) => &line[..=end],
         None => line,
     };
-    if sentence.len() <= MAX_SENTENCE {
-        return sentence.to_owned();
-    }
-    let mut cut = MAX_SENTENCE;
-    while !sentence.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    format!("{}…", &sentence[..cut])
+    crate::text::clip(sentence, MAX_SENTENCE)
 }
 
 /// The `roles` claim of an access token (its payload decoded without verification), for

@@ -17,10 +17,9 @@ use crate::auth::{
     AuthorizationPath, PermissionVerdict, SendEvidence, TokenCacheConfig, TokenCaches, TokenSource, TokenState,
     entra_remedy, verify_permissions,
 };
-use crate::controller::outgoing::message_id;
-use crate::controller::profile::{EndpointPolicy, judge, profile_trust, read_credential, required_role, validate};
-use crate::controller::registry::{NotReady, ProfileKey};
-use crate::controller::wiring::{self, Built, TransportInputs};
+use crate::controller::steps::{
+    self, Built, EndpointPolicy, NotReady, ProfileKey, judge, message_id, required_role, transport_inputs,
+};
 use crate::tls::TrustRoots;
 use crate::transport::smtp::SmtpTransport;
 use crate::transport::smtp::probe::SmtpProbe;
@@ -113,21 +112,15 @@ impl Check {
     async fn run(&self, test_to: Option<Address>) -> Result<(), NotReady> {
         let settings = self.settings().await?;
         println!("profile: {} ({})", self.key, settings.transport_name());
-        validate(&self.key, &settings, self.policy)?;
-        let credential = read_credential(&self.client, &self.key, &settings).await.map_err(api_error)??;
-        let inputs = TransportInputs {
-            profile: self.key.to_string(),
-            settings: &settings,
-            credential,
-            trust: profile_trust(&self.trust, &settings)?,
-            allow_insecure: self.policy.allow_insecure,
-        };
+        let inputs = transport_inputs(&self.client, &self.key, &settings, &self.trust, self.policy)
+            .await
+            .map_err(api_error)??;
         let caches = TokenCaches::new(TokenCacheConfig::default());
         let smtp = match &settings.smtp {
-            Some(smtp) => Some(wiring::smtp_config(&inputs, &caches, smtp)?.0),
+            Some(smtp) => Some(steps::smtp_config(&inputs, &caches, smtp)?.0),
             None => None,
         };
-        let Built { transport, tokens } = wiring::build_transport(inputs, &caches).await?;
+        let Built { transport, tokens } = steps::build_transport(inputs, &caches).await?;
         let token = match &tokens {
             Some(cache) => {
                 // The outcome is in the cache's state either way; judge reads it from there.

@@ -23,7 +23,7 @@ use crate::api::{
     Attachment, Body, EmailMessage, EmailMessageSpec, EmailMessageStatus, HeaderValue, Importance, LocalKeySelector,
     LocalReference, Phase, ProfileKind, ProfileRef, conditions, find_condition,
 };
-use crate::controller::outgoing::safe_attachment_name;
+use crate::controller::steps::safe_attachment_name;
 use crate::transport::parse_mailbox;
 
 /// Files up to this size go inline in the message; larger ones into its Secret.

@@ -232,12 +232,6 @@ impl Context {
         *self.stopping.borrow()
     }
 
-    /// Completes once a graceful shutdown began.
-    pub async fn stopped(&self) {
-        let mut rx = self.stopping.subscribe();
-        let _ = rx.wait_for(|stopping| *stopping).await;
-    }
-
     /// Records what a send told of a profile's authorisation and, when that is news, has the
     /// profile reconciled so that its `PermissionsVerified` condition shows it.
     pub fn note_send_evidence(&self, key: &ProfileKey, evidence: SendEvidence) {

@@ -11,6 +11,7 @@ pub mod reason;
 pub mod registry;
 pub mod run;
 pub mod status;
+pub mod steps;
 pub mod template;
 pub mod wiring;
 

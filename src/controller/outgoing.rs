@@ -214,7 +214,7 @@ pub fn build(
         html: spec.body.html.clone(),
         attachments,
         headers,
-        importance: spec.importance.unwrap_or_default(),
+        importance: spec.importance.unwrap_or_default().into(),
         message_id,
     })
 }
@@ -244,12 +244,10 @@ pub async fn load_referenced_attachments(
             let Some(secret) = api.get_opt(&r.name).await? else {
                 return Ok(Err(not_found(a, "Secret", &r.name, namespace)));
             };
+            // The API server returns `data` only; `stringData` is write-only.
             match secret.data.as_ref().and_then(|d| d.get(&r.key)) {
                 Some(v) => v.0.clone(),
-                None => match secret.string_data.as_ref().and_then(|d| d.get(&r.key)) {
-                    Some(v) => v.clone().into_bytes(),
-                    None => return Ok(Err(key_missing(a, "Secret", &r.name, &r.key))),
-                },
+                None => return Ok(Err(key_missing(a, "Secret", &r.name, &r.key))),
             }
         } else if let Some(r) = &a.config_map_ref {
             let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);

@@ -18,8 +18,8 @@ use super::context::{Context, TokenFollower};
 use super::registry::{NotReady, ProfileKey, ResolvedProfile};
 use super::wiring::{self, Built, CredentialMaterial, TransportInputs};
 use crate::api::{
-    Cloud, ClusterMailProfile, EntraCredentials, MailProfile, MailProfileSpec, MailProfileStatus, ProfileKind,
-    SecretKeySelector, SecretReference, TokenStatus, condition, conditions, set_condition,
+    Cloud, ClusterMailProfile, EntraCredentials, MailProfile, MailProfileSpec, MailProfileStatus, SecretKeySelector,
+    SecretReference, TokenStatus, condition, conditions, set_condition,
 };
 use crate::auth::{
     MAIL_SEND, PermissionVerdict, SMTP_SEND_AS_APP, SendEvidence, TokenCache, TokenState, verify_permissions,
@@ -388,18 +388,16 @@ type Resolution = (Result<Built, NotReady>, u64);
 /// The profile's transport, or why it cannot have one, and the digest of its inputs. API errors
 /// are returned as errors. An unchanged profile keeps its transport (and what it has learned).
 async fn resolve(ctx: &Context, key: &ProfileKey, settings: &MailProfileSpec) -> Result<Resolution> {
-    if let Err(nr) = validate(key, settings, ctx.config.endpoint_policy()) {
-        return Ok((Err(nr), 0));
-    }
-    let credential = match read_credential(&ctx.client, key, settings).await? {
-        Ok(c) => c,
+    let policy = ctx.config.endpoint_policy();
+    let inputs = match transport_inputs(&ctx.client, key, settings, &ctx.config.trust, policy).await? {
+        Ok(inputs) => inputs,
         Err(nr) => return Ok((Err(nr), 0)),
     };
     let fingerprint = {
         use std::hash::{DefaultHasher, Hash, Hasher};
         let mut h = DefaultHasher::new();
         serde_json::to_string(settings).unwrap_or_default().hash(&mut h);
-        credential.hash(&mut h);
+        inputs.credential.hash(&mut h);
         h.finish()
     };
     if let Some(existing) = ctx.profiles.get(key) {
@@ -413,22 +411,42 @@ async fn resolve(ctx: &Context, key: &ProfileKey, settings: &MailProfileSpec) ->
             ctx.forget_send_evidence(key);
         }
     }
-    let trust = match profile_trust(&ctx.config.trust, settings) {
-        Ok(trust) => trust,
-        Err(nr) => return Ok((Err(nr), 0)),
+    Ok((wiring::build_transport(inputs, &ctx.token_caches).await, fingerprint))
+}
+
+/// What a profile's transport is built from: its settings checked against the endpoint policy,
+/// its credential read from its Secret (or file), and its trust roots (`base` plus its
+/// caBundle); or why it cannot have one. API errors are returned as errors. The controller and
+/// `mailroom profile check` both take this step.
+pub async fn transport_inputs<'a>(
+    client: &Client,
+    key: &ProfileKey,
+    settings: &'a MailProfileSpec,
+    base: &TrustRoots,
+    policy: EndpointPolicy,
+) -> Result<Result<TransportInputs<'a>, NotReady>> {
+    if let Err(nr) = validate(key, settings, policy) {
+        return Ok(Err(nr));
+    }
+    let credential = match read_credential(client, key, settings).await? {
+        Ok(c) => c,
+        Err(nr) => return Ok(Err(nr)),
     };
-    let inputs = TransportInputs {
+    let trust = match profile_trust(base, settings) {
+        Ok(trust) => trust,
+        Err(nr) => return Ok(Err(nr)),
+    };
+    Ok(Ok(TransportInputs {
         profile: key.to_string(),
         settings,
         credential,
         trust,
-        allow_insecure: ctx.config.allow_insecure_endpoints,
-    };
-    Ok((wiring::build_transport(inputs, &ctx.token_caches).await, fingerprint))
+        allow_insecure: policy.allow_insecure,
+    }))
 }
 
 /// The roots a profile's endpoints are checked against: `base` (the operator's) plus its caBundle.
-pub fn profile_trust(base: &TrustRoots, settings: &MailProfileSpec) -> Result<TrustRoots, NotReady> {
+fn profile_trust(base: &TrustRoots, settings: &MailProfileSpec) -> Result<TrustRoots, NotReady> {
     match &settings.ca_bundle {
         Some(pem) => TrustRoots::from_pem(pem.as_bytes())
             .map(|extra| base.with(&extra))
@@ -463,7 +481,7 @@ impl EndpointPolicy {
 
 /// Checks what the CRD schema cannot: endpoints, the SMTP server, the token scope, and which
 /// namespaces Secret references name.
-pub fn validate(key: &ProfileKey, settings: &MailProfileSpec, policy: EndpointPolicy) -> Result<(), NotReady> {
+fn validate(key: &ProfileKey, settings: &MailProfileSpec, policy: EndpointPolicy) -> Result<(), NotReady> {
     let check_url = |field: &str, url: &str, microsoft: fn(&str) -> bool, known: &str| -> Result<(), NotReady> {
         if url.starts_with("http://") && !policy.allow_insecure {
             return Err(invalid(format!(
@@ -571,7 +589,7 @@ fn secret_namespace(key: &ProfileKey, explicit: Option<&str>) -> String {
 
 /// Reads the credential a profile's Secrets (or token file) hold; Err(NotReady) says what is
 /// missing in the words of the Ready condition, an outer error is an API failure.
-pub async fn read_credential(
+async fn read_credential(
     client: &Client,
     key: &ProfileKey,
     settings: &MailProfileSpec,
@@ -624,13 +642,10 @@ async fn get_secret(client: &Client, namespace: &str, name: &str) -> Result<Resu
     })
 }
 
+/// A key of a Secret read from the API server, which returns `data` only (`stringData` is
+/// write-only: the API server merges it into `data`).
 fn secret_value(secret: &Secret, key: &str) -> Option<Vec<u8>> {
-    secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(key))
-        .map(|v| v.0.clone())
-        .or_else(|| secret.string_data.as_ref().and_then(|d| d.get(key)).map(|v| v.clone().into_bytes()))
+    secret.data.as_ref().and_then(|d| d.get(key)).map(|v| v.0.clone())
 }
 
 fn key_missing(namespace: &str, name: &str, key: &str) -> NotReady {
@@ -714,14 +729,6 @@ pub fn referenced_secrets(key: &ProfileKey, settings: &MailProfileSpec) -> Vec<(
         }
     }
     out
-}
-
-/// Which profile kinds exist, for mapping messages.
-pub fn kind_of(key: &ProfileKey) -> ProfileKind {
-    match key {
-        ProfileKey::Namespaced { .. } => ProfileKind::MailProfile,
-        ProfileKey::Cluster { .. } => ProfileKind::ClusterMailProfile,
-    }
 }
 
 #[cfg(test)]

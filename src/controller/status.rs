@@ -32,14 +32,7 @@ pub struct Claim {
 }
 
 fn clip(s: &str) -> String {
-    if s.len() <= MAX_MESSAGE {
-        return s.to_string();
-    }
-    let mut end = MAX_MESSAGE;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
+    crate::text::clip(s, MAX_MESSAGE)
 }
 
 /// `Sending`, attempt N.

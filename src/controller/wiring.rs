@@ -1,15 +1,17 @@
-//! Builds a profile's transport from its settings and resolved credentials.
+//! Builds a profile's transport from its settings and resolved credentials: the one place that
+//! maps the API's types (`crate::api`) to the transports' configuration, which knows nothing of
+//! the resources.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::registry::NotReady;
-use crate::api::{EntraCredentials, MailProfileSpec};
+use crate::api::{self, EntraCredentials, MailProfileSpec};
 use crate::auth::{Credential, EntraApp, EntraTokenProvider, TokenCache, TokenCaches, TokenSource};
 use crate::tls::TrustRoots;
-use crate::transport::Transport;
 use crate::transport::graph::{GraphConfig, GraphTransport};
-use crate::transport::smtp::{SmtpConfig, SmtpCredentials, SmtpTransport};
+use crate::transport::smtp::{SmtpConfig, SmtpCredentials, SmtpTransport, TlsMode};
+use crate::transport::{Importance, Transport};
 
 /// A credential read from a Secret or a file. Its Debug never shows the secret.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -131,7 +133,33 @@ pub fn smtp_config(
         }
         (_, None) => return Err(not_ready("InvalidSettings", "unexpected credential for smtp")),
     };
-    Ok((SmtpConfig::from_spec(smtp, inputs.trust.clone(), credentials), tokens))
+    Ok((smtp_server(smtp, inputs.trust.clone(), credentials), tokens))
+}
+
+/// The SMTP configuration of a profile's `smtp` section (host, port and TLS mode defaulted; a
+/// profile without a server gets an empty host, which [`SmtpTransport::new`] refuses).
+pub fn smtp_server(spec: &api::SmtpTransport, roots: TrustRoots, credentials: SmtpCredentials) -> SmtpConfig {
+    SmtpConfig::new(spec.server().unwrap_or_default().to_string(), spec.port(), spec.tls().into(), roots, credentials)
+}
+
+impl From<api::TlsMode> for TlsMode {
+    fn from(mode: api::TlsMode) -> Self {
+        match mode {
+            api::TlsMode::StartTLS => TlsMode::StartTLS,
+            api::TlsMode::Implicit => TlsMode::Implicit,
+            api::TlsMode::None => TlsMode::None,
+        }
+    }
+}
+
+impl From<api::Importance> for Importance {
+    fn from(importance: api::Importance) -> Self {
+        match importance {
+            api::Importance::Low => Importance::Low,
+            api::Importance::Normal => Importance::Normal,
+            api::Importance::High => Importance::High,
+        }
+    }
 }
 
 /// The transport for a profile.

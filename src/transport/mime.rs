@@ -15,9 +15,9 @@ use lettre::address::Envelope;
 use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Attachment, MultiPart, SinglePart};
 
+use super::Importance;
 use super::address::is_invisible_format;
 use super::{AddressError, OutgoingMessage};
-use crate::api::Importance;
 
 /// Header names mailroom sets itself; a custom header may not replace them.
 const RESERVED_HEADERS: &[&str] = &["X-Priority"];

@@ -7,8 +7,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::api::Importance;
-
 pub mod address;
 pub mod graph;
 pub mod mime;
@@ -16,6 +14,18 @@ pub mod offload;
 pub mod smtp;
 
 pub use address::{Address, AddressError, parse_mailbox};
+
+/// How important a message is: its `Importance` and `X-Priority` headers, Graph's `importance`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Importance {
+    /// Low.
+    Low,
+    /// Normal.
+    #[default]
+    Normal,
+    /// High.
+    High,
+}
 
 /// A message with everything resolved: addresses parsed, attachments loaded.
 #[derive(Clone, Debug, PartialEq)]

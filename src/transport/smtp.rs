@@ -23,7 +23,6 @@ use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter,
 use lettre::transport::smtp::response::Response;
 
 use super::{Acceptance, Delivered, OutgoingMessage, SendError, Transport, mime, offload};
-use crate::api::TlsMode;
 use crate::auth::TokenSource;
 use crate::tls::TrustRoots;
 
@@ -118,12 +117,18 @@ impl SmtpConfig {
             data_timeout: DEFAULT_DATA_TIMEOUT,
         }
     }
+}
 
-    /// A configuration from a profile's `smtp` section (host, port and TLS mode defaulted; a
-    /// profile without a server gets an empty host, which [`SmtpTransport::new`] refuses).
-    pub fn from_spec(spec: &crate::api::SmtpTransport, roots: TrustRoots, credentials: SmtpCredentials) -> Self {
-        SmtpConfig::new(spec.server().unwrap_or_default().to_string(), spec.port(), spec.tls(), roots, credentials)
-    }
+/// How the connection to the SMTP server is secured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TlsMode {
+    /// A plain connection upgraded with STARTTLS, which the server must offer.
+    #[default]
+    StartTLS,
+    /// TLS from the first byte (port 465).
+    Implicit,
+    /// No TLS at all (local relays only).
+    None,
 }
 
 /// A configuration that cannot work.

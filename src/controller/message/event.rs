@@ -30,6 +30,9 @@ pub async fn event(ctx: &Context, msg: &EmailMessage, type_: EventType, reason: 
     }
 }
 
+/// The longest Event note kept, in bytes (the API server's limit is 1 KiB).
+const MAX_NOTE: usize = 1000;
+
 /// The events.k8s.io/v1 Event about a message, named like kube's Recorder names them.
 pub fn message_event(
     msg: &EmailMessage,
@@ -39,14 +42,8 @@ pub fn message_event(
     instance: &str,
     now: Timestamp,
 ) -> K8sEvent {
-    let mut note = note.to_string();
-    if note.len() > 1000 {
-        let mut end = 1000;
-        while !note.is_char_boundary(end) {
-            end -= 1;
-        }
-        note.truncate(end);
-    }
+    // The API server refuses an Event whose note is over 1 KiB.
+    let note = crate::text::prefix(note, MAX_NOTE).to_string();
     let name = msg.name_any();
     K8sEvent {
         metadata: ObjectMeta {

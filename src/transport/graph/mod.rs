@@ -23,7 +23,6 @@ pub use limiter::MailboxLimiter;
 pub use request::{MAX_ATTACHMENT, MAX_INLINE_ATTACHMENT, MAX_JSON_HEADERS, MAX_REQUEST_BYTES};
 pub use upload::{UPLOAD_CHUNK_SIZE, UPLOAD_CHUNK_UNIT, chunk_ranges};
 
-use crate::api::profile::{DEFAULT_GRAPH_ENDPOINT, DEFAULT_MAX_CONCURRENT};
 use crate::auth::{AuthError, TokenSource};
 use crate::response_body::{BodyError, read_capped};
 use crate::transport::{Acceptance, AttachmentData, Delivered, OutgoingMessage, SendError, Transport, offload};
@@ -44,6 +43,14 @@ pub const ANSWER_LIMIT: usize = 64 * 1024;
 /// properties Graph adds, and still bounds what a broken endpoint can make the operator hold.
 pub const ECHO_LIMIT: usize = 4 * MAX_REQUEST_BYTES;
 
+/// Microsoft Graph's service root in the global service (the national clouds have their own:
+/// https://learn.microsoft.com/graph/deployments).
+pub const DEFAULT_ENDPOINT: &str = "https://graph.microsoft.com";
+
+/// Requests Graph runs at once for one app and mailbox: at most 4 concurrent requests
+/// (https://learn.microsoft.com/graph/throttling-limits#outlook-service-limits).
+pub const MAILBOX_CONCURRENCY: u32 = 4;
+
 /// How to reach Graph and how to send.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GraphConfig {
@@ -61,9 +68,9 @@ pub struct GraphConfig {
 impl Default for GraphConfig {
     fn default() -> Self {
         GraphConfig {
-            endpoint: DEFAULT_GRAPH_ENDPOINT.to_string(),
+            endpoint: DEFAULT_ENDPOINT.to_string(),
             save_to_sent_items: false,
-            max_concurrent: DEFAULT_MAX_CONCURRENT as usize,
+            max_concurrent: MAILBOX_CONCURRENCY as usize,
             allow_insecure: false,
         }
     }
@@ -121,18 +128,6 @@ impl GraphTransport {
             allow_insecure: config.allow_insecure,
             limiter: Arc::new(MailboxLimiter::new(config.max_concurrent)),
         })
-    }
-
-    /// Shares a limiter with other transports (the same profile rebuilt after a change),
-    /// replacing the one made from `max_concurrent`.
-    pub fn with_limiter(mut self, limiter: Arc<MailboxLimiter>) -> Self {
-        self.limiter = limiter;
-        self
-    }
-
-    /// The endpoint in use, without a trailing slash.
-    pub fn endpoint(&self) -> &str {
-        &self.endpoint
     }
 
     fn user_url(&self, sender: &str) -> String {
@@ -565,7 +560,7 @@ mod tests {
             html: None,
             attachments: vec![],
             headers: vec![],
-            importance: crate::api::Importance::Normal,
+            importance: crate::transport::Importance::Normal,
             message_id: "<m@contoso.com>".into(),
         };
         transport.send(&message).await.expect("sent with the second token");

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Serialize;
 
-use crate::api::Importance;
+use crate::transport::Importance;
 use crate::transport::{Address, AttachmentData, OutgoingMessage, SendError, mime};
 
 /// Graph takes at most this many `internetMessageHeaders`.

@@ -17,8 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::classify::{Failure, Stage, classify};
-use super::{SendError, SmtpConfig, SmtpCredentials, SmtpTransport, close, timed};
-use crate::api::TlsMode;
+use super::{SendError, SmtpConfig, SmtpCredentials, SmtpTransport, TlsMode, close, timed};
 
 /// The most greeting bytes kept; a longer greeting is cut.
 const MAX_GREETING: usize = 4096;
