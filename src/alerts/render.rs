@@ -8,6 +8,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Serialize;
 
 use super::payload::{Alert, Notification, is_zero_time, parse_time, sorted_values};
+use crate::controller::template::MAX_SUBJECT_CHARS;
 
 /// The default subject template: Alertmanager's default email subject.
 pub const DEFAULT_SUBJECT: &str = include_str!("templates/subject.txt");
@@ -23,8 +24,6 @@ pub const TEMPLATE_KEYS: [&str; 3] = ["subject", "text", "html"];
 pub const MAX_ALERTS_SHOWN: usize = 100;
 /// The most the text and HTML bodies may weigh together (the message is stored in etcd).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-/// The longest subject an EmailMessage takes.
-const MAX_SUBJECT_CHARS: usize = 998;
 /// Encoded in a URL's query: all but RFC 3986's unreserved characters.
 const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 /// Bounds the work of one render, so a looping template cannot hold a request.
