@@ -169,7 +169,14 @@ async fn delete_profiles(client: &Client, ns: &str, names: &[String]) -> Result<
     let results: Vec<Result<(), kube::Error>> = futures::stream::iter(names.iter().cloned())
         .map(|name| {
             let api = api.clone();
-            async move { api.delete(&name, &DeleteParams::default()).await.map(|_| ()) }
+            // Gone already is deleted: a delete retried after an answer lost under load says 404.
+            async move {
+                match api.delete(&name, &DeleteParams::default()).await {
+                    Ok(_) => Ok(()),
+                    Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
         })
         .buffer_unordered(16)
         .collect()
