@@ -119,6 +119,8 @@ pub struct SmtpPeer {
 impl SmtpPeer {
     /// Starts tests/peers/smtp_server.py with `python` in `dir`.
     pub async fn start(python: &Path, repo: &Path, dir: &Path) -> Result<SmtpPeer, BenchError> {
+        // A fresh state directory: an earlier run's messages and ready.json must not count.
+        let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).map_err(|e| BenchError::io(dir, e))?;
         let args = vec![
             repo.join("tests/peers/smtp_server.py").display().to_string(),
