@@ -203,7 +203,8 @@ impl AlertReceiver {
     }
 
     async fn event(&self, route: &AlertRoute, type_: EventType, reason: &str, note: &str) {
-        let note: String = note.chars().take(1000).collect();
+        // The API server refuses an Event note over 1 KiB: cut in bytes, not characters.
+        let note = crate::text::prefix(note, crate::controller::message::MAX_NOTE).to_string();
         let ev = Event { type_, reason: reason.into(), note: Some(note), action: "Receive".into(), secondary: None };
         if let Err(e) = self.recorder.publish(&ev, &route.object_ref(&())).await {
             warn!(route = %route.name_any(), error = %e, "could not publish event");

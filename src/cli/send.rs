@@ -406,11 +406,6 @@ pub fn secret_key(name: &str, taken: &[String]) -> String {
     key
 }
 
-/// The content type the recipient sees, guessed from the file name.
-pub fn guess_content_type(name: &str) -> String {
-    mime_guess::from_path(name).first_or_octet_stream().essence_str().to_string()
-}
-
 /// The message and its Secret for `spec` and the files. With large files the name is chosen
 /// here (prefix and five random characters, as the API server's generateName does), so that
 /// the message can name its Secret before either exists.
@@ -427,7 +422,7 @@ pub fn plan(
     let mut taken = Vec::new();
     let mut secret_size = 0usize;
     for (file, inline) in files.iter().zip(placement) {
-        let content_type = Some(guess_content_type(&file.name));
+        let content_type = Some(crate::controller::steps::guessed_content_type(&file.name));
         if inline {
             use base64::Engine;
             let data = base64::engine::general_purpose::STANDARD.encode(&file.bytes);

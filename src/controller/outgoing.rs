@@ -138,8 +138,13 @@ pub fn safe_attachment_name(name: &str) -> bool {
 pub fn content_type(attachment: &Attachment) -> String {
     match &attachment.content_type {
         Some(ct) if !ct.trim().is_empty() => ct.trim().to_string(),
-        _ => mime_guess::from_path(&attachment.name).first_or_octet_stream().essence_str().to_string(),
+        _ => guessed_content_type(&attachment.name),
     }
+}
+
+/// The content type the recipient sees for a file of this name.
+pub fn guessed_content_type(name: &str) -> String {
+    mime_guess::from_path(name).first_or_octet_stream().essence_str().to_string()
 }
 
 /// Decodes inline attachment data (standard base64; whitespace ignored).

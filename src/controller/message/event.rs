@@ -31,7 +31,7 @@ pub async fn event(ctx: &Context, msg: &EmailMessage, type_: EventType, reason: 
 }
 
 /// The longest Event note kept, in bytes (the API server's limit is 1 KiB).
-const MAX_NOTE: usize = 1000;
+pub const MAX_NOTE: usize = 1000;
 
 /// The events.k8s.io/v1 Event about a message, named like kube's Recorder names them.
 pub fn message_event(

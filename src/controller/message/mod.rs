@@ -5,6 +5,7 @@
 mod decide;
 mod dereference;
 mod event;
+pub use event::MAX_NOTE;
 mod record;
 mod send;
 
