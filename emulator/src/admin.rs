@@ -1,5 +1,6 @@
 //! The admin API under `/_emulator`: registrations, Exchange role assignments, faults,
-//! inspection, reset. No authentication, so it answers loopback peers only.
+//! inspection, reset. No authentication, so it answers loopback peers only (and the host itself
+//! at the private address it may listen on, never the Pods behind it).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,6 +21,11 @@ use crate::rbac::{RoleAssignment, RoleAssignmentSpec};
 use crate::signing::AccessClaims;
 use crate::state::AppState;
 
+/// Whether `peer` may use the admin API of an emulator listening on `listen`.
+fn admin_peer_allowed(peer: std::net::IpAddr, listen: std::net::IpAddr) -> bool {
+    peer.is_loopback() || (!listen.is_unspecified() && peer == listen)
+}
+
 /// The admin routes.
 pub fn router(state: AppState) -> Router<AppState> {
     Router::new()
@@ -38,15 +44,21 @@ pub fn router(state: AppState) -> Router<AppState> {
             post(add_role_assignment).get(list_role_assignments).delete(clear_role_assignments),
         )
         .route("/_emulator/health", get(health))
-        .route_layer(middleware::from_fn_with_state(state, loopback_only))
+        .route_layer(middleware::from_fn_with_state(state, local_only))
 }
 
-/// Refuses peers that are not on loopback, whatever address the server was bound to.
-async fn loopback_only(ConnectInfo(peer): ConnectInfo<SocketAddr>, request: Request, next: Next) -> Response {
-    if peer.ip().is_loopback() {
+/// Refuses peers other than this host: loopback, or the very address the server listens on (a
+/// connection from it comes from the host; a Pod behind it has an address of its own).
+async fn local_only(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if admin_peer_allowed(peer.ip(), state.settings.listen_ip) {
         next.run(request).await
     } else {
-        problem(StatusCode::FORBIDDEN, "the admin API answers loopback clients only")
+        problem(StatusCode::FORBIDDEN, "the admin API answers this host's own clients only")
     }
 }
 
@@ -277,4 +289,20 @@ async fn list_mailboxes(State(state): State<AppState>) -> Response {
 
 async fn health() -> Response {
     Json(json!({ "status": "ok" })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::admin_peer_allowed;
+
+    #[test]
+    fn the_admin_api_answers_this_host_only() {
+        let ip = |s: &str| s.parse().expect("ip");
+        assert!(admin_peer_allowed(ip("127.0.0.1"), ip("127.0.0.1")));
+        assert!(admin_peer_allowed(ip("127.0.0.1"), ip("10.214.0.1")));
+        // The host at the private address it listens on, but no Pod behind that address.
+        assert!(admin_peer_allowed(ip("10.214.0.1"), ip("10.214.0.1")));
+        assert!(!admin_peer_allowed(ip("10.214.0.7"), ip("10.214.0.1")));
+        assert!(!admin_peer_allowed(ip("192.0.2.2"), ip("0.0.0.0")));
+    }
 }

@@ -15,6 +15,10 @@ struct Cli {
     /// Loopback address to listen on; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// Also allow a private (RFC 1918) IPv4 address for --listen, such as the one a local
+    /// cluster's Pods reach the host on. The admin API has no authentication: never a public one.
+    #[arg(long)]
+    allow_private: bool,
     /// Directory where `ca.pem` and then `url` are written once listening.
     #[arg(long)]
     state_dir: PathBuf,
@@ -71,6 +75,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     };
     let emulator = m365_emulator::start(Config {
         listen: cli.listen,
+        allow_private: cli.allow_private,
         default_token_lifetime: cli.default_token_lifetime,
         signer,
         mailbox_concurrency: cli.mailbox_concurrency,

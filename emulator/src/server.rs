@@ -1,6 +1,6 @@
 //! Starting and stopping the emulator: TLS, the listener, and the routes.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +21,9 @@ use crate::{admin, graph, logging, tls, tokens};
 pub struct Config {
     /// Loopback address to listen on; port 0 picks a free one.
     pub listen: SocketAddr,
+    /// Also allow a private (RFC 1918) IPv4 address: the address a local cluster's Pods reach the
+    /// host on, which the test environment creates for itself.
+    pub allow_private: bool,
     /// Token lifetime for apps that do not set one.
     pub default_token_lifetime: u64,
     /// The token-signing key; a fresh one is generated when absent.
@@ -37,6 +40,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            allow_private: false,
             default_token_lifetime: 3600,
             signer: None,
             mailbox_concurrency: 4,
@@ -49,8 +53,9 @@ impl Default for Config {
 /// Why the emulator could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The admin API has no authentication, so only loopback is allowed.
-    #[error("refusing to listen on {0}: only loopback addresses are allowed")]
+    /// The admin API has no authentication, so only loopback (and, when asked, a private
+    /// address) is allowed.
+    #[error("refusing to listen on {0}: only loopback addresses (and private ones with --allow-private) are allowed")]
     NotLoopback(SocketAddr),
     /// Binding failed.
     #[error("listening on {addr}: {source}")]
@@ -100,16 +105,25 @@ impl RunningEmulator {
     }
 }
 
+/// Loopback always; a private IPv4 address (10/8, 172.16/12, 192.168/16) only when allowed.
+fn listen_allowed(ip: IpAddr, allow_private: bool) -> bool {
+    match ip {
+        _ if ip.is_loopback() => true,
+        IpAddr::V4(v4) => allow_private && v4.is_private(),
+        IpAddr::V6(_) => false,
+    }
+}
+
 /// Starts an emulator and returns once it accepts connections.
 pub async fn start(config: Config) -> Result<RunningEmulator, StartError> {
-    if !config.listen.ip().is_loopback() {
+    if !listen_allowed(config.listen.ip(), config.allow_private) {
         return Err(StartError::NotLoopback(config.listen));
     }
     let signer = match config.signer {
         Some(signer) => signer,
         None => Arc::new(tokio::task::spawn_blocking(TokenSigner::generate).await??),
     };
-    let tls = tls::generate()?;
+    let tls = tls::generate(config.listen.ip())?;
     let bind = |source| StartError::Bind { addr: config.listen, source };
     let listener = TcpListener::bind(config.listen).map_err(bind)?;
     listener.set_nonblocking(true).map_err(bind)?;
@@ -122,6 +136,7 @@ pub async fn start(config: Config) -> Result<RunningEmulator, StartError> {
     let state: AppState = Arc::new(SharedState::new(
         RuntimeSettings {
             base_url: url.clone(),
+            listen_ip: local.ip(),
             default_token_lifetime: config.default_token_lifetime,
             mailbox_concurrency: config.mailbox_concurrency.max(1),
             throttle_retry_after: config.throttle_retry_after,
@@ -165,4 +180,22 @@ async fn not_found(uri: Uri) -> Response {
         }
     });
     (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listen_allowed;
+
+    #[test]
+    fn listens_on_loopback_and_on_private_addresses_only_when_allowed() {
+        let ip = |s: &str| s.parse().expect("ip");
+        assert!(listen_allowed(ip("127.0.0.1"), false));
+        assert!(listen_allowed(ip("::1"), false));
+        assert!(!listen_allowed(ip("10.213.0.1"), false));
+        assert!(listen_allowed(ip("10.213.0.1"), true));
+        assert!(listen_allowed(ip("192.168.7.1"), true));
+        for public in ["192.0.2.2", "8.8.8.8", "0.0.0.0", "::", "fd00::1"] {
+            assert!(!listen_allowed(ip(public), true), "{public}");
+        }
+    }
 }

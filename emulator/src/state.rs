@@ -17,6 +17,9 @@ use crate::signing::TokenSigner;
 pub struct RuntimeSettings {
     /// `https://127.0.0.1:PORT`, no trailing slash.
     pub base_url: String,
+    /// The address listened on. Besides loopback peers, the admin API answers this one: the host
+    /// itself, when the emulator listens on a private address for a local cluster's Pods.
+    pub listen_ip: std::net::IpAddr,
     /// Token lifetime when an app does not set one.
     pub default_token_lifetime: u64,
     /// Requests allowed in flight per mailbox before 429 (Graph: 4).

@@ -1,5 +1,6 @@
 //! The emulator's own certificate authority and loopback server certificate, made at start.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use rcgen::{
@@ -30,8 +31,8 @@ pub struct ServerTls {
     pub config: Arc<ServerConfig>,
 }
 
-/// Makes a fresh CA and a server certificate valid for 127.0.0.1, ::1 and localhost.
-pub fn generate() -> Result<ServerTls, TlsError> {
+/// Makes a fresh CA and a server certificate valid for 127.0.0.1, ::1, localhost and `listen`.
+pub fn generate(listen: IpAddr) -> Result<ServerTls, TlsError> {
     let now = OffsetDateTime::now_utc();
 
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
@@ -48,6 +49,9 @@ pub fn generate() -> Result<ServerTls, TlsError> {
     let mut params = CertificateParams::new(vec!["localhost".to_string()])?;
     params.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
     params.subject_alt_names.push(SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()));
+    if !listen.is_loopback() && !listen.is_unspecified() {
+        params.subject_alt_names.push(SanType::IpAddress(listen));
+    }
     params.distinguished_name.push(DnType::CommonName, "m365-emulator");
     params.use_authority_key_identifier_extension = true;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];

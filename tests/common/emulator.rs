@@ -79,7 +79,17 @@ impl Emulator {
         Emulator::start_with(test, &["--cloud", cloud]).await
     }
 
+    /// Starts one listening on `ip` (a private address the test environment made, such as the one
+    /// a local cluster's Pods reach the host on); its certificate names that address.
+    pub async fn start_on(test: &str, ip: &str) -> Emulator {
+        Emulator::start_listening(test, &format!("{ip}:0"), &["--allow-private"]).await
+    }
+
     async fn start_with(test: &str, args: &[&str]) -> Emulator {
+        Emulator::start_listening(test, "127.0.0.1:0", args).await
+    }
+
+    async fn start_listening(test: &str, listen: &str, args: &[&str]) -> Emulator {
         mailroom::tls::install_crypto_provider();
         let bin = required_env("MAILROOM_EMULATOR_BIN");
         let dir = tempfile::tempdir().expect("emulator state dir");
@@ -88,7 +98,7 @@ impl Emulator {
         let log = logs.join(format!("{test}-emulator-{}.log", uuid::Uuid::new_v4().simple()));
         let out = std::fs::File::create(&log).expect("emulator log");
         let mut command = Command::new(bin);
-        command.args(["--listen", "127.0.0.1:0", "--state-dir"]).arg(dir.path()).args(args);
+        command.args(["--listen", listen, "--state-dir"]).arg(dir.path()).args(args);
         if let Some(key) = signing_key() {
             command.arg("--signing-key").arg(key);
         }

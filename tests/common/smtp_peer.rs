@@ -22,12 +22,27 @@ pub struct SmtpPeer {
 impl SmtpPeer {
     /// Starts the server with extra flags (e.g. `--self-signed`, `--auth-user`).
     pub fn start(args: &[&str]) -> SmtpPeer {
+        SmtpPeer::start_listening("127.0.0.1", args)
+    }
+
+    /// Starts one whose SMTP port listens on `ip` (a private address the test environment made,
+    /// such as the one a local cluster's Pods reach the host on); the control API stays on
+    /// loopback, and `--self-signed` certificates name `ip`.
+    pub fn start_on(ip: &str, args: &[&str]) -> SmtpPeer {
+        let mut all = vec!["--allow-private"];
+        all.extend_from_slice(args);
+        SmtpPeer::start_listening(ip, &all)
+    }
+
+    fn start_listening(ip: &str, args: &[&str]) -> SmtpPeer {
         let python = required_env("MAILROOM_PYTHON");
         let dir = tempfile::tempdir().expect("temp dir");
         let log = std::fs::File::create(dir.path().join("server.log")).expect("log");
         let child = Command::new(python)
             .arg(repo_root().join("tests/peers/smtp_server.py"))
-            .args(["--listen", "127.0.0.1:0", "--state-dir"])
+            .arg("--listen")
+            .arg(format!("{ip}:0"))
+            .arg("--state-dir")
             .arg(dir.path())
             .args(args)
             .stdin(Stdio::null())

@@ -727,11 +727,36 @@ def national_cloud_checks(suite: Suite, root: Path) -> None:
     suite.check("national cloud: --xoauth2-audience alone or not https: exit 2", bad_command_lines)
 
 
+def address_checks(suite: Suite, root: Path) -> None:
+    def loopback_only() -> None:
+        assert smtp_server.parse_loopback("127.0.0.1:25") == ("127.0.0.1", 25)
+        assert smtp_server.parse_loopback("[::1]:0") == ("::1", 0)
+        expect(smtp_server.ConfigError, lambda: smtp_server.parse_loopback("10.213.0.1:25"))
+
+    def private_when_allowed() -> None:
+        assert smtp_server.parse_loopback("10.213.0.1:25", allow_private=True) == ("10.213.0.1", 25)
+        assert smtp_server.parse_loopback("192.168.1.1:0", allow_private=True) == ("192.168.1.1", 0)
+        for public in ("192.0.2.2:25", "8.8.8.8:25", "0.0.0.0:25", "[fd00::1]:25"):
+            expect(smtp_server.ConfigError, lambda p=public: smtp_server.parse_loopback(p, allow_private=True))
+
+    def certificate_names_the_listen_address() -> None:
+        from cryptography import x509
+
+        cert, _ = smtp_server.generate_self_signed(root / "addr-tls", root / "addr-ca.pem", "10.213.0.1")
+        leaf = x509.load_pem_x509_certificates(cert.read_bytes())[0]
+        ips = {str(ip) for ip in leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.IPAddress)}
+        assert ips == {"127.0.0.1", "::1", "10.213.0.1"}, ips
+
+    suite.check("listen: loopback only by default", loopback_only)
+    suite.check("listen: private addresses with --allow-private, never public ones", private_when_allowed)
+    suite.check("listen: the certificate names the listen address", certificate_names_the_listen_address)
+
+
 def main() -> int:
     suite = Suite()
     with tempfile.TemporaryDirectory(prefix="smtp-peer-selftest-") as tmp:
         root = Path(tmp)
-        for group in (plain_checks, starttls_checks, implicit_checks, xoauth2_checks, national_cloud_checks):
+        for group in (address_checks, plain_checks, starttls_checks, implicit_checks, xoauth2_checks, national_cloud_checks):
             try:
                 group(suite, root)
             except Exception:

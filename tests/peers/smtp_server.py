@@ -77,8 +77,13 @@ class BadRequest(Exception):
 # Small helpers
 
 
-def parse_loopback(value: str) -> tuple[str, int]:
-    """Parses HOST:PORT and insists on a loopback host, so the peer never listens elsewhere."""
+PRIVATE_NETWORKS = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")]
+
+
+def parse_loopback(value: str, allow_private: bool = False) -> tuple[str, int]:
+    """Parses HOST:PORT and insists on a loopback host, so the peer never listens elsewhere; with
+    allow_private, also a private (RFC 1918) IPv4 address, such as the one a local cluster's Pods
+    reach the host on."""
     host, sep, port_text = value.rpartition(":")
     if not sep or not port_text.isdigit():
         raise ConfigError(f"expected HOST:PORT, got {value!r}")
@@ -89,7 +94,8 @@ def parse_loopback(value: str) -> tuple[str, int]:
         addr = ipaddress.ip_address(host)
     except ValueError as err:
         raise ConfigError(f"not an IP address: {host!r}") from err
-    if not addr.is_loopback:
+    private = addr.version == 4 and any(addr in n for n in PRIVATE_NETWORKS)
+    if not addr.is_loopback and not (allow_private and private):
         raise ConfigError(f"refusing to listen on non-loopback address {host}")
     port = int(port_text)
     if port > 65535:
@@ -146,8 +152,8 @@ def message_id_of(raw: bytes) -> str | None:
     return str(value).strip() if value is not None else None
 
 
-def generate_self_signed(directory: Path, ca_path: Path) -> tuple[Path, Path]:
-    """Creates a CA and a server certificate for 127.0.0.1, ::1 and localhost.
+def generate_self_signed(directory: Path, ca_path: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
+    """Creates a CA and a server certificate for 127.0.0.1, ::1, localhost and `host`.
 
     The CA goes to `ca_path` so clients can trust it; the server's chain and key go to
     `directory`. ECDSA P-256 keeps generation instant; the extensions are the ones strict
@@ -212,6 +218,7 @@ def generate_self_signed(directory: Path, ca_path: Path) -> tuple[Path, Path]:
                     x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                     x509.IPAddress(ipaddress.ip_address("::1")),
                 ]
+                + ([x509.IPAddress(ipaddress.ip_address(host))] if host not in ("127.0.0.1", "::1") else [])
             ),
             critical=False,
         )
@@ -396,7 +403,7 @@ class Peer:
         cfg = self.cfg
         cert, key = cfg.tls_cert, cfg.tls_key
         if cfg.self_signed:
-            cert, key = generate_self_signed(cfg.state_dir / "tls", cfg.state_dir / "ca.pem")
+            cert, key = generate_self_signed(cfg.state_dir / "tls", cfg.state_dir / "ca.pem", cfg.smtp_host)
             LOG.info("generated a CA and a server certificate; clients trust %s", cfg.state_dir / "ca.pem")
         if cert is not None and key is not None:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -989,6 +996,11 @@ class Handler:
 def build_config(argv: list[str] | None = None) -> Config:
     parser = argparse.ArgumentParser(description="Scriptable SMTP server on loopback for mailroom's tests.")
     parser.add_argument("--listen", default="127.0.0.1:0", help="SMTP address, loopback only (port 0: pick one)")
+    parser.add_argument(
+        "--allow-private",
+        action="store_true",
+        help="allow a private (RFC 1918) IPv4 address for --listen (the control API stays on loopback)",
+    )
     parser.add_argument("--control-listen", default="127.0.0.1:0", help="control API address, loopback only")
     parser.add_argument("--state-dir", required=True, type=Path, help="where ready.json, ca.pem and messages/ go")
     parser.add_argument("--hostname", default="localhost", help="name in the greeting and EHLO reply")
@@ -1022,7 +1034,7 @@ def build_config(argv: list[str] | None = None) -> Config:
     # aiosmtpd's own log echoes protocol lines; keep it quiet so credentials never reach a log.
     logging.getLogger("mail.log").setLevel(logging.ERROR)
 
-    smtp_host, smtp_port = parse_loopback(args.listen)
+    smtp_host, smtp_port = parse_loopback(args.listen, args.allow_private)
     control_host, control_port = parse_loopback(args.control_listen)
     auth_pass = args.auth_pass if args.auth_pass is not None else os.environ.get("SMTP_PEER_AUTH_PASS")
     if (args.tls_cert is None) != (args.tls_key is None):
