@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build test bench chaos soak fuzz lint fmt fmt-check clippy unit integration crds crds-check testenv testenv-down pyenv demo demo-down clean-testenv
+.PHONY: all build test bench chaos soak fuzz lint fmt fmt-check clippy unit integration crds crds-check testenv testenv-down pyenv demo demo-down clean-testenv image cluster cluster-down e2e
 
 all: build
 
@@ -58,6 +58,23 @@ crds:
 	cp crds/mailroom.dev.yaml deploy/base/crds/mailroom.dev.yaml
 	cp crds/mailroom.dev.yaml deploy/helm/mailroom/files/crds/mailroom.dev.yaml
 	@echo "==> wrote crds/mailroom.dev.yaml"
+
+## image: the operator image as an OCI archive, target/image/mailroom-<version>.oci.tar, without a container engine (umoci; as root)
+image:
+	@bash hack/image.sh build
+
+## cluster: a real one-node Kubernetes cluster on this host (root; builds its pieces once, cached in ~/.cache/mailroom)
+cluster:
+	@bash hack/cluster.sh up
+	@echo "==> run: eval \"\$$(bash hack/cluster.sh env)\"   to use it with kubectl"
+
+## cluster-down: stop the cluster and restore what it changed on the host (idempotent)
+cluster-down:
+	@bash hack/cluster.sh down
+
+## e2e: the operator's release image installed by its Helm chart into the one-node cluster, full form
+e2e:
+	@bash hack/e2e.sh full
 
 ## testenv: start etcd and kube-apiserver on loopback (builds them once, cached in ~/.cache/mailroom)
 testenv:
