@@ -600,6 +600,7 @@ usage() {
   cat >&2 <<EOF
 usage: $0 build|up|down|status|env|restart-apiserver|stop-apiserver|start-apiserver
   build              build kube-apiserver, etcd and kubectl into $CACHE_ROOT/<key>/bin
+  bin-dir            print the directory those binaries are in
   up                 start etcd and kube-apiserver on 127.0.0.1 (state in $STATE)
   down               stop them and remove the state directory
   status             print the server URL; exit non-zero unless running and ready
@@ -616,6 +617,7 @@ main() {
   readonly BIN_DIR
   case "$cmd" in
     build) cmd_build ;;
+    bin-dir) bin_dir ;;
     up) cmd_up ;;
     down) cmd_down ;;
     status) cmd_status ;;
