@@ -112,14 +112,18 @@ async fn many_large_messages_at_once_stay_within_the_memory_budget() {
         messages.create(&PostParams::default(), &msg).await.expect("create the message");
     }
 
-    let started = Instant::now();
-    let limit = Duration::from_secs(100);
+    // A deadlock is a stall: no message sent for STALL. A slow machine only takes longer.
+    const STALL: Duration = Duration::from_secs(90);
+    let (mut last_sent, mut last_progress) = (0, Instant::now());
     let sent = loop {
         let list = messages.list(&Default::default()).await.expect("list messages");
         let failed: Vec<_> = list.items.iter().filter(|m| m.phase() == Some(Phase::Failed)).collect();
         assert!(failed.is_empty(), "failed: {:#?}", failed.first().map(|m| &m.status));
         let sent = list.items.iter().filter(|m| m.phase() == Some(Phase::Sent)).count();
-        if sent == MESSAGES || started.elapsed() > limit {
+        if sent > last_sent {
+            (last_sent, last_progress) = (sent, Instant::now());
+        }
+        if sent == MESSAGES || last_progress.elapsed() > STALL {
             break sent;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
