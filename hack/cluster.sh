@@ -354,10 +354,11 @@ stop_all() {
   done
   kill_pods
   for name in containerd kube-apiserver etcd; do
-    # A SIGTERM'd kube-apiserver can hang in shutdown for minutes: it gets 10 s.
+    # A SIGTERM'd kube-apiserver can hang in shutdown for minutes: it gets 5 s (its state goes
+    # with the cluster anyway).
     pid="$(running_pid "$name")" && {
       log "stopping $name"
-      stop_pid "$name" "$pid" 10
+      stop_pid "$name" "$pid" 5
     }
   done
   # Whatever is left, shims included, whose pid file is gone.
