@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build test bench chaos soak fuzz lint fmt fmt-check clippy unit integration crds crds-check testenv testenv-down pyenv demo demo-down clean-testenv image cluster cluster-down e2e
+.PHONY: all build test bench chaos soak fuzz lint fmt fmt-check clippy unit integration crds crds-check testenv testenv-down pyenv demo demo-down clean-testenv image cluster cluster-down e2e demo-local
 
 all: build
 
@@ -92,6 +92,10 @@ pyenv:
 ## demo: everything running locally, with messages delivered
 demo:
 	@bash hack/demo.sh up
+
+## demo-local: the demo with the operator as a process beside a bare kube-apiserver (any host)
+demo-local:
+	@MAILROOM_DEMO_LOCAL=1 bash hack/demo.sh up
 
 ## demo-down: stop what `make demo` started
 demo-down:

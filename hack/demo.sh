@@ -5,7 +5,13 @@
 #                       where to look (`make demo`)
 #   hack/demo.sh down   stop everything and remove target/demo (`make demo-down`)
 #
-# `up` starts, each on loopback with its state under target/demo/:
+# Where the host can run the one-node cluster (hack/cluster.sh preflight: Linux, root), `up` shows
+# mailroom as users run it: the operator's image installed by its Helm chart into that cluster
+# (state in target/demo/cluster), with the SMTP test server and the emulator listening on the
+# address Pods reach the host on. Elsewhere it says so and stops; MAILROOM_DEMO_LOCAL=1 (`make
+# demo-local`) runs the demo below, with the operator as a process beside a bare kube-apiserver.
+#
+# The process-based demo starts, each on loopback with its state under target/demo/:
 #   - a Kubernetes control plane (etcd and kube-apiserver, hack/testenv.sh, state in testenv/);
 #   - the SMTP test server (tests/peers/smtp_server.py, a plain relay; state in smtp/, log smtp.log);
 #   - the Microsoft 365 emulator (m365-emulator; state in emulator/, log emulator.log), with the
@@ -44,7 +50,10 @@ readonly NAMESPACE="team-a"
 readonly TENANT_ID="00000000-0000-0000-0000-000000000000"
 readonly CLIENT_ID="11111111-1111-1111-1111-111111111111"
 readonly MESSAGE_TIMEOUT="${MAILROOM_DEMO_TIMEOUT:-120}"
-readonly COMPONENTS=(operator emulator smtp)
+# "cluster" (the Helm chart in the one-node cluster) or "local" (the operator as a process); set by
+# cmd_up, or from demo.env.
+DEMO_MODE=""
+readonly CLUSTER_DIR="$DEMO/cluster"
 
 say() { printf 'demo: %s\n' "$*" >&2; }
 die() {
@@ -77,7 +86,7 @@ duration() {
 STEP=0
 STEP_TITLE=""
 STEP_START=0
-readonly STEPS=9
+STEPS=9
 # The logs worth showing when the current step fails.
 STEP_LOGS=()
 
@@ -279,17 +288,31 @@ load_state() {
   source "$DEMO/demo.env"
 }
 
+# The background processes of a demo in mode $1.
+components() {
+  if [[ "$1" == cluster ]]; then echo emulator smtp; else echo operator emulator smtp; fi
+}
+
 demo_running() {
   [[ -f "$MARKER" && -f "$DEMO/demo.env" ]] || return 1
-  local name
-  for name in "${COMPONENTS[@]}"; do
+  local name mode
+  mode="$(sed -n 's/^DEMO_MODE=//p' "$DEMO/demo.env")"
+  for name in $(components "$mode"); do
     running_pid "$name" >/dev/null || return 1
   done
-  bash hack/testenv.sh status >/dev/null 2>&1 8>&-
+  if [[ "$mode" == cluster ]]; then
+    MAILROOM_CLUSTER_DIR="$CLUSTER_DIR" bash hack/cluster.sh status >/dev/null 2>&1 8>&-
+  else
+    bash hack/testenv.sh status >/dev/null 2>&1 8>&-
+  fi
 }
 
 use_kubectl() {
-  eval "$(bash hack/testenv.sh env 2>/dev/null 8>&-)"
+  if [[ "$DEMO_MODE" == cluster ]]; then
+    eval "$(MAILROOM_CLUSTER_DIR="$CLUSTER_DIR" bash hack/cluster.sh env 2>/dev/null 8>&-)"
+  else
+    eval "$(bash hack/testenv.sh env 2>/dev/null 8>&-)"
+  fi
 }
 
 cmd_up() {
@@ -318,65 +341,23 @@ cmd_up() {
   elif [[ -e "$DEMO" ]]; then
     die "$DEMO_REL exists but was not created by this script; remove it and run 'make demo' again"
   fi
+  if [[ "${MAILROOM_DEMO_LOCAL:-}" == 1 ]]; then
+    DEMO_MODE=local
+  elif bash hack/cluster.sh preflight 8>&-; then
+    DEMO_MODE=cluster
+    STEPS=10
+  else
+    say "this host cannot run the one-node cluster that the demo installs mailroom into (see above)"
+    say "the demo with the operator as a process beside a bare kube-apiserver runs anywhere: make demo-local"
+    exit 1
+  fi
   trap on_up_exit EXIT
   up_locked
 }
 
-up_locked() {
-  local started
-  started="$(now_ms)"
-
-  step "building mailroom and m365-emulator: cargo build --workspace --bins (a few minutes the first time)"
-  cargo build --workspace --bins 8>&-
-  [[ -x "$MAILROOM_BIN" && -x "$EMULATOR_BIN" ]] || die "cargo built no $MAILROOM_BIN or $EMULATOR_BIN"
-
-  step "preparing the Python environment for the SMTP test server (hack/pyenv.sh)"
-  PY="$(bash hack/pyenv.sh 8>&- | tail -n 1)"
-  [[ -x "$PY" ]] || die "hack/pyenv.sh printed no Python interpreter"
-
-  mkdir -p "$DEMO"
-  : >"$MARKER"
-
-  step "starting the Kubernetes control plane, state in $DEMO_REL/testenv (hack/testenv.sh; the first time, it builds kube-apiserver and etcd into ~/.cache/mailroom: about 10 minutes)"
-  bash hack/testenv.sh up 8>&-
-  use_kubectl
-
-  step "starting the SMTP test server, a plain relay (tests/peers/smtp_server.py, state in $DEMO_REL/smtp)" smtp
-  launch smtp "$PY" tests/peers/smtp_server.py --listen 127.0.0.1:0 --control-listen 127.0.0.1:0 \
-    --state-dir "$DEMO/smtp" --hostname relay.contoso.com
-  wait_for_file smtp "$DEMO/smtp/ready.json" 30
-  local smtp_port smtp_control_port
-  smtp_port="$(json_field "$DEMO/smtp/ready.json" smtp_port)"
-  smtp_control_port="$(json_field "$DEMO/smtp/ready.json" control_port)"
-  say "SMTP on 127.0.0.1:$smtp_port, control API on http://127.0.0.1:$smtp_control_port"
-
-  step "starting the Microsoft 365 emulator (state in $DEMO_REL/emulator) and registering the demo's app" emulator
-  mkdir -p "$DEMO/emulator"
-  # A signing key made by openssl spares the debug build a slow RSA key generation at start.
-  local -a key_args=()
-  if command -v openssl >/dev/null 2>&1 &&
-    openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$DEMO/emulator/signing-key.pem" 2>/dev/null; then
-    chmod 600 "$DEMO/emulator/signing-key.pem"
-    key_args=(--signing-key "$DEMO/emulator/signing-key.pem")
-  fi
-  launch emulator "$EMULATOR_BIN" --listen 127.0.0.1:0 --state-dir "$DEMO/emulator" "${key_args[@]}"
-  wait_for_file emulator "$DEMO/emulator/url" 60
-  local emulator_url client_secret
-  emulator_url="$(cat "$DEMO/emulator/url")"
-  client_secret="$("$PY" -c 'import secrets; print(secrets.token_urlsafe(30))')"
-  # The secret goes through stdin, never a command line.
-  printf '{"tenantId":"%s","clientId":"%s","displayName":"mailroom demo","secrets":["%s"],"roles":["Mail.Send"]}' \
-    "$TENANT_ID" "$CLIENT_ID" "$client_secret" |
-    post_json "$emulator_url/_emulator/apps" "$DEMO/emulator/ca.pem" >/dev/null
-  say "emulator at $emulator_url; app $CLIENT_ID registered in tenant $TENANT_ID with the role Mail.Send"
-
-  step "installing the CRDs (crds/mailroom.dev.yaml)"
-  kubectl apply --server-side --field-manager=mailroom-demo -f crds/mailroom.dev.yaml >/dev/null
-  kubectl wait --for=condition=Established --timeout=60s \
-    crd/mailprofiles.mailroom.dev crd/clustermailprofiles.mailroom.dev crd/emailmessages.mailroom.dev >/dev/null
-
+# Starts the operator as a process (the local demo), and waits until it is ready.
+start_operator() {
   step "starting the operator (target/debug/mailroom run, log in $DEMO_REL/operator.log)" operator
-  local ports metrics_port health_port
   ports="$(free_ports)"
   metrics_port="${ports% *}"
   health_port="${ports#* }"
@@ -390,8 +371,91 @@ up_locked() {
     sleep 0.3
   done
   say "operator ready; metrics on http://127.0.0.1:$metrics_port/metrics"
+}
 
+up_locked() {
+  local started deadline
+  started="$(now_ms)"
+
+  step "building mailroom and m365-emulator: cargo build --workspace --bins (a few minutes the first time)"
+  cargo build --workspace --bins 8>&-
+  [[ -x "$MAILROOM_BIN" && -x "$EMULATOR_BIN" ]] || die "cargo built no $MAILROOM_BIN or $EMULATOR_BIN"
+
+  step "preparing the Python environment for the SMTP test server (hack/pyenv.sh)"
+  PY="$(bash hack/pyenv.sh 8>&- | tail -n 1)"
+  [[ -x "$PY" ]] || die "hack/pyenv.sh printed no Python interpreter"
+
+  mkdir -p "$DEMO"
+  : >"$MARKER"
+
+  # Where the peers listen: loopback for a local operator, the address Pods reach the host on for
+  # the cluster's.
+  local peer_ip=127.0.0.1
+  local -a private=()
+  if [[ "$DEMO_MODE" == cluster ]]; then
+    step "building the operator image from the debug binary (hack/image.sh build, as make image does from the release binary)"
+    MAILROOM_IMAGE_BINARY="$MAILROOM_BIN" bash hack/image.sh build 8>&-
+    step "starting the one-node cluster, state in $DEMO_REL/cluster (hack/cluster.sh; the first time, it builds the Kubernetes pieces and containerd into ~/.cache/mailroom: about 15 minutes)"
+    MAILROOM_CLUSTER_DIR="$CLUSTER_DIR" bash hack/cluster.sh up 8>&-
+    use_kubectl
+    MAILROOM_CLUSTER_DIR="$CLUSTER_DIR" bash hack/cluster.sh import "target/image/mailroom-$(bash hack/image.sh name | sed 's/.*://').oci.tar" 8>&-
+    peer_ip="$MAILROOM_CLUSTER_HOST_IP"
+    private=(--allow-private)
+  else
+    step "starting the Kubernetes control plane, state in $DEMO_REL/testenv (hack/testenv.sh; the first time, it builds kube-apiserver and etcd into ~/.cache/mailroom: about 10 minutes)"
+    bash hack/testenv.sh up 8>&-
+    use_kubectl
+  fi
+
+  step "starting the SMTP test server, a plain relay (tests/peers/smtp_server.py, state in $DEMO_REL/smtp)" smtp
+  launch smtp "$PY" tests/peers/smtp_server.py --listen "$peer_ip:0" "${private[@]}" --control-listen 127.0.0.1:0 \
+    --state-dir "$DEMO/smtp" --hostname relay.contoso.com
+  wait_for_file smtp "$DEMO/smtp/ready.json" 30
+  local smtp_port smtp_control_port
+  smtp_port="$(json_field "$DEMO/smtp/ready.json" smtp_port)"
+  smtp_control_port="$(json_field "$DEMO/smtp/ready.json" control_port)"
+  say "SMTP on $peer_ip:$smtp_port, control API on http://127.0.0.1:$smtp_control_port"
+
+  step "starting the Microsoft 365 emulator (state in $DEMO_REL/emulator) and registering the demo's app" emulator
+  mkdir -p "$DEMO/emulator"
+  # A signing key made by openssl spares the debug build a slow RSA key generation at start.
+  local -a key_args=()
+  if command -v openssl >/dev/null 2>&1 &&
+    openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$DEMO/emulator/signing-key.pem" 2>/dev/null; then
+    chmod 600 "$DEMO/emulator/signing-key.pem"
+    key_args=(--signing-key "$DEMO/emulator/signing-key.pem")
+  fi
+  launch emulator "$EMULATOR_BIN" --listen "$peer_ip:0" "${private[@]}" --state-dir "$DEMO/emulator" "${key_args[@]}"
+  wait_for_file emulator "$DEMO/emulator/url" 60
+  local emulator_url client_secret
+  emulator_url="$(cat "$DEMO/emulator/url")"
+  client_secret="$("$PY" -c 'import secrets; print(secrets.token_urlsafe(30))')"
+  # The secret goes through stdin, never a command line.
+  printf '{"tenantId":"%s","clientId":"%s","displayName":"mailroom demo","secrets":["%s"],"roles":["Mail.Send"]}' \
+    "$TENANT_ID" "$CLIENT_ID" "$client_secret" |
+    post_json "$emulator_url/_emulator/apps" "$DEMO/emulator/ca.pem" >/dev/null
+  say "emulator at $emulator_url; app $CLIENT_ID registered in tenant $TENANT_ID with the role Mail.Send"
+
+  local ports metrics_port="" health_port=""
+  if [[ "$DEMO_MODE" == cluster ]]; then
+    step "installing mailroom with its Helm chart: helm install mailroom deploy/helm/mailroom -n mailroom-system (the CRDs, RBAC, two replicas with leader election, trusting the emulator's CA)"
+    local helm_bin image
+    helm_bin="$(bash hack/helm.sh 8>&- | tail -n 1)"
+    image="$(bash hack/image.sh name)"
+    "$helm_bin" install mailroom deploy/helm/mailroom --namespace mailroom-system --create-namespace \
+      --set image.repository="${image%:*}" --set image.tag="${image##*:}" --set image.pullPolicy=Never \
+      --set replicas=2 --set allowCustomEndpoints=true --set-file caBundle.pem="$DEMO/emulator/ca.pem" \
+      --wait --timeout 180s >&2
+    kubectl -n mailroom-system get pods -o wide >&2
+  else
+    step "installing the CRDs (crds/mailroom.dev.yaml)"
+    kubectl apply --server-side --field-manager=mailroom-demo -f crds/mailroom.dev.yaml >/dev/null
+    kubectl wait --for=condition=Established --timeout=60s \
+      crd/mailprofiles.mailroom.dev crd/clustermailprofiles.mailroom.dev crd/emailmessages.mailroom.dev >/dev/null
+    start_operator
+  fi
   {
+    printf 'DEMO_MODE=%q\n' "$DEMO_MODE"
     printf 'DEMO_STARTED=%q\n' "$(date '+%Y-%m-%d %H:%M:%S')"
     printf 'DEMO_PYTHON=%q\n' "$PY"
     printf 'SMTP_PORT=%q\nSMTP_CONTROL_PORT=%q\n' "$smtp_port" "$smtp_control_port"
@@ -401,7 +465,7 @@ up_locked() {
 
   step "applying demo/profiles.yaml: namespace $NAMESPACE, the client secret, MailProfiles m365-graph and m365-relay" operator emulator
   # Server-side apply keeps the Secret out of the last-applied annotation that client-side apply writes.
-  render demo/profiles.yaml CLIENT_SECRET="$client_secret" EMULATOR_URL="$emulator_url" SMTP_PORT="$smtp_port" |
+  render demo/profiles.yaml CLIENT_SECRET="$client_secret" EMULATOR_URL="$emulator_url" SMTP_HOST="$peer_ip" SMTP_PORT="$smtp_port" |
     kubectl apply --server-side --field-manager=mailroom-demo -f - >&2
   kubectl wait --for=condition=Ready mp --all -n "$NAMESPACE" --timeout=60s >&2
 
@@ -440,6 +504,10 @@ report_messages() {
 
 # Prints what runs and where to look.
 summary() {
+  if [[ "$DEMO_MODE" == cluster ]]; then
+    cluster_summary
+    return
+  fi
   local ca="$DEMO_REL/emulator/ca.pem"
   cat <<EOF
 
@@ -476,6 +544,42 @@ Stop it all: make demo-down
 EOF
 }
 
+# Prints what runs in the cluster demo and where to look.
+cluster_summary() {
+  local ca="$DEMO_REL/emulator/ca.pem"
+  cat <<EOF
+
+==> mailroom runs as users run it: its image, installed by its Helm chart into a one-node cluster
+on this host. The peers listen on $MAILROOM_CLUSTER_HOST_IP, the address its Pods reach the host on.
+
+Kubernetes (kubectl comes with it):
+  eval "\$(MAILROOM_CLUSTER_DIR=$DEMO_REL/cluster bash hack/cluster.sh env)"
+  kubectl get pods -n mailroom-system -o wide          # two replicas; one holds the Lease
+  kubectl get mp,em -n $NAMESPACE
+
+EOF
+  kubectl get pods -n mailroom-system 2>&1 | sed 's/^./    &/'
+  echo
+  kubectl get mp,em -n "$NAMESPACE" 2>&1 | sed 's/^./    &/'
+  cat <<EOF
+
+  kubectl describe em deploy-finished -n $NAMESPACE     # status, conditions, Events
+  kubectl logs -n mailroom-system deploy/mailroom       # the operator's log
+
+Mail sent through the SMTP relay (profile m365-relay) to the SMTP test server ($MAILROOM_CLUSTER_HOST_IP:$SMTP_PORT):
+  ls $DEMO_REL/smtp/messages/
+  curl -s http://127.0.0.1:$SMTP_CONTROL_PORT/messages
+
+Mail sent through Microsoft Graph (profile m365-graph) to the Microsoft 365 emulator:
+  curl -s --cacert $ca $EMULATOR_URL/_emulator/messages
+
+Send one more (a new name each time):
+  kubectl create -f demo/another-message.yaml && kubectl get em -n $NAMESPACE -w
+
+Stop it all, the cluster included (the host is restored): make demo-down
+EOF
+}
+
 # --- down ---------------------------------------------------------------------------------------
 
 cmd_down() {
@@ -499,7 +603,11 @@ cmd_down() {
 }
 
 down_locked() {
-  stop_components "${COMPONENTS[@]}"
+  # shellcheck disable=SC2046 # the names of the components
+  stop_components $(components local)
+  if [[ -d "$CLUSTER_DIR" ]]; then
+    MAILROOM_CLUSTER_DIR="$CLUSTER_DIR" bash hack/cluster.sh down 8>&-
+  fi
   if [[ -d "$MAILROOM_TESTENV_DIR" ]]; then
     bash hack/testenv.sh down 8>&-
   fi

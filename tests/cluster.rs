@@ -28,6 +28,9 @@ const RELEASE: &str = "mailroom";
 const TENANT: &str = "7e3b1c2d-0000-4000-8000-00000000c1a5";
 const CLIENT: &str = "9a1f0c3e-1111-4111-8111-00000000c1a5";
 const SENDER: &str = "alerts@contoso.com";
+/// Exchange Online's 30 messages a minute per mailbox, the default, would make the batches take
+/// an hour; the emulator and the SMTP test server take this many.
+const RATE: u32 = 6000;
 
 /// Batch sizes: the full form (`make e2e`) and the short one (`make test`).
 struct Scale {
@@ -241,6 +244,7 @@ kind: MailProfile
 metadata: {{name: graph}}
 spec:
   senders: {{default: "{SENDER}"}}
+  limits: {{messagesPerMinute: {RATE}}}
   graph:
     tenantId: {TENANT}
     clientId: {CLIENT}
@@ -253,6 +257,7 @@ kind: MailProfile
 metadata: {{name: relay}}
 spec:
   senders: {{default: "{SENDER}"}}
+  limits: {{messagesPerMinute: {RATE}}}
   smtp: {{host: "{ip}", port: {relay}, tls: StartTLS}}
 ---
 apiVersion: mailroom.dev/v1alpha1
@@ -260,6 +265,7 @@ kind: MailProfile
 metadata: {{name: exo}}
 spec:
   senders: {{default: "{SENDER}"}}
+  limits: {{messagesPerMinute: {RATE}}}
   smtp:
     host: "{ip}"
     port: {exo}
@@ -502,7 +508,9 @@ async fn the_chart_runs_delivers_fails_over_and_uninstalls() {
         assert_eq!(copies.get(id), Some(&1), "{name} ({id}) arrived {:?} times", copies.get(id));
     }
 
-    // Failover: delete the leader Pod in the middle of a batch.
+    // Failover: delete the leader Pod in the middle of a batch. The relay answers DATA after a
+    // second, so that the deleted Pod has sends in flight when it is told to stop.
+    w.relay.script(json!({"latency_ms": 1000})).await;
     let batch: Vec<String> = (0..w.scale.failover).map(|i| format!("failover-{i:03}")).collect();
     for name in &batch {
         w.send(name, "relay").await;
@@ -521,6 +529,7 @@ async fn the_chart_runs_delivers_fails_over_and_uninstalls() {
     .await;
     let handover = deleted.elapsed();
     let sent = w.wait_sent(&batch, Duration::from_secs(300)).await;
+    w.relay.script(json!({"latency_ms": 0})).await;
     eprintln!(
         "e2e: deleted the leader {old} during {} messages; {new} took over {:.1}s later; all Sent",
         batch.len(),
