@@ -327,7 +327,7 @@ cmd_up() {
     PY="$DEMO_PYTHON"
     use_kubectl
     say "the demo is already running (started $DEMO_STARTED); nothing to do"
-    if [[ "$MAILROOM_BIN" -nt "$DEMO/operator.pid" ]]; then
+    if [[ "$DEMO_MODE" == local && "$MAILROOM_BIN" -nt "$DEMO/operator.pid" ]]; then
       say "note: ${MAILROOM_BIN#"$REPO_ROOT/"} was rebuilt since the operator started; to run the new build: make demo-down && make demo"
     else
       say "to start it afresh: make demo-down && make demo"
