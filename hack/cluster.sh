@@ -639,6 +639,13 @@ ctr_ok() { "$(ctrd_bin)/ctr" --address "$RUN/containerd/containerd.sock" version
 cmd_up() {
   preflight
   if [[ -e "$RUN" || -e "$STATE/.mailroom-cluster" ]] || ip link show "$BRIDGE" >/dev/null 2>&1; then
+    # One cluster per host (its addresses are fixed). A live one started from another state
+    # directory is not this run's to stop; what a dead run left behind is.
+    local other=""
+    [[ -f "$HOST_RECORD/state-dir" ]] && other="$(cat "$HOST_RECORD/state-dir")"
+    if [[ -n "$other" && "$other" != "$STATE" ]] && STATE="$other" running_pid kube-apiserver >/dev/null; then
+      die "a cluster from $other is running on this host; stop it first: MAILROOM_CLUSTER_DIR=$other $0 down"
+    fi
     log "an earlier run left state behind; taking it down first"
     cmd_down
   fi

@@ -43,6 +43,18 @@ else
 fi
 bash hack/image.sh toolbox
 
+# The Prometheus Operator's real ServiceMonitor CRD, for applying the chart's ServiceMonitor against
+# its schema: from the Go module proxy, pinned (it is in the module's example/ tree).
+readonly PROMETHEUS_OPERATOR=github.com/prometheus-operator/prometheus-operator@v0.85.0
+say "fetching the ServiceMonitor CRD of $PROMETHEUS_OPERATOR from the Go module proxy"
+module_dir="$(cd "$(mktemp -d)" && go mod download -json "$PROMETHEUS_OPERATOR" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+MAILROOM_E2E_SERVICEMONITOR_CRD="$module_dir/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml"
+[[ -f "$MAILROOM_E2E_SERVICEMONITOR_CRD" ]] || {
+  echo "no ServiceMonitor CRD in $module_dir" >&2
+  exit 1
+}
+export MAILROOM_E2E_SERVICEMONITOR_CRD
+
 # What the cluster may change on the host, before it starts: `down` must leave exactly this.
 mkdir -p target/e2e
 bash hack/cluster.sh host-state >target/e2e/host-before.txt

@@ -602,6 +602,8 @@ async fn the_chart_runs_delivers_fails_over_and_uninstalls() {
         .expect("a memory limit");
     let batch: Vec<String> = (0..w.scale.large).map(|i| format!("large-{i:04}")).collect();
     let profiles = ["graph", "relay", "exo"];
+    // From the first create: the operator sends while the batch is being created.
+    let started = Instant::now();
     for (i, name) in batch.iter().enumerate() {
         w.send(name, profiles[i % 3]).await;
     }
@@ -620,7 +622,6 @@ async fn the_chart_runs_delivers_fails_over_and_uninstalls() {
             }
         })
     };
-    let started = Instant::now();
     w.wait_sent(&batch, Duration::from_secs(900)).await;
     sampler.abort();
     for p in operator_pods(client).await {
@@ -636,7 +637,7 @@ async fn the_chart_runs_delivers_fails_over_and_uninstalls() {
         assert!(terminated.is_empty(), "{} was terminated: {terminated:?}", p.name_any());
     }
     eprintln!(
-        "e2e: {} messages in {:.1}s; the leader's peak working set {:.1} MiB against its limit of {limit}",
+        "e2e: {} messages created and Sent in {:.1}s; the leader's peak working set {:.1} MiB against its limit of {limit}",
         batch.len(),
         started.elapsed().as_secs_f64(),
         peak.load(std::sync::atomic::Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
@@ -697,9 +698,49 @@ async fn the_chart_runs_delivers_fails_over_and_uninstalls() {
         started.elapsed().as_secs_f64()
     );
 
-    // Upgrade with a changed value: the alerts receiver, reached by another Pod.
-    w.install(&["upgrade", "--reuse-values"], &["--set", "alerts.enabled=true"]);
+    // Upgrade with changed values: the alerts receiver, reached by another Pod, and the
+    // ServiceMonitor, accepted by the Prometheus Operator's own CRD and selecting the metrics
+    // Service.
+    ok(
+        "kubectl apply the ServiceMonitor CRD",
+        run(Command::new("kubectl").args([
+            "apply",
+            "--server-side",
+            "-f",
+            &required_env("MAILROOM_E2E_SERVICEMONITOR_CRD"),
+        ])),
+    );
+    ok(
+        "the ServiceMonitor CRD is established",
+        run(Command::new("kubectl").args([
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/servicemonitors.monitoring.coreos.com",
+        ])),
+    );
+    w.install(
+        &["upgrade", "--reuse-values"],
+        &["--set", "alerts.enabled=true", "--set", "metrics.serviceMonitor.enabled=true"],
+    );
     wait_pods_ready(client, 2, Duration::from_secs(120)).await;
+    let monitor: Value = serde_json::from_str(&ok(
+        "kubectl get servicemonitor",
+        run(Command::new("kubectl").args(["-n", NS, "get", "servicemonitor", RELEASE, "-o", "json"])),
+    ))
+    .expect("ServiceMonitor JSON");
+    let metrics_svc = services.get(&format!("{RELEASE}-metrics")).await.expect("the metrics Service");
+    let labels = metrics_svc.metadata.labels.clone().unwrap_or_default();
+    let selector = monitor["spec"]["selector"]["matchLabels"].as_object().expect("matchLabels");
+    assert!(!selector.is_empty());
+    for (k, v) in selector {
+        assert_eq!(
+            labels.get(k).map(String::as_str),
+            v.as_str(),
+            "the ServiceMonitor does not select the metrics Service on {k}"
+        );
+    }
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics", "{monitor:#}");
     let alerts = services.get(&format!("{RELEASE}-alerts")).await.expect("the alerts Service");
     let alerts_ip = alerts.spec.and_then(|s| s.cluster_ip).expect("ClusterIP");
     // Without an AlertRoute the receiver answers, and says it has no route: reaching it is what
@@ -734,6 +775,11 @@ async fn the_chart_runs_delivers_fails_over_and_uninstalls() {
     let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
         Api::all(client.clone());
     assert!(crds.get_opt("emailmessages.mailroom.dev").await.expect("get CRD").is_some(), "the CRDs are kept");
+    let monitors = ok(
+        "kubectl get servicemonitors",
+        run(Command::new("kubectl").args(["-n", NS, "get", "servicemonitors", "-o", "name"])),
+    );
+    assert!(monitors.trim().is_empty(), "left behind by helm uninstall: {monitors}");
 }
 
 /// The kustomize base, unchanged (its image is the one imported into the node), then the alerts
