@@ -353,6 +353,8 @@ struct Fleet {
     in_doubt: InDoubt,
     problems: Vec<String>,
     start: Instant,
+    /// The replicas' way to the API server.
+    proxy: Arc<ApiProxy>,
 }
 
 impl Fleet {
@@ -434,9 +436,13 @@ impl Fleet {
                     self.replicas[i].op.log.display()
                 ));
             }
-            // It stopped at most a moment ago, 10 s after its last renewal: the Lease is valid
-            // for 5 s more, so no other replica has acted on its claims yet.
+            // It stopped at most a moment ago (the harness looks every 200 ms, through API
+            // server restarts too), 10 s after its last renewal: the Lease is valid for 5 s
+            // more, so no other replica has acted on its claims yet. The proxy holds them off
+            // while the harness looks, which may have to wait for a restarting API server.
+            self.proxy.pause();
             let caught = self.catch(&name).await;
+            self.proxy.resume();
             println!(
                 "chaos: {} {name} exited by itself ({status}), {caught} claim(s) caught in doubt",
                 elapsed(self.start)
@@ -509,7 +515,8 @@ impl Fleet {
     /// must, after the renew deadline),
     /// then starts it again; returns how long it was away. The proxy holds the replicas off
     /// while the harness notes the claims the leader left, so the note is exact.
-    async fn outage(&mut self, plane: &Arc<ControlPlane>, proxy: &ApiProxy) -> Duration {
+    async fn outage(&mut self, plane: &Arc<ControlPlane>) -> Duration {
+        let proxy = Arc::clone(&self.proxy);
         let i = self.wait_leader().await;
         let name = self.replicas[i].name.clone();
         self.wait_for_sends(&name, Duration::from_secs(10)).await;
@@ -696,7 +703,7 @@ async fn chaos_every_message_ends_sent_or_failed_and_duplicates_stay_within_the_
 
     // The replicas reach the API server through the proxy that loses claim answers; the harness
     // talks to it directly.
-    let proxy = ApiProxy::start(&plane.kubeconfig, scale.lost_answers, scale.seed + 6).await;
+    let proxy = Arc::new(ApiProxy::start(&plane.kubeconfig, scale.lost_answers, scale.seed + 6).await);
     let proxied = plane.dir.join("kubeconfig-proxied");
     proxy.write_kubeconfig(&proxied);
 
@@ -725,6 +732,7 @@ async fn chaos_every_message_ends_sent_or_failed_and_duplicates_stay_within_the_
         in_doubt: HashMap::new(),
         problems: Vec::new(),
         start,
+        proxy: Arc::clone(&proxy),
     };
     fleet.start_all(scale.replicas);
     println!("chaos: {} {} replicas started (logs {}/chaos-replica-*)", elapsed(start), scale.replicas, logs.display());
@@ -801,14 +809,22 @@ async fn chaos_every_message_ends_sent_or_failed_and_duplicates_stay_within_the_
         match d {
             Disruption::KillLeader => fleet.kill_leader(&mut rng).await,
             Disruption::RestartApiServer => {
+                // A leader whose renewals fail for the whole restart steps down meanwhile: the
+                // harness keeps looking after the replicas, to note what its death caught.
                 let p = Arc::clone(&plane);
-                let away =
-                    tokio::task::spawn_blocking(move || p.apiserver("restart-apiserver")).await.expect("restart");
+                let restart = tokio::task::spawn_blocking(move || p.apiserver("restart-apiserver"));
+                while !restart.is_finished() {
+                    fleet.sleep(Duration::from_millis(200)).await;
+                }
+                let away = restart.await.expect("restart");
                 println!("chaos: {} API server restarted ({:.1}s away)", elapsed(start), away.as_secs_f64());
                 apiserver_away.push(away);
             }
-            Disruption::Outage => outages_away.push(fleet.outage(&plane, &proxy).await),
+            Disruption::Outage => outages_away.push(fleet.outage(&plane).await),
         }
+    }
+    while !creator.is_finished() {
+        fleet.sleep(Duration::from_millis(200)).await;
     }
     creator.await.expect("creator");
 

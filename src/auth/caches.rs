@@ -32,6 +32,22 @@ impl TokenCaches {
         app: EntraApp,
         issuer: Arc<dyn TokenIssuer>,
     ) -> Arc<TokenCache> {
+        self.get_or_create_if(profile, scope, app, issuer, &|| true).expect("always live")
+    }
+
+    /// [`TokenCaches::get_or_create`], but no new cache when `live` says the profile is gone:
+    /// `live` is asked under the registry's lock, the one [`TokenCaches::retain_only`] takes to
+    /// stop a deleted profile's caches. A reconcile that began before its profile's deletion and
+    /// gets here after the caches were stopped finds the profile gone (the watch's store drops
+    /// it before the deletion is handled) and starts no refreshes the deletion would not stop.
+    pub fn get_or_create_if(
+        &self,
+        profile: &str,
+        scope: &str,
+        app: EntraApp,
+        issuer: Arc<dyn TokenIssuer>,
+        live: &dyn Fn() -> bool,
+    ) -> Option<Arc<TokenCache>> {
         let mut caches = self.lock();
         let key = (profile.to_owned(), scope.to_owned());
         if let Some(cache) = caches.get(&key) {
@@ -39,11 +55,14 @@ impl TokenCaches {
             if *cache.app() != app {
                 cache.replace_credential(app);
             }
-            return cache.clone();
+            return Some(cache.clone());
+        }
+        if !live() {
+            return None;
         }
         let cache = Arc::new(TokenCache::new(app, scope, issuer, self.config.clone()));
         caches.insert(key, cache.clone());
-        cache
+        Some(cache)
     }
 
     /// Removes every cache of `profile` (deleted, or no longer using OAuth) and stops them.
@@ -209,5 +228,28 @@ mod tests {
         assert_eq!(caches.retain_only("MailProfile/a/p", None), 1);
         assert_eq!(caches.len(), 1);
         assert_eq!(caches.retain_only("MailProfile/a/p", None), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_profile_gone_gets_no_new_cache() {
+        let caches = TokenCaches::new(TokenCacheConfig::default());
+        let issuer = Arc::new(CountingIssuer::default());
+        let kept = caches.get_or_create("MailProfile/a/p", GRAPH_SCOPE, app("s"), issuer.clone());
+        // An existing cache is still handed out (the deletion that stops it has not run yet) ...
+        let again = caches.get_or_create_if("MailProfile/a/p", GRAPH_SCOPE, app("s"), issuer.clone(), &|| false);
+        assert!(again.is_some_and(|c| Arc::ptr_eq(&c, &kept)));
+        // ... but once the deletion stopped it, a late reconcile creates none, and asks nothing.
+        assert_eq!(caches.retain_only("MailProfile/a/p", None), 1);
+        let late = caches.get_or_create_if("MailProfile/a/p", GRAPH_SCOPE, app("s"), issuer.clone(), &|| false);
+        assert!(late.is_none());
+        assert!(caches.is_empty());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let asked = issuer.count(GRAPH_SCOPE);
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(issuer.count(GRAPH_SCOPE), asked);
+        // A profile that exists again gets its cache.
+        let live = caches.get_or_create_if("MailProfile/a/p", GRAPH_SCOPE, app("s"), issuer, &|| true);
+        assert!(live.is_some());
+        assert_eq!(caches.len(), 1);
     }
 }

@@ -389,8 +389,9 @@ type Resolution = (Result<Built, NotReady>, u64);
 /// are returned as errors. An unchanged profile keeps its transport (and what it has learned).
 async fn resolve(ctx: &Context, key: &ProfileKey, settings: &MailProfileSpec) -> Result<Resolution> {
     let policy = ctx.config.endpoint_policy();
+    let live = || ctx.profile_exists(key);
     let inputs = match transport_inputs(&ctx.client, key, settings, &ctx.config.trust, policy).await? {
-        Ok(inputs) => inputs,
+        Ok(inputs) => TransportInputs { live: &live, ..inputs },
         Err(nr) => return Ok((Err(nr), 0)),
     };
     let fingerprint = {
@@ -442,6 +443,7 @@ pub async fn transport_inputs<'a>(
         credential,
         trust,
         allow_insecure: policy.allow_insecure,
+        live: &|| true,
     }))
 }
 

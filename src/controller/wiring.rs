@@ -63,6 +63,8 @@ pub struct TransportInputs<'a> {
     pub trust: TrustRoots,
     /// Accept http:// endpoints.
     pub allow_insecure: bool,
+    /// Whether the profile still exists; no token cache is created for one that is gone.
+    pub live: &'a (dyn Fn() -> bool + Sync),
 }
 
 /// A profile's transport and, for OAuth profiles, the token cache behind it.
@@ -110,7 +112,9 @@ fn token_cache(
     app.validate(inputs.allow_insecure).map_err(|e| not_ready("InvalidSettings", e.to_string()))?;
     let issuer = EntraTokenProvider::from_trust_roots(&inputs.trust, inputs.allow_insecure)
         .map_err(|e| not_ready("InvalidSettings", e.to_string()))?;
-    Ok(caches.get_or_create(&inputs.profile, scope, app, Arc::new(issuer)))
+    caches
+        .get_or_create_if(&inputs.profile, scope, app, Arc::new(issuer), inputs.live)
+        .ok_or_else(|| not_ready("Deleted", "the profile was deleted"))
 }
 
 /// The SMTP configuration of a profile with an `smtp` section, and its token cache (XOAUTH2).
