@@ -174,8 +174,7 @@ async fn a_recorded_notification_becomes_one_delivered_email_and_a_retry_nothing
     assert_eq!(names.len(), 1, "{names:?}");
     assert_eq!(route_messages(&client, &ns).await.len(), 3);
 
-    let events = common::events_for(&client, &ns, "platform").await;
-    assert!(events.iter().any(|(r, n)| r == "MessageCreated" && n.contains(&name)), "{events:?}");
+    common::expect_event(&client, &ns, "platform", |r, n| r == "MessageCreated" && n.contains(&name)).await;
 }
 
 #[tokio::test]
@@ -338,7 +337,6 @@ data:
     let why = m.metadata.annotations.clone().unwrap_or_default().remove("mailroom.dev/alert-template-error");
     assert!(why.as_deref().is_some_and(|w| w.contains("subject template") && w.contains("syntax error")), "{why:?}");
     assert!(m.spec.body.text.as_deref().unwrap_or_default().contains("could not be used"));
-    let events = common::events_for(&client, &ns, "platform").await;
-    assert!(events.iter().any(|(r, n)| r == "TemplateFailed" && n.contains("syntax error")), "{events:?}");
+    common::expect_event(&client, &ns, "platform", |r, n| r == "TemplateFailed" && n.contains("syntax error")).await;
     peer.wait_messages(2, WAIT).await;
 }

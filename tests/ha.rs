@@ -342,8 +342,7 @@ async fn a_send_that_outlasts_the_shutdown_timeout_is_left_to_the_successor() {
     // The status is written before the "sent" line is logged.
     wait_log(&ops[1], "message::record: sent slow ", Duration::from_secs(5)).await;
     assert_eq!(sent_by(&ops[1]), ["slow"]);
-    let events = common::events_for(&client, &ns, "slow").await;
-    assert!(events.iter().any(|(reason, _)| reason == "ResendingInDoubt"), "{events:?}");
+    common::expect_event(&client, &ns, "slow", |reason, _| reason == "ResendingInDoubt").await;
     let want = status.message_id.clone().unwrap_or_default();
     let envelopes = peer.messages().await;
     assert!(!envelopes.is_empty() && envelopes.len() <= 2, "{envelopes:?}");

@@ -630,7 +630,7 @@ spec:
         }
         // The reason is also an Event on the message.
         if let Expect::Failed(reason, _) | Expect::Waiting(reason, _) = &c.expect {
-            let events = common::events_for(&client, &ns, c.name).await;
+            let events = common::events_until(&client, &ns, c.name, |r, _| r == *reason).await;
             if !events.iter().any(|(r, _)| r == reason) {
                 problems.push(format!("{}: no {reason} Event, saw {events:?}", c.name));
             }

@@ -155,8 +155,7 @@ spec:
         Some("text/csv")
     );
 
-    let events = common::events_for(&client, &ns, "full").await;
-    assert!(events.iter().any(|(r, n)| r == "Sent" && n.contains("250")), "{events:?}");
+    common::expect_event(&client, &ns, "full", |r, n| r == "Sent" && n.contains("250")).await;
 }
 
 #[tokio::test]
@@ -172,8 +171,7 @@ async fn transient_then_success_and_permanent_failure() {
     create_yaml(&client, &ns, &message("retried", "relay", "")).await;
     let sent = wait_phase(&api, "retried", Phase::Sent).await;
     assert_eq!(sent.status.as_ref().unwrap().attempts, Some(2));
-    let events = common::events_for(&client, &ns, "retried").await;
-    assert!(events.iter().any(|(r, n)| r == "RetryScheduled" && n.contains("451")), "{events:?}");
+    common::expect_event(&client, &ns, "retried", |r, n| r == "RetryScheduled" && n.contains("451")).await;
 
     peer.script(json!({"data": ["550 5.7.64 TenantAttribution; Relay Access Denied"]})).await;
     create_yaml(&client, &ns, &message("refused", "relay", "")).await;
@@ -184,8 +182,7 @@ async fn transient_then_success_and_permanent_failure() {
         cond.message.contains("550") && cond.message.contains("TenantAttribution; Relay Access Denied"),
         "{cond:?}"
     );
-    let events = common::events_for(&client, &ns, "refused").await;
-    assert!(events.iter().any(|(r, n)| r == "Failed" && n.contains("550")), "{events:?}");
+    common::expect_event(&client, &ns, "refused", |r, n| r == "Failed" && n.contains("550")).await;
 }
 
 #[tokio::test]

@@ -153,8 +153,7 @@ spec:
             assert!(cond.message.contains(w), "{name}: {:?} does not contain {w:?}", cond.message);
         }
         assert_eq!(m.status.as_ref().and_then(|s| s.attempts), None, "{name}: a template error costs no attempt");
-        let events = common::events_for(&client, &ns, name).await;
-        assert!(events.iter().any(|(r, n)| r == reason && n.contains(words[0])), "{name}: {events:?}");
+        common::expect_event(&client, &ns, name, |r, n| r == *reason && n.contains(words[0])).await;
     }
     // All four failed before a claim, so none can be on its way to the server.
     assert!(peer.messages().await.is_empty(), "a failed template reached the SMTP server");

@@ -241,6 +241,32 @@ pub async fn events_for(client: &Client, namespace: &str, name: &str) -> Vec<(St
         .collect()
 }
 
+/// The Events recorded for an object once one of them, as (reason, note), satisfies `want`; all
+/// of them, matching or not, after 30 s. The operator writes an Event after the status it
+/// accompanies, so a test that has just seen the status may not see the Event yet.
+pub async fn events_until(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    want: impl Fn(&str, &str) -> bool,
+) -> Vec<(String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = events_for(client, namespace, name).await;
+        if events.iter().any(|(r, n)| want(r, n)) || Instant::now() > deadline {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits (30 s at most) for an Event on the object that satisfies `want`; panics with the ones
+/// there are otherwise.
+pub async fn expect_event(client: &Client, namespace: &str, name: &str, want: impl Fn(&str, &str) -> bool) {
+    let events = events_until(client, namespace, name, &want).await;
+    assert!(events.iter().any(|(r, n)| want(r, n)), "no such Event on {namespace}/{name}; saw {events:?}");
+}
+
 impl Operator {
     /// Starts `mailroom run` watching one namespace, with extra environment variables (for
     /// example a KUBECONFIG with another identity).
