@@ -120,13 +120,13 @@ cmd_build() {
   bin="$(k8s_bin)"
   if [[ ! -x "$bin/kubelet" || ! -x "$bin/kube-controller-manager" || ! -x "$bin/kube-scheduler" || ! -x "$bin/kube-proxy" ]]; then
     log "building kubelet, kube-controller-manager, kube-scheduler and kube-proxy ($(kube_version)) into $bin"
-    log "a first build takes about 6 minutes and 3 GB of memory on 2 cores; later builds reuse the Go cache"
+    log "a first build takes about 7.5 minutes and 3 GB of memory on 2 idle cores; later builds reuse the Go cache"
     go_build "$bin" "" "$K8S_MOD" k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-controller-manager \
       k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kube-proxy
   fi
   bin="$(ctrd_bin)"
   if [[ ! -x "$bin/containerd" || ! -x "$bin/containerd-shim-runc-v2" || ! -x "$bin/ctr" ]]; then
-    log "building containerd, its runc shim and ctr into $bin (about 1 minute the first time)"
+    log "building containerd, its runc shim and ctr into $bin (about 1.5 minutes the first time)"
     go_build "$bin" "urfave_cli_no_docs no_btrfs" "$CTRD_MOD" github.com/containerd/containerd/v2/cmd/containerd \
       github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2 github.com/containerd/containerd/v2/cmd/ctr
   fi
