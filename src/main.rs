@@ -36,6 +36,29 @@ struct MallocConf(*const std::ffi::c_char);
 // SAFETY: it points to a string literal, never written.
 unsafe impl Sync for MallocConf {}
 
+/// jemalloc's `stats.allocated` and `stats.resident`, refreshed by advancing its epoch.
+fn jemalloc_heap() -> Option<(u64, u64)> {
+    tikv_jemalloc_ctl::epoch::advance().ok()?;
+    let allocated = tikv_jemalloc_ctl::stats::allocated::read().ok()?;
+    let resident = tikv_jemalloc_ctl::stats::resident::read().ok()?;
+    Some((allocated as u64, resident as u64))
+}
+
+/// With the `heap-profile` feature, each SIGUSR2 asks jemalloc for a heap profile (`prof.dump`).
+#[cfg(feature = "heap-profile")]
+fn heap_profile_on_sigusr2() {
+    tokio::spawn(async {
+        let Ok(mut signals) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2()) else {
+            return;
+        };
+        while signals.recv().await.is_some() {
+            // SAFETY: prof.dump takes a `const char *` file name; null means jemalloc's own name.
+            let result = unsafe { tikv_jemalloc_ctl::raw::write(b"prof.dump\0", std::ptr::null::<std::ffi::c_char>()) };
+            info!(ok = result.is_ok(), "heap profile requested");
+        }
+    });
+}
+
 /// A Kubernetes operator that sends email from custom resources.
 #[derive(Parser)]
 #[command(name = "mailroom", version, about)]
@@ -202,7 +225,10 @@ async fn run(args: RunArgs) -> Result<(), String> {
         }
         None => TrustRoots::default(),
     };
-    let client = kube::Client::try_default().await.map_err(|e| format!("cannot reach the Kubernetes API: {e}"))?;
+    let kubeconfig =
+        kube::Config::infer().await.map_err(|e| format!("cannot load the Kubernetes configuration: {e}"))?;
+    let client =
+        mailroom::kube_client::client(kubeconfig).map_err(|e| format!("cannot reach the Kubernetes API: {e}"))?;
     let instance = std::env::var("POD_NAME")
         .or_else(|_| std::env::var("HOSTNAME"))
         .unwrap_or_else(|_| format!("mailroom-{}", std::process::id()));
@@ -216,6 +242,9 @@ async fn run(args: RunArgs) -> Result<(), String> {
         memory_budget: args.memory_budget,
     };
     let metrics = Arc::new(Metrics::default());
+    metrics.set_heap_probe(jemalloc_heap);
+    #[cfg(feature = "heap-profile")]
+    heap_profile_on_sigusr2();
     let health = Arc::new(Health::default());
     server::serve(args.metrics_addr, args.health_addr, metrics.clone(), health.clone())
         .await

@@ -77,6 +77,10 @@ impl TrustRoots {
             .user_agent(concat!("mailroom/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(std::time::Duration::from_secs(10))
             .timeout(std::time::Duration::from_secs(120))
+            // Idle connections go after 30 s, at most 8 per host: a burst of sends or token
+            // requests does not leave a pool of connections (and their TLS state) behind.
+            .pool_idle_timeout(std::time::Duration::from_secs(30))
+            .pool_max_idle_per_host(8)
             .build()
             .map_err(|e| TlsError::Certificate(e.to_string()))
     }

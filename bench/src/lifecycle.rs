@@ -41,6 +41,9 @@ pub struct ProfilesResult {
     rss_after_second_cycle_mib: f64,
     /// VmRSS after the idle wait that follows (past the HTTP clients' 90 s idle-connection timeout).
     rss_idle_mib: f64,
+    /// jemalloc's live heap (`mailroom_heap_allocated_bytes`, MiB) at the same five points:
+    /// what the operator still holds, as opposed to what the allocator has not returned.
+    heap_mib: Vec<Option<f64>>,
     /// `mailroom_profiles` and `mailroom_token_caches` after the deletions; None where the build
     /// has no such gauges.
     gauges_after_delete: Option<(f64, f64)>,
@@ -123,6 +126,11 @@ impl Operator {
 
     fn rss(&self) -> f64 {
         rss_mib(&self.process, "VmRSS").unwrap_or(0.0)
+    }
+
+    /// The live heap in MiB, from the operator's own gauge (None on a build without it).
+    async fn heap(&self) -> Result<Option<f64>, BenchError> {
+        Ok(self.gauge("mailroom_heap_allocated_bytes").await?.map(|b| b / 1_048_576.0))
     }
 }
 
@@ -253,7 +261,11 @@ pub async fn profiles(client: &Client, args: &Args, emu: &Emulator, logs: &Path)
     op.wait_ready().await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_baseline = op.rss();
-    eprintln!("bench: [profiles] operator ready, RSS {rss_baseline:.1} MiB; creating {n} profiles in {ns}");
+    let mut heap = vec![op.heap().await?];
+    eprintln!(
+        "bench: [profiles] operator ready, RSS {rss_baseline:.1} MiB, heap {}; creating {n} profiles in {ns}",
+        mib(heap[0])
+    );
 
     let first: Vec<String> = (0..n).map(|i| format!("p-{i:05}")).collect();
     let start = Instant::now();
@@ -262,11 +274,19 @@ pub async fn profiles(client: &Client, args: &Args, emu: &Emulator, logs: &Path)
     let seconds_to_ready = start.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_with = op.rss();
-    eprintln!("bench: [profiles] {n} Ready after {seconds_to_ready:.1}s, RSS {rss_with:.1} MiB; deleting them");
+    heap.push(op.heap().await?);
+    eprintln!(
+        "bench: [profiles] {n} Ready after {seconds_to_ready:.1}s, RSS {rss_with:.1} MiB, heap {}; deleting them",
+        mib(heap[1])
+    );
     delete_profiles(client, &ns, &first).await?;
     let gauges = wait_freed(&op, Duration::from_secs(30)).await?;
     let rss_after = op.rss();
-    eprintln!("bench: [profiles] deleted, RSS {rss_after:.1} MiB, gauges (profiles, token caches) {gauges:?}");
+    heap.push(op.heap().await?);
+    eprintln!(
+        "bench: [profiles] deleted, RSS {rss_after:.1} MiB, heap {}, gauges (profiles, token caches) {gauges:?}",
+        mib(heap[2])
+    );
 
     let second: Vec<String> = (0..n).map(|i| format!("q-{i:05}")).collect();
     create_profiles(client, &ns, emu, &second).await?;
@@ -274,14 +294,18 @@ pub async fn profiles(client: &Client, args: &Args, emu: &Emulator, logs: &Path)
     delete_profiles(client, &ns, &second).await?;
     let gauges = wait_freed(&op, Duration::from_secs(30)).await?;
     let rss_second = op.rss();
+    heap.push(op.heap().await?);
     let tokens_before = emu.token_requests().await?;
     eprintln!(
-        "bench: [profiles] second cycle deleted, RSS {rss_second:.1} MiB; {} s without profiles",
+        "bench: [profiles] second cycle deleted, RSS {rss_second:.1} MiB, heap {}; {} s without profiles",
+        mib(heap[3]),
         IDLE_WAIT.as_secs()
     );
     tokio::time::sleep(IDLE_WAIT).await;
     let token_requests_after_delete = emu.token_requests().await?.saturating_sub(tokens_before);
     let rss_idle = op.rss();
+    heap.push(op.heap().await?);
+    eprintln!("bench: [profiles] idle, RSS {rss_idle:.1} MiB, heap {}", mib(heap[4]));
     op.process.stop(Duration::from_secs(30));
     clean_namespace(client, &ns).await;
     Ok(ProfilesResult {
@@ -293,6 +317,7 @@ pub async fn profiles(client: &Client, args: &Args, emu: &Emulator, logs: &Path)
         rss_after_delete_mib: rss_after,
         rss_after_second_cycle_mib: rss_second,
         rss_idle_mib: rss_idle,
+        heap_mib: heap,
         gauges_after_delete: gauges,
         token_requests_after_delete,
     })
@@ -456,6 +481,10 @@ pub async fn waiting(client: &Client, args: &Args, smtp: &SmtpPeer, logs: &Path)
 /// each holds) are closed.
 const IDLE_WAIT: Duration = Duration::from_secs(100);
 
+fn mib(v: Option<f64>) -> String {
+    v.map_or("-".to_string(), |v| format!("{v:.1} MiB"))
+}
+
 /// Prints the lifecycle run's figures.
 pub fn print_profiles(r: &ProfilesResult) {
     let gauges = r.gauges_after_delete.map_or("-".to_string(), |(p, t)| format!("{p:.0} / {t:.0}"));
@@ -485,6 +514,8 @@ pub fn print_profiles(r: &ProfilesResult) {
         gauges,
         r.token_requests_after_delete
     );
+    let heap: Vec<String> = r.heap_mib.iter().map(|v| mib(*v)).collect();
+    println!("{:<9} live heap at the same points: {}", "", heap.join(" / "));
 }
 
 /// Prints the waiting run's figures.
