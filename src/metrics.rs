@@ -9,6 +9,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::delivery::budget::BudgetFigures;
+
 /// Labels of a message outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
@@ -72,7 +74,17 @@ pub struct Metrics {
     /// and its own metadata. Far above `heap_allocated` after a peak is fragmentation.
     pub heap_resident: Gauge,
     heap_probe: std::sync::OnceLock<HeapProbe>,
+    /// The memory budget for the messages being built and sent, in bytes.
+    pub budget_bytes: Gauge,
+    /// Bytes of the budget granted, or kept for messages woken for their turn.
+    pub budget_held_bytes: Gauge,
+    /// Messages waiting for budget bytes.
+    pub budget_waiting: Gauge,
+    budget_probe: std::sync::OnceLock<BudgetProbe>,
 }
+
+/// Reads the memory budget's figures at scrape time; the controller supplies it.
+pub type BudgetProbe = Box<dyn Fn() -> Option<BudgetFigures> + Send + Sync>;
 
 /// Reads the allocator's (allocated, resident) bytes; the binary supplies it, for the allocator
 /// it links.
@@ -143,6 +155,24 @@ impl Default for Metrics {
             "Bytes of physical memory the allocator holds (heap, unreturned free pages, metadata)",
             heap_resident.clone(),
         );
+        let budget_bytes = Gauge::default();
+        registry.register(
+            "memory_budget_bytes",
+            "The memory budget for the messages being built and sent (--memory-budget)",
+            budget_bytes.clone(),
+        );
+        let budget_held_bytes = Gauge::default();
+        registry.register(
+            "memory_budget_held_bytes",
+            "Bytes of the memory budget granted to messages, or kept for messages woken for their turn",
+            budget_held_bytes.clone(),
+        );
+        let budget_waiting = Gauge::default();
+        registry.register(
+            "memory_budget_waiting",
+            "Messages waiting for bytes of the memory budget",
+            budget_waiting.clone(),
+        );
         Metrics {
             registry,
             messages,
@@ -161,6 +191,10 @@ impl Default for Metrics {
             heap_allocated,
             heap_resident,
             heap_probe: std::sync::OnceLock::new(),
+            budget_bytes,
+            budget_held_bytes,
+            budget_waiting,
+            budget_probe: std::sync::OnceLock::new(),
         }
     }
 }
@@ -189,6 +223,22 @@ impl Metrics {
     /// Sets how the heap gauges are read (once; later calls are ignored).
     pub fn set_heap_probe(&self, probe: HeapProbe) {
         let _ = self.heap_probe.set(probe);
+    }
+
+    /// Sets how the memory budget's gauges are read (once; later calls are ignored).
+    pub fn set_budget_probe(&self, probe: BudgetProbe) {
+        let _ = self.budget_probe.set(probe);
+    }
+
+    /// Reads the gauges that are sampled at scrape time: the heap and the memory budget.
+    pub fn sample(&self) {
+        self.sample_heap();
+        if let Some(f) = self.budget_probe.get().and_then(|probe| probe()) {
+            let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            self.budget_bytes.set(gauge(f.total));
+            self.budget_held_bytes.set(gauge(f.held));
+            self.budget_waiting.set(gauge(f.waiting));
+        }
     }
 
     /// Reads the heap gauges through the probe, where there is one.
@@ -223,6 +273,17 @@ mod tests {
         let text = m.encode();
         assert!(text.contains("mailroom_heap_allocated_bytes 1234"), "{text}");
         assert!(text.contains("mailroom_heap_resident_bytes 5678"), "{text}");
+    }
+
+    #[test]
+    fn the_budget_gauges_come_from_the_probe() {
+        let m = Metrics::default();
+        m.set_budget_probe(Box::new(|| Some(BudgetFigures { total: 512, held: 300, waiting: 7 })));
+        m.sample();
+        let text = m.encode();
+        assert!(text.contains("mailroom_memory_budget_bytes 512"), "{text}");
+        assert!(text.contains("mailroom_memory_budget_held_bytes 300"), "{text}");
+        assert!(text.contains("mailroom_memory_budget_waiting 7"), "{text}");
     }
 
     #[test]

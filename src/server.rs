@@ -34,7 +34,7 @@ impl Health {
 
 async fn metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     m.tasks.set(tokio::runtime::Handle::current().metrics().num_alive_tasks() as i64);
-    m.sample_heap();
+    m.sample();
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.encode())
 }
 

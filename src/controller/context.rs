@@ -166,6 +166,7 @@ impl Context {
         let messages: Arc<OnceCell<Store<EmailMessage>>> = Arc::default();
         let limits = SendLimits::new(wake_waiting(wake.clone(), messages.clone()));
         let budget = MemoryBudget::new(config.memory_budget(), wake_waiting(wake.clone(), messages.clone()));
+        metrics.set_budget_probe(Box::new(budget.probe()));
         let ctx = Context {
             client,
             config,

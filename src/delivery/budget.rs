@@ -42,6 +42,17 @@ struct State<W> {
     woken: HashMap<W, (u64, Instant)>,
 }
 
+/// A budget's state at one moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BudgetFigures {
+    /// The whole budget, in bytes.
+    pub total: u64,
+    /// Bytes granted, or kept for a woken message that has not taken them yet.
+    pub held: u64,
+    /// Messages waiting for their bytes.
+    pub waiting: u64,
+}
+
 /// The answer to a request for bytes.
 pub enum Grant<W: Clone + Eq + Hash> {
     /// Go on; the reservation holds the bytes until it is dropped.
@@ -105,6 +116,22 @@ impl<W: Clone + Eq + Hash> MemoryBudget<W> {
         self.inner.lock().in_use
     }
 
+    /// What the budget holds now, for the metrics: the bytes granted or kept for woken messages,
+    /// and how many messages wait in the queue.
+    pub fn figures(&self) -> BudgetFigures {
+        self.inner.figures()
+    }
+
+    /// Reads the figures later, for as long as the budget exists: the metrics hold this, and it
+    /// does not keep the budget (nor its wake channel) alive.
+    pub fn probe(&self) -> impl Fn() -> Option<BudgetFigures> + Send + Sync + 'static
+    where
+        W: Send + 'static,
+    {
+        let inner = Arc::downgrade(&self.inner);
+        move || inner.upgrade().map(|inner| inner.figures())
+    }
+
     /// `bytes` for `me`, now or later through the wake callback. More than the whole budget is
     /// granted as the whole budget. A message woken for its turn goes before everyone; one that
     /// did not wait goes only when nobody waits.
@@ -164,6 +191,13 @@ impl<W: Clone + Eq + Hash> MemoryBudget<W> {
 impl<W: Clone + Eq + Hash> Inner<W> {
     fn lock(&self) -> MutexGuard<'_, State<W>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn figures(&self) -> BudgetFigures {
+        let mut s = self.lock();
+        s.expire_woken(self.grace);
+        let held = self.total.saturating_sub(s.free(self.total));
+        BudgetFigures { total: self.total, held, waiting: s.waiting.len() as u64 }
     }
 
     /// Wakes messages from the head of the queue for as long as the head's bytes are free.
@@ -233,6 +267,27 @@ mod tests {
         let d = ask(&b, "d", 1).expect("woken, it goes");
         drop((a, d));
         assert_eq!(b.in_use(), 0);
+    }
+
+    #[test]
+    fn the_figures_count_granted_and_woken_bytes_and_the_queue() {
+        let (b, _) = budget(100, &[], Duration::from_secs(60));
+        assert_eq!(b.figures(), BudgetFigures { total: 100, held: 0, waiting: 0 });
+        let a = ask(&b, "a", 70).expect("room");
+        assert!(ask(&b, "c", 50).is_none());
+        assert!(ask(&b, "d", 20).is_none());
+        assert_eq!(b.figures(), BudgetFigures { total: 100, held: 70, waiting: 2 });
+        drop(a);
+        // c is woken and keeps its 50 bytes until it comes back; d (20) is woken too.
+        assert_eq!(b.figures(), BudgetFigures { total: 100, held: 70, waiting: 0 });
+        let c = ask(&b, "c", 50).expect("its turn");
+        assert_eq!(b.figures().held, 70, "taken, no longer counted twice");
+        drop(c);
+        b.withdraw(&"d");
+        let probe = b.probe();
+        assert_eq!(probe(), Some(BudgetFigures { total: 100, held: 0, waiting: 0 }));
+        drop(b);
+        assert_eq!(probe(), None, "the probe does not keep the budget alive");
     }
 
     #[test]
