@@ -240,8 +240,9 @@ pub async fn run(
         let client = client.clone();
         let namespace = namespace.clone();
         let mut stop = shutdown_tx.subscribe();
+        let period = ctx.config.send_record_sweep();
         async move {
-            let mut every = tokio::time::interval(message::key::SWEEP_PERIOD);
+            let mut every = tokio::time::interval(period);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
