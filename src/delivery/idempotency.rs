@@ -374,6 +374,28 @@ mod tests {
     }
 
     #[test]
+    fn the_tool_is_told_by_its_metadata() {
+        let map = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let none = BTreeMap::new();
+        assert_eq!(gitops_tool(&none, &none), None);
+        assert_eq!(gitops_tool(&map(&[(FLUX_NAMESPACE_LABEL, "flux-system")]), &none), Some(GitOpsTool::Flux));
+        assert_eq!(gitops_tool(&none, &map(&[(ARGOCD_TRACKING_ANNOTATION, "a:b")])), Some(GitOpsTool::ArgoCd));
+        // Flux's own labels name it even when a chart also set the instance label.
+        let both = map(&[(ARGOCD_INSTANCE_LABEL, "shop"), (FLUX_NAME_LABEL, "apps")]);
+        assert_eq!(gitops_tool(&both, &none), Some(GitOpsTool::Flux));
+        // Other tools' labels are no tracking.
+        assert_eq!(gitops_tool(&map(&[("app.kubernetes.io/managed-by", "Helm")]), &none), None);
+        assert_eq!(GitOpsTool::ArgoCd.to_string(), "Argo CD");
+    }
+
+    #[test]
+    fn a_record_without_an_expiry_is_extended() {
+        let r = reserved("k", me(), ts(100));
+        let e = extended(&r, ts(100), Duration::from_secs(5)).expect("an expiry");
+        assert_eq!(e.expires_at, Some(Time(ts(105))));
+    }
+
+    #[test]
     fn the_derived_key_follows_the_name_and_the_spec() {
         let a = message(argo(), serde_json::json!({}));
         let same = message(argo(), serde_json::json!({"cc": []}));
