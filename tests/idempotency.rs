@@ -251,7 +251,12 @@ async fn a_failed_message_does_not_consume_its_key() {
     peer.script(json!({"data": ["550 5.7.64 TenantAttribution; Relay Access Denied"]})).await;
     create_yaml(&client, &ns, &message("first", "", "  idempotencyKey: welcome-alice")).await;
     common::wait_for(&api, "first", WAIT, |m| phase(m) == Some(Phase::Failed)).await;
-    assert!(records.get_opt(&record_name("welcome-alice")).await.expect("get").is_none(), "released");
+    // Released (just after the Failed status is written).
+    let start = Instant::now();
+    while records.get_opt(&record_name("welcome-alice")).await.expect("get").is_some() {
+        assert!(start.elapsed() < WAIT, "the failed message's key was not released");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     create_yaml(&client, &ns, &message("second", "", "  idempotencyKey: welcome-alice")).await;
     common::wait_for(&api, "second", WAIT, sent_itself).await;
@@ -277,4 +282,49 @@ async fn a_gitops_message_with_a_ttl_and_no_key_is_warned_about() {
     assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "TTLWithoutIdempotencyKey"));
     assert!(c.message.contains("Flux re-creates it"), "{}", c.message);
     expect_event(&client, &ns, "opted-out", |r, n| r == "RecreationRisk" && n.contains("sent again")).await;
+}
+
+/// A record left `Reserved` by an operator that stopped between reserving and recording, for the
+/// message `name` with uid `uid`.
+async fn left_reserved(client: &kube::Client, ns: &str, key: &str, name: &str, uid: &str) {
+    use mailroom::api::RecordedMessage;
+    use mailroom::delivery::idempotency::reserved;
+    let holder = RecordedMessage { name: name.into(), uid: uid.into() };
+    let spec = reserved(key, holder, k8s_openapi::jiff::Timestamp::now());
+    let mut record = SendRecord::new(&record_name(key), spec);
+    record.metadata.namespace = Some(ns.to_string());
+    let records: Api<SendRecord> = Api::namespaced(client.clone(), ns);
+    records.create(&Default::default(), &record).await.expect("create the SendRecord");
+}
+
+#[tokio::test]
+async fn a_reserved_key_is_taken_over_when_its_holder_is_gone_and_confirmed_when_it_was_sent() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "idem-takeover", &[]).await;
+    let peer = SmtpPeer::start(&[]);
+    let _op = Operator::start("idem-takeover", &ns, &[]);
+    create_yaml(&client, &ns, &common::relay_profile("relay", peer.smtp_port, "")).await;
+    let api: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);
+    let records: Api<SendRecord> = Api::namespaced(client.clone(), &ns);
+
+    // Its holder is gone (deleted before anything was recorded): the key is free.
+    left_reserved(&client, &ns, "gone-holder", "vanished", "00000000-0000-0000-0000-000000000000").await;
+    create_yaml(&client, &ns, &message("taker", "", "  idempotencyKey: gone-holder")).await;
+    common::wait_for(&api, "taker", WAIT, sent_itself).await;
+    let record = records.get(&record_name("gone-holder")).await.expect("the SendRecord");
+    assert_eq!((record.spec.state, record.spec.message.name.as_str()), (SendRecordState::Sent, "taker"));
+    exactly(&peer, 1).await;
+
+    // Its holder was sent, and the record's confirmation was lost: the key is sent.
+    create_yaml(&client, &ns, &message("holder", "", "")).await;
+    let holder = common::wait_for(&api, "holder", WAIT, sent_itself).await;
+    let uid = holder.metadata.uid.clone().expect("uid");
+    left_reserved(&client, &ns, "lost-confirmation", "holder", &uid).await;
+    create_yaml(&client, &ns, &message("late", "", "  idempotencyKey: lost-confirmation")).await;
+    let late = common::wait_for(&api, "late", WAIT, found_sent).await;
+    let record = records.get(&record_name("lost-confirmation")).await.expect("the SendRecord");
+    assert_eq!(record.spec.state, SendRecordState::Sent, "confirmed from the holder's status");
+    assert_eq!(record.spec.message_id, holder.status.and_then(|s| s.message_id));
+    assert_eq!(late.status.and_then(|s| s.message_id), record.spec.message_id);
+    exactly(&peer, 2).await;
 }
