@@ -47,7 +47,7 @@ say "installing the CRDs"
 kubectl apply --server-side --force-conflicts -f crds/mailroom.dev.yaml >/dev/null
 kubectl wait --for=condition=Established --timeout=60s \
   crd/mailprofiles.mailroom.dev crd/clustermailprofiles.mailroom.dev crd/emailmessages.mailroom.dev crd/emailtemplates.mailroom.dev \
-  crd/alertroutes.mailroom.dev >/dev/null
+  crd/alertroutes.mailroom.dev crd/sendrecords.mailroom.dev >/dev/null
 
 export MAILROOM_BIN="$REPO_ROOT/target/debug/mailroom"
 export MAILROOM_EMULATOR_BIN="$REPO_ROOT/target/debug/m365-emulator"

@@ -145,6 +145,10 @@ struct RunArgs {
     /// holding a reconcile slot; one larger than the budget goes alone.
     #[arg(long, env = "MAILROOM_MEMORY_BUDGET", value_name = "BYTES", default_value = "512Mi", value_parser = mailroom::delivery::footprint::parse_bytes)]
     memory_budget: u64,
+    /// Seconds between two sweeps that delete the SendRecords (idempotency keys) whose retention
+    /// has passed.
+    #[arg(long, env = "MAILROOM_SEND_RECORD_SWEEP_INTERVAL", value_name = "SECONDS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    send_record_sweep_interval: u64,
 }
 
 fn main() -> ExitCode {
@@ -240,6 +244,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         instance,
         concurrency: args.concurrency,
         memory_budget: args.memory_budget,
+        send_record_sweep_seconds: args.send_record_sweep_interval,
     };
     let metrics = Arc::new(Metrics::default());
     metrics.set_heap_probe(jemalloc_heap);

@@ -612,6 +612,12 @@ async fn rbac_is_enough_for_the_operator_and_no_more() {
         (vec!["list", "namespaces"], true),
         (vec!["watch", "namespaces"], true),
         (vec!["create", "events.events.k8s.io", "-n", n], true),
+        (vec!["create", "sendrecords.mailroom.dev", "-n", n], true),
+        (vec!["update", "sendrecords.mailroom.dev", "-n", n], true),
+        (vec!["delete", "sendrecords.mailroom.dev", "-n", n], true),
+        (vec!["list", "sendrecords.mailroom.dev", "--all-namespaces"], true),
+        (vec!["patch", "sendrecords.mailroom.dev", "-n", n], false),
+        (vec!["watch", "sendrecords.mailroom.dev", "--all-namespaces"], false),
         (vec!["update", "leases.coordination.k8s.io", "-n", SYSTEM_NS], true),
         // Credentials are read, never written.
         (vec!["create", "secrets", "-n", n], false),

@@ -66,6 +66,7 @@ fn context(transport: Arc<CountingTransport>) -> (Arc<Context>, Handle<Request<B
             limits: None,
             recipient_domains: None,
             ca_bundle: None,
+            idempotency_retention_seconds: None,
         },
         allowed_namespaces: None,
         state: Ok(transport as Arc<dyn Transport>),

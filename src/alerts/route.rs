@@ -97,6 +97,8 @@ pub fn email_message(
         importance: Some(spec.importance_for(severities)),
         delivery: spec.delivery.clone(),
         ttl_seconds_after_finished: Some(spec.ttl_seconds_after_finished()),
+        idempotency_key: None,
+        idempotency_retention_seconds: None,
     };
     let metadata = ObjectMeta {
         name: Some(name.to_string()),

@@ -56,6 +56,9 @@ pub mod conditions {
     pub const FAILED: &str = "Failed";
     /// A message waits for something outside it (its profile, a Secret).
     pub const WAITING: &str = "Waiting";
+    /// A GitOps-managed message with a TTL and no idempotency key: it is sent again each time the
+    /// GitOps tool re-creates it after its TTL.
+    pub const RECREATION_RISK: &str = "RecreationRisk";
 }
 
 /// Finds a condition by type.

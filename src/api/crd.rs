@@ -4,14 +4,21 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 use serde_json::Value;
 
-use super::{AlertRoute, ClusterMailProfile, EmailMessage, EmailTemplate, MailProfile};
+use super::{AlertRoute, ClusterMailProfile, EmailMessage, EmailTemplate, MailProfile, SendRecord};
 
 /// All the CRDs.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![MailProfile::crd(), ClusterMailProfile::crd(), EmailMessage::crd(), EmailTemplate::crd(), AlertRoute::crd()]
-        .into_iter()
-        .map(kubernetes_formats)
-        .collect()
+    vec![
+        MailProfile::crd(),
+        ClusterMailProfile::crd(),
+        EmailMessage::crd(),
+        EmailTemplate::crd(),
+        AlertRoute::crd(),
+        SendRecord::crd(),
+    ]
+    .into_iter()
+    .map(kubernetes_formats)
+    .collect()
 }
 
 /// The CRDs as one multi-document YAML stream.

@@ -114,6 +114,18 @@ pub struct EmailMessageSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub ttl_seconds_after_finished: Option<i64>,
+    /// Sends at most once per namespace and key within the retention: a message whose key was
+    /// already sent is not sent again (phase Sent, reason AlreadySent). Empty: no key, not even
+    /// the one derived for a message managed by Argo CD or Flux.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new(r"!self.contains('\r') && !self.contains('\n')").message("idempotencyKey must be one line"))]
+    #[schemars(length(max = 256))]
+    pub idempotency_key: Option<String>,
+    /// How long the key stays taken after the message is sent, in seconds; default: the
+    /// profile's `idempotencyRetentionSeconds`, else 30 days.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 31_622_400))]
+    pub idempotency_retention_seconds: Option<u64>,
 }
 
 pub(crate) fn mailbox_rule(var: &str) -> String {
@@ -359,6 +371,9 @@ pub struct EmailMessageStatus {
     /// The operator instance (pod) that made the current claim.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claimed_by: Option<String>,
+    /// The idempotency key the message was sent (or found already sent) under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
     /// Attempts in a row that an operator left in `Sending` (it stopped while sending); reset by
     /// any outcome. Too many in a row fail the message, so that it cannot crash-loop the operator.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,5 +1,5 @@
 //! The custom resources: `MailProfile`, `ClusterMailProfile`, `EmailMessage`, `EmailTemplate`,
-//! `AlertRoute`.
+//! `AlertRoute`, and the operator's own `SendRecord`.
 
 pub mod alert_route;
 pub mod cloud;
@@ -7,6 +7,7 @@ pub mod common;
 pub mod crd;
 pub mod message;
 pub mod profile;
+pub mod send_record;
 pub mod template;
 
 pub use alert_route::*;
@@ -14,4 +15,5 @@ pub use cloud::{Cloud, CloudEndpoints, default_scope};
 pub use common::*;
 pub use message::*;
 pub use profile::*;
+pub use send_record::*;
 pub use template::*;

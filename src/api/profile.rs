@@ -49,6 +49,11 @@ pub struct MailProfileSpec {
     /// PEM roots trusted, besides the operator's, for this profile's endpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_bundle: Option<String>,
+    /// How long a sent idempotency key of this profile's messages stays taken, in seconds;
+    /// default 30 days. A message's `idempotencyRetentionSeconds` wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 31_622_400))]
+    pub idempotency_retention_seconds: Option<u64>,
 }
 
 /// A profile shared by the namespaces that `allowedNamespaces` admits.

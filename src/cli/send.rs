@@ -374,6 +374,8 @@ pub fn build_spec(
         template_ref: args.template.clone().map(|name| LocalReference { name }),
         values,
         ttl_seconds_after_finished: args.ttl.map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+        idempotency_key: None,
+        idempotency_retention_seconds: None,
     })
 }
 

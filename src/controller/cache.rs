@@ -47,8 +47,10 @@ fn strip_finished(msg: &mut EmailMessage) {
         s.message_id = None;
         s.transport = None;
         s.from = None;
-        // The Failed condition's time is when a failed message finished (a sent one has sentTime).
-        s.conditions.retain(|c| c.type_ == conditions::FAILED);
+        // The Failed condition's time is when a failed message finished (a sent one has sentTime;
+        // one found already sent has its Sent condition's time).
+        let found_sent = s.phase == Some(crate::api::Phase::Sent) && s.sent_time.is_none();
+        s.conditions.retain(|c| c.type_ == conditions::FAILED || (found_sent && c.type_ == conditions::SENT));
         for c in &mut s.conditions {
             c.message = String::new();
         }

@@ -38,6 +38,8 @@ pub struct OperatorConfig {
     pub concurrency: u16,
     /// Bytes the messages being built and sent may hold together; 0 means the default.
     pub memory_budget: u64,
+    /// How often expired idempotency records are deleted, in seconds; 0 means the default.
+    pub send_record_sweep_seconds: u64,
 }
 
 /// EmailMessages reconciled at once unless configured otherwise.
@@ -60,6 +62,14 @@ impl OperatorConfig {
     /// Bytes the messages being built and sent may hold together.
     pub fn memory_budget(&self) -> u64 {
         if self.memory_budget == 0 { DEFAULT_MEMORY_BUDGET } else { self.memory_budget }
+    }
+
+    /// How often expired idempotency records are deleted.
+    pub fn send_record_sweep(&self) -> std::time::Duration {
+        match self.send_record_sweep_seconds {
+            0 => super::message::key::SWEEP_PERIOD,
+            s => std::time::Duration::from_secs(s),
+        }
     }
 }
 

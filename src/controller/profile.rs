@@ -763,6 +763,7 @@ mod tests {
             limits: None,
             recipient_domains: None,
             ca_bundle: None,
+            idempotency_retention_seconds: None,
         }
     }
 

@@ -71,6 +71,17 @@ pub enum Reason {
     RepeatedlyInterrupted,
     /// Found in doubt, and sent again with the same Message-ID (an Event).
     ResendingInDoubt,
+
+    // Idempotency keys.
+    /// Not sent: a message with the same idempotency key was sent within its retention.
+    AlreadySent,
+    /// Waiting: another message holds the idempotency key and is being sent.
+    KeyReserved,
+    /// A GitOps-managed message with a TTL and no idempotency key: it is re-created and sent again
+    /// after every TTL (the condition and the Warning Event).
+    RecreationRisk,
+    /// The reason of the `RecreationRisk` condition.
+    TTLWithoutIdempotencyKey,
 }
 
 impl Reason {
@@ -107,6 +118,10 @@ impl Reason {
             Reason::DeliveryUncertain => "DeliveryUncertain",
             Reason::RepeatedlyInterrupted => "RepeatedlyInterrupted",
             Reason::ResendingInDoubt => "ResendingInDoubt",
+            Reason::AlreadySent => "AlreadySent",
+            Reason::KeyReserved => "KeyReserved",
+            Reason::RecreationRisk => "RecreationRisk",
+            Reason::TTLWithoutIdempotencyKey => "TTLWithoutIdempotencyKey",
         }
     }
 }

@@ -234,6 +234,29 @@ pub async fn run(
         }
     };
 
+    // Idempotency records past their retention are deleted, so that they stay as many as the keys
+    // sent within it (a key found expired is also freed when it is used again).
+    let sweeps = {
+        let client = client.clone();
+        let namespace = namespace.clone();
+        let mut stop = shutdown_tx.subscribe();
+        let period = ctx.config.send_record_sweep();
+        async move {
+            let mut every = tokio::time::interval(period);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.recv() => break,
+                    _ = every.tick() => {
+                        if let Err(e) = message::key::sweep(&client, namespace.as_deref()).await {
+                            warn!(error = %e, "could not sweep the idempotency records");
+                        }
+                    }
+                }
+            }
+        }
+    };
+
     info!(namespace = namespace.as_deref().unwrap_or("(all)"), "mailroom operator running");
     let c1 = ctx.clone();
     let c2 = ctx.clone();
@@ -246,6 +269,7 @@ pub async fn run(
         namespace_watch,
         readiness,
         kicks,
+        sweeps,
     );
     info!("mailroom operator stopped");
 }

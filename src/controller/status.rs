@@ -190,10 +190,59 @@ pub fn waiting(
     s
 }
 
-/// When the message finished (Sent or Failed), for `ttlSecondsAfterFinished`.
+/// `Sent` without sending: a message with the same idempotency key was sent; `text` names it.
+/// No `sentTime` (this message sent nothing); `messageId` is the original's.
+pub fn already_sent(
+    prev: &EmailMessageStatus,
+    key: &str,
+    text: &str,
+    message_id: Option<String>,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> EmailMessageStatus {
+    let mut s = prev.clone();
+    s.phase = Some(Phase::Sent);
+    s.interruptions = None;
+    s.next_attempt_time = None;
+    s.sent_time = None;
+    s.message_id = message_id;
+    s.idempotency_key = Some(key.to_string());
+    s.observed_generation = generation;
+    let reason = Reason::AlreadySent.as_str();
+    set_condition(
+        &mut s.conditions,
+        condition(&prev.conditions, conditions::SENT, true, reason, clip(text), generation, Time(now)),
+    );
+    set_condition(
+        &mut s.conditions,
+        condition(&prev.conditions, conditions::WAITING, false, reason, "", generation, Time(now)),
+    );
+    s
+}
+
+/// Adds the `RecreationRisk` condition (a GitOps-managed message with a TTL and no key).
+pub fn recreation_risk(s: &mut EmailMessageStatus, text: &str, generation: Option<i64>, now: Timestamp) {
+    let c = condition(
+        &s.conditions,
+        conditions::RECREATION_RISK,
+        true,
+        Reason::TTLWithoutIdempotencyKey.as_str(),
+        clip(text),
+        generation,
+        Time(now),
+    );
+    set_condition(&mut s.conditions, c);
+}
+
+/// When the message finished (Sent or Failed), for `ttlSecondsAfterFinished`: for a message found
+/// already sent, when that was found.
 pub fn finished_at(s: &EmailMessageStatus) -> Option<Timestamp> {
     match s.phase {
-        Some(Phase::Sent) => s.sent_time.as_ref().map(|t| t.0),
+        Some(Phase::Sent) => {
+            s.sent_time.as_ref().map(|t| t.0).or_else(|| {
+                crate::api::find_condition(&s.conditions, conditions::SENT).map(|c| c.last_transition_time.0)
+            })
+        }
         Some(Phase::Failed) => {
             crate::api::find_condition(&s.conditions, conditions::FAILED).map(|c| c.last_transition_time.0)
         }
@@ -324,6 +373,19 @@ mod tests {
         let long = "é".repeat(2000);
         let f = failed(&EmailMessageStatus::default(), Reason::SendFailed, &long, None, ts(1));
         assert!(find_condition(&f.conditions, "Failed").unwrap().message.len() <= MAX_MESSAGE + 3);
+    }
+
+    #[test]
+    fn already_sent_finishes_without_a_send_of_its_own() {
+        let before = waiting(&EmailMessageStatus::default(), Reason::KeyReserved, "held by m1", Some(1), ts(5));
+        let s = already_sent(&before, "k", "not sent: already sent by m1", Some("<m1@x>".into()), Some(1), ts(10));
+        assert_eq!(s.phase, Some(Phase::Sent));
+        assert_eq!((s.sent_time.as_ref(), s.attempts), (None, None), "nothing was sent, no attempt made");
+        assert_eq!((s.message_id.as_deref(), s.idempotency_key.as_deref()), (Some("<m1@x>"), Some("k")));
+        let c = find_condition(&s.conditions, "Sent").unwrap();
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "AlreadySent"));
+        assert_eq!(find_condition(&s.conditions, "Waiting").unwrap().status, "False");
+        assert_eq!(finished_at(&s), Some(ts(10)), "the TTL counts from when it was found sent");
     }
 
     #[test]

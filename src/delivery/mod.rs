@@ -2,6 +2,7 @@
 
 pub mod budget;
 pub mod footprint;
+pub mod idempotency;
 pub mod limits;
 pub mod policy;
 pub mod retry;

@@ -338,6 +338,7 @@ mod tests {
                 limits: None,
                 recipient_domains: Some(vec!["contoso.com".into()]),
                 ca_bundle: None,
+                idempotency_retention_seconds: None,
             },
             allowed_namespaces: None,
             state: if ready {

@@ -1,11 +1,13 @@
 //! The message reconciler, as named steps, one module each: [`dereference`] reads what the
 //! decision needs, [`decide`] says what to do (pure), [`send`] takes the turn, claims, builds and
-//! sends, and [`record`] writes the status (the one place that does) with its Event and metric.
+//! sends, and [`record`] writes the status (the one place that does) with its Event and metric;
+//! [`key`] reserves, confirms and releases a message's idempotency key around its send.
 
 mod decide;
 mod dereference;
 mod event;
 pub use event::MAX_NOTE;
+pub mod key;
 mod record;
 mod send;
 
@@ -48,7 +50,7 @@ pub async fn reconcile(msg: Arc<EmailMessage>, ctx: Arc<Context>) -> Result<Acti
     }
     let msg = &seen.msg;
     match decision.next {
-        Next::Expire => record::expire(&api, msg, now).await,
+        Next::Expire => record::expire(&ctx, &api, msg, now).await,
         Next::Nothing => Ok(Action::await_change()),
         Next::Later(after) => Ok(Action::requeue(after)),
         Next::Wait(reason, text) => record::wait(&ctx, &api, msg, reason, &text).await,

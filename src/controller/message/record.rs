@@ -18,6 +18,7 @@ use super::super::reason::Reason;
 use super::super::status;
 use super::decide::{Verdict, judge_send};
 use super::event::event;
+use super::key;
 use super::send::{Claimed, Tried};
 use crate::api::{EmailMessage, EmailMessageStatus, Phase};
 use crate::delivery::retry;
@@ -95,9 +96,41 @@ pub async fn attempt(ctx: &Context, api: &Api<EmailMessage>, cached: &EmailMessa
             }
             Err(error)
         }
+        Tried::AlreadySent(c, original) => {
+            // The status it had before the claim, Sent without a send of its own: no attempt.
+            let now = Timestamp::now();
+            let generation = c.msg.metadata.generation;
+            let next = status::already_sent(
+                &c.before,
+                &original.key,
+                &original.text,
+                original.message_id.clone(),
+                generation,
+                now,
+            );
+            write_status(api, &c.msg, &next, Guard::Claim(&c.claim.id)).await?;
+            info!(message = %c.msg.name_any(), namespace = c.msg.namespace().unwrap_or_default(), key = %original.key, "already sent under its idempotency key; not sent again");
+            event(ctx, &c.msg, EventType::Normal, Reason::AlreadySent, &original.text).await;
+            ctx.metrics.outcome(&super::profile_label_of(&c.msg), "none", "already_sent");
+            Ok(expire_after(&c.msg))
+        }
+        Tried::KeyBusy(c, text) => {
+            // Back to the status it had before the claim, waiting: no attempt is counted.
+            let next =
+                status::waiting(&c.before, Reason::KeyReserved, &text, c.msg.metadata.generation, Timestamp::now());
+            let news = status::differs(&c.before, &next);
+            write_status(api, &c.msg, &next, Guard::Claim(&c.claim.id)).await?;
+            if news {
+                event(ctx, &c.msg, EventType::Normal, Reason::KeyReserved, &text).await;
+            }
+            Ok(Action::requeue(KEY_RECHECK))
+        }
         Tried::Sent(c, result, elapsed) => outcome(ctx, api, c, result, elapsed).await,
     }
 }
+
+/// A message whose key another message holds looks again this often.
+const KEY_RECHECK: Duration = Duration::from_secs(3);
 
 /// Records a send's answer under its claim.
 async fn outcome(
@@ -111,10 +144,17 @@ async fn outcome(
     let msg = &c.msg;
     let (generation, attempt, transport) = (msg.metadata.generation, c.claim.attempt, c.claim.transport.as_str());
     let profile = super::profile_label_of(msg);
+    if let Some(text) = &c.warning {
+        event(ctx, msg, EventType::Warning, Reason::RecreationRisk, text).await;
+    }
+    let ns = msg.namespace().unwrap_or_default();
     match judge_send(msg, attempt, result, now, rand::random::<f64>()) {
         Verdict::Sent(delivered) => {
             let next = status::sent(&c.status, &delivered, generation, now);
             write_status(api, msg, &next, Guard::Claim(&c.claim.id)).await?;
+            if let Some(held) = c.key.clone() {
+                key::confirm(&ctx.client, &ns, *held, next.message_id.clone(), now).await;
+            }
             info!(message = %msg.name_any(), namespace = msg.namespace().unwrap_or_default(), attempt, elapsed_ms = elapsed.as_millis() as u64, "sent");
             // The Event says what the condition says: Graph's 202 is no confirmed delivery.
             let text = format!("attempt {attempt} via {transport}: {}", status::sent_condition(&delivered).1);
@@ -128,6 +168,10 @@ async fn outcome(
         Verdict::Failed(reason, text) => {
             let next = status::failed(&c.status, reason, &text, generation, now);
             write_status(api, msg, &next, Guard::Claim(&c.claim.id)).await?;
+            // Failed messages do not consume their key.
+            if let Some(held) = c.key.clone() {
+                key::release(&ctx.client, &ns, *held).await;
+            }
             warn!(message = %msg.name_any(), attempt, %reason, error = %text, "failed");
             event(ctx, msg, EventType::Warning, Reason::Failed, &text).await;
             ctx.metrics.outcome(&profile, transport, "failed");
@@ -305,8 +349,9 @@ fn expire_after(msg: &EmailMessage) -> Action {
     }
 }
 
-/// Deletes a finished message once `ttlSecondsAfterFinished` has passed.
-pub async fn expire(api: &Api<EmailMessage>, msg: &EmailMessage, now: Timestamp) -> Result<Action> {
+/// Deletes a finished message once `ttlSecondsAfterFinished` has passed, after its idempotency
+/// key's record says what became of it (the record outlives the message).
+pub async fn expire(ctx: &Context, api: &Api<EmailMessage>, msg: &EmailMessage, now: Timestamp) -> Result<Action> {
     let done = msg.status.as_ref().and_then(status::finished_at);
     let (Some(ttl), Some(done)) = (msg.spec.ttl_seconds_after_finished, done) else {
         return Ok(Action::await_change());
@@ -315,6 +360,7 @@ pub async fn expire(api: &Api<EmailMessage>, msg: &EmailMessage, now: Timestamp)
     if at > now {
         return Ok(Action::requeue(retry::until(now, at)));
     }
+    key::settle_before_delete(&ctx.client, msg).await?;
     let dp = DeleteParams {
         preconditions: Some(Preconditions { uid: msg.uid(), resource_version: None }),
         ..Default::default()

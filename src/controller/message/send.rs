@@ -15,8 +15,10 @@ use super::super::reason::Reason;
 use super::super::registry::ResolvedProfile;
 use super::super::status::{self, Claim};
 use super::decide::{Go, send_evidence};
+use super::key::{self, KeyVerdict};
 use super::record;
 use crate::api::{EmailMessage, EmailMessageStatus, Phase};
+use crate::delivery::idempotency;
 use crate::delivery::limits::Turn;
 use crate::error::{Error, Result};
 use crate::transport::{Address, AttachmentData, Delivered, OutgoingMessage, SendError};
@@ -58,8 +60,22 @@ pub enum Tried {
     Unbuildable(Claimed, Reason, String),
     /// Claimed, and then the API server failed us before anything was sent.
     Interrupted(Claimed, Error),
+    /// Claimed and built, and not sent: a message with the same idempotency key was.
+    AlreadySent(Claimed, AlreadySent),
+    /// Claimed and built, and not sent now: another message holds its idempotency key.
+    KeyBusy(Claimed, String),
     /// Sent, with the provider's answer.
     Sent(Claimed, Result<Delivered, SendError>, Duration),
+}
+
+/// The message that was sent under a key before.
+pub struct AlreadySent {
+    /// The key.
+    pub key: String,
+    /// Why, in words: the original, its Message-ID and time.
+    pub text: String,
+    /// The original's Message-ID.
+    pub message_id: Option<String>,
 }
 
 /// A claim that landed.
@@ -74,6 +90,10 @@ pub struct Claimed {
     pub claim: Claim,
     /// The claim resumes an earlier claim of ours whose answer was lost.
     pub resumed: bool,
+    /// The idempotency key reserved for the send, to confirm or release with its outcome.
+    pub key: Option<Box<key::Held>>,
+    /// The warning of a GitOps-managed message with a TTL and no key, when it is news.
+    pub warning: Option<String>,
 }
 
 /// Takes the message's turn and holds it, then claims, builds and sends it. The [`Hold`] (if
@@ -127,6 +147,27 @@ pub async fn claim_and_send<'a>(
         Ok(Err((reason, text))) => return Ok((Some(hold), Tried::Unbuildable(claimed, reason, text))),
         Err(e) => return Ok((Some(hold), Tried::Interrupted(claimed, e))),
     };
+    // The key is decided on the whole message (a derived key hashes the spec, which the cache
+    // does not keep) and reserved after the claim, before the send.
+    let mut claimed = claimed;
+    let choice = idempotency::choose_key(&claimed.msg);
+    match key::reserve_for(&ctx.client, &claimed.msg, &choice, settings).await {
+        Ok(KeyVerdict::Send(held)) => {
+            claimed.status.idempotency_key = held.as_ref().map(|h| h.key.clone());
+            claimed.key = held;
+        }
+        Ok(KeyVerdict::AlreadySent { key, text, message_id }) => {
+            return Ok((Some(hold), Tried::AlreadySent(claimed, AlreadySent { key, text, message_id })));
+        }
+        Ok(KeyVerdict::Busy(text)) => return Ok((Some(hold), Tried::KeyBusy(claimed, text))),
+        Err(e) => return Ok((Some(hold), Tried::Interrupted(claimed, e.into()))),
+    }
+    if let Some(text) = idempotency::recreation_warning(&claimed.msg, &choice) {
+        let news = crate::api::find_condition(&claimed.before.conditions, crate::api::conditions::RECREATION_RISK)
+            .is_none_or(|c| c.status != "True");
+        status::recreation_risk(&mut claimed.status, &text, claimed.msg.metadata.generation, Timestamp::now());
+        claimed.warning = news.then_some(text);
+    }
     memory::settle(&mut memory, &go.profile, &claimed.msg, &outgoing);
     let profile_label = super::profile_label(&go.profile.key);
     ctx.metrics.attempts.get_or_create(&crate::metrics::ProfileLabels { profile: profile_label }).inc();
@@ -179,7 +220,7 @@ async fn claim(ctx: &Context, api: &Api<EmailMessage>, cached: &EmailMessage, go
         },
         Err(e) => return Err(e.into()),
     };
-    Ok(Some(Claimed { msg, before, status, claim, resumed }))
+    Ok(Some(Claimed { msg, before, status, claim, resumed, key: None, warning: None }))
 }
 
 /// Builds the whole message as the claim returned it (the cache keeps no bodies, so no extra
