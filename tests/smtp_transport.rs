@@ -399,6 +399,47 @@ async fn drop_in_data_is_transient() {
     assert!(peer.messages().await.is_empty());
 }
 
+/// A server that greets, then answers EHLO with a line that never ends; returns its port and
+/// how many bytes it managed to send before the client closed the connection.
+async fn endless_reply_server() -> (u16, tokio::task::JoinHandle<usize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let server = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        socket.write_all(b"220 hostile.example ESMTP\r\n").await.expect("greeting");
+        let mut command = [0u8; 512];
+        let _ = socket.read(&mut command).await;
+        let mut sent = socket.write(b"250-").await.unwrap_or(0);
+        let line = [b'x'; 16 * 1024];
+        // Until the client hangs up, or 64 MiB: far past any bound the client should keep.
+        while sent < 64 * 1024 * 1024 {
+            match socket.write(&line).await {
+                Ok(n) => sent += n,
+                Err(_) => break,
+            }
+        }
+        sent
+    });
+    (port, server)
+}
+
+#[tokio::test]
+async fn a_reply_that_never_ends_is_cut_at_the_bound() {
+    install_crypto_provider();
+    let (port, server) = endless_reply_server().await;
+    let config = SmtpConfig::new("127.0.0.1", port, TlsMode::None, TrustRoots::default(), SmtpCredentials::None);
+    let transport = SmtpTransport::new(config).expect("transport");
+    let error = transport.send(&message()).await.expect_err("a reply without end");
+    assert!(error.is_transient(), "{error:?}");
+    assert!(reason(&error).contains("without waiting for a command"), "{error}");
+    drop(transport);
+    let sent = server.await.expect("server task");
+    // The client stopped reading at the bound: the server could not push more than the bound
+    // plus what the kernel's socket buffers hold.
+    let most = mailroom::transport::smtp::MAX_UNANSWERED_BYTES + 16 * 1024 * 1024;
+    assert!(sent < most, "the server sent {sent} bytes: the client kept reading past the bound");
+}
+
 // ---------------------------------------------------------------------------------------------
 // XOAUTH2: the peer asks an introspection endpoint about each token; this file serves one.
 

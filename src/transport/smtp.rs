@@ -17,17 +17,22 @@ use std::time::Duration;
 use async_trait::async_trait;
 use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream, Certificate, TlsParameters};
 use lettre::transport::smtp::commands::{Auth, Data, Mail, Rcpt};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
+use tokio::net::TcpStream;
 
 use super::{Acceptance, Delivered, OutgoingMessage, SendError, Transport, mime, offload};
 use crate::auth::TokenSource;
 use crate::tls::TrustRoots;
 
+mod bounded;
 pub mod classify;
 pub mod probe;
+
+use bounded::Bounded;
+pub use bounded::MAX_UNANSWERED_BYTES;
 
 use classify::{
     Failure, RecipientRefusal, Stage, TokenFingerprint, classify, classify_password_auth, classify_token_refusal,
@@ -153,6 +158,8 @@ pub struct SmtpTransport {
     port: u16,
     tls_mode: TlsMode,
     tls: Option<TlsParameters>,
+    /// The TLS client for `Implicit`, which lettre's connection is handed already encrypted.
+    implicit: Option<Arc<rustls::ClientConfig>>,
     hello: ClientId,
     credentials: SmtpCredentials,
     connect_timeout: Duration,
@@ -183,6 +190,15 @@ impl SmtpTransport {
             TlsMode::None => None,
             TlsMode::StartTLS | TlsMode::Implicit => Some(tls_parameters(&host, &config.roots)?),
         };
+        let implicit = match config.tls {
+            TlsMode::Implicit => Some(Arc::new(
+                config
+                    .roots
+                    .client_config()
+                    .map_err(|e| SmtpConfigError::Tls { host: host.clone(), reason: e.to_string() })?,
+            )),
+            TlsMode::StartTLS | TlsMode::None => None,
+        };
         let hello = config
             .hello_name
             .as_deref()
@@ -194,6 +210,7 @@ impl SmtpTransport {
             port: config.port,
             tls_mode: config.tls,
             tls,
+            implicit,
             hello,
             credentials: config.credentials,
             connect_timeout: config.connect_timeout,
@@ -208,25 +225,32 @@ impl SmtpTransport {
         format!("{}:{}", self.host, self.port)
     }
 
+    /// Opens the connection lettre talks over: TCP, and TLS from the first byte for `Implicit`,
+    /// with every read bounded ([`bounded`]). STARTTLS upgrades it later, inside lettre.
+    pub(crate) async fn open(&self) -> Result<Box<dyn AsyncTokioStream>, Failure> {
+        let stream = timed_io(self.connect_timeout, TcpStream::connect((self.host.as_str(), self.port))).await?;
+        let peer = stream.peer_addr().map_err(|e| Failure::from_io(&e))?;
+        let Some(config) = self.implicit.clone() else {
+            return Ok(Box::new(Bounded::new(stream, peer)));
+        };
+        let name = rustls::pki_types::ServerName::try_from(self.host.clone())
+            .map_err(|e| Failure::Tls(format!("{}: {e}", self.host)))?;
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let tls = match tokio::time::timeout(self.connect_timeout, connector.connect(name, stream)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(error)) => return Err(Failure::from_io(&error)),
+            Err(_) => return Err(Failure::Timeout(self.connect_timeout)),
+        };
+        Ok(Box::new(Bounded::new(tls, peer)))
+    }
+
     /// Connects, reads the greeting, says EHLO and, for StartTLS, upgrades the connection.
     async fn connect(&self) -> Result<AsyncSmtpConnection, SendError> {
         let server = self.server();
-        let implicit = match self.tls_mode {
-            TlsMode::Implicit => self.tls.clone(),
-            TlsMode::StartTLS | TlsMode::None => None,
-        };
-        let mut conn = timed(
-            self.connect_timeout + self.command_timeout,
-            AsyncSmtpConnection::connect_tokio1(
-                (self.host.as_str(), self.port),
-                Some(self.connect_timeout),
-                &self.hello,
-                implicit,
-                None,
-            ),
-        )
-        .await
-        .map_err(|f| classify(&f, Stage::Connect, &server))?;
+        let stream = self.open().await.map_err(|f| classify(&f, Stage::Connect, &server))?;
+        let mut conn = timed(self.command_timeout, AsyncSmtpConnection::connect_with_transport(stream, &self.hello))
+            .await
+            .map_err(|f| classify(&f, Stage::Connect, &server))?;
 
         if self.tls_mode == TlsMode::StartTLS {
             let Some(tls) = self.tls.clone() else {
@@ -439,6 +463,15 @@ fn default_hello_name() -> ClientId {
 /// A name EHLO can carry: letters, digits, `-` and `.`.
 fn is_hello_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 253 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// Awaits an I/O future for at most `limit`.
+async fn timed_io<T>(limit: Duration, future: impl Future<Output = std::io::Result<T>>) -> Result<T, Failure> {
+    match tokio::time::timeout(limit, future).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(Failure::from_io(&error)),
+        Err(_) => Err(Failure::Timeout(limit)),
+    }
 }
 
 /// Awaits a lettre future for at most `limit`.

@@ -14,7 +14,6 @@ use std::task::{Context, Poll};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream};
 use lettre::transport::smtp::commands::Ehlo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 use super::classify::{Failure, Stage, classify};
 use super::{SendError, SmtpConfig, SmtpCredentials, SmtpTransport, TlsMode, close, timed};
@@ -40,29 +39,13 @@ impl SmtpTransport {
     /// EHLO reply, and logs in with the configured credentials, as `sender` for XOAUTH2. Sends
     /// no message.
     pub async fn probe(config: SmtpConfig, sender: &str) -> Result<SmtpProbe, SendError> {
-        let roots = config.roots.clone();
         let transport = SmtpTransport::new(config).map_err(|e| SendError::permanent(e.to_string()))?;
         let server = transport.server();
         let greeting = Arc::new(Mutex::new(Vec::new()));
-        let stream = timed_io(transport.connect_timeout, TcpStream::connect((transport.host.as_str(), transport.port)))
-            .await
-            .map_err(|f| classify(&f, Stage::Connect, &server))?;
+        let stream = transport.open().await.map_err(|f| classify(&f, Stage::Connect, &server))?;
         let peer = stream.peer_addr().map_err(|e| classify(&Failure::from_io(&e), Stage::Connect, &server))?;
-        let stream: Box<dyn AsyncTokioStream> = match transport.tls_mode {
-            TlsMode::Implicit => {
-                let config = roots.client_config().map_err(|e| SendError::permanent(e.to_string()))?;
-                let name = rustls::pki_types::ServerName::try_from(transport.host.clone())
-                    .map_err(|e| SendError::permanent(format!("{server}: {e}")))?;
-                let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-                let tls = timed_io(transport.connect_timeout, connector.connect(name, stream))
-                    .await
-                    .map_err(|f| classify(&f, Stage::Connect, &server))?;
-                Box::new(Recorder { inner: tls, peer, greeting: Arc::clone(&greeting) })
-            }
-            TlsMode::StartTLS | TlsMode::None => {
-                Box::new(Recorder { inner: stream, peer, greeting: Arc::clone(&greeting) })
-            }
-        };
+        let stream: Box<dyn AsyncTokioStream> =
+            Box::new(Recorder { inner: stream, peer, greeting: Arc::clone(&greeting) });
         let mut conn =
             timed(transport.command_timeout, AsyncSmtpConnection::connect_with_transport(stream, &transport.hello))
                 .await
@@ -113,18 +96,6 @@ impl SmtpTransport {
         // lettre does not know about the implicit TLS the probe set up itself.
         let encrypted = conn.is_encrypted() || self.tls_mode == TlsMode::Implicit;
         Ok(SmtpProbe { greeting, encrypted, auth_mechanisms, authenticated_as })
-    }
-}
-
-/// Awaits an I/O future for at most `limit`.
-async fn timed_io<T>(
-    limit: std::time::Duration,
-    future: impl std::future::Future<Output = io::Result<T>>,
-) -> Result<T, Failure> {
-    match tokio::time::timeout(limit, future).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(Failure::from_io(&error)),
-        Err(_) => Err(Failure::Timeout(limit)),
     }
 }
 
