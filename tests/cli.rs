@@ -86,7 +86,7 @@ async fn send_waits_for_sent_and_the_server_gets_it() {
         "audit@contoso.com",
         "--subject",
         "Deploy 1.4.2 finished ✅",
-        "--text",
+        "--text-file",
         "-",
         "--header",
         "X-Pipeline-Run=1234",
@@ -190,8 +190,8 @@ async fn a_refused_message_exits_1_with_the_reason() {
     create_yaml(&client, &ns, &common::relay_profile("relay", peer.smtp_port, "")).await;
     peer.script(json!({"data": ["550 5.7.64 TenantAttribution; Relay Access Denied"]})).await;
     let out = mailroom(
-        &["send", "-n", &ns, "--profile", "relay", "--to", "ops@contoso.com", "--text", "-", "--wait"],
-        b"hello",
+        &["send", "-n", &ns, "--profile", "relay", "--to", "ops@contoso.com", "--text", "hello", "--wait"],
+        b"",
         &[],
     )
     .await;
@@ -217,7 +217,7 @@ async fn wait_without_an_operator_times_out_with_exit_2() {
             "relay",
             "--to",
             "ops@contoso.com",
-            "--text",
+            "--text-file",
             "-",
             "--wait",
             "--timeout",
@@ -257,7 +257,7 @@ async fn dry_run_prints_a_manifest_and_creates_nothing() {
         "ops@contoso.com",
         "--subject",
         "Dry",
-        "--html",
+        "--html-file",
         "-",
         "--attach",
         &notes,
@@ -293,7 +293,7 @@ async fn dry_run_prints_a_manifest_and_creates_nothing() {
 async fn an_invalid_address_is_a_usage_error_before_any_api_call() {
     // With a kubeconfig that does not exist, any API call would end in exit 3 instead.
     let out = mailroom(
-        &["send", "--profile", "relay", "--to", "ops@contoso.com", "--cc", "dev@@contoso", "--text", "-"],
+        &["send", "--profile", "relay", "--to", "ops@contoso.com", "--cc", "dev@@contoso", "--text-file", "-"],
         b"hello",
         &[("KUBECONFIG", "/nonexistent/kubeconfig")],
     )
@@ -306,7 +306,7 @@ async fn an_invalid_address_is_a_usage_error_before_any_api_call() {
     let bad_flag = mailroom(&["send", "--profile", "relay", "--bogus"], b"", &[]).await;
     assert_eq!(parts(&bad_flag).0, 64, "a bad flag is a usage error, not clap's 2 (a timeout)");
     let api_down = mailroom(
-        &["send", "--profile", "relay", "--to", "ops@contoso.com", "--text", "-"],
+        &["send", "--profile", "relay", "--to", "ops@contoso.com", "--text-file", "-"],
         b"hello",
         &[("KUBECONFIG", "/nonexistent/kubeconfig")],
     )
@@ -338,7 +338,7 @@ async fn attachments_inline_and_in_an_owned_secret_arrive_intact() {
         "ops@contoso.com",
         "--subject",
         "Logs",
-        "--text",
+        "--text-file",
         "-",
         "--attach",
         &small,
@@ -704,14 +704,14 @@ async fn the_kubeconfig_context_names_the_namespace() {
     let env = [("KUBECONFIG", kubeconfig.as_str())];
 
     let out =
-        mailroom(&["send", "--profile", "relay", "--to", "ops@contoso.com", "--text", "-", "--dry-run"], b"x", &env)
+        mailroom(&["send", "--profile", "relay", "--to", "ops@contoso.com", "--text-file", "-", "--dry-run"], b"x", &env)
             .await;
     let (code, stdout, stderr) = parts(&out);
     assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
     let message: EmailMessage = serde_yaml::from_str(&stdout).expect("an EmailMessage");
     assert_eq!(message.metadata.namespace.as_deref(), Some(ns.as_str()));
 
-    let out = mailroom(&["send", "--profile", "relay", "--to", "ops@contoso.com", "--text", "-"], b"x", &env).await;
+    let out = mailroom(&["send", "--profile", "relay", "--to", "ops@contoso.com", "--text-file", "-"], b"x", &env).await;
     let (code, stdout, stderr) = parts(&out);
     assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
     assert!(stdout.contains(&format!("created in namespace {ns}")), "{stdout}");
