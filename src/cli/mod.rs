@@ -1,9 +1,12 @@
-//! The command line for people and pipelines: `mailroom send` and `mailroom profile check`.
+//! The command line for people and pipelines: `mailroom send` and `mailroom profile check`, their
+//! completions and man pages, and the kubectl plugin they also make up.
 //!
-//! Both talk to the API server with the user's kubeconfig, as kubectl does. Their exit codes are
+//! Both commands talk to the API server with the user's kubeconfig, as kubectl does. Their exit codes are
 //! part of their interface (a CI step branches on them): see [`exit`].
 
 pub mod check;
+pub mod docs;
+pub mod plugin;
 pub mod send;
 
 use std::time::Duration;
