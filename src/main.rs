@@ -109,7 +109,8 @@ enum Command {
 enum ProfileCommand {
     /// Check a profile as the operator would: Secrets, token, roles, SMTP server.
     ///
-    /// Exit codes: 0 when it checks out, 1 otherwise, 64 bad command line.
+    /// Exit codes: 0 when it checks out, 1 when it does not (or the profile's policy refuses the
+    /// --send-test message, which is then not sent), 3 API error, 64 bad command line.
     Check(mailroom::cli::check::CheckArgs),
 }
 

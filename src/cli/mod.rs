@@ -17,7 +17,7 @@ use kube::Client;
 pub mod exit {
     /// Sent (or created, without `--wait`); the profile checks out.
     pub const OK: u8 = 0;
-    /// The message Failed; the profile is not ready or its server refused.
+    /// The message Failed; the profile is not ready, its server refused, or its policy refused the test message.
     pub const FAILED: u8 = 1;
     /// `--wait` ran out of time before the message was Sent or Failed.
     pub const TIMEOUT: u8 = 2;
