@@ -14,15 +14,15 @@ use kube::{Api, Client};
 
 use super::{exit, parse_duration, printable};
 use crate::api::{ClusterMailProfile, MailProfile, MailProfileSpec};
-use crate::controller::reason::Reason;
-use crate::delivery::policy;
 use crate::auth::{
     AuthorizationPath, PermissionVerdict, SendEvidence, TokenCacheConfig, TokenCaches, TokenSource, TokenState,
     entra_remedy, verify_permissions,
 };
+use crate::controller::reason::Reason;
 use crate::controller::steps::{
     self, Built, EndpointPolicy, NotReady, ProfileKey, judge, message_id, required_role, transport_inputs,
 };
+use crate::delivery::policy;
 use crate::tls::TrustRoots;
 use crate::transport::smtp::SmtpTransport;
 use crate::transport::smtp::probe::SmtpProbe;
@@ -157,11 +157,7 @@ impl From<NotReady> for Failure {
 /// The test message's sender, checked as the operator checks an EmailMessage before it sends
 /// (`decide::check_policy`): the sender against the profile's senders, the recipient against its
 /// recipientDomains. Errors carry the operator's reason.
-pub fn test_policy(
-    key: &ProfileKey,
-    settings: &MailProfileSpec,
-    test: &TestSend,
-) -> Result<Address, (Reason, String)> {
+pub fn test_policy(key: &ProfileKey, settings: &MailProfileSpec, test: &TestSend) -> Result<Address, (Reason, String)> {
     let profile = key.to_string();
     let from = match &test.from {
         Some(from) => from.clone(),

@@ -69,11 +69,11 @@ mod tests {
 
     fn tree() -> Command {
         Command::new("mailroom").version("1.0").about("Sends mail.").subcommand(
-            Command::new("profile")
-                .about("Work with profiles.")
-                .subcommand(Command::new("check").about("Check a profile.").arg(
-                    Arg::new("send-test").long("send-test").value_name("MAILBOX").action(ArgAction::Set),
-                )),
+            Command::new("profile").about("Work with profiles.").subcommand(
+                Command::new("check")
+                    .about("Check a profile.")
+                    .arg(Arg::new("send-test").long("send-test").value_name("MAILBOX").action(ArgAction::Set)),
+            ),
         )
     }
 

@@ -20,8 +20,8 @@ use serde_json::json;
 
 use super::{CliError, exit, parse_duration, printable};
 use crate::api::{
-    Attachment, Body, Delivery, EmailMessage, EmailMessageSpec, EmailMessageStatus, HeaderValue, Importance, LocalKeySelector,
-    LocalReference, Phase, ProfileKind, ProfileRef, conditions, find_condition,
+    Attachment, Body, Delivery, EmailMessage, EmailMessageSpec, EmailMessageStatus, HeaderValue, Importance,
+    LocalKeySelector, LocalReference, Phase, ProfileKind, ProfileRef, conditions, find_condition,
 };
 use crate::controller::steps::safe_attachment_name;
 use crate::transport::parse_mailbox;
@@ -315,9 +315,10 @@ pub fn parse_values(source: &str, text: &str) -> Result<serde_json::Map<String, 
 
 /// The inline and the file form of the bodies: `--text`/`--text-file`, `--html`/`--html-file`.
 fn check_bodies(args: &SendArgs) -> Result<(), CliError> {
-    for (inline, file, value) in
-        [("--text", "--text-file", (&args.text, &args.text_file)), ("--html", "--html-file", (&args.html, &args.html_file))]
-    {
+    for (inline, file, value) in [
+        ("--text", "--text-file", (&args.text, &args.text_file)),
+        ("--html", "--html-file", (&args.html, &args.html_file)),
+    ] {
         match value {
             (Some(_), Some(_)) => {
                 return Err(CliError::Usage(format!(
