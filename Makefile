@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build test bench chaos soak fuzz lint fmt fmt-check clippy unit integration crds crds-check testenv testenv-down pyenv demo demo-down clean-testenv image cluster cluster-down e2e demo-local
+.PHONY: all build test bench chaos soak fuzz lint fmt fmt-check clippy unit integration crds crds-check testenv testenv-down pyenv demo demo-down clean-testenv image cluster cluster-down e2e demo-local krew
 
 all: build
 
@@ -58,6 +58,15 @@ crds:
 	cp crds/mailroom.dev.yaml deploy/base/crds/mailroom.dev.yaml
 	cp crds/mailroom.dev.yaml deploy/helm/mailroom/files/crds/mailroom.dev.yaml
 	@echo "==> wrote crds/mailroom.dev.yaml"
+
+## krew: the kubectl plugin's archive for this host's platform (release build) and its krew manifest, in target/krew
+krew:
+	$(CARGO) build --release --bin mailroom
+	@os="$$(uname -s | tr '[:upper:]' '[:lower:]')"; \
+	arch="$$(uname -m | sed -e 's/^x86_64$$/amd64/' -e 's/^aarch64$$/arm64/')"; \
+	archive="$$(bash hack/krew-manifest.sh archive target/release/mailroom "$$os" "$$arch")" && \
+	bash hack/krew-manifest.sh manifest "$$archive" > target/krew/mailroom.yaml && \
+	echo "==> $$archive and target/krew/mailroom.yaml (kubectl krew install --manifest=target/krew/mailroom.yaml --archive=$$archive)"
 
 ## image: the operator image as an OCI archive, target/image/mailroom-<version>.oci.tar, without a container engine (umoci; as root)
 image:

@@ -1,14 +1,17 @@
 //! The mailroom command line: `run` (the operator), `send` and `profile check` (for people and
-//! pipelines; see `mailroom::cli`), `crd` (print the CRDs), `version`.
+//! pipelines; see `mailroom::cli`), `crd` (print the CRDs), `completion` and `man`, `version`.
+//! Installed as `kubectl-mailroom`, the same binary is the kubectl plugin `kubectl mailroom`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use std::sync::Arc;
 
+use mailroom::cli::docs::{self, CompletionShell};
+use mailroom::cli::plugin::Invocation;
 use mailroom::controller::{self, OperatorConfig};
 use mailroom::leader::{self, Election, ElectionConfig};
 use mailroom::metrics::Metrics;
@@ -81,6 +84,23 @@ enum Command {
     Profile(ProfileCommand),
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
+    /// Print a shell completion script (bash, zsh or fish).
+    ///
+    /// bash: `source <(mailroom completion bash)`; zsh: `mailroom completion zsh > "${fpath[1]}/_mailroom"`;
+    /// fish: `mailroom completion fish > ~/.config/fish/completions/mailroom.fish`.
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+    /// Print the man page (roff) of mailroom, or of one of its commands (`mailroom man send`).
+    ///
+    /// `mailroom man > ~/.local/share/man/man1/mailroom.1`, then `man mailroom`.
+    Man {
+        /// The command whose page to print, such as `send` or `profile check`; none: mailroom's own.
+        #[arg(value_name = "COMMAND")]
+        command: Vec<String>,
+    },
     /// Print the version and git commit.
     Version,
 }
@@ -89,7 +109,8 @@ enum Command {
 enum ProfileCommand {
     /// Check a profile as the operator would: Secrets, token, roles, SMTP server.
     ///
-    /// Exit codes: 0 when it checks out, 1 otherwise, 64 bad command line.
+    /// Exit codes: 0 when it checks out, 1 when it does not (or the profile's policy refuses the
+    /// --send-test message, which is then not sent), 3 API error, 64 bad command line.
     Check(mailroom::cli::check::CheckArgs),
 }
 
@@ -151,9 +172,21 @@ struct RunArgs {
     send_record_sweep_interval: u64,
 }
 
+/// The command line's definition, named as it was invoked: `kubectl mailroom` for the plugin.
+fn command(invocation: Invocation) -> clap::Command {
+    let cmd = Cli::command();
+    match invocation.display_command() {
+        Some(name) => cmd.bin_name(name).display_name(mailroom::cli::plugin::PLUGIN_EXECUTABLE),
+        None => cmd,
+    }
+}
+
 fn main() -> ExitCode {
     tls::install_crypto_provider();
-    let cli = match Cli::try_parse() {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let invocation = Invocation::from_argv0(argv.first().map(|a| a.as_os_str()));
+    let parsed = command(invocation).try_get_matches_from(&argv).and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
@@ -162,6 +195,29 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Completion { shell } => {
+            // Completion scripts are for the executable the shell runs: `mailroom`, or
+            // `kubectl-mailroom` (kubectl completes only its plugins' names).
+            let bin = match invocation {
+                Invocation::KubectlPlugin => mailroom::cli::plugin::PLUGIN_EXECUTABLE,
+                Invocation::Binary => "mailroom",
+            };
+            docs::completion(shell, command(Invocation::Binary), bin, &mut std::io::stdout().lock());
+            ExitCode::SUCCESS
+        }
+        Command::Man { command: path } => match docs::man_page(command(invocation), &path) {
+            Ok(page) => match page.render(&mut std::io::stdout().lock()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: writing the man page: {e}");
+                    ExitCode::from(mailroom::cli::exit::FAILED)
+                }
+            },
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        },
         Command::Send(args) => block_on(mailroom::cli::send::run(*args)),
         Command::Profile(ProfileCommand::Check(args)) => block_on(mailroom::cli::check::run(args)),
         Command::Crd => match mailroom::api::crd::to_yaml() {

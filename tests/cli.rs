@@ -22,9 +22,13 @@ const CLIENT: &str = "9a1f0c3e-1111-4111-8111-00000000c1c1";
 
 /// `mailroom ARGS` with `stdin`; `env` overrides variables (a bogus KUBECONFIG, say).
 async fn mailroom(args: &[&str], stdin: &[u8], env: &[(&str, &str)]) -> Output {
+    run(&common::required_env("MAILROOM_BIN"), args, stdin, env).await
+}
+
+/// `program ARGS` with `stdin` and `env`, its output once it exited.
+async fn run(program: &str, args: &[&str], stdin: &[u8], env: &[(&str, &str)]) -> Output {
     use tokio::io::AsyncWriteExt;
-    let bin = common::required_env("MAILROOM_BIN");
-    let mut child = tokio::process::Command::new(bin)
+    let mut child = tokio::process::Command::new(program)
         .args(args)
         .envs(env.iter().copied())
         .stdin(std::process::Stdio::piped())
@@ -32,14 +36,14 @@ async fn mailroom(args: &[&str], stdin: &[u8], env: &[(&str, &str)]) -> Output {
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .expect("run mailroom");
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
     let mut input = child.stdin.take().expect("stdin");
     input.write_all(stdin).await.expect("write stdin");
     drop(input);
     tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
         .await
-        .expect("mailroom finished")
-        .expect("mailroom output")
+        .unwrap_or_else(|_| panic!("{program} did not finish"))
+        .expect("its output")
 }
 
 /// Exit code, stdout and stderr.
@@ -86,7 +90,7 @@ async fn send_waits_for_sent_and_the_server_gets_it() {
         "audit@contoso.com",
         "--subject",
         "Deploy 1.4.2 finished ✅",
-        "--text",
+        "--text-file",
         "-",
         "--header",
         "X-Pipeline-Run=1234",
@@ -190,8 +194,8 @@ async fn a_refused_message_exits_1_with_the_reason() {
     create_yaml(&client, &ns, &common::relay_profile("relay", peer.smtp_port, "")).await;
     peer.script(json!({"data": ["550 5.7.64 TenantAttribution; Relay Access Denied"]})).await;
     let out = mailroom(
-        &["send", "-n", &ns, "--profile", "relay", "--to", "ops@contoso.com", "--text", "-", "--wait"],
-        b"hello",
+        &["send", "-n", &ns, "--profile", "relay", "--to", "ops@contoso.com", "--text", "hello", "--wait"],
+        b"",
         &[],
     )
     .await;
@@ -217,7 +221,7 @@ async fn wait_without_an_operator_times_out_with_exit_2() {
             "relay",
             "--to",
             "ops@contoso.com",
-            "--text",
+            "--text-file",
             "-",
             "--wait",
             "--timeout",
@@ -257,7 +261,7 @@ async fn dry_run_prints_a_manifest_and_creates_nothing() {
         "ops@contoso.com",
         "--subject",
         "Dry",
-        "--html",
+        "--html-file",
         "-",
         "--attach",
         &notes,
@@ -293,7 +297,7 @@ async fn dry_run_prints_a_manifest_and_creates_nothing() {
 async fn an_invalid_address_is_a_usage_error_before_any_api_call() {
     // With a kubeconfig that does not exist, any API call would end in exit 3 instead.
     let out = mailroom(
-        &["send", "--profile", "relay", "--to", "ops@contoso.com", "--cc", "dev@@contoso", "--text", "-"],
+        &["send", "--profile", "relay", "--to", "ops@contoso.com", "--cc", "dev@@contoso", "--text-file", "-"],
         b"hello",
         &[("KUBECONFIG", "/nonexistent/kubeconfig")],
     )
@@ -306,7 +310,7 @@ async fn an_invalid_address_is_a_usage_error_before_any_api_call() {
     let bad_flag = mailroom(&["send", "--profile", "relay", "--bogus"], b"", &[]).await;
     assert_eq!(parts(&bad_flag).0, 64, "a bad flag is a usage error, not clap's 2 (a timeout)");
     let api_down = mailroom(
-        &["send", "--profile", "relay", "--to", "ops@contoso.com", "--text", "-"],
+        &["send", "--profile", "relay", "--to", "ops@contoso.com", "--text-file", "-"],
         b"hello",
         &[("KUBECONFIG", "/nonexistent/kubeconfig")],
     )
@@ -338,7 +342,7 @@ async fn attachments_inline_and_in_an_owned_secret_arrive_intact() {
         "ops@contoso.com",
         "--subject",
         "Logs",
-        "--text",
+        "--text-file",
         "-",
         "--attach",
         &small,
@@ -703,15 +707,19 @@ async fn the_kubeconfig_context_names_the_namespace() {
     assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
     let env = [("KUBECONFIG", kubeconfig.as_str())];
 
-    let out =
-        mailroom(&["send", "--profile", "relay", "--to", "ops@contoso.com", "--text", "-", "--dry-run"], b"x", &env)
-            .await;
+    let out = mailroom(
+        &["send", "--profile", "relay", "--to", "ops@contoso.com", "--text-file", "-", "--dry-run"],
+        b"x",
+        &env,
+    )
+    .await;
     let (code, stdout, stderr) = parts(&out);
     assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
     let message: EmailMessage = serde_yaml::from_str(&stdout).expect("an EmailMessage");
     assert_eq!(message.metadata.namespace.as_deref(), Some(ns.as_str()));
 
-    let out = mailroom(&["send", "--profile", "relay", "--to", "ops@contoso.com", "--text", "-"], b"x", &env).await;
+    let out =
+        mailroom(&["send", "--profile", "relay", "--to", "ops@contoso.com", "--text-file", "-"], b"x", &env).await;
     let (code, stdout, stderr) = parts(&out);
     assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
     assert!(stdout.contains(&format!("created in namespace {ns}")), "{stdout}");
@@ -752,4 +760,280 @@ impl Drop for ClusterProfileCleanup {
     fn drop(&mut self) {
         common::kubectl(&["delete", "clustermailprofile", &self.0, "--ignore-not-found", "--wait=false"]);
     }
+}
+
+/// A kubeconfig that does not exist: any API call ends in exit 3, so 64 proves none was made.
+const NO_API: [(&str, &str); 1] = [("KUBECONFIG", "/nonexistent/kubeconfig")];
+
+#[tokio::test]
+async fn inline_bodies_and_body_files_arrive_as_given() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cli-bodies", &[]).await;
+    let peer = SmtpPeer::start(&[]);
+    let _op = Operator::start("cli-bodies", &ns, &[]);
+    create_yaml(&client, &ns, &common::relay_profile("relay", peer.smtp_port, "")).await;
+    let base = ["send", "-n", &ns, "--profile", "relay", "--to", "ops@contoso.com", "--wait", "--timeout", "60s"];
+
+    let inline = [&base[..], &["--subject", "inline", "--text", "Deploy done", "--html", "<p>Deploy <b>done</b></p>"]];
+    let (code, stdout, stderr) = parts(&mailroom(&inline.concat(), b"", &[]).await);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let body = dir.path().join("body.txt");
+    std::fs::write(&body, "From a file.\n").expect("write");
+    let body = body.display().to_string();
+    let files = [&base[..], &["--subject", "files", "--text-file", &body, "--html-file", "-"]];
+    let (code, stdout, stderr) = parts(&mailroom(&files.concat(), b"<p>From <i>stdin</i>.</p>", &[]).await);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+
+    let envelopes = peer.wait_messages(2, WAIT).await;
+    let mut got: Vec<(String, String, String)> = envelopes
+        .iter()
+        .map(|e| {
+            let raw = peer.raw(e);
+            let m = MessageParser::default().parse(&raw).expect("parse");
+            let text = m.body_text(0).unwrap_or_default().trim().to_string();
+            let html = m.body_html(0).unwrap_or_default().trim().to_string();
+            (m.subject().unwrap_or_default().to_string(), text, html)
+        })
+        .collect();
+    got.sort();
+    assert_eq!(got[0].0, "files");
+    assert_eq!(got[0].1, "From a file.");
+    assert!(got[0].2.contains("<p>From <i>stdin</i>.</p>"), "{:?}", got[0]);
+    assert_eq!(got[1].0, "inline");
+    assert_eq!(got[1].1, "Deploy done", "--text is the body itself, not a file name");
+    assert!(got[1].2.contains("<p>Deploy <b>done</b></p>"), "{:?}", got[1]);
+}
+
+#[tokio::test]
+async fn conflicting_or_out_of_range_flags_exit_64_before_any_api_call() {
+    let base = ["send", "--profile", "relay", "--to", "ops@contoso.com"];
+    let cases: [(&[&str], &str); 9] = [
+        (&["--text", "inline", "--text-file", "body.txt"], "--text and --text-file both give the body"),
+        (&["--html", "<p>x</p>", "--html-file", "-"], "--html and --html-file both give the body"),
+        (&["--text", "-"], "to read it from stdin use --text-file -"),
+        (&["--text-file", "-", "--html-file", "-"], "stdin can be read only once"),
+        (&["--text-file", "/nonexistent/body.txt"], "--text-file /nonexistent/body.txt: "),
+        (&["--text", "x", "--max-attempts", "0"], "--max-attempts"),
+        (&["--text", "x", "--max-attempts", "101"], "from 1 to 100"),
+        (&["--text", "x", "--deadline", "0s"], "at least 1s"),
+        (&["--text", "x", "--deadline", "soon"], "--deadline"),
+    ];
+    for (extra, expected) in cases {
+        let args = [&base[..], extra].concat();
+        let (code, stdout, stderr) = parts(&mailroom(&args, b"stdin", &NO_API).await);
+        assert_eq!(code, 64, "{extra:?}: stdout: {stdout}\nstderr: {stderr}");
+        assert!(stderr.contains(expected), "{extra:?}: {expected:?} not in: {stderr}");
+        assert!(stdout.is_empty(), "{extra:?}: {stdout}");
+    }
+}
+
+#[tokio::test]
+async fn max_attempts_and_deadline_land_in_the_spec() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cli-delivery", &[]).await;
+    let args = [
+        "send",
+        "-n",
+        &ns,
+        "--profile",
+        "relay",
+        "--to",
+        "ops@contoso.com",
+        "--text",
+        "x",
+        "--max-attempts",
+        "3",
+        "--deadline",
+        "10m",
+    ];
+    let (code, stdout, stderr) = parts(&mailroom(&args, b"", &[]).await);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    let name = created_name(&stdout);
+    let message = Api::<EmailMessage>::namespaced(client.clone(), &ns).get(&name).await.expect("the message");
+    let delivery = message.spec.delivery.clone().expect("delivery");
+    assert_eq!((delivery.max_attempts, delivery.deadline_seconds), (Some(3), Some(600)));
+    assert_eq!((message.spec.max_attempts(), message.spec.deadline_seconds()), (3, 600));
+
+    // Without the flags the spec leaves delivery to the operator's defaults.
+    let plain = ["send", "-n", &ns, "--profile", "relay", "--to", "ops@contoso.com", "--text", "x"];
+    let (code, stdout, _) = parts(&mailroom(&plain, b"", &[]).await);
+    assert_eq!(code, 0, "{stdout}");
+    let message = Api::<EmailMessage>::namespaced(client, &ns).get(&created_name(&stdout)).await.expect("the message");
+    assert_eq!(message.spec.delivery, None);
+}
+
+#[tokio::test]
+async fn completions_name_the_commands_for_each_shell() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, script, stderr) = parts(&mailroom(&["completion", shell], b"", &NO_API).await);
+        assert_eq!(code, 0, "{shell}: {stderr}");
+        for word in ["send", "profile", "check", "completion", "man", "text-file", "max-attempts", "send-test"] {
+            assert!(script.contains(word), "{shell}: {word} is not completed:\n{script}");
+        }
+    }
+    // bash loads the script and completes `mailroom` with it.
+    let (bash, _, _) = parts(&mailroom(&["completion", "bash"], b"", &NO_API).await);
+    assert_eq!(bash, 0);
+    let bin = common::required_env("MAILROOM_BIN");
+    let loaded = std::process::Command::new("bash")
+        .args(["-c", "source <(\"$0\" completion bash) && complete -p mailroom", &bin])
+        .output()
+        .expect("bash");
+    let complete = String::from_utf8_lossy(&loaded.stdout);
+    assert!(loaded.status.success() && complete.contains("_mailroom") && complete.trim_end().ends_with("mailroom"));
+
+    let (code, _, stderr) = parts(&mailroom(&["completion", "tcsh"], b"", &NO_API).await);
+    assert_eq!(code, 64, "an unknown shell is a usage error: {stderr}");
+}
+
+#[tokio::test]
+async fn man_pages_are_roff_and_name_the_commands() {
+    let (code, top, stderr) = parts(&mailroom(&["man"], b"", &NO_API).await);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(top.lines().any(|l| l.starts_with(".TH mailroom 1 ")), "{top}");
+    for section in [".SH NAME", ".SH SYNOPSIS", ".SH DESCRIPTION", ".SH SUBCOMMANDS"] {
+        assert!(top.lines().any(|l| l == section), "{section} missing:\n{top}");
+    }
+    for sub in ["run", "send", "profile", "crd", "completion", "man", "version"] {
+        assert!(top.contains(&format!("mailroom\\-{sub}(1)")), "{sub} is not listed:\n{top}");
+    }
+    let (code, send, _) = parts(&mailroom(&["man", "send"], b"", &NO_API).await);
+    assert_eq!(code, 0);
+    assert!(send.lines().any(|l| l.starts_with(".TH mailroom-send 1 ")), "{send}");
+    assert!(send.contains("\\-\\-text\\-file") && send.contains("\\-\\-deadline"), "{send}");
+    let (code, check, _) = parts(&mailroom(&["man", "profile", "check"], b"", &NO_API).await);
+    assert_eq!(code, 0);
+    assert!(check.contains("\\-\\-send\\-test") && check.contains("\\-\\-from"), "{check}");
+
+    // groff reads each page without a warning (-ww: all warnings; -z: no output).
+    for (name, page) in [("mailroom", &top), ("mailroom-send", &send), ("mailroom-profile-check", &check)] {
+        let mut groff = match std::process::Command::new("groff")
+            .args(["-man", "-Tutf8", "-ww", "-z"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) => panic!("groff (Debian's groff-base) checks the man pages: {e}"),
+        };
+        use std::io::Write;
+        groff.stdin.take().expect("stdin").write_all(page.as_bytes()).expect("write");
+        let out = groff.wait_with_output().expect("groff");
+        assert!(out.status.success() && out.stderr.is_empty(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    let (code, _, stderr) = parts(&mailroom(&["man", "profile", "lint"], b"", &NO_API).await);
+    assert_eq!(code, 64);
+    assert!(stderr.contains("mailroom profile has no command \"lint\"; its commands: check"), "{stderr}");
+}
+
+#[tokio::test]
+async fn kubectl_runs_the_binary_as_its_mailroom_plugin() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cli-plugin", &[]).await;
+    let peer = SmtpPeer::start(&[]);
+    let _op = Operator::start("cli-plugin", &ns, &[]);
+    create_yaml(&client, &ns, &common::relay_profile("relay", peer.smtp_port, "")).await;
+    // Installed as krew installs it: a link named kubectl-mailroom on the PATH.
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::os::unix::fs::symlink(common::required_env("MAILROOM_BIN"), dir.path().join("kubectl-mailroom"))
+        .expect("link the plugin");
+    let path = format!("{}:{}", dir.path().display(), common::required_env("PATH"));
+    let env = [("PATH", path.as_str())];
+
+    let (code, listed, stderr) = parts(&run("kubectl", &["plugin", "list"], b"", &env).await);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(listed.contains(&format!("{}/kubectl-mailroom", dir.path().display())), "{listed}");
+
+    let send = vec!["mailroom", "send", "-n", &ns, "--profile", "relay", "--to", "ops@contoso.com"];
+    let send = [send, vec!["--subject", "via kubectl", "--text", "Sent by kubectl mailroom.", "--wait"]].concat();
+    let (code, stdout, stderr) = parts(&run("kubectl", &send, b"", &env).await);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("phase: Sent"), "{stdout}");
+    let envelopes = peer.wait_messages(1, WAIT).await;
+    let raw = peer.raw(&envelopes[0]);
+    let parsed = MessageParser::default().parse(&raw).expect("parse");
+    assert_eq!(parsed.subject(), Some("via kubectl"));
+    assert_eq!(parsed.body_text(0).as_deref().map(str::trim), Some("Sent by kubectl mailroom."));
+
+    let (code, stdout, stderr) =
+        parts(&run("kubectl", &["mailroom", "profile", "check", "relay", "-n", &ns], b"", &env).await);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains(&format!("profile: MailProfile {ns}/relay (smtp")), "{stdout}");
+    assert!(stdout.contains("greeting: 220 "), "{stdout}");
+
+    // Help and usage name the command as typed; exit codes pass through kubectl.
+    let (code, help, _) = parts(&run("kubectl", &["mailroom", "send", "--help"], b"", &env).await);
+    assert_eq!(code, 0);
+    assert!(help.contains("Usage: kubectl mailroom send [OPTIONS] --profile <PROFILE>"), "{help}");
+    let (code, _, stderr) = parts(&run("kubectl", &["mailroom", "profile", "check"], b"", &env).await);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains("Usage: kubectl mailroom profile check"), "{stderr}");
+    let (code, stdout, _) =
+        parts(&run("kubectl", &["mailroom", "profile", "check", "absent", "-n", &ns], b"", &env).await);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("ProfileNotFound"), "{stdout}");
+}
+
+#[tokio::test]
+async fn send_test_obeys_the_profiles_sender_and_recipient_policy() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cli-policy", &[]).await;
+    let peer = SmtpPeer::start(&[]);
+    let profile = format!(
+        r#"
+apiVersion: mailroom.dev/v1alpha1
+kind: MailProfile
+metadata: {{name: relay}}
+spec:
+  senders: {{default: "alerts@contoso.com", allowed: ["*@noreply.contoso.com"]}}
+  recipientDomains: ["contoso.com"]
+  smtp: {{host: 127.0.0.1, port: {port}, tls: None}}
+"#,
+        port = peer.smtp_port
+    );
+    create_yaml(&client, &ns, &profile).await;
+    let check = ["profile", "check", "relay", "-n", &ns, "--send-test"];
+
+    let (code, stdout, stderr) = parts(&mailroom(&[&check[..], &["Ann <ann@fabrikam.com>"]].concat(), b"", &[]).await);
+    assert_eq!(code, 1, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "test message refused: RecipientDomainNotAllowed: recipient ann@fabrikam.com is not in the recipient \
+             domains of profile MailProfile {ns}/relay (contoso.com); nothing was sent"
+        )),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("ready:"), "refused before the check went on: {stdout}");
+
+    let (code, stdout, _) =
+        parts(&mailroom(&[&check[..], &["ops@contoso.com", "--from", "ceo@contoso.com"]].concat(), b"", &[]).await);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stdout.contains("test message refused: SenderNotAllowed: sender ceo@contoso.com is not allowed"),
+        "{stdout}"
+    );
+
+    // What the policy allows is sent: a subdomain recipient, an allowed sender pattern. The
+    // server has it when the check returns, so it holds this one message and no other.
+    let allowed = [&check[..], &["ops@eu.contoso.com", "--from", "CI <ci@noreply.contoso.com>"]].concat();
+    let (code, stdout, stderr) = parts(&mailroom(&allowed, b"", &[]).await);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("test message: accepted: 250"), "{stdout}");
+    let received = peer.messages().await;
+    assert_eq!(received.len(), 1, "the refused test messages were not sent: {received:#?}");
+    assert_eq!(received[0]["mail_from"], "ci@noreply.contoso.com");
+    assert_eq!(received[0]["rcpt_tos"], json!(["ops@eu.contoso.com"]));
+
+    // Bad flags are usage errors; no kubeconfig is an API error.
+    let (code, _, stderr) = parts(&mailroom(&["profile", "check", "relay", "--from", "a@contoso.com"], b"", &[]).await);
+    assert_eq!(code, 64, "--from needs --send-test: {stderr}");
+    let bad_from = ["profile", "check", "relay", "--send-test", "ops@contoso.com", "--from", "a@@contoso"];
+    let (code, _, stderr) = parts(&mailroom(&bad_from, b"", &NO_API).await);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains("--from"), "{stderr}");
+    let (code, _, stderr) = parts(&mailroom(&["profile", "check", "relay"], b"", &NO_API).await);
+    assert_eq!(code, 3, "no kubeconfig: {stderr}");
 }

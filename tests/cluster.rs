@@ -666,7 +666,7 @@ async fn the_chart_runs_delivers_fails_over_and_uninstalls() {
         "ops@contoso.com",
         "--subject",
         "with an attachment",
-        "--text",
+        "--text-file",
         &body.display().to_string(),
         "--attach",
         &attachment.display().to_string(),

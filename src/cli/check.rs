@@ -3,7 +3,8 @@
 //! It takes the operator's own steps (validate, read the Secrets, build the transport, get a
 //! token, judge readiness) and says what fails in the words of the profile's Ready condition.
 //! For SMTP it also talks to the server (greeting, AUTH mechanisms, login), and `--send-test`
-//! sends one message through the transport directly, without the operator.
+//! sends one message through the transport directly, without the operator, once the profile's
+//! sender and recipient-domain policy (the operator's own checks) allow it.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -17,9 +18,11 @@ use crate::auth::{
     AuthorizationPath, PermissionVerdict, SendEvidence, TokenCacheConfig, TokenCaches, TokenSource, TokenState,
     entra_remedy, verify_permissions,
 };
+use crate::controller::reason::Reason;
 use crate::controller::steps::{
     self, Built, EndpointPolicy, NotReady, ProfileKey, judge, message_id, required_role, transport_inputs,
 };
+use crate::delivery::policy;
 use crate::tls::TrustRoots;
 use crate::transport::smtp::SmtpTransport;
 use crate::transport::smtp::probe::SmtpProbe;
@@ -45,9 +48,14 @@ pub struct CheckArgs {
     /// Accept authority hosts and Graph endpoints other than Microsoft's in a MailProfile, as the operator's flag.
     #[arg(long)]
     pub allow_custom_endpoints: bool,
-    /// Also send a test message to this mailbox through the profile's transport.
+    /// Also send a test message to this mailbox through the profile's transport, if the profile's
+    /// recipientDomains allow it.
     #[arg(long, value_name = "MAILBOX")]
     pub send_test: Option<String>,
+    /// The sender of the --send-test message, if the profile's senders allow it (default: the
+    /// profile's default sender).
+    #[arg(long, value_name = "MAILBOX", requires = "send_test")]
+    pub from: Option<String>,
     /// How long to wait for the token and the server.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "60s")]
     pub timeout: Duration,
@@ -62,6 +70,14 @@ pub async fn run(args: CheckArgs) -> u8 {
             return exit::USAGE;
         }
     };
+    let test_from = match args.from.as_deref().map(parse_mailbox).transpose() {
+        Ok(from) => from,
+        Err(e) => {
+            eprintln!("error: --from: {e}");
+            return exit::USAGE;
+        }
+    };
+    let test = test_to.map(|to| TestSend { from: test_from, to });
     let trust = match &args.ca_bundle {
         None => TrustRoots::default(),
         Some(path) => match std::fs::read(path)
@@ -79,7 +95,7 @@ pub async fn run(args: CheckArgs) -> u8 {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
-            return exit::FAILED;
+            return e.exit_code();
         }
     };
     let key = if args.cluster {
@@ -90,13 +106,69 @@ pub async fn run(args: CheckArgs) -> u8 {
     let policy =
         EndpointPolicy { allow_insecure: args.allow_insecure_endpoints, allow_custom: args.allow_custom_endpoints };
     let check = Check { client, key, trust, policy, timeout: args.timeout };
-    match check.run(test_to).await {
+    match check.run(test).await {
         Ok(()) => exit::OK,
-        Err(nr) => {
+        Err(Failure::NotReady(nr)) => {
             println!("not ready: {}: {}", printable(&nr.reason), printable(&nr.message));
             exit::FAILED
         }
+        Err(Failure::Refused { reason, message }) => {
+            println!("test message refused: {reason}: {}; nothing was sent", printable(&message));
+            exit::FAILED
+        }
+        Err(Failure::Api(message)) => {
+            eprintln!("error: {}", printable(&message));
+            exit::API
+        }
     }
+}
+
+/// The message `--send-test` asks for: its recipient, and its sender unless the default.
+#[derive(Clone, Debug)]
+pub struct TestSend {
+    /// `--from`; None: the profile's default sender.
+    pub from: Option<Address>,
+    /// `--send-test`.
+    pub to: Address,
+}
+
+/// Why a check did not end well.
+#[derive(Debug)]
+enum Failure {
+    /// The profile cannot send (the words of its Ready condition), or its server refused.
+    NotReady(NotReady),
+    /// The profile's policy refuses the test message; it was not sent.
+    Refused {
+        /// The operator's reason for the same refusal of an EmailMessage.
+        reason: Reason,
+        /// What is not allowed.
+        message: String,
+    },
+    /// The API server could not be reached or refused a request.
+    Api(String),
+}
+
+impl From<NotReady> for Failure {
+    fn from(nr: NotReady) -> Failure {
+        Failure::NotReady(nr)
+    }
+}
+
+/// The test message's sender, checked as the operator checks an EmailMessage before it sends
+/// (`decide::check_policy`): the sender against the profile's senders, the recipient against its
+/// recipientDomains. Errors carry the operator's reason.
+pub fn test_policy(key: &ProfileKey, settings: &MailProfileSpec, test: &TestSend) -> Result<Address, (Reason, String)> {
+    let profile = key.to_string();
+    let from = match &test.from {
+        Some(from) => from.clone(),
+        None => parse_mailbox(&settings.senders.default)
+            .map_err(|e| (Reason::InvalidAddress, format!("senders.default: {e}")))?,
+    };
+    policy::check_sender(&profile, &settings.senders, &from.email)
+        .map_err(|e| (Reason::SenderNotAllowed, e.to_string()))?;
+    policy::check_recipients(&profile, settings.recipient_domains.as_deref(), [test.to.email.as_str()])
+        .map_err(|e| (Reason::RecipientDomainNotAllowed, e.to_string()))?;
+    Ok(from)
 }
 
 /// One check of one profile.
@@ -109,9 +181,18 @@ struct Check {
 }
 
 impl Check {
-    async fn run(&self, test_to: Option<Address>) -> Result<(), NotReady> {
+    async fn run(&self, test: Option<TestSend>) -> Result<(), Failure> {
         let settings = self.settings().await?;
         println!("profile: {} ({})", self.key, settings.transport_name());
+        // A test message the operator would refuse is refused before any Secret is read or any
+        // token requested.
+        let test = match test {
+            Some(test) => match test_policy(&self.key, &settings, &test) {
+                Ok(from) => Some((from, test.to)),
+                Err((reason, message)) => return Err(Failure::Refused { reason, message }),
+            },
+            None => None,
+        };
         let inputs = transport_inputs(&self.client, &self.key, &settings, &self.trust, self.policy)
             .await
             .map_err(api_error)??;
@@ -133,7 +214,8 @@ impl Check {
                             "no answer from Microsoft Entra ID within {}",
                             super::human_duration(self.timeout)
                         ),
-                    });
+                    }
+                    .into());
                 }
                 Some(state)
             }
@@ -158,11 +240,11 @@ impl Check {
             print!("{}", describe_probe(&probe));
         }
         println!("ready: {ready}");
-        let Some(to) = test_to else {
+        let Some((from, to)) = test else {
             return Ok(());
         };
         let transport = judged.state?;
-        let message = test_message(&self.key, sender, to);
+        let message = test_message(&self.key, from, to);
         let delivered = tokio::time::timeout(self.timeout, transport.send(&message))
             .await
             .map_err(|_| send_failed(format!("no answer within {}", super::human_duration(self.timeout))))?
@@ -183,7 +265,7 @@ impl Check {
     }
 
     /// The profile's settings, or ProfileNotFound.
-    async fn settings(&self) -> Result<MailProfileSpec, NotReady> {
+    async fn settings(&self) -> Result<MailProfileSpec, Failure> {
         let found = match &self.key {
             ProfileKey::Namespaced { namespace, name } => {
                 let api: Api<MailProfile> = Api::namespaced(self.client.clone(), namespace);
@@ -194,12 +276,14 @@ impl Check {
                 api.get_opt(name).await.map_err(|e| api_error(e.into()))?.map(|p| p.spec.settings())
             }
         };
-        found.ok_or_else(|| NotReady { reason: "ProfileNotFound".into(), message: format!("{} not found", self.key) })
+        found.ok_or_else(|| {
+            NotReady { reason: "ProfileNotFound".into(), message: format!("{} not found", self.key) }.into()
+        })
     }
 }
 
-fn api_error(e: crate::Error) -> NotReady {
-    NotReady { reason: "ApiError".into(), message: e.to_string() }
+fn api_error(e: crate::Error) -> Failure {
+    Failure::Api(e.to_string())
 }
 
 fn smtp_failed(message: String) -> NotReady {
@@ -314,6 +398,60 @@ mod tests {
         assert!(text.contains("greeting: 220 mx ESMTP"), "{text}");
         assert!(text.contains("auth mechanisms (encrypted): PLAIN LOGIN"), "{text}");
         assert!(text.contains("login: accepted for mailer"), "{text}");
+    }
+
+    fn relay(extra: serde_json::Value) -> MailProfileSpec {
+        let mut spec = serde_json::json!({
+            "senders": {"default": "alerts@contoso.com", "allowed": ["*@noreply.contoso.com"]},
+            "smtp": {"host": "relay.contoso.com", "port": 25},
+        });
+        spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(spec).expect("a MailProfile spec")
+    }
+
+    fn test_send(from: Option<&str>, to: &str) -> TestSend {
+        TestSend { from: from.map(|f| parse_mailbox(f).unwrap()), to: parse_mailbox(to).unwrap() }
+    }
+
+    #[test]
+    fn the_test_message_obeys_the_profiles_policy() {
+        let key = ProfileKey::Namespaced { namespace: "team-a".into(), name: "relay".into() };
+        let open = relay(serde_json::json!({}));
+        let from = test_policy(&key, &open, &test_send(None, "anyone@fabrikam.com")).unwrap();
+        assert_eq!(from.email, "alerts@contoso.com", "the default sender");
+        let from = test_policy(&key, &open, &test_send(Some("CI <ci@noreply.contoso.com>"), "a@b.org")).unwrap();
+        assert_eq!(from.email, "ci@noreply.contoso.com");
+        let (reason, message) =
+            test_policy(&key, &open, &test_send(Some("ceo@contoso.com"), "ops@contoso.com")).unwrap_err();
+        assert_eq!(reason, Reason::SenderNotAllowed);
+        assert_eq!(
+            message,
+            "sender ceo@contoso.com is not allowed by profile MailProfile team-a/relay \
+             (allowed: *@noreply.contoso.com, alerts@contoso.com)"
+        );
+
+        let closed = relay(serde_json::json!({"recipientDomains": ["contoso.com"]}));
+        assert!(test_policy(&key, &closed, &test_send(None, "ops@eu.contoso.com")).is_ok(), "a subdomain");
+        let (reason, message) = test_policy(&key, &closed, &test_send(None, "Ann <ann@fabrikam.com>")).unwrap_err();
+        assert_eq!(reason, Reason::RecipientDomainNotAllowed);
+        assert!(message.contains("ann@fabrikam.com") && message.contains("(contoso.com)"), "{message}");
+        // The sender is judged first, as the operator does.
+        let (reason, _) = test_policy(&key, &closed, &test_send(Some("x@fabrikam.com"), "a@fabrikam.com")).unwrap_err();
+        assert_eq!(reason, Reason::SenderNotAllowed);
+    }
+
+    #[test]
+    fn from_needs_send_test() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: CheckArgs,
+        }
+        use clap::Parser;
+        let err = Cli::try_parse_from(["check", "relay", "--from", "a@contoso.com"]).err().expect("refused");
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let ok = Cli::try_parse_from(["check", "relay", "--send-test", "ops@contoso.com", "--from", "a@contoso.com"]);
+        assert_eq!(ok.expect("parses").args.from.as_deref(), Some("a@contoso.com"));
     }
 
     #[test]

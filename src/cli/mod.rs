@@ -1,9 +1,12 @@
-//! The command line for people and pipelines: `mailroom send` and `mailroom profile check`.
+//! The command line for people and pipelines: `mailroom send` and `mailroom profile check`, their
+//! completions and man pages, and the kubectl plugin they also make up.
 //!
-//! Both talk to the API server with the user's kubeconfig, as kubectl does. Their exit codes are
+//! Both commands talk to the API server with the user's kubeconfig, as kubectl does. Their exit codes are
 //! part of their interface (a CI step branches on them): see [`exit`].
 
 pub mod check;
+pub mod docs;
+pub mod plugin;
 pub mod send;
 
 use std::time::Duration;
@@ -14,7 +17,7 @@ use kube::Client;
 pub mod exit {
     /// Sent (or created, without `--wait`); the profile checks out.
     pub const OK: u8 = 0;
-    /// The message Failed; the profile is not ready or its server refused.
+    /// The message Failed; the profile is not ready, its server refused, or its policy refused the test message.
     pub const FAILED: u8 = 1;
     /// `--wait` ran out of time before the message was Sent or Failed.
     pub const TIMEOUT: u8 = 2;

@@ -20,8 +20,8 @@ use serde_json::json;
 
 use super::{CliError, exit, parse_duration, printable};
 use crate::api::{
-    Attachment, Body, EmailMessage, EmailMessageSpec, EmailMessageStatus, HeaderValue, Importance, LocalKeySelector,
-    LocalReference, Phase, ProfileKind, ProfileRef, conditions, find_condition,
+    Attachment, Body, Delivery, EmailMessage, EmailMessageSpec, EmailMessageStatus, HeaderValue, Importance,
+    LocalKeySelector, LocalReference, Phase, ProfileKind, ProfileRef, conditions, find_condition,
 };
 use crate::controller::steps::safe_attachment_name;
 use crate::transport::parse_mailbox;
@@ -32,6 +32,10 @@ pub const INLINE_LIMIT: usize = 64 * 1024;
 pub const INLINE_TOTAL_LIMIT: usize = 256 * 1024;
 /// Kubernetes' limit on a Secret's data (keys and values together).
 pub const SECRET_LIMIT: usize = 1024 * 1024;
+/// `--max-attempts`: the CRD's range of `delivery.maxAttempts` (a unit test compares them).
+pub const MAX_ATTEMPTS: std::ops::RangeInclusive<u32> = 1..=100;
+/// `--deadline`: the CRD's minimum of `delivery.deadlineSeconds`.
+pub const MIN_DEADLINE_SECONDS: u64 = 1;
 
 /// Flags of `mailroom send`.
 #[derive(clap::Args, Debug, Clone)]
@@ -60,13 +64,19 @@ pub struct SendArgs {
     /// The subject.
     #[arg(long, default_value = "")]
     pub subject: String,
+    /// The plain text body itself (`--text "Deploy done"`); see --text-file for a file or stdin.
+    #[arg(long, value_name = "TEXT")]
+    pub text: Option<String>,
     /// The plain text body from a file, or `-` for stdin.
     #[arg(long, value_name = "FILE|-")]
-    pub text: Option<String>,
+    pub text_file: Option<String>,
+    /// The HTML body itself; see --html-file for a file or stdin.
+    #[arg(long, value_name = "HTML")]
+    pub html: Option<String>,
     /// The HTML body from a file, or `-` for stdin.
     #[arg(long, value_name = "FILE|-")]
-    pub html: Option<String>,
-    /// An EmailTemplate in the namespace that renders the subject and bodies (instead of --subject, --text, --html).
+    pub html_file: Option<String>,
+    /// An EmailTemplate in the namespace that renders the subject and bodies (instead of --subject and the body flags).
     #[arg(long, value_name = "NAME")]
     pub template: Option<String>,
     /// A template value (repeatable): `key=value`, the value a string.
@@ -90,6 +100,13 @@ pub struct SendArgs {
     /// The prefix of the message's generated name.
     #[arg(long, value_name = "PREFIX", default_value = "send-")]
     pub generate_name: String,
+    /// Attempts before the message fails (delivery.maxAttempts, 1 to 100; the operator's default is 8).
+    #[arg(long, value_name = "N", value_parser = parse_max_attempts)]
+    pub max_attempts: Option<u32>,
+    /// No attempt starts this long after the message was created (delivery.deadlineSeconds: `90s`,
+    /// `30m`, `2h`; at least 1s; the operator's default is 1h).
+    #[arg(long, value_name = "DURATION", value_parser = parse_deadline)]
+    pub deadline: Option<u64>,
     /// Delete the message this long after it is Sent or Failed (`90s`, `10m`, `24h`, `7d`).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub ttl: Option<Duration>,
@@ -157,12 +174,19 @@ pub async fn run(args: SendArgs) -> u8 {
 async fn send(args: SendArgs) -> Result<u8, CliError> {
     // Everything the command line can get wrong is found before the API server is asked anything.
     check_flags(&args)?;
-    let mut stdin_used = false;
-    let text = args.text.as_deref().map(|s| read_body("--text", s, &mut stdin_used)).transpose()?;
-    let html = args.html.as_deref().map(|s| read_body("--html", s, &mut stdin_used)).transpose()?;
+    let text = match (&args.text, &args.text_file) {
+        (Some(inline), _) => Some(inline.clone()),
+        (None, Some(source)) => Some(read_source("--text-file", source)?),
+        (None, None) => None,
+    };
+    let html = match (&args.html, &args.html_file) {
+        (Some(inline), _) => Some(inline.clone()),
+        (None, Some(source)) => Some(read_source("--html-file", source)?),
+        (None, None) => None,
+    };
     let files = args.attach.iter().map(|p| read_attachment(p)).collect::<Result<Vec<_>, _>>()?;
     let values = match args.values.as_deref() {
-        Some(source) => Some(parse_values(source, &read_body("--values", source, &mut stdin_used)?)?),
+        Some(source) => Some(parse_values(source, &read_source("--values", source)?)?),
         None => None,
     };
     let spec = build_spec(&args, text, html, values)?;
@@ -212,12 +236,10 @@ async fn send(args: SendArgs) -> Result<u8, CliError> {
     }
 }
 
-/// Reads a body from a file or (`-`) stdin; stdin can be read once.
-fn read_body(flag: &str, source: &str, stdin_used: &mut bool) -> Result<String, CliError> {
+/// Reads a body or the values from a file or (`-`) stdin; [`check_flags`] made sure that only
+/// one flag reads stdin.
+fn read_source(flag: &str, source: &str) -> Result<String, CliError> {
     let bytes = if source == "-" {
-        if std::mem::replace(stdin_used, true) {
-            return Err(CliError::Usage(format!("{flag} -: stdin is already read by another flag")));
-        }
         let mut buf = Vec::new();
         std::io::stdin().read_to_end(&mut buf).map_err(|e| CliError::Usage(format!("{flag}: reading stdin: {e}")))?;
         buf
@@ -291,13 +313,75 @@ pub fn parse_values(source: &str, text: &str) -> Result<serde_json::Map<String, 
     }
 }
 
+/// The inline and the file form of the bodies: `--text`/`--text-file`, `--html`/`--html-file`.
+fn check_bodies(args: &SendArgs) -> Result<(), CliError> {
+    for (inline, file, value) in [
+        ("--text", "--text-file", (&args.text, &args.text_file)),
+        ("--html", "--html-file", (&args.html, &args.html_file)),
+    ] {
+        match value {
+            (Some(_), Some(_)) => {
+                return Err(CliError::Usage(format!(
+                    "{inline} and {file} both give the body: use {inline} TEXT for the body itself, or {file} FILE|- \
+                     to read it from a file or stdin"
+                )));
+            }
+            // `--text -` read stdin before --text took the body itself; a body of "-" is that mistake.
+            (Some(body), None) if body == "-" => {
+                return Err(CliError::Usage(format!(
+                    "{inline} takes the body itself; to read it from stdin use {file} -"
+                )));
+            }
+            _ => {}
+        }
+    }
+    let stdin_readers: Vec<&str> =
+        [("--text-file", &args.text_file), ("--html-file", &args.html_file), ("--values", &args.values)]
+            .into_iter()
+            .filter(|(_, source)| source.as_deref() == Some("-"))
+            .map(|(flag, _)| flag)
+            .collect();
+    if stdin_readers.len() > 1 {
+        return Err(CliError::Usage(format!(
+            "stdin can be read only once, and {} ask for it (`-`): give all but one of them a file",
+            stdin_readers.join(" and ")
+        )));
+    }
+    Ok(())
+}
+
+/// Parses `--max-attempts`: the range of the CRD's `delivery.maxAttempts`.
+pub fn parse_max_attempts(input: &str) -> Result<u32, String> {
+    let n: u32 = input.trim().parse().map_err(|_| format!("{input:?} is not a whole number"))?;
+    if !MAX_ATTEMPTS.contains(&n) {
+        return Err(format!("{n} is out of range: from {} to {}", MAX_ATTEMPTS.start(), MAX_ATTEMPTS.end()));
+    }
+    Ok(n)
+}
+
+/// Parses `--deadline` into `delivery.deadlineSeconds`: a duration of at least a second (the
+/// CRD's minimum), at most what its int64 holds.
+pub fn parse_deadline(input: &str) -> Result<u64, String> {
+    let seconds = parse_duration(input)?.as_secs();
+    if seconds < MIN_DEADLINE_SECONDS {
+        return Err(format!("{input:?} is too short: at least {MIN_DEADLINE_SECONDS}s"));
+    }
+    if i64::try_from(seconds).is_err() {
+        return Err(format!("{input:?} is too long"));
+    }
+    Ok(seconds)
+}
+
 /// Checks the flags that need no file or stdin, so that a typo fails before stdin is read.
 pub fn check_flags(args: &SendArgs) -> Result<(), CliError> {
-    let has_body = args.text.is_some() || args.html.is_some();
+    check_bodies(args)?;
+    let has_body = args.text.is_some() || args.text_file.is_some() || args.html.is_some() || args.html_file.is_some();
     match &args.template {
         Some(_) if has_body || !args.subject.is_empty() => {
             return Err(CliError::Usage(
-                "--template supplies the subject and the bodies: leave out --subject, --text and --html".into(),
+                "--template supplies the subject and the bodies: leave out --subject, --text, --text-file, --html \
+                 and --html-file"
+                    .into(),
             ));
         }
         Some(name) if name.is_empty() => return Err(CliError::Usage("--template needs a name".into())),
@@ -307,7 +391,9 @@ pub fn check_flags(args: &SendArgs) -> Result<(), CliError> {
         }
         None if !has_body => {
             return Err(CliError::Usage(
-                "a body is needed: --text FILE|- or --html FILE|- (or both), or --template NAME".into(),
+                "a body is needed: --text TEXT or --text-file FILE|-, --html HTML or --html-file FILE|- (or a text \
+                 and an HTML body), or --template NAME"
+                    .into(),
             ));
         }
         None => {}
@@ -344,7 +430,9 @@ pub fn build_spec(
 ) -> Result<EmailMessageSpec, CliError> {
     check_flags(args)?;
     if args.template.is_none() && text.is_none() && html.is_none() {
-        return Err(CliError::Usage("a body is needed: --text FILE|- or --html FILE|- (or both)".into()));
+        return Err(CliError::Usage(
+            "a body is needed: --text TEXT or --text-file FILE|-, --html HTML or --html-file FILE|- (or both)".into(),
+        ));
     }
     let mut values = values.unwrap_or_default();
     for pair in &args.set {
@@ -370,7 +458,11 @@ pub fn build_spec(
         attachments: Vec::new(),
         headers,
         importance: args.importance.map(Into::into),
-        delivery: None,
+        delivery: (args.max_attempts.is_some() || args.deadline.is_some()).then_some(Delivery {
+            max_attempts: args.max_attempts,
+            deadline_seconds: args.deadline,
+            on_uncertain: None,
+        }),
         template_ref: args.template.clone().map(|name| LocalReference { name }),
         values,
         ttl_seconds_after_finished: args.ttl.map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
@@ -600,7 +692,7 @@ mod tests {
     }
 
     fn args(extra: &[&str]) -> SendArgs {
-        let mut argv = vec!["send", "--profile", "relay", "--to", "Ops <ops@contoso.com>", "--text", "-"];
+        let mut argv = vec!["send", "--profile", "relay", "--to", "Ops <ops@contoso.com>", "--text-file", "-"];
         argv.extend_from_slice(extra);
         Cli::try_parse_from(argv).expect("flags parse").args
     }
@@ -639,7 +731,7 @@ mod tests {
         let bad_to = build_spec(&args(&["--to", "ops@@contoso"]), Some("x".into()), None, None).unwrap_err();
         assert!(matches!(&bad_to, CliError::Usage(m) if m.contains("--to") && m.contains("ops@@contoso")), "{bad_to}");
         let mut bodiless = args(&[]);
-        bodiless.text = None;
+        bodiless.text_file = None;
         let no_body = check_flags(&bodiless).unwrap_err();
         assert!(no_body.to_string().contains("--text"), "{no_body}");
         let bad_from = build_spec(&args(&["--from", "nobody"]), Some("x".into()), None, None).unwrap_err();
@@ -650,7 +742,7 @@ mod tests {
     #[test]
     fn template_flags() {
         let mut t = args(&["--template", "release", "--set", "version=1.4.2", "--set", "app=shop=eu"]);
-        t.text = None;
+        t.text_file = None;
         let values = parse_values("values.yaml", "version: '0.9'\nbuild: {url: https://ci/1}\n").unwrap();
         let spec = build_spec(&t, None, None, Some(values)).unwrap();
         assert_eq!(spec.template_ref.as_ref().map(|r| r.name.as_str()), Some("release"));
@@ -663,14 +755,117 @@ mod tests {
         let with_body = check_flags(&args(&["--template", "release"])).unwrap_err();
         assert!(with_body.to_string().contains("--template supplies"), "{with_body}");
         let mut with_subject = args(&["--template", "release", "--subject", "hi"]);
-        with_subject.text = None;
+        with_subject.text_file = None;
         assert!(check_flags(&with_subject).is_err());
         let set_alone = check_flags(&args(&["--set", "a=b"])).unwrap_err();
         assert!(set_alone.to_string().contains("need --template"), "{set_alone}");
         let mut bad_set = args(&["--template", "release", "--set", "novalue"]);
-        bad_set.text = None;
+        bad_set.text_file = None;
         assert_eq!(check_flags(&bad_set).unwrap_err().exit_code(), exit::USAGE);
         assert!(parse_values("v", "- a\n- b\n").is_err(), "a list is not an object");
+    }
+
+    /// Parses `send --profile relay --to ops@contoso.com` and `extra`, with no body flag of its own.
+    fn bare(extra: &[&str]) -> Result<SendArgs, clap::Error> {
+        let mut argv = vec!["send", "--profile", "relay", "--to", "ops@contoso.com"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).map(|c| c.args)
+    }
+
+    #[test]
+    fn inline_bodies_and_body_files() {
+        let inline = bare(&["--text", "Deploy done", "--html", "<p>Deploy done</p>"]).unwrap();
+        assert!(check_flags(&inline).is_ok());
+        assert_eq!(inline.text.as_deref(), Some("Deploy done"));
+        assert_eq!(inline.html.as_deref(), Some("<p>Deploy done</p>"));
+        assert_eq!((inline.text_file.as_deref(), inline.html_file.as_deref()), (None, None));
+        let files = bare(&["--text-file", "body.txt", "--html-file", "-"]).unwrap();
+        assert!(check_flags(&files).is_ok());
+        assert_eq!(files.text_file.as_deref(), Some("body.txt"));
+        assert!(check_flags(&bare(&["--text", "plain", "--html-file", "body.html"]).unwrap()).is_ok(), "one of each");
+
+        for (a, b) in [("--text", "--text-file"), ("--html", "--html-file")] {
+            let both = check_flags(&bare(&[a, "inline", b, "body.txt"]).unwrap()).unwrap_err();
+            assert_eq!(both.exit_code(), exit::USAGE);
+            assert!(both.to_string().starts_with(&format!("{a} and {b} both give the body")), "{both}");
+        }
+        let dash = check_flags(&bare(&["--text", "-"]).unwrap()).unwrap_err();
+        assert!(dash.to_string().contains("to read it from stdin use --text-file -"), "{dash}");
+        let dash = check_flags(&bare(&["--html", "-"]).unwrap()).unwrap_err();
+        assert!(dash.to_string().contains("--html-file -"), "{dash}");
+
+        let twice = check_flags(&bare(&["--text-file", "-", "--html-file", "-"]).unwrap()).unwrap_err();
+        assert!(twice.to_string().contains("--text-file and --html-file ask for it"), "{twice}");
+        let values = check_flags(&bare(&["--template", "t", "--values", "-"]).unwrap());
+        assert!(values.is_ok(), "--values alone may read stdin: {values:?}");
+        let mut with_values = bare(&["--text-file", "-"]).unwrap();
+        with_values.values = Some("-".into());
+        let err = check_flags(&with_values).unwrap_err();
+        assert!(err.to_string().contains("--text-file and --values"), "{err}");
+
+        let none = check_flags(&bare(&[]).unwrap()).unwrap_err();
+        assert!(none.to_string().contains("--text TEXT or --text-file FILE|-"), "{none}");
+        let template = check_flags(&bare(&["--template", "t", "--html", "<p>x</p>"]).unwrap()).unwrap_err();
+        assert!(template.to_string().contains("--html and --html-file"), "{template}");
+    }
+
+    #[test]
+    fn body_files_and_stdin_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = dir.path().join("body.txt");
+        std::fs::write(&body, "Version 1.4.2 is live.\n").unwrap();
+        let path = body.display().to_string();
+        assert_eq!(read_source("--text-file", &path).unwrap(), "Version 1.4.2 is live.\n");
+        let missing = read_source("--text-file", "/nonexistent/body.txt").unwrap_err();
+        assert_eq!(missing.exit_code(), exit::USAGE);
+        assert!(missing.to_string().starts_with("--text-file /nonexistent/body.txt: "), "{missing}");
+        std::fs::write(&body, [0xff, 0xfe]).unwrap();
+        let binary = read_source("--html-file", &path).unwrap_err();
+        assert!(binary.to_string().contains("not UTF-8"), "{binary}");
+    }
+
+    #[test]
+    fn delivery_limits() {
+        let a = bare(&["--text", "x", "--max-attempts", "3", "--deadline", "30m"]).unwrap();
+        let spec = build_spec(&a, a.text.clone(), None, None).unwrap();
+        assert_eq!(
+            spec.delivery,
+            Some(Delivery { max_attempts: Some(3), deadline_seconds: Some(1800), on_uncertain: None })
+        );
+        assert_eq!((spec.max_attempts(), spec.deadline_seconds()), (3, 1800));
+        let only = bare(&["--text", "x", "--deadline", "90"]).unwrap();
+        let spec = build_spec(&only, only.text.clone(), None, None).unwrap();
+        assert_eq!(spec.delivery.as_ref().map(|d| (d.max_attempts, d.deadline_seconds)), Some((None, Some(90))));
+        let plain = bare(&["--text", "x"]).unwrap();
+        assert_eq!(build_spec(&plain, plain.text.clone(), None, None).unwrap().delivery, None, "the defaults apply");
+
+        assert_eq!(parse_max_attempts("1"), Ok(1));
+        assert_eq!(parse_max_attempts("100"), Ok(100));
+        assert_eq!(parse_max_attempts("0").unwrap_err(), "0 is out of range: from 1 to 100");
+        assert!(parse_max_attempts("101").is_err());
+        assert!(parse_max_attempts("-1").is_err());
+        assert!(parse_max_attempts("eight").is_err());
+        assert_eq!(parse_deadline("2h"), Ok(7200));
+        assert_eq!(parse_deadline("1s"), Ok(1));
+        assert!(parse_deadline("0s").unwrap_err().contains("at least 1s"));
+        assert!(parse_deadline("106751991167301d").unwrap_err().contains("too long"), "over int64 seconds");
+        assert!(parse_deadline("soon").is_err());
+        // clap turns a parser's refusal into a usage error (exit 64 in main).
+        let err = bare(&["--text", "x", "--max-attempts", "0"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        assert!(bare(&["--text", "x", "--deadline", "0"]).is_err());
+    }
+
+    /// The flags' ranges are the CRD's: `mailroom crd`'s schema for `delivery`.
+    #[test]
+    fn delivery_ranges_are_the_crds() {
+        let crd = crate::api::crd::all().into_iter().find(|c| c.spec.names.kind == "EmailMessage").unwrap();
+        let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+        let delivery = &schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["delivery"]["properties"];
+        assert_eq!(delivery["maxAttempts"]["minimum"].as_f64(), Some(f64::from(*MAX_ATTEMPTS.start())));
+        assert_eq!(delivery["maxAttempts"]["maximum"].as_f64(), Some(f64::from(*MAX_ATTEMPTS.end())));
+        assert_eq!(delivery["deadlineSeconds"]["minimum"].as_f64(), Some(MIN_DEADLINE_SECONDS as f64));
+        assert_eq!(delivery["deadlineSeconds"]["format"], "int64");
     }
 
     #[test]
