@@ -368,6 +368,7 @@ pub fn build_spec(
         subject: args.subject.clone(),
         body: Body { text, html },
         attachments: Vec::new(),
+        raw: None,
         headers,
         importance: args.importance.map(Into::into),
         delivery: None,

@@ -20,7 +20,7 @@ use serde::Deserialize;
 
 pub use classify::{GraphApiError, classify, parse_retry_after};
 pub use limiter::MailboxLimiter;
-pub use request::{MAX_ATTACHMENT, MAX_INLINE_ATTACHMENT, MAX_JSON_HEADERS, MAX_REQUEST_BYTES};
+pub use request::{MAX_ATTACHMENT, MAX_INLINE_ATTACHMENT, MAX_JSON_HEADERS, MAX_REQUEST_BYTES, with_bcc_header};
 pub use upload::{UPLOAD_CHUNK_SIZE, UPLOAD_CHUNK_UNIT, chunk_ranges};
 
 use crate::auth::{AuthError, TokenSource};
