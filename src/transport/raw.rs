@@ -42,7 +42,9 @@ pub enum RawError {
     #[error("line 1 starts with white space, a continuation of no header field")]
     LeadingContinuation,
     /// 8-bit bytes in the header section that are not UTF-8.
-    #[error("line {0} of the header section has 8-bit bytes that are not UTF-8 (RFC 6532 allows UTF-8 only, and only with SMTPUTF8)")]
+    #[error(
+        "line {0} of the header section has 8-bit bytes that are not UTF-8 (RFC 6532 allows UTF-8 only, and only with SMTPUTF8)"
+    )]
     EightBitHeader(usize),
     /// Not exactly one field that must be there once.
     #[error("the message has {count} {name}: fields; RFC 5322 requires {wanted}")]
@@ -192,8 +194,7 @@ pub fn parse(raw: &[u8]) -> Result<ParsedRaw, RawError> {
         Some(f) => Some(message_id(&bytes[f.value..f.end])?),
         None => None,
     };
-    let bcc_fields =
-        fields.iter().filter(|f| f.name.eq_ignore_ascii_case("Bcc")).map(|f| (f.start, f.end)).collect();
+    let bcc_fields = fields.iter().filter(|f| f.name.eq_ignore_ascii_case("Bcc")).map(|f| (f.start, f.end)).collect();
     Ok(ParsedRaw {
         from,
         sender,
@@ -219,11 +220,8 @@ pub fn prepare(
 ) -> Result<RawOutgoing, RawError> {
     let visible: Vec<&Address> = parsed.to.iter().chain(&parsed.cc).collect();
     let from_spec = !envelope.is_empty();
-    let candidates = if from_spec {
-        envelope
-    } else {
-        parsed.to.iter().chain(&parsed.cc).chain(&parsed.bcc).cloned().collect()
-    };
+    let candidates =
+        if from_spec { envelope } else { parsed.to.iter().chain(&parsed.cc).chain(&parsed.bcc).cloned().collect() };
     let mut recipients: Vec<Address> = Vec::with_capacity(candidates.len());
     for a in candidates {
         if !recipients.iter().any(|r| r.email.eq_ignore_ascii_case(&a.email)) {
@@ -240,8 +238,11 @@ pub fn prepare(
     {
         return Err(RawError::HeaderRecipientOutsideEnvelope(outside.email.clone()));
     }
-    let hidden =
-        recipients.iter().filter(|r| !visible.iter().any(|v| v.email.eq_ignore_ascii_case(&r.email))).cloned().collect();
+    let hidden = recipients
+        .iter()
+        .filter(|r| !visible.iter().any(|v| v.email.eq_ignore_ascii_case(&r.email)))
+        .cloned()
+        .collect();
     let (bytes, message_id) = match parsed.message_id.clone() {
         Some(id) => (without(&parsed.bytes, &parsed.bcc_fields), id),
         None => {
@@ -534,7 +535,8 @@ mod tests {
         assert_eq!(out.message_id, "<own.1@build.contoso.com>");
         assert!(out.bytes.starts_with(b"Message-ID:\r\n <own.1@build.contoso.com>\r\nFrom:"));
         assert_eq!(out.bytes.windows(11).filter(|w| w.eq_ignore_ascii_case(b"message-id:")).count(), 1);
-        let out = prepare(parse(MSG.as_bytes()).unwrap(), from, vec![], "<assigned@contoso.com>".into(), false).unwrap();
+        let out =
+            prepare(parse(MSG.as_bytes()).unwrap(), from, vec![], "<assigned@contoso.com>".into(), false).unwrap();
         assert_eq!(out.message_id, "<assigned@contoso.com>");
         assert!(out.bytes.starts_with(b"Message-ID: <assigned@contoso.com>\r\nFrom: Alerts"));
     }
