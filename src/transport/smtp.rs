@@ -387,7 +387,12 @@ impl Transport for SmtpTransport {
         let envelope = raw_envelope(message)?;
         let mut conn = self.connect().await?;
         let result = match self.authenticate(&mut conn, &message.envelope_from.email).await {
-            Ok(()) => self.transaction(&mut conn, &envelope, &message.bytes).await,
+            // lettre ends the data with CRLF "." CRLF whatever it ends with: the message's own final
+            // CRLF is left to it, so that no empty line is added.
+            Ok(()) => {
+                let bytes = message.bytes.strip_suffix(b"\r\n").unwrap_or(&message.bytes);
+                self.transaction(&mut conn, &envelope, bytes).await
+            }
             Err(e) => Err(e),
         };
         close(&mut conn, result.is_ok(), self.command_timeout).await;
