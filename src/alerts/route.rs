@@ -93,6 +93,7 @@ pub fn email_message(
         template_ref: None,
         values: None,
         attachments: Vec::new(),
+        raw: None,
         headers,
         importance: Some(spec.importance_for(severities)),
         delivery: spec.delivery.clone(),

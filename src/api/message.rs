@@ -46,9 +46,10 @@ pub const MAX_VALUES: usize = 100;
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable once created; to send again, create a new EmailMessage (generateName works)"))]
-#[x_kube(validation = Rule::new("(has(self.to) ? size(self.to) : 0) + (has(self.cc) ? size(self.cc) : 0) + (has(self.bcc) ? size(self.bcc) : 0) > 0").message("at least one recipient is required in to, cc or bcc"))]
+#[x_kube(validation = Rule::new("has(self.raw) || (has(self.to) ? size(self.to) : 0) + (has(self.cc) ? size(self.cc) : 0) + (has(self.bcc) ? size(self.bcc) : 0) > 0").message("at least one recipient is required in to, cc or bcc (a raw message may take them from its own headers)"))]
 #[x_kube(validation = Rule::new("(has(self.to) ? size(self.to) : 0) + (has(self.cc) ? size(self.cc) : 0) + (has(self.bcc) ? size(self.bcc) : 0) <= 500").message("at most 500 recipients in to, cc and bcc together"))]
-#[x_kube(validation = Rule::new("has(self.body) || has(self.templateRef)").message("body is required (text, html, or both), unless templateRef names an EmailTemplate"))]
+#[x_kube(validation = Rule::new("has(self.body) || has(self.templateRef) || has(self.raw)").message("body is required (text, html, or both), unless templateRef names an EmailTemplate or raw a ready-made message"))]
+#[x_kube(validation = Rule::new("!has(self.raw) || (!has(self.body) && !has(self.templateRef) && !has(self.attachments) && !has(self.headers) && !has(self.replyTo) && !has(self.importance) && (!has(self.subject) || self.subject == ''))").message("raw is the whole message: leave subject, body, templateRef, values, attachments, headers, replyTo and importance out (to, cc and bcc, when given, are its envelope recipients)"))]
 #[x_kube(validation = Rule::new("!has(self.templateRef) || (!has(self.body) && (!has(self.subject) || self.subject == ''))").message("with templateRef the EmailTemplate supplies the subject and body: leave subject and body out of the message and pass what varies in values"))]
 #[x_kube(validation = Rule::new("!has(self.values) || has(self.templateRef)").message("values are only used with templateRef"))]
 pub struct EmailMessageSpec {
@@ -98,6 +99,14 @@ pub struct EmailMessageSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 100))]
     pub attachments: Vec<Attachment>,
+    /// A ready-made RFC 5322 message in a Secret, sent as it is instead of one built from the
+    /// fields above: excludes subject, body, templateRef, values, attachments, headers, replyTo
+    /// and importance. The envelope sender is `from` (else the profile's default sender); the
+    /// envelope recipients are to, cc and bcc when given, else the message's To, Cc and Bcc. The
+    /// profile's sender policy applies to the envelope sender and to the message's From (and
+    /// Sender), its recipient domains to every envelope recipient.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw: Option<RawMessage>,
     /// Custom `X-` headers.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[x_kube(validation = Rule::new(header_name_rule()).message("header names must be X- headers made of letters, digits and -, such as X-Pipeline-Run"))]
@@ -226,6 +235,39 @@ pub struct Attachment {
     pub data: Option<String>,
 }
 
+/// The default key of `raw.secretRef`.
+pub const DEFAULT_RAW_KEY: &str = "message.eml";
+
+/// A ready-made RFC 5322 message (an `.eml` file), kept in a Secret of the message's namespace. A
+/// Secret holds at most 1 MiB of data, so that is the largest raw message.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RawMessage {
+    /// The Secret and key holding the message's bytes (CRLF or LF line endings).
+    pub secret_ref: RawSecretRef,
+}
+
+/// A Secret key holding a raw message.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RawSecretRef {
+    /// Name of the Secret, in the message's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key in its data; default `message.eml`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[-._a-zA-Z0-9]+$')").message("raw.secretRef.key must be a Secret key: letters, digits, '-', '_' and '.'"))]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: Option<String>,
+}
+
+impl RawSecretRef {
+    /// The key, defaulted.
+    pub fn key(&self) -> &str {
+        self.key.as_deref().unwrap_or(DEFAULT_RAW_KEY)
+    }
+}
+
 /// The Importance header.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -280,6 +322,11 @@ impl EmailMessageSpec {
     /// `delivery.onUncertain`, defaulted.
     pub fn on_uncertain(&self) -> OnUncertain {
         self.delivery.as_ref().and_then(|d| d.on_uncertain).unwrap_or_default()
+    }
+
+    /// Whether the message is a ready-made one (`raw`).
+    pub fn is_raw(&self) -> bool {
+        self.raw.is_some()
     }
 
     /// The number of recipients in to, cc and bcc.

@@ -456,6 +456,7 @@ pub fn build_spec(
         subject: args.subject.clone(),
         body: Body { text, html },
         attachments: Vec::new(),
+        raw: None,
         headers,
         importance: args.importance.map(Into::into),
         delivery: (args.max_attempts.is_some() || args.deadline.is_some()).then_some(Delivery {

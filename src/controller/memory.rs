@@ -8,7 +8,7 @@ use super::registry::ResolvedProfile;
 use crate::api::EmailMessage;
 use crate::delivery::budget::{Grant, Reservation};
 use crate::delivery::footprint::{self, Encoding};
-use crate::transport::OutgoingMessage;
+use crate::transport::{OutgoingMessage, RawOutgoing};
 
 /// The bytes one message holds in the budget.
 pub type MessageMemory = Reservation<ObjectRef<EmailMessage>>;
@@ -36,4 +36,9 @@ pub fn reserve(ctx: &Context, cached: &EmailMessage, profile: &ResolvedProfile) 
 /// returned, `message` what was built from it.
 pub fn settle(memory: &mut MessageMemory, profile: &ResolvedProfile, whole: &EmailMessage, message: &OutgoingMessage) {
     memory.shrink_to(footprint::of_built(encoding(profile), &whole.spec, message));
+}
+
+/// Keeps of `memory` what a prepared raw message holds.
+pub fn settle_raw(memory: &mut MessageMemory, profile: &ResolvedProfile, whole: &EmailMessage, message: &RawOutgoing) {
+    memory.shrink_to(footprint::of_raw(encoding(profile), &whole.spec, message.bytes.len() as u64));
 }

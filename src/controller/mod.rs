@@ -7,6 +7,7 @@ pub mod memory;
 pub mod message;
 pub mod outgoing;
 pub mod profile;
+pub mod raw;
 pub mod reason;
 pub mod registry;
 pub mod run;

@@ -13,6 +13,8 @@ pub enum Reason {
     ProfileNotReady,
     /// A Secret or ConfigMap (or its key) an attachment names does not exist (yet).
     AttachmentNotFound,
+    /// The Secret (or its key) that `raw` names does not exist (yet).
+    RawMessageNotFound,
 
     // Failed for its own problem, before any attempt.
     /// `delivery.deadlineSeconds` passed before it could be sent.
@@ -35,6 +37,8 @@ pub enum Reason {
     InvalidAttachment,
     /// Larger than the transport accepts.
     MessageTooLarge,
+    /// A raw message that is not an RFC 5322 message mailroom can send.
+    InvalidRawMessage,
     /// The EmailTemplate it names does not exist.
     TemplateNotFound,
     /// Its template did not render.
@@ -91,6 +95,7 @@ impl Reason {
             Reason::ProfileNotFound => "ProfileNotFound",
             Reason::ProfileNotReady => "ProfileNotReady",
             Reason::AttachmentNotFound => "AttachmentNotFound",
+            Reason::RawMessageNotFound => "RawMessageNotFound",
             Reason::DeadlineExceeded => "DeadlineExceeded",
             Reason::NamespaceNotAdmitted => "NamespaceNotAdmitted",
             Reason::SenderNotAllowed => "SenderNotAllowed",
@@ -101,6 +106,7 @@ impl Reason {
             Reason::InvalidSubject => "InvalidSubject",
             Reason::InvalidAttachment => "InvalidAttachment",
             Reason::MessageTooLarge => "MessageTooLarge",
+            Reason::InvalidRawMessage => "InvalidRawMessage",
             Reason::TemplateNotFound => "TemplateNotFound",
             Reason::TemplateError => "TemplateError",
             Reason::TemplateConflict => "TemplateConflict",

@@ -75,6 +75,8 @@ pub fn before_reading(encoding: Encoding, spec: &EmailMessageSpec) -> u64 {
     let referenced =
         spec.attachments.iter().filter(|a| a.secret_ref.is_some() || a.config_map_ref.is_some()).count() as u64;
     let rendered = if spec.template_ref.is_some() { 2 * MAX_RENDERED_BODY_BYTES as u64 } else { 0 };
+    // A raw message is one more source: its Secret, at most as large as any.
+    let referenced = referenced + u64::from(spec.raw.is_some());
     let fetch = if referenced > 0 { FETCH_WORK } else { 0 };
     let content = referenced * MAX_SOURCE_BYTES + MAX_OBJECT_BYTES + rendered;
     fetch + while_sending(encoding, content, MAX_OBJECT_BYTES)
@@ -86,6 +88,13 @@ pub fn of_built(encoding: Encoding, spec: &EmailMessageSpec, message: &OutgoingM
         + message.text.as_ref().map_or(0, |t| t.len() as u64)
         + message.html.as_ref().map_or(0, |h| h.len() as u64);
     while_sending(encoding, content, object_bytes(spec))
+}
+
+/// What a raw message holds once read and prepared: `raw_bytes` is its size (the bytes to send;
+/// the Secret's copy is gone by then, but the parsed and the prepared copy overlap for a while, so
+/// it counts twice), encoded as its transport encodes it.
+pub fn of_raw(encoding: Encoding, spec: &EmailMessageSpec, raw_bytes: u64) -> u64 {
+    raw_bytes + while_sending(encoding, raw_bytes, object_bytes(spec))
 }
 
 /// The bulky part of an object: its bodies, inline attachment data and headers, and a margin for
@@ -226,6 +235,24 @@ mod tests {
                     &spec("profileRef: {name: p}\nto: [o@contoso.com]\nsubject: s\nbody: {text: t}\n")
                 )
         );
+    }
+
+    #[test]
+    fn a_raw_message_counts_its_secret_before_reading_and_its_size_once_read() {
+        let plain = spec("profileRef: {name: p}\nto: [o@contoso.com]\nsubject: s\nbody: {text: t}\n");
+        let raw = spec("profileRef: {name: p}\nraw: {secretRef: {name: eml}}\n");
+        let upfront = before_reading(Encoding::Smtp, &raw);
+        assert_eq!(
+            upfront,
+            FETCH_WORK + while_sending(Encoding::Smtp, MAX_SOURCE_BYTES + MAX_OBJECT_BYTES, MAX_OBJECT_BYTES)
+        );
+        assert!(upfront > before_reading(Encoding::Smtp, &plain));
+        let small = of_raw(Encoding::Smtp, &raw, 2_000);
+        let large = of_raw(Encoding::Smtp, &raw, MAX_SOURCE_BYTES);
+        assert!(small < upfront && large < upfront, "{small} {large} {upfront}");
+        // Its bytes, their encoding and the prepared copy.
+        assert!(large > 3 * MAX_SOURCE_BYTES, "{large}");
+        assert!(large - small > 3 * (MAX_SOURCE_BYTES - 2_000), "{large} {small}");
     }
 
     #[test]

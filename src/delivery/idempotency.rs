@@ -374,6 +374,23 @@ mod tests {
     }
 
     #[test]
+    fn a_raw_message_gets_a_derived_key_from_its_secret_reference() {
+        let raw = |secret: &str| {
+            let mut m = message(argo(), serde_json::json!({}));
+            m.spec.subject = String::new();
+            m.spec.body = Default::default();
+            m.spec.raw = Some(serde_json::from_value(serde_json::json!({"secretRef": {"name": secret}})).unwrap());
+            m
+        };
+        let (a, b) = (raw("release-eml"), raw("other-eml"));
+        let key = |m: &EmailMessage| choose_key(m).key().map(str::to_string);
+        assert_eq!(key(&a), Some(format!("team-a/deploy-finished@{}", spec_hash(&a.spec))));
+        // The same manifest re-created is the same key; another Secret is another message.
+        assert_eq!(key(&a), key(&raw("release-eml")));
+        assert_ne!(key(&a), key(&b));
+    }
+
+    #[test]
     fn the_tool_is_told_by_its_metadata() {
         let map = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let none = BTreeMap::new();

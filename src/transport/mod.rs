@@ -11,9 +11,11 @@ pub mod address;
 pub mod graph;
 pub mod mime;
 pub mod offload;
+pub mod raw;
 pub mod smtp;
 
 pub use address::{Address, AddressError, parse_mailbox};
+pub use raw::{RawError, RawOutgoing};
 
 /// How important a message is: its `Importance` and `X-Priority` headers, Graph's `importance`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -161,4 +163,11 @@ impl SendError {
 pub trait Transport: Send + Sync {
     /// Sends one message. Must not log or return any secret or token.
     async fn send(&self, message: &OutgoingMessage) -> Result<Delivered, SendError>;
+
+    /// Sends a ready-made message with its envelope. Must not log or return any secret, token
+    /// or the message's content. A transport that cannot refuses it for good.
+    async fn send_raw(&self, message: &RawOutgoing) -> Result<Delivered, SendError> {
+        let _ = message;
+        Err(SendError::permanent("this transport does not send raw messages"))
+    }
 }

@@ -23,7 +23,7 @@ use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter,
 use lettre::transport::smtp::response::Response;
 use tokio::net::TcpStream;
 
-use super::{Acceptance, Delivered, OutgoingMessage, SendError, Transport, mime, offload};
+use super::{Acceptance, Delivered, OutgoingMessage, RawOutgoing, SendError, Transport, mime, offload};
 use crate::auth::TokenSource;
 use crate::tls::TrustRoots;
 
@@ -333,11 +333,14 @@ impl SmtpTransport {
         let mut parameters = Vec::new();
         let sender_ascii = envelope.from().is_none_or(|a| a.to_string().is_ascii());
         let recipients_ascii = envelope.to().iter().all(|a| a.to_string().is_ascii());
-        if !(sender_ascii && recipients_ascii) {
+        // A built message's header fields are always ASCII (RFC 2047); a raw one's may be UTF-8
+        // (RFC 6532), which needs SMTPUTF8 as non-ASCII addresses do.
+        let headers_ascii = header_section(bytes).is_ascii();
+        if !(sender_ascii && recipients_ascii && headers_ascii) {
             if !info.supports_feature(Extension::SmtpUtfEight) {
                 return Err(SendError::permanent(format!(
-                    "the message has addresses with non-ASCII characters, which need SMTPUTF8, \
-                     and {server} does not offer it"
+                    "the message has addresses or header fields with non-ASCII characters, which need \
+                     SMTPUTF8, and {server} does not offer it"
                 )));
             }
             parameters.push(MailParameter::SmtpUtfEight);
@@ -401,6 +404,39 @@ impl Transport for SmtpTransport {
         close(&mut conn, result.is_ok(), self.command_timeout).await;
         result
     }
+
+    /// The bytes as they are (the controller took `Bcc:` out and made sure of the Message-ID),
+    /// with the envelope beside them: lettre's raw send, run as this transport's own transaction.
+    async fn send_raw(&self, message: &RawOutgoing) -> Result<Delivered, SendError> {
+        let envelope = raw_envelope(message)?;
+        let mut conn = self.connect().await?;
+        let result = match self.authenticate(&mut conn, &message.envelope_from.email).await {
+            // lettre ends the data with CRLF "." CRLF whatever it ends with: the message's own final
+            // CRLF is left to it, so that no empty line is added.
+            Ok(()) => {
+                let bytes = message.bytes.strip_suffix(b"\r\n").unwrap_or(&message.bytes);
+                self.transaction(&mut conn, &envelope, bytes).await
+            }
+            Err(e) => Err(e),
+        };
+        close(&mut conn, result.is_ok(), self.command_timeout).await;
+        result
+    }
+}
+
+/// The SMTP envelope of a raw message.
+fn raw_envelope(message: &RawOutgoing) -> Result<Envelope, SendError> {
+    let invalid = |e: super::AddressError| SendError::permanent(format!("the envelope cannot be built: {e}"));
+    let from = message.envelope_from.to_lettre_address().map_err(invalid)?;
+    let to =
+        message.recipients.iter().map(|r| r.to_lettre_address()).collect::<Result<Vec<_>, _>>().map_err(invalid)?;
+    Envelope::new(Some(from), to).map_err(|e| SendError::permanent(format!("the envelope cannot be built: {e}")))
+}
+
+/// The header section of a formatted message: up to its first empty line.
+fn header_section(bytes: &[u8]) -> &[u8] {
+    let end = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(bytes.len());
+    &bytes[..end]
 }
 
 /// Ends the session: QUIT after success, otherwise QUIT if possible and close.

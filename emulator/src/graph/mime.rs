@@ -10,22 +10,29 @@ use super::message::ParsedMessage;
 use crate::apps::hex_lower;
 use crate::records::{RecordedAddress, RecordedAttachment, RecordedHeader};
 
+/// Graph's answer to MIME content that is malformed or missing: one code and message for all of
+/// it, base64 or MIME. "If the request body includes malformed MIME content, this method returns
+/// 400 Bad request and the following error message: "Invalid base64 string for MIME content.""
+/// with `"code": "ErrorMimeContentInvalidBase64String"`
+/// (https://learn.microsoft.com/graph/api/user-sendmail, example 4), and "MIME content
+/// malformed, missing | POST, PUT | 400 | Invalid base64 string for MIME content."
+/// (https://learn.microsoft.com/graph/outlook-send-mime-message, Error conditions and messages).
+fn malformed() -> GraphError {
+    GraphError::bad_request("ErrorMimeContentInvalidBase64String", "Invalid base64 string for MIME content.")
+}
+
 /// Decodes and reads a MIME sendMail body.
 pub fn parse_mime(body: &[u8]) -> Result<ParsedMessage, GraphError> {
     let compact: Vec<u8> = body.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
     if compact.is_empty() {
-        return Err(GraphError::bad_request(
-            "ErrorMimeContentInvalidBase64String",
-            "Invalid base64 string for MIME content.",
-        ));
+        return Err(malformed());
     }
-    let raw = STANDARD.decode(&compact).map_err(|_| {
-        GraphError::bad_request("ErrorMimeContentInvalidBase64String", "Invalid base64 string for MIME content.")
-    })?;
-    let message = MessageParser::default()
-        .parse(&raw)
-        .filter(|m| !m.headers().is_empty())
-        .ok_or_else(|| GraphError::bad_request("ErrorMimeContentInvalid", "The MIME content is invalid."))?;
+    let raw = STANDARD.decode(&compact).map_err(|_| malformed())?;
+    // Decoded, it must be a message: a header section whose first line is a field.
+    if !starts_with_field(&raw) {
+        return Err(malformed());
+    }
+    let message = MessageParser::default().parse(&raw).filter(|m| !m.headers().is_empty()).ok_or_else(malformed)?;
 
     let (body_content_type, body) = match message.body_html(0) {
         Some(html) if message.html_body_count() > 0 && message.text_body_count() == 0 => {
@@ -73,6 +80,15 @@ pub fn parse_mime(body: &[u8]) -> Result<ParsedMessage, GraphError> {
         internet_message_id: message.message_id().map(|id| format!("<{id}>")),
         attachments,
     })
+}
+
+/// Whether the content begins with a header field: a name of printable ASCII and a colon.
+fn starts_with_field(raw: &[u8]) -> bool {
+    let line = raw.split(|&b| b == b'\n').next().unwrap_or_default();
+    match line.iter().position(|&b| b == b':') {
+        Some(colon) => colon > 0 && line[..colon].iter().all(|&b| (33..=126).contains(&b)),
+        None => false,
+    }
 }
 
 fn addresses(list: Option<&Address<'_>>) -> Vec<RecordedAddress> {
@@ -123,5 +139,13 @@ mod tests {
             parse_mime(b"not base64!").err().map(|e| e.code),
             Some("ErrorMimeContentInvalidBase64String".into())
         );
+    }
+
+    #[test]
+    fn base64_of_something_that_is_no_message_is_refused_with_the_same_code() {
+        for content in ["just some text, no header\r\n", "\r\nbody only\r\n", ": no name\r\n\r\nx"] {
+            let e = parse_mime(STANDARD.encode(content).as_bytes()).err();
+            assert_eq!(e.map(|e| e.code), Some("ErrorMimeContentInvalidBase64String".into()), "{content:?}");
+        }
     }
 }

@@ -157,6 +157,56 @@ async fn a_mime_message_is_accepted() {
     assert_eq!(m["headers"][0]["value"], "77");
 }
 
+async fn send_mime(emu: &common::Emu, token: &str, body: String) -> reqwest::Response {
+    emu.http
+        .post(format!("{}/v1.0/users/{SENDER}/sendMail", emu.url))
+        .bearer_auth(token)
+        .header("content-type", "text/plain")
+        .body(body)
+        .send()
+        .await
+        .expect("send")
+}
+
+#[tokio::test]
+async fn a_mime_message_takes_its_recipients_bcc_included_from_its_header_fields() {
+    let emu = common::start().await;
+    let token = emu.sender_token().await;
+    let mime = "From: Alerts <alerts@contoso.com>\r\nTo: ops@contoso.com\r\nCc: lead@contoso.com\r\nBcc: audit@contoso.com,\r\n archive@contoso.com\r\nSubject: Raw\r\nMessage-ID: <raw-1@build.contoso.com>\r\n\r\nbody\r\n";
+    let r = send_mime(&emu, &token, STANDARD.encode(mime)).await;
+    assert_eq!(r.status(), 202);
+    let m = &emu.admin_get("messages").await[0];
+    assert_eq!(m["mode"], "mime");
+    assert_eq!(m["from"]["address"], "alerts@contoso.com");
+    assert_eq!(m["cc"][0]["address"], "lead@contoso.com");
+    let bcc: Vec<&str> = m["bcc"].as_array().unwrap().iter().filter_map(|a| a["address"].as_str()).collect();
+    assert_eq!(bcc, ["audit@contoso.com", "archive@contoso.com"]);
+    assert_eq!(m["messageId"], "<raw-1@build.contoso.com>");
+    assert_eq!(m["messageIdFromClient"], true);
+    // A MIME message is always saved to Sent Items.
+    assert_eq!(m["saveToSentItems"], true);
+    // No recipient in any header field: nothing to send to.
+    let none = "From: alerts@contoso.com\r\nSubject: nobody\r\n\r\nbody\r\n";
+    let r = send_mime(&emu, &token, STANDARD.encode(none)).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(emu.admin_get("messages").await.as_array().map(Vec::len), Some(1));
+}
+
+#[tokio::test]
+async fn malformed_base64_and_malformed_mime_get_the_documented_400() {
+    let emu = common::start().await;
+    let token = emu.sender_token().await;
+    let not_mime = STANDARD.encode("this is no MIME message at all\r\n");
+    for body in ["!!! not base64 !!!".to_string(), String::new(), not_mime] {
+        let r = send_mime(&emu, &token, body.clone()).await;
+        assert_eq!(r.status(), 400, "{body:?}");
+        let v: Value = r.json().await.expect("json");
+        assert_eq!(v["error"]["code"], "ErrorMimeContentInvalidBase64String", "{body:?}");
+        assert_eq!(v["error"]["message"], "Invalid base64 string for MIME content.");
+    }
+    assert!(emu.admin_get("messages").await.as_array().is_some_and(Vec::is_empty));
+}
+
 #[tokio::test]
 async fn an_outlook_token_is_refused_by_graph() {
     let emu = common::start().await;

@@ -11,6 +11,7 @@ use kube::{Api, ResourceExt};
 use super::super::context::Context;
 use super::super::memory;
 use super::super::outgoing::{self, MAX_MESSAGE_BYTES, MAX_SMTP_MESSAGE_BYTES};
+use super::super::raw::RawProblem;
 use super::super::reason::Reason;
 use super::super::registry::ResolvedProfile;
 use super::super::status::{self, Claim};
@@ -21,7 +22,7 @@ use crate::api::{EmailMessage, EmailMessageStatus, Phase};
 use crate::delivery::idempotency;
 use crate::delivery::limits::Turn;
 use crate::error::{Error, Result};
-use crate::transport::{Address, AttachmentData, Delivered, OutgoingMessage, SendError};
+use crate::transport::{Address, AttachmentData, Delivered, OutgoingMessage, RawOutgoing, SendError};
 
 /// A message this process is sending: no other reconcile of this process takes it meanwhile.
 /// Released when dropped.
@@ -131,21 +132,43 @@ pub async fn claim_and_send<'a>(
     }
     let hold = Hold { ctx, uid };
     let ns = cached.namespace().unwrap_or_default();
-    let referenced = match outgoing::load_referenced_attachments(&ctx.client, &ns, &cached.spec).await? {
-        Ok(r) => r,
-        Err(e) => {
-            let tried = Tried::Unreadable { waits: e.may_resolve_later(), reason: e.reason(), text: e.to_string() };
-            return Ok((Some(hold), tried));
-        }
+    // What is read before the claim, so that a source that does not exist yet makes the message
+    // wait without an attempt: its attachments, or the whole raw message (checked, too).
+    let read = match &cached.spec.raw {
+        Some(raw) => match read_raw(ctx, &ns, cached, raw, &go).await? {
+            Ok(r) => Read::Raw(Box::new(r)),
+            Err(p) => {
+                return Ok((Some(hold), Tried::Unreadable { waits: p.waits, reason: p.reason, text: p.text }));
+            }
+        },
+        None => match outgoing::load_referenced_attachments(&ctx.client, &ns, &cached.spec).await? {
+            Ok(r) => Read::Attachments(r),
+            Err(e) => {
+                let tried = Tried::Unreadable { waits: e.may_resolve_later(), reason: e.reason(), text: e.to_string() };
+                return Ok((Some(hold), tried));
+            }
+        },
     };
-    let Some(claimed) = claim(ctx, api, cached, &go).await? else {
+    let raw = match &read {
+        Read::Raw(r) => Some(r.as_ref()),
+        Read::Attachments(_) => None,
+    };
+    let Some(claimed) = claim(ctx, api, cached, &go, raw).await? else {
         return Ok((Some(hold), Tried::Outrun));
     };
     let message_id = claimed.claim.message_id.clone();
-    let outgoing = match build(ctx, &claimed.msg, referenced, go.from.clone(), message_id, &go.profile).await {
-        Ok(Ok(o)) => o,
-        Ok(Err((reason, text))) => return Ok((Some(hold), Tried::Unbuildable(claimed, reason, text))),
-        Err(e) => return Ok((Some(hold), Tried::Interrupted(claimed, e))),
+    let outgoing = match read {
+        Read::Raw(r) => match super::super::raw::check_exclusive(&claimed.msg.spec) {
+            Ok(()) => Built::Raw(r),
+            Err(p) => return Ok((Some(hold), Tried::Unbuildable(claimed, p.reason, p.text))),
+        },
+        Read::Attachments(referenced) => {
+            match build(ctx, &claimed.msg, referenced, go.from.clone(), message_id, &go.profile).await {
+                Ok(Ok(o)) => Built::Message(Box::new(o)),
+                Ok(Err((reason, text))) => return Ok((Some(hold), Tried::Unbuildable(claimed, reason, text))),
+                Err(e) => return Ok((Some(hold), Tried::Interrupted(claimed, e))),
+            }
+        }
     };
     // The key is decided on the whole message (a derived key hashes the spec, which the cache
     // does not keep) and reserved after the claim, before the send.
@@ -168,11 +191,17 @@ pub async fn claim_and_send<'a>(
         status::recreation_risk(&mut claimed.status, &text, claimed.msg.metadata.generation, Timestamp::now());
         claimed.warning = news.then_some(text);
     }
-    memory::settle(&mut memory, &go.profile, &claimed.msg, &outgoing);
+    match &outgoing {
+        Built::Message(o) => memory::settle(&mut memory, &go.profile, &claimed.msg, o),
+        Built::Raw(r) => memory::settle_raw(&mut memory, &go.profile, &claimed.msg, r),
+    }
     let profile_label = super::profile_label(&go.profile.key);
     ctx.metrics.attempts.get_or_create(&crate::metrics::ProfileLabels { profile: profile_label }).inc();
     let started = Instant::now();
-    let result = go.transport.send(&outgoing).await;
+    let result = match &outgoing {
+        Built::Message(o) => go.transport.send(o).await,
+        Built::Raw(r) => go.transport.send_raw(r).await,
+    };
     // The slot is the provider's; recording the outcome need not hold it.
     drop(permit);
     drop(outgoing);
@@ -183,20 +212,66 @@ pub async fn claim_and_send<'a>(
     Ok((Some(hold), Tried::Sent(claimed, result, started.elapsed())))
 }
 
+/// What was read before the claim.
+enum Read {
+    /// A built message's attachments from Secrets and ConfigMaps (`None` for inline ones).
+    Attachments(Vec<Option<AttachmentData>>),
+    /// A raw message, read, checked and prepared.
+    Raw(Box<RawOutgoing>),
+}
+
+/// What goes to the transport.
+enum Built {
+    /// A message built from the spec.
+    Message(Box<OutgoingMessage>),
+    /// A raw message as it is.
+    Raw(Box<RawOutgoing>),
+}
+
+/// Reads the raw message's Secret, checks it against the profile and prepares its envelope. Its
+/// Message-ID is its own, else the one an earlier attempt recorded, else the uid's.
+async fn read_raw(
+    ctx: &Context,
+    ns: &str,
+    cached: &EmailMessage,
+    raw: &crate::api::RawMessage,
+    go: &Go,
+) -> Result<Result<RawOutgoing, RawProblem>> {
+    let bytes = match super::super::raw::load(&ctx.client, ns, raw).await? {
+        Ok(b) => b,
+        Err(p) => return Ok(Err(p)),
+    };
+    let uid = cached.uid().unwrap_or_default();
+    let recorded = cached.status.as_ref().and_then(|s| s.message_id.clone());
+    let assigned = || recorded.unwrap_or_else(|| outgoing::message_id(&uid, &go.from.email));
+    Ok(super::super::raw::prepare(&bytes, &cached.spec, &go.from, assigned, &go.profile))
+}
+
 /// Claims the message with the resourceVersion it was decided on, so that of two writers
 /// (replicas, or a stale cache) exactly one wins. None: the other won, or the message is gone.
-/// A claim whose answer was lost is looked for: if it landed it is ours, and sent under.
-async fn claim(ctx: &Context, api: &Api<EmailMessage>, cached: &EmailMessage, go: &Go) -> Result<Option<Claimed>> {
+/// A claim whose answer was lost is looked for: if it landed it is ours, and sent under. A raw
+/// message's claim records its Message-ID and envelope recipients.
+async fn claim(
+    ctx: &Context,
+    api: &Api<EmailMessage>,
+    cached: &EmailMessage,
+    go: &Go,
+    raw: Option<&RawOutgoing>,
+) -> Result<Option<Claimed>> {
     let before = cached.status.clone().unwrap_or_default();
     let uid = cached.uid().unwrap_or_default();
     // A claim of ours that was never sent under is resumed with its attempt number.
     let resumed = before.phase == Some(Phase::Sending) && ctx.take_unsent_claim(before.claim_id.as_deref());
     let attempt = before.attempts.unwrap_or(0) + u32::from(!resumed);
-    let message_id = before.message_id.clone().unwrap_or_else(|| outgoing::message_id(&uid, &go.from.email));
+    let message_id = match raw {
+        Some(r) => r.message_id.clone(),
+        None => before.message_id.clone().unwrap_or_else(|| outgoing::message_id(&uid, &go.from.email)),
+    };
+    let recipients = raw.map_or(cached.spec.recipient_count(), |r| r.recipients.len());
     let claim = Claim {
         attempt,
         message_id,
-        recipients: cached.spec.recipient_count() as u32,
+        recipients: recipients as u32,
         transport: go.profile.settings.transport_name().to_string(),
         from: go.from.email.clone(),
         id: uuid::Uuid::new_v4().to_string(),

@@ -20,12 +20,14 @@ use serde::Deserialize;
 
 pub use classify::{GraphApiError, classify, parse_retry_after};
 pub use limiter::MailboxLimiter;
-pub use request::{MAX_ATTACHMENT, MAX_INLINE_ATTACHMENT, MAX_JSON_HEADERS, MAX_REQUEST_BYTES};
+pub use request::{MAX_ATTACHMENT, MAX_INLINE_ATTACHMENT, MAX_JSON_HEADERS, MAX_REQUEST_BYTES, with_bcc_header};
 pub use upload::{UPLOAD_CHUNK_SIZE, UPLOAD_CHUNK_UNIT, chunk_ranges};
 
 use crate::auth::{AuthError, TokenSource};
 use crate::response_body::{BodyError, read_capped};
-use crate::transport::{Acceptance, AttachmentData, Delivered, OutgoingMessage, SendError, Transport, offload};
+use crate::transport::{
+    Acceptance, AttachmentData, Delivered, OutgoingMessage, RawOutgoing, SendError, Transport, offload,
+};
 use request::{Draft, FileAttachment, Plan, UploadSession, segment};
 
 /// The most of a Graph answer read when it carries little or nothing: an error (Graph's
@@ -298,6 +300,41 @@ impl Transport for GraphTransport {
         );
         Ok(delivered)
     }
+
+    /// `sendMail` in MIME format: `Content-Type: text/plain` and the message in base64
+    /// (https://learn.microsoft.com/graph/api/user-sendmail, example 4;
+    /// https://learn.microsoft.com/graph/outlook-send-mime-message). Graph takes the recipients
+    /// from the header fields, so the hidden ones go into its `Bcc:` ([`RawOutgoing::for_graph`]);
+    /// a MIME message is always saved to Sent Items (Graph has no switch for it).
+    async fn send_raw(&self, message: &RawOutgoing) -> Result<Delivered, SendError> {
+        let body = offload::encode(|| raw_request(message))?;
+        let sender = message.envelope_from.email.as_str();
+        let _slot = self.limiter.acquire(sender).await;
+        let mut auth = Reauthorized::default();
+        let delivered = self.send_mail(&mut auth, sender, request::MIME, body).await?;
+        tracing::debug!(
+            sender,
+            request_id = delivered.request_id.as_deref().unwrap_or(""),
+            "Graph accepted the raw message"
+        );
+        Ok(delivered)
+    }
+}
+
+/// The MIME `sendMail` body of a raw message, refused when over Graph's 4 MB: "S/MIME message
+/// payloads are currently limited to 4 MB. Submission attempts that exceed this limit will result
+/// in an HTTP 413 Request Entity Too Large" (https://learn.microsoft.com/graph/api/user-post-messages),
+/// and no request may be larger.
+pub fn raw_request(message: &RawOutgoing) -> Result<Bytes, SendError> {
+    use base64::Engine as _;
+    let body = base64::engine::general_purpose::STANDARD.encode(message.for_graph());
+    if body.len() > MAX_REQUEST_BYTES {
+        return Err(SendError::permanent(format!(
+            "the raw message is {} bytes in base64, over the {MAX_REQUEST_BYTES} bytes (4 MB) that Graph accepts for a MIME message",
+            body.len()
+        )));
+    }
+    Ok(Bytes::from(body))
 }
 
 /// Whether this send already retried after a 401.
