@@ -1037,3 +1037,109 @@ spec:
     let (code, _, stderr) = parts(&mailroom(&["profile", "check", "relay"], b"", &NO_API).await);
     assert_eq!(code, 3, "no kubeconfig: {stderr}");
 }
+
+/// A ready-made message: its own From, To, Bcc and Message-ID.
+const EML: &str = "From: Alerts <alerts@contoso.com>\r\nTo: Ops <ops@contoso.com>\r\nBcc: audit@contoso.com\r\n\
+Subject: Backup finished\r\nMessage-ID: <backup-42@contoso.com>\r\nMIME-Version: 1.0\r\n\
+Content-Type: text/plain; charset=utf-8\r\n\r\nThe nightly backup finished in 4m 12s.\r\n";
+
+#[tokio::test]
+async fn send_eml_sends_a_file_and_stdin_as_they_are() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "cli-eml", &[]).await;
+    let peer = SmtpPeer::start(&[]);
+    let _op = Operator::start("cli-eml", &ns, &[]);
+    create_yaml(&client, &ns, &common::relay_profile("relay", peer.smtp_port, "")).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("backup.eml");
+    std::fs::write(&file, EML).expect("write");
+    let file = file.display().to_string();
+
+    // From a file: the envelope recipients are the message's own To and Bcc.
+    let args = ["send", "-n", &ns, "--profile", "relay", "--eml", &file, "--wait", "--timeout", "60s"];
+    let (code, stdout, stderr) = parts(&mailroom(&args, b"", &[]).await);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("phase: Sent") && stdout.contains("<backup-42@contoso.com>"), "{stdout}");
+    let name = created_name(&stdout);
+    let message = Api::<EmailMessage>::namespaced(client.clone(), &ns).get(&name).await.expect("the message");
+    let raw_ref = message.spec.raw.as_ref().expect("spec.raw");
+    assert_eq!(raw_ref.secret_ref.name, name, "the Secret is named like the message");
+    let secret = Api::<Secret>::namespaced(client.clone(), &ns).get(&name).await.expect("the Secret");
+    assert_eq!(
+        secret.data.as_ref().and_then(|d| d.get("message.eml")).map(|b| b.0.clone()),
+        Some(EML.as_bytes().to_vec())
+    );
+    let owners = secret.metadata.owner_references.clone().unwrap_or_default();
+    assert_eq!(owners.first().map(|o| o.uid.clone()), message.metadata.uid.clone(), "owned by the message");
+
+    let envelopes = peer.wait_messages(1, WAIT).await;
+    let mut rcpts: Vec<&str> =
+        envelopes[0]["rcpt_tos"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    rcpts.sort();
+    assert_eq!(rcpts, ["audit@contoso.com", "ops@contoso.com"]);
+    let received = String::from_utf8(peer.raw(&envelopes[0])).expect("UTF-8");
+    let expected = EML.replace("Bcc: audit@contoso.com\r\n", "");
+    assert!(received.ends_with(&expected), "sent as it is, but for its Bcc:\n{received}");
+
+    // From stdin, with --to as the envelope: only that recipient gets it.
+    let args = ["send", "-n", &ns, "--profile", "relay", "--eml", "-", "--to", "ops@contoso.com", "--wait"];
+    let (code, stdout, stderr) = parts(&mailroom(&args, EML.as_bytes(), &[]).await);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    let envelopes = peer.wait_messages(2, WAIT).await;
+    assert_eq!(envelopes[1]["rcpt_tos"], json!(["ops@contoso.com"]));
+}
+
+#[tokio::test]
+async fn send_eml_refuses_what_cannot_be_sent_with_exit_64_before_any_api_call() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let write = |name: &str, content: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, content).expect("write");
+        path.display().to_string()
+    };
+    let good = write("good.eml", EML.as_bytes());
+    let no_from = write("no-from.eml", b"To: ops@contoso.com\r\nSubject: x\r\n\r\nbody\r\n");
+    let no_rcpt = write("no-rcpt.eml", b"From: alerts@contoso.com\r\nSubject: x\r\n\r\nbody\r\n");
+    let too_big = write("big.eml", &vec![b'a'; 1024 * 1024 + 1]);
+    // A kubeconfig that does not exist: a command that got past its checks would exit 3.
+    let env = [("KUBECONFIG", "/nonexistent/kubeconfig")];
+    for (args, wanted) in [
+        (vec!["--eml", no_from.as_str()], "0 From: fields"),
+        (vec!["--eml", no_rcpt.as_str()], "no To, Cc or Bcc"),
+        (vec!["--eml", too_big.as_str()], "at most 1 MiB"),
+        (vec!["--eml", "/nonexistent/message.eml"], "No such file"),
+        (vec!["--eml", good.as_str(), "--subject", "s"], "leave out --subject"),
+        (vec!["--eml", good.as_str(), "--text", "t", "--attach", good.as_str()], "leave out --text, --attach"),
+        (vec!["--eml", "-", "--values", "-"], "leave out --values"),
+    ] {
+        let mut argv = vec!["send", "--profile", "relay"];
+        argv.extend(&args);
+        let (code, stdout, stderr) = parts(&mailroom(&argv, b"", &env).await);
+        assert_eq!(code, 64, "{args:?}: stdout: {stdout}\nstderr: {stderr}");
+        assert!(stderr.contains(wanted), "{args:?}: {stderr}");
+    }
+    // A good one gets past the checks, to the missing kubeconfig.
+    let (code, _, stderr) = parts(&mailroom(&["send", "--profile", "relay", "--eml", &good], b"", &env).await);
+    assert_eq!(code, 3, "{stderr}");
+}
+
+#[tokio::test]
+async fn send_eml_dry_run_prints_the_secret_and_the_message() {
+    let args = ["send", "-n", "team-a", "--profile", "relay", "--eml", "-", "--dry-run"];
+    let (code, stdout, stderr) = parts(&mailroom(&args, EML.as_bytes(), &[]).await);
+    assert_eq!(code, 0, "{stderr}");
+    let docs: Vec<serde_json::Value> = stdout
+        .split("\n---\n")
+        .map(|d| serde_yaml::from_str(d).unwrap_or_else(|e| panic!("YAML: {e}\n{stdout}")))
+        .collect();
+    assert_eq!(docs.len(), 2, "{stdout}");
+    assert_eq!(docs[0]["kind"], "Secret");
+    assert_eq!(docs[1]["kind"], "EmailMessage");
+    let name = docs[1]["metadata"]["name"].as_str().expect("a name chosen for both");
+    assert_eq!(docs[0]["metadata"]["name"], name);
+    assert_eq!(docs[1]["spec"]["raw"]["secretRef"]["name"], name);
+    use base64::Engine as _;
+    let data = docs[0]["data"]["message.eml"].as_str().expect("message.eml");
+    assert_eq!(base64::engine::general_purpose::STANDARD.decode(data).expect("base64"), EML.as_bytes());
+    assert!(docs[1]["spec"].get("subject").is_none_or(|s| s == ""), "{stdout}");
+}

@@ -4,6 +4,9 @@
 //! one Secret named like the message and owned by it: the Secret is created first (so the
 //! operator never sees a message whose attachment is missing), then the message, then the
 //! Secret's ownerReference is set to the message's uid (so deleting the message deletes it).
+//!
+//! With `--eml` the message is a ready-made RFC 5322 one: it goes into such a Secret under
+//! `message.eml`, and the EmailMessage names it in `spec.raw` (see the README's Raw messages).
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -20,8 +23,9 @@ use serde_json::json;
 
 use super::{CliError, exit, parse_duration, printable};
 use crate::api::{
-    Attachment, Body, Delivery, EmailMessage, EmailMessageSpec, EmailMessageStatus, HeaderValue, Importance,
-    LocalKeySelector, LocalReference, Phase, ProfileKind, ProfileRef, conditions, find_condition,
+    Attachment, Body, DEFAULT_RAW_KEY, Delivery, EmailMessage, EmailMessageSpec, EmailMessageStatus, HeaderValue,
+    Importance, LocalKeySelector, LocalReference, Phase, ProfileKind, ProfileRef, RawMessage, RawSecretRef, conditions,
+    find_condition,
 };
 use crate::controller::steps::safe_attachment_name;
 use crate::transport::parse_mailbox;
@@ -85,6 +89,11 @@ pub struct SendArgs {
     /// Template values from a YAML or JSON object in a file, or `-` for stdin; --set wins over it.
     #[arg(long, value_name = "FILE|-")]
     pub values: Option<String>,
+    /// A ready-made RFC 5322 message (an .eml file), or `-` for stdin, sent as it is (instead of
+    /// --subject, the body flags, --template and --attach). --to, --cc and --bcc, when given, are
+    /// its envelope recipients; else its own To, Cc and Bcc are.
+    #[arg(long, value_name = "FILE|-")]
+    pub eml: Option<String>,
     /// A file to attach (repeatable); its content type is guessed from its name.
     #[arg(long, value_name = "FILE")]
     pub attach: Vec<PathBuf>,
@@ -174,6 +183,13 @@ pub async fn run(args: SendArgs) -> u8 {
 async fn send(args: SendArgs) -> Result<u8, CliError> {
     // Everything the command line can get wrong is found before the API server is asked anything.
     check_flags(&args)?;
+    if let Some(source) = &args.eml {
+        let bytes = read_eml(source)?;
+        check_eml(&args, source, &bytes)?;
+        let (client, namespace) = client_and_namespace(&args).await?;
+        let plan = plan_raw(build_raw_spec(&args)?, bytes, &namespace, &args.generate_name);
+        return create_and_wait(&args, client, &namespace, plan).await;
+    }
     let text = match (&args.text, &args.text_file) {
         (Some(inline), _) => Some(inline.clone()),
         (None, Some(source)) => Some(read_source("--text-file", source)?),
@@ -190,18 +206,28 @@ async fn send(args: SendArgs) -> Result<u8, CliError> {
         None => None,
     };
     let spec = build_spec(&args, text, html, values)?;
-    let (client, namespace) = if args.dry_run {
+    let (client, namespace) = client_and_namespace(&args).await?;
+    let plan = plan(spec, &files, &namespace, &args.generate_name)?;
+    create_and_wait(&args, client, &namespace, plan).await
+}
+
+/// The client (none with --dry-run, which contacts no API server) and the namespace.
+async fn client_and_namespace(args: &SendArgs) -> Result<(Option<Client>, String), CliError> {
+    if args.dry_run {
         // The kubeconfig still names the namespace; no API server is contacted.
         let namespace = match &args.namespace {
             Some(ns) => ns.clone(),
             None => kube::Config::infer().await.map(|c| c.default_namespace).unwrap_or_else(|_| "default".into()),
         };
-        (None, namespace)
-    } else {
-        let (client, namespace) = super::connect(args.namespace.as_deref()).await?;
-        (Some(client), namespace)
-    };
-    let plan = plan(spec, &files, &namespace, &args.generate_name)?;
+        return Ok((None, namespace));
+    }
+    let (client, namespace) = super::connect(args.namespace.as_deref()).await?;
+    Ok((Some(client), namespace))
+}
+
+/// Prints the plan (--dry-run) or creates it, and with --wait waits for its outcome.
+async fn create_and_wait(args: &SendArgs, client: Option<Client>, namespace: &str, plan: Plan) -> Result<u8, CliError> {
+    let namespace = namespace.to_string();
     let Some(client) = client else {
         print!("{}", dry_run_yaml(&plan)?);
         return Ok(exit::OK);
@@ -247,6 +273,88 @@ fn read_source(flag: &str, source: &str) -> Result<String, CliError> {
         std::fs::read(source).map_err(|e| CliError::Usage(format!("{flag} {source}: {e}")))?
     };
     String::from_utf8(bytes).map_err(|_| CliError::Usage(format!("{flag} {source}: the body is not UTF-8")))
+}
+
+/// Reads the message of `--eml` from a file or (`-`) stdin, refusing what no Secret can hold.
+fn read_eml(source: &str) -> Result<Vec<u8>, CliError> {
+    let limit = SECRET_LIMIT - DEFAULT_RAW_KEY.len();
+    let mut bytes = Vec::new();
+    let read = if source == "-" {
+        std::io::stdin().take(limit as u64 + 1).read_to_end(&mut bytes)
+    } else {
+        std::fs::File::open(source).and_then(|f| f.take(limit as u64 + 1).read_to_end(&mut bytes))
+    };
+    read.map_err(|e| CliError::Usage(format!("--eml {source}: {e}")))?;
+    if bytes.len() > limit {
+        return Err(CliError::Usage(format!(
+            "--eml {source}: more than {limit} bytes: a raw message is kept in a Kubernetes Secret, whose data may \
+             hold at most 1 MiB; send large files as links"
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Checks the message of `--eml` as the operator will (`crate::transport::raw::parse`), and that
+/// it has recipients: the flags' or its own.
+pub fn check_eml(args: &SendArgs, source: &str, bytes: &[u8]) -> Result<(), CliError> {
+    let parsed = crate::transport::raw::parse(bytes)
+        .map_err(|e| CliError::Usage(format!("--eml {source}: not a message mailroom can send: {e}")))?;
+    let flags = args.to.len() + args.cc.len() + args.bcc.len();
+    if flags == 0 && parsed.to.is_empty() && parsed.cc.is_empty() && parsed.bcc.is_empty() {
+        return Err(CliError::Usage(format!(
+            "--eml {source}: the message has no To, Cc or Bcc: name its recipients there or with --to, --cc or --bcc"
+        )));
+    }
+    Ok(())
+}
+
+/// The spec of a raw message; [`plan_raw`] names its Secret.
+pub fn build_raw_spec(args: &SendArgs) -> Result<EmailMessageSpec, CliError> {
+    check_flags(args)?;
+    let kind = if args.cluster_profile { Some(ProfileKind::ClusterMailProfile) } else { None };
+    Ok(EmailMessageSpec {
+        profile_ref: ProfileRef { kind, name: args.profile.clone() },
+        from: args.from.clone(),
+        to: args.to.clone(),
+        cc: args.cc.clone(),
+        bcc: args.bcc.clone(),
+        reply_to: Vec::new(),
+        subject: String::new(),
+        body: Body::default(),
+        attachments: Vec::new(),
+        raw: Some(RawMessage { secret_ref: RawSecretRef { name: String::new(), key: None } }),
+        headers: BTreeMap::new(),
+        importance: None,
+        delivery: delivery(args),
+        template_ref: None,
+        values: None,
+        ttl_seconds_after_finished: ttl_seconds(args),
+        idempotency_key: None,
+        idempotency_retention_seconds: None,
+    })
+}
+
+/// The raw message's EmailMessage and its Secret, named alike (prefix and five random characters).
+pub fn plan_raw(mut spec: EmailMessageSpec, bytes: Vec<u8>, namespace: &str, prefix: &str) -> Plan {
+    let name = format!("{prefix}{}", random_suffix());
+    spec.raw = Some(RawMessage { secret_ref: RawSecretRef { name: name.clone(), key: None } });
+    let mut message = EmailMessage::new(&name, spec);
+    message.metadata.namespace = Some(namespace.to_string());
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(namespace.to_string()),
+            labels: Some(BTreeMap::from([
+                ("app.kubernetes.io/managed-by".to_string(), "mailroom".to_string()),
+                ("mailroom.dev/raw-message-of".to_string(), name),
+            ])),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(DEFAULT_RAW_KEY.to_string(), ByteString(bytes))])),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    };
+    Plan { message, secret: Some(secret) }
 }
 
 /// Reads a file to attach, refusing at once what can never be sent.
@@ -374,6 +482,9 @@ pub fn parse_deadline(input: &str) -> Result<u64, String> {
 
 /// Checks the flags that need no file or stdin, so that a typo fails before stdin is read.
 pub fn check_flags(args: &SendArgs) -> Result<(), CliError> {
+    if args.eml.is_some() {
+        return check_eml_flags(args);
+    }
     check_bodies(args)?;
     let has_body = args.text.is_some() || args.text_file.is_some() || args.html.is_some() || args.html_file.is_some();
     match &args.template {
@@ -421,6 +532,43 @@ pub fn check_flags(args: &SendArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// The flags of `--eml`: it is the whole message, so the flags that build one do not go with it.
+fn check_eml_flags(args: &SendArgs) -> Result<(), CliError> {
+    let builders = [
+        ("--subject", !args.subject.is_empty()),
+        ("--text", args.text.is_some()),
+        ("--text-file", args.text_file.is_some()),
+        ("--html", args.html.is_some()),
+        ("--html-file", args.html_file.is_some()),
+        ("--template", args.template.is_some()),
+        ("--set", !args.set.is_empty()),
+        ("--values", args.values.is_some()),
+        ("--attach", !args.attach.is_empty()),
+        ("--header", !args.header.is_empty()),
+        ("--importance", args.importance.is_some()),
+        ("--reply-to", !args.reply_to.is_empty()),
+    ];
+    let given: Vec<&str> = builders.iter().filter(|(_, set)| *set).map(|(flag, _)| *flag).collect();
+    if !given.is_empty() {
+        return Err(CliError::Usage(format!(
+            "--eml is the whole message: leave out {} (--to, --cc and --bcc, when given, are its envelope recipients)",
+            given.join(", ")
+        )));
+    }
+    if args.eml.as_deref() == Some("") {
+        return Err(CliError::Usage("--eml needs a file, or - for stdin".into()));
+    }
+    for (flag, list) in [("to", &args.to), ("cc", &args.cc), ("bcc", &args.bcc)] {
+        for value in list {
+            check_mailbox(flag, value)?;
+        }
+    }
+    if let Some(from) = &args.from {
+        check_mailbox("from", from)?;
+    }
+    Ok(())
+}
+
 /// The message's spec from the flags and the bodies read (attachments are added by [`plan`]).
 pub fn build_spec(
     args: &SendArgs,
@@ -459,17 +607,27 @@ pub fn build_spec(
         raw: None,
         headers,
         importance: args.importance.map(Into::into),
-        delivery: (args.max_attempts.is_some() || args.deadline.is_some()).then_some(Delivery {
-            max_attempts: args.max_attempts,
-            deadline_seconds: args.deadline,
-            on_uncertain: None,
-        }),
+        delivery: delivery(args),
         template_ref: args.template.clone().map(|name| LocalReference { name }),
         values,
-        ttl_seconds_after_finished: args.ttl.map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+        ttl_seconds_after_finished: ttl_seconds(args),
         idempotency_key: None,
         idempotency_retention_seconds: None,
     })
+}
+
+/// `delivery` from --max-attempts and --deadline, when either is given.
+fn delivery(args: &SendArgs) -> Option<Delivery> {
+    (args.max_attempts.is_some() || args.deadline.is_some()).then_some(Delivery {
+        max_attempts: args.max_attempts,
+        deadline_seconds: args.deadline,
+        on_uncertain: None,
+    })
+}
+
+/// `ttlSecondsAfterFinished` from --ttl.
+fn ttl_seconds(args: &SendArgs) -> Option<i64> {
+    args.ttl.map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// Where each file goes: inline while small, else into the Secret.
@@ -601,7 +759,7 @@ async fn create(client: &Client, namespace: &str, plan: Plan) -> Result<EmailMes
         secrets
             .create(&PostParams::default(), secret)
             .await
-            .map_err(|e| api_error("creating the attachments' Secret", e))?;
+            .map_err(|e| api_error("creating the message's Secret", e))?;
     }
     let created = match messages.create(&PostParams::default(), &plan.message).await {
         Ok(m) => m,
@@ -771,6 +929,40 @@ mod tests {
         let mut argv = vec!["send", "--profile", "relay", "--to", "ops@contoso.com"];
         argv.extend_from_slice(extra);
         Cli::try_parse_from(argv).map(|c| c.args)
+    }
+
+    #[test]
+    fn eml_is_the_whole_message() {
+        let eml = b"From: alerts@contoso.com\r\nTo: ops@contoso.com\r\nSubject: x\r\n\r\nbody\r\n";
+        let a = bare(&["--eml", "-"]).expect("parse");
+        check_flags(&a).expect("--eml alone is a message");
+        check_eml(&a, "-", eml).expect("a message with a recipient");
+        let spec = build_raw_spec(&a).expect("spec");
+        let plan = plan_raw(spec, eml.to_vec(), "team-a", "send-");
+        let name = plan.message.metadata.name.clone().expect("named before creation");
+        assert!(name.starts_with("send-") && name.len() == "send-".len() + 5, "{name}");
+        let secret = plan.secret.expect("the Secret");
+        assert_eq!(secret.metadata.name.as_deref(), Some(name.as_str()));
+        assert_eq!(secret.data.as_ref().and_then(|d| d.get("message.eml")).map(|b| b.0.as_slice()), Some(&eml[..]));
+        let raw = plan.message.spec.raw.as_ref().expect("spec.raw");
+        assert_eq!((raw.secret_ref.name.as_str(), raw.secret_ref.key()), (name.as_str(), "message.eml"));
+        assert!(plan.message.spec.subject.is_empty() && plan.message.spec.body.text.is_none());
+
+        for extra in [&["--subject", "s"][..], &["--text", "t"], &["--header", "X-A=b"], &["--importance", "high"]] {
+            let mut argv = vec!["--eml", "m.eml"];
+            argv.extend_from_slice(extra);
+            let e = check_flags(&bare(&argv).expect("parse")).expect_err("conflict");
+            assert!(e.to_string().contains(&format!("leave out {}", extra[0])), "{e}");
+            assert_eq!(e.exit_code(), exit::USAGE);
+        }
+        let no_rcpt = b"From: alerts@contoso.com\r\n\r\nbody\r\n";
+        let alone = Cli::try_parse_from(["send", "--profile", "relay", "--eml", "-"]).map(|c| c.args).expect("parse");
+        let e = check_eml(&alone, "-", no_rcpt).expect_err("no recipient");
+        assert!(e.to_string().contains("no To, Cc or Bcc"), "{e}");
+        let argv = ["send", "--profile", "relay", "--eml", "-", "--bcc", "audit@contoso.com"];
+        let with_bcc = Cli::try_parse_from(argv).map(|c| c.args).expect("parse");
+        check_eml(&with_bcc, "-", no_rcpt).expect("--bcc is the envelope");
+        assert!(check_eml(&a, "-", b"no header section").is_err());
     }
 
     #[test]
