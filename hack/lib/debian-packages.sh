@@ -9,9 +9,10 @@
 # point release of Debian does not stop the build; the pin is what a fresh machine gets while it
 # is served. Fails at once, saying what to install, when the host has no apt-get or is not root.
 
-# Prints the installed version of package $1, or nothing.
+# Prints the installed version of package $1, or nothing. dpkg-query fails for a package it has
+# never heard of (a fresh machine); that is "not installed", not an error of the caller's pipeline.
 installed_debian_version() {
-  dpkg-query -W -f='${db:Status-Status} ${Version}\n' "$1" 2>/dev/null | awk '$1 == "installed" { print $2 }'
+  { dpkg-query -W -f='${db:Status-Status} ${Version}\n' "$1" 2>/dev/null || true; } | awk '$1 == "installed" { print $2 }'
 }
 
 require_debian_packages() {
