@@ -47,7 +47,17 @@ bash hack/image.sh toolbox
 # its schema: from the Go module proxy, pinned (it is in the module's example/ tree).
 readonly PROMETHEUS_OPERATOR=github.com/prometheus-operator/prometheus-operator@v0.85.0
 say "fetching the ServiceMonitor CRD of $PROMETHEUS_OPERATOR from the Go module proxy"
-module_dir="$(cd "$(mktemp -d)" && go mod download -json "$PROMETHEUS_OPERATOR" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+# A failed download (the proxy or the network away for a moment) is said, with go's own words,
+# and tried again: three attempts, 10 s apart.
+module_dir=""
+for attempt in 1 2 3; do
+  if download="$(cd "$(mktemp -d)" && go mod download -json "$PROMETHEUS_OPERATOR" 2>&1)"; then
+    module_dir="$(sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p' <<<"$download")"
+    break
+  fi
+  echo "go mod download $PROMETHEUS_OPERATOR failed (attempt $attempt of 3): $download" >&2
+  if ((attempt < 3)); then sleep 10; fi
+done
 MAILROOM_E2E_SERVICEMONITOR_CRD="$module_dir/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml"
 [[ -f "$MAILROOM_E2E_SERVICEMONITOR_CRD" ]] || {
   echo "no ServiceMonitor CRD in $module_dir" >&2
