@@ -775,10 +775,11 @@ cmd_kill() {
 # found it (hack/e2e.sh compares the two). Packet counters and comments are left out.
 cmd_host_state() {
   local s d
+  # A host without iptables yet (a fresh machine: `up` installs it) has no rules to record.
   echo "## iptables"
-  iptables-save 2>/dev/null | normal_rules
+  if command -v iptables-save >/dev/null 2>&1; then iptables-save 2>/dev/null | normal_rules; fi
   echo "## ip6tables"
-  ip6tables-save 2>/dev/null | normal_rules
+  if command -v ip6tables-save >/dev/null 2>&1; then ip6tables-save 2>/dev/null | normal_rules; fi
   echo "## links and addresses"
   ip -o link show | awk '{ print $2 }'
   ip -o addr show | awk '{ print $2, $3, $4 }'
