@@ -242,7 +242,8 @@ restore_rules() {
 # An iptables-save dump without counters and comments, and without the tables that hold nothing
 # (only built-in chains that accept): such a table filters nothing, as if it did not exist.
 normal_rules() {
-  grep -v '^#' | sed -E 's/\[[0-9]+:[0-9]+\]//' | awk '
+  # grep finds no line in an empty table dump (a fresh host): that is no rules, not a failure.
+  { grep -v '^#' || true; } | sed -E 's/\[[0-9]+:[0-9]+\]//' | awk '
     /^\*/ { block = $0 "\n"; used = 0; next }
     /^COMMIT/ { if (used) printf "%sCOMMIT\n", block; next }
     { block = block $0 "\n" }
