@@ -112,9 +112,24 @@ go_build() {
   log "built $(cd "$dest" && echo *) in $((SECONDS - start))s"
 }
 
+# kube-proxy's iptables mode needs the legacy backend here: with iptables-nft, which Debian's
+# iptables package selects on a fresh install, a Pod's request to a ClusterIP whose endpoint is
+# another Pod never gets its answer (tests/cluster.rs, the alerts Service). The choice is the
+# host's (update-alternatives), made once and said.
+use_legacy_iptables() {
+  local tool
+  for tool in iptables ip6tables; do
+    [[ -x "/usr/sbin/$tool-legacy" ]] || continue
+    [[ "$(readlink -f "/etc/alternatives/$tool" 2>/dev/null)" == "/usr/sbin/$tool-legacy" ]] && continue
+    log "selecting /usr/sbin/$tool-legacy for $tool (update-alternatives --set): kube-proxy's iptables mode needs it"
+    update-alternatives --set "$tool" "/usr/sbin/$tool-legacy" >/dev/null
+  done
+}
+
 cmd_build() {
   command -v go >/dev/null 2>&1 || die "Go is required to build the cluster (see $K8S_MOD/go.mod for the version)"
   require_debian_packages "running the one-node cluster" "${DEBIAN_PACKAGES[@]}"
+  use_legacy_iptables
   bash "$REPO_ROOT/hack/testenv.sh" build
   local bin
   bin="$(k8s_bin)"
