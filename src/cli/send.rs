@@ -340,21 +340,28 @@ pub fn plan_raw(mut spec: EmailMessageSpec, bytes: Vec<u8>, namespace: &str, pre
     spec.raw = Some(RawMessage { secret_ref: RawSecretRef { name: name.clone(), key: None } });
     let mut message = EmailMessage::new(&name, spec);
     message.metadata.namespace = Some(namespace.to_string());
-    let secret = Secret {
+    let data = BTreeMap::from([(DEFAULT_RAW_KEY.to_string(), ByteString(bytes))]);
+    let secret = message_secret(name, namespace, "mailroom.dev/raw-message-of", data);
+    Plan { message, secret: Some(secret) }
+}
+
+/// The Secret of the message `name`: `data`, labelled as mailroom's and with `label` naming the
+/// message (its ownerReference is set once the message exists).
+fn message_secret(name: String, namespace: &str, label: &str, data: BTreeMap<String, ByteString>) -> Secret {
+    Secret {
         metadata: ObjectMeta {
             name: Some(name.clone()),
             namespace: Some(namespace.to_string()),
             labels: Some(BTreeMap::from([
                 ("app.kubernetes.io/managed-by".to_string(), "mailroom".to_string()),
-                ("mailroom.dev/raw-message-of".to_string(), name),
+                (label.to_string(), name),
             ])),
             ..Default::default()
         },
-        data: Some(BTreeMap::from([(DEFAULT_RAW_KEY.to_string(), ByteString(bytes))])),
+        data: Some(data),
         type_: Some("Opaque".into()),
         ..Default::default()
-    };
-    Plan { message, secret: Some(secret) }
+    }
 }
 
 /// Reads a file to attach, refusing at once what can never be sent.
@@ -710,20 +717,7 @@ pub fn plan(
         namespace: Some(namespace.to_string()),
         ..Default::default()
     };
-    let secret = name.map(|name| Secret {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            namespace: Some(namespace.to_string()),
-            labels: Some(BTreeMap::from([
-                ("app.kubernetes.io/managed-by".to_string(), "mailroom".to_string()),
-                ("mailroom.dev/attachments-of".to_string(), name),
-            ])),
-            ..Default::default()
-        },
-        data: Some(secret_data),
-        type_: Some("Opaque".into()),
-        ..Default::default()
-    });
+    let secret = name.map(|name| message_secret(name, namespace, "mailroom.dev/attachments-of", secret_data));
     Ok(Plan { message, secret })
 }
 
