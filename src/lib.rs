@@ -12,6 +12,8 @@ pub mod leader;
 pub mod metrics;
 pub mod response_body;
 pub mod server;
+pub mod serving_cert;
+pub mod submission;
 pub mod text;
 pub mod tls;
 pub mod transport;

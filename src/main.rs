@@ -157,6 +157,27 @@ struct RunArgs {
     /// Address of the Alertmanager webhook receiver (POST /alerts/{namespace}/{alertroute}); off when unset.
     #[arg(long, env = "MAILROOM_ALERTS_ADDR")]
     alerts_addr: Option<SocketAddr>,
+    /// Address of the SMTP submission listener with STARTTLS (587 by convention); off when unset.
+    /// Each mail a client submits with an SmtpCredential's username and password becomes an
+    /// EmailMessage. Needs --smtp-tls-secret.
+    #[arg(long, env = "MAILROOM_SMTP_ADDR", requires = "smtp_tls_secret")]
+    smtp_addr: Option<SocketAddr>,
+    /// Address of the SMTP submission listener with implicit TLS (465 by convention); off when unset.
+    #[arg(long, env = "MAILROOM_SMTPS_ADDR", requires = "smtp_tls_secret")]
+    smtps_addr: Option<SocketAddr>,
+    /// The `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`) the SMTP listener presents, as
+    /// NAMESPACE/NAME or NAME (in $POD_NAMESPACE); reloaded when it changes.
+    #[arg(long, env = "MAILROOM_SMTP_TLS_SECRET", value_name = "[NAMESPACE/]NAME")]
+    smtp_tls_secret: Option<String>,
+    /// The host name the SMTP listener greets with.
+    #[arg(long, env = "MAILROOM_SMTP_HOSTNAME", default_value = "mailroom")]
+    smtp_hostname: String,
+    /// SMTP connections served at once; more are answered 421.
+    #[arg(long, env = "MAILROOM_SMTP_MAX_CONNECTIONS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    smtp_max_connections: u32,
+    /// Seconds an SMTP client may stay silent between commands before it is disconnected.
+    #[arg(long, env = "MAILROOM_SMTP_IDLE_TIMEOUT", value_name = "SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    smtp_idle_timeout: u64,
     /// EmailMessages reconciled at once (building, claiming, sending, recording). Messages waiting
     /// for a rate-limit turn do not count: they wait in their mailbox's queue.
     #[arg(long, env = "MAILROOM_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
@@ -318,6 +339,31 @@ async fn run(args: RunArgs) -> Result<(), String> {
         mailroom::alerts::serve(addr, client.clone(), alerts)
             .await
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    }
+
+    if args.smtp_addr.is_some() || args.smtps_addr.is_some() {
+        // Every replica listens, leader or not: message names are derived from what was
+        // submitted, so a retried submission to another replica still makes one message.
+        let secret = args.smtp_tls_secret.clone().unwrap_or_default();
+        let (cert_namespace, cert_name) = match secret.split_once('/') {
+            Some((ns, name)) => (ns.to_string(), name.to_string()),
+            None => (std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "mailroom-system".into()), secret.clone()),
+        };
+        let limits = mailroom::submission::Limits {
+            max_message_bytes: mailroom::cli::send::SECRET_LIMIT - mailroom::api::DEFAULT_RAW_KEY.len(),
+            command_timeout: std::time::Duration::from_secs(args.smtp_idle_timeout),
+            ..Default::default()
+        };
+        let submission = mailroom::submission::SubmissionConfig {
+            addr: args.smtp_addr,
+            implicit_tls_addr: args.smtps_addr,
+            hostname: args.smtp_hostname.clone(),
+            max_connections: args.smtp_max_connections as usize,
+            limits,
+        };
+        mailroom::submission::serve_kube(client.clone(), submission, args.namespace.clone(), cert_namespace, cert_name)
+            .await
+            .map_err(|e| format!("cannot listen for SMTP submission: {e}"))?;
     }
 
     if !args.leader_elect {

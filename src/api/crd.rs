@@ -4,7 +4,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 use serde_json::Value;
 
-use super::{AlertRoute, ClusterMailProfile, EmailMessage, EmailTemplate, MailProfile, SendRecord};
+use super::{AlertRoute, ClusterMailProfile, EmailMessage, EmailTemplate, MailProfile, SendRecord, SmtpCredential};
 
 /// All the CRDs.
 pub fn all() -> Vec<CustomResourceDefinition> {
@@ -15,6 +15,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         EmailTemplate::crd(),
         AlertRoute::crd(),
         SendRecord::crd(),
+        SmtpCredential::crd(),
     ]
     .into_iter()
     .map(kubernetes_formats)

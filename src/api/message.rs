@@ -426,3 +426,44 @@ pub struct EmailMessageStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interruptions: Option<u32>,
 }
+
+/// The Secret of the message `name` holding `data` (its large attachments, or its raw MIME),
+/// labelled as mailroom's and with `label` naming the message. Its ownerReference is set once the
+/// message exists ([`EmailMessage::owner_reference`]), so deleting the message deletes it.
+pub fn message_secret(
+    name: String,
+    namespace: &str,
+    label: &str,
+    data: BTreeMap<String, k8s_openapi::ByteString>,
+) -> k8s_openapi::api::core::v1::Secret {
+    use kube::api::ObjectMeta;
+    k8s_openapi::api::core::v1::Secret {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(namespace.to_string()),
+            labels: Some(BTreeMap::from([
+                ("app.kubernetes.io/managed-by".to_string(), "mailroom".to_string()),
+                (label.to_string(), name),
+            ])),
+            ..Default::default()
+        },
+        data: Some(data),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    }
+}
+
+impl EmailMessage {
+    /// The reference that makes this (created) message own a Secret; none before it has a uid.
+    pub fn owner_reference(&self) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference> {
+        use kube::Resource;
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+            api_version: EmailMessage::api_version(&()).into_owned(),
+            kind: EmailMessage::kind(&()).into_owned(),
+            name: self.metadata.name.clone()?,
+            uid: self.metadata.uid.clone()?,
+            controller: Some(true),
+            block_owner_deletion: None,
+        })
+    }
+}

@@ -1,5 +1,5 @@
 //! The custom resources: `MailProfile`, `ClusterMailProfile`, `EmailMessage`, `EmailTemplate`,
-//! `AlertRoute`, and the operator's own `SendRecord`.
+//! `AlertRoute`, `SmtpCredential`, and the operator's own `SendRecord`.
 
 pub mod alert_route;
 pub mod cloud;
@@ -8,6 +8,7 @@ pub mod crd;
 pub mod message;
 pub mod profile;
 pub mod send_record;
+pub mod smtp_credential;
 pub mod template;
 
 pub use alert_route::*;
@@ -16,4 +17,5 @@ pub use common::*;
 pub use message::*;
 pub use profile::*;
 pub use send_record::*;
+pub use smtp_credential::*;
 pub use template::*;

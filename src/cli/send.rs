@@ -17,7 +17,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use rand::Rng;
 use serde_json::json;
 
@@ -341,27 +341,8 @@ pub fn plan_raw(mut spec: EmailMessageSpec, bytes: Vec<u8>, namespace: &str, pre
     let mut message = EmailMessage::new(&name, spec);
     message.metadata.namespace = Some(namespace.to_string());
     let data = BTreeMap::from([(DEFAULT_RAW_KEY.to_string(), ByteString(bytes))]);
-    let secret = message_secret(name, namespace, "mailroom.dev/raw-message-of", data);
+    let secret = crate::api::message_secret(name, namespace, "mailroom.dev/raw-message-of", data);
     Plan { message, secret: Some(secret) }
-}
-
-/// The Secret of the message `name`: `data`, labelled as mailroom's and with `label` naming the
-/// message (its ownerReference is set once the message exists).
-fn message_secret(name: String, namespace: &str, label: &str, data: BTreeMap<String, ByteString>) -> Secret {
-    Secret {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            namespace: Some(namespace.to_string()),
-            labels: Some(BTreeMap::from([
-                ("app.kubernetes.io/managed-by".to_string(), "mailroom".to_string()),
-                (label.to_string(), name),
-            ])),
-            ..Default::default()
-        },
-        data: Some(data),
-        type_: Some("Opaque".into()),
-        ..Default::default()
-    }
 }
 
 /// Reads a file to attach, refusing at once what can never be sent.
@@ -717,7 +698,8 @@ pub fn plan(
         namespace: Some(namespace.to_string()),
         ..Default::default()
     };
-    let secret = name.map(|name| message_secret(name, namespace, "mailroom.dev/attachments-of", secret_data));
+    let secret =
+        name.map(|name| crate::api::message_secret(name, namespace, "mailroom.dev/attachments-of", secret_data));
     Ok(Plan { message, secret })
 }
 
@@ -782,15 +764,7 @@ async fn create(client: &Client, namespace: &str, plan: Plan) -> Result<EmailMes
 
 /// The reference that makes the message own its attachments' Secret.
 pub fn owner_reference(message: &EmailMessage) -> Result<OwnerReference, CliError> {
-    let uid = message.metadata.uid.clone().ok_or_else(|| CliError::Api("the created message has no uid".into()))?;
-    Ok(OwnerReference {
-        api_version: EmailMessage::api_version(&()).into_owned(),
-        kind: EmailMessage::kind(&()).into_owned(),
-        name: message.name_any(),
-        uid,
-        controller: Some(true),
-        block_owner_deletion: None,
-    })
+    message.owner_reference().ok_or_else(|| CliError::Api("the created message has no uid".into()))
 }
 
 /// The exit code for a finished (or unfinished) status.
