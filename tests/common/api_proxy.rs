@@ -8,6 +8,9 @@
 //!   `"phase":"Sending"` (the claims), a seeded random share is forwarded, answered by the API
 //!   server (so the claim landed, or was refused), and then the connection is closed instead of
 //!   the answer being returned. The operator cannot tell whether its claim was written.
+//! - **held answers on message creates**: while [`ApiProxy::hold_message_creates`] is on, a POST
+//!   that creates an EmailMessage is forwarded and answered by the API server (the message
+//!   exists), and its answer is never returned: the operator waits on it until it dies.
 //! - **pause**: while paused, open connections are closed and new ones closed at once, so that no
 //!   operator reaches the API server while the harness looks at it.
 
@@ -40,6 +43,8 @@ struct Shared {
     paused: watch::Sender<bool>,
     claims: AtomicU64,
     lost: Mutex<Vec<LostAnswer>>,
+    hold_message_creates: std::sync::atomic::AtomicBool,
+    held: AtomicU64,
 }
 
 /// The running proxy; stops when dropped.
@@ -92,6 +97,8 @@ impl ApiProxy {
             paused: watch::Sender::new(false),
             claims: AtomicU64::new(0),
             lost: Mutex::new(Vec::new()),
+            hold_message_creates: std::sync::atomic::AtomicBool::new(false),
+            held: AtomicU64::new(0),
         });
         let task = tokio::spawn(accept(listener, Arc::clone(&shared)));
         ApiProxy { port, shared, task }
@@ -117,6 +124,16 @@ impl ApiProxy {
     /// Lets connections through again.
     pub fn resume(&self) {
         self.shared.paused.send_replace(false);
+    }
+
+    /// Withholds (on) or returns (off) the answers of EmailMessage creates from now on.
+    pub fn hold_message_creates(&self, on: bool) {
+        self.shared.hold_message_creates.store(on, Ordering::Relaxed);
+    }
+
+    /// EmailMessage creates whose answers were withheld.
+    pub fn held(&self) -> u64 {
+        self.shared.held.load(Ordering::Relaxed)
     }
 
     /// Claims seen so far.
@@ -175,6 +192,7 @@ async fn serve(mut stream: TcpStream, shared: &Shared) {
         let Some(request) = read_request(&mut stream, &mut buf).await else {
             return;
         };
+        let hold = is_message_create(&request);
         let lose = is_claim(&request) && {
             shared.claims.fetch_add(1, Ordering::Relaxed);
             shared.rng.lock().unwrap_or_else(|e| e.into_inner()).random::<f64>() < shared.lose_rate
@@ -191,6 +209,14 @@ async fn serve(mut stream: TcpStream, shared: &Shared) {
         let Ok(mut response) = upstream.body(request.body).send().await else {
             return;
         };
+        if hold && shared.hold_message_creates.load(Ordering::Relaxed) {
+            while let Ok(Some(_)) = response.chunk().await {}
+            shared.held.fetch_add(1, Ordering::Relaxed);
+            // Answer nothing until the operator goes away.
+            let mut rest = [0u8; 1024];
+            while matches!(stream.read(&mut rest).await, Ok(n) if n > 0) {}
+            return;
+        }
         if lose {
             // Wait for the whole answer, so that the write is done, then close without it.
             let status = response.status().as_u16();
@@ -217,6 +243,14 @@ fn is_claim(r: &Request) -> bool {
         && segments[6] == "emailmessages"
         && segments[8] == "status"
         && String::from_utf8_lossy(&r.body).contains(r#""phase":"Sending""#)
+}
+
+/// A POST that creates an EmailMessage.
+fn is_message_create(r: &Request) -> bool {
+    let path = r.path.split('?').next().unwrap_or_default();
+    r.method == "POST"
+        && path.starts_with("/apis/mailroom.dev/v1alpha1/namespaces/")
+        && path.ends_with("/emailmessages")
 }
 
 fn is_hop_by_hop(name: &str) -> bool {
