@@ -9,7 +9,7 @@
 # promtool checks and unit-tests the PrometheusRule (deploy/prometheus/) and checks the operator's
 # /metrics; Alertmanager runs in front of the alerts receiver in tests/alertmanager.rs.
 # The versions are pinned in tools/promtool/go.mod and tools/alertmanager/go.mod. A binary goes to
-# ${MAILROOM_CACHE:-~/.cache/mailroom}/<name>/<version>-<hash of go.mod and go.sum>/<name>,
+# ${MAILROOM_CACHE:-~/.cache/mailroom}/<name>/<version>-<hash of go.mod, go.sum and build tags>/<name>,
 # outside the repository.
 set -euo pipefail
 
@@ -21,17 +21,22 @@ case "$NAME" in
   promtool)
     MODULE="github.com/prometheus/prometheus"
     PACKAGE="$MODULE/cmd/promtool"
+    # remove_all_sd leaves out the cloud service discoveries (AWS, Azure, GCE, ...), which only
+    # `promtool check config` of such a configuration needs: measured on 2 cores with an empty Go
+    # cache, 156 s of CPU and 0.9 GB peak memory instead of 313 s and 3.4 GB.
+    TAGS="netgo,remove_all_sd"
     ;;
   alertmanager)
     MODULE="github.com/prometheus/alertmanager"
     PACKAGE="$MODULE/cmd/alertmanager"
+    TAGS="netgo"
     ;;
   *)
     echo "usage: $0 promtool|alertmanager [build|path]" >&2
     exit 2
     ;;
 esac
-readonly NAME MODULE PACKAGE
+readonly NAME MODULE PACKAGE TAGS
 readonly PREFIX="$NAME:"
 readonly MOD_DIR="$REPO_ROOT/tools/$NAME"
 readonly CACHE_ROOT="${MAILROOM_CACHE:-${HOME:?HOME must be set}/.cache/mailroom}/$NAME"
@@ -71,7 +76,7 @@ release_version() {
     *) printf '%s\n' "${VERSION#v}" ;;
   esac
 }
-KEY="$VERSION-$(cat "$MOD_DIR/go.mod" "$MOD_DIR/go.sum" | sha256 | cut -c1-12)"
+KEY="$VERSION-$({ cat "$MOD_DIR/go.mod" "$MOD_DIR/go.sum"; printf '%s\n' "$TAGS"; } | sha256 | cut -c1-12)"
 readonly KEY
 readonly DEST="$CACHE_ROOT/$KEY"
 readonly BIN="$DEST/$NAME"
@@ -143,7 +148,7 @@ build_locked() {
     modfile=(-modfile="$tmp/mod/go.mod")
   fi
   # -mod=readonly: the committed go.mod and go.sum are complete; a build never rewrites them.
-  (cd "$MOD_DIR" && CGO_ENABLED=0 go build "${modfile[@]}" -mod=readonly -trimpath -tags netgo \
+  (cd "$MOD_DIR" && CGO_ENABLED=0 go build "${modfile[@]}" -mod=readonly -trimpath -tags "$TAGS" \
     -ldflags "$ldflags" -o "$tmp/$NAME" "$PACKAGE") 9>&- ||
     die "go build failed"
   rm -rf "$tmp/mod" "$tmp/src"
