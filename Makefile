@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build test bench chaos soak fuzz lint fmt fmt-check clippy unit integration crds crds-check testenv testenv-down pyenv demo demo-down clean-testenv image cluster cluster-down e2e demo-local krew
+.PHONY: all build test bench chaos soak fuzz lint fmt fmt-check clippy unit integration crds crds-check prometheus-rule testenv testenv-down pyenv demo demo-down clean-testenv image cluster cluster-down e2e demo-local krew
 
 all: build
 
@@ -58,6 +58,10 @@ crds:
 	cp crds/mailroom.dev.yaml deploy/base/crds/mailroom.dev.yaml
 	cp crds/mailroom.dev.yaml deploy/helm/mailroom/files/crds/mailroom.dev.yaml
 	@echo "==> wrote crds/mailroom.dev.yaml"
+
+## prometheus-rule: write the PrometheusRule copies of deploy/prometheus/mailroom-rules.yaml (the kustomize component's, the chart's)
+prometheus-rule:
+	@bash hack/prometheus-rule.sh
 
 ## krew: the kubectl plugin's archive for this host's platform (release build) and its krew manifest, in target/krew
 krew:

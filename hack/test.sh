@@ -30,6 +30,10 @@ say "self-test of the SMTP test server"
 say "building helm for the chart tests (once per machine; a first build takes several minutes)"
 MAILROOM_HELM="$(bash hack/helm.sh | tail -n 1)"
 export MAILROOM_HELM
+say "building promtool and Alertmanager for the alerting tests (once per machine; a first build takes several minutes)"
+MAILROOM_PROMTOOL="$(bash hack/prom-tools.sh promtool | tail -n 1)"
+MAILROOM_ALERTMANAGER="$(bash hack/prom-tools.sh alertmanager | tail -n 1)"
+export MAILROOM_PROMTOOL MAILROOM_ALERTMANAGER
 
 export MAILROOM_TESTENV_DIR="${MAILROOM_TESTENV_DIR:-$REPO_ROOT/target/testenv-test}"
 say "starting the local control plane (state in $MAILROOM_TESTENV_DIR)"

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod controller;
 pub mod delivery;
 pub mod error;
+pub mod exposition;
 pub mod kube_client;
 pub mod leader;
 pub mod metrics;

@@ -9,6 +9,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use k8s_openapi::jiff::Timestamp;
+
 use crate::delivery::budget::BudgetFigures;
 
 /// Labels of a message outcome.
@@ -51,8 +53,11 @@ pub struct Metrics {
     pub token_refreshes: Family<ProfileLabels, Counter>,
     /// Token requests that failed, by profile.
     pub token_failures: Family<ProfileLabels, Counter>,
-    /// Seconds until the profile's token expires.
+    /// Seconds until the profile's token expires, as of the cache's last refresh or failure.
     pub token_expiry_seconds: Family<ProfileLabels, Gauge<f64, AtomicU64>>,
+    /// When the profile's token expires (Unix seconds): `… - time()` counts down between
+    /// refreshes, so an alert sees a token running out even when nothing refreshes it.
+    pub token_expiry_timestamp: Family<ProfileLabels, Gauge<f64, AtomicU64>>,
     /// Reconcile errors.
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     /// Messages not yet finished (Pending or Sending), as last counted.
@@ -114,8 +119,14 @@ impl Default for Metrics {
         let token_expiry_seconds = Family::<ProfileLabels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "token_expiry_seconds",
-            "Seconds until the profile's current token expires",
+            "Seconds until the profile's current token expires, as of its last refresh or failed refresh",
             token_expiry_seconds.clone(),
+        );
+        let token_expiry_timestamp = Family::<ProfileLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "token_expiry_timestamp_seconds",
+            "When the profile's current token expires, in seconds since the Unix epoch",
+            token_expiry_timestamp.clone(),
         );
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
         registry.register("reconcile_errors", "Reconciles that failed and were retried", reconcile_errors.clone());
@@ -181,6 +192,7 @@ impl Default for Metrics {
             token_refreshes,
             token_failures,
             token_expiry_seconds,
+            token_expiry_timestamp,
             reconcile_errors,
             queue_depth,
             leader,
@@ -211,6 +223,15 @@ impl Metrics {
             .inc();
     }
 
+    /// Records when a profile's token expires, seen at `now`.
+    pub fn token_expiry(&self, profile: &str, expires_at: Timestamp, now: Timestamp) {
+        let labels = ProfileLabels { profile: profile.to_string() };
+        let left = expires_at.duration_since(now).as_secs_f64();
+        self.token_expiry_seconds.get_or_create(&labels).set(left);
+        let at = expires_at.duration_since(Timestamp::UNIX_EPOCH).as_secs_f64();
+        self.token_expiry_timestamp.get_or_create(&labels).set(at);
+    }
+
     /// Drops a profile's token series (it was deleted, or no longer uses a token): a stale
     /// `token_expiry_seconds` would otherwise count down forever for a profile that is gone.
     pub fn forget_token_series(&self, profile: &str) {
@@ -218,6 +239,7 @@ impl Metrics {
         self.token_refreshes.remove(&labels);
         self.token_failures.remove(&labels);
         self.token_expiry_seconds.remove(&labels);
+        self.token_expiry_timestamp.remove(&labels);
     }
 
     /// Sets how the heap gauges are read (once; later calls are ignored).
@@ -305,7 +327,8 @@ mod tests {
         let m = Metrics::default();
         let labels = |p: &str| ProfileLabels { profile: p.into() };
         m.token_refreshes.get_or_create(&labels("team-a/gone")).inc();
-        m.token_expiry_seconds.get_or_create(&labels("team-a/gone")).set(3000.0);
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        m.token_expiry("team-a/gone", Timestamp::from_second(1_800_003_000).unwrap(), now);
         m.token_refreshes.get_or_create(&labels("team-a/kept")).inc();
         m.forget_token_series("team-a/gone");
         let text = m.encode();
@@ -313,5 +336,24 @@ mod tests {
         assert!(text.contains(r#"mailroom_token_refreshes_total{profile="team-a/kept"} 1"#), "{text}");
         assert!(text.contains("mailroom_profiles 0") && text.contains("mailroom_token_caches 0"), "{text}");
         assert!(text.contains("mailroom_rate_limit_mailboxes 0"), "{text}");
+    }
+
+    #[test]
+    fn a_token_expiry_is_both_a_countdown_and_a_timestamp() {
+        let m = Metrics::default();
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        let expires = Timestamp::from_second(1_800_003_599).unwrap();
+        m.token_expiry("team-a/graph", expires, now);
+        let text = m.encode();
+        assert!(text.contains(r#"mailroom_token_expiry_seconds{profile="team-a/graph"} 3599.0"#), "{text}");
+        assert!(
+            text.contains(r#"mailroom_token_expiry_timestamp_seconds{profile="team-a/graph"} 1800003599.0"#),
+            "{text}"
+        );
+        // An expired token: the countdown is negative, the timestamp stays where it was.
+        m.token_expiry("team-a/graph", expires, Timestamp::from_second(1_800_003_659).unwrap());
+        let text = m.encode();
+        assert!(text.contains(r#"mailroom_token_expiry_seconds{profile="team-a/graph"} -60.0"#), "{text}");
+        assert!(text.contains("# TYPE mailroom_token_expiry_timestamp_seconds gauge"), "{text}");
     }
 }

@@ -6,12 +6,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tracing::info;
 
+use crate::exposition;
 use crate::metrics::Metrics;
 
 /// Whether the operator's caches are filled and it is working.
@@ -32,10 +33,16 @@ impl Health {
     }
 }
 
-async fn metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+/// OpenMetrics for a scraper that asks for it (Prometheus does), else the Prometheus text format.
+async fn metrics(State(m): State<Arc<Metrics>>, headers: HeaderMap) -> impl IntoResponse {
     m.tasks.set(tokio::runtime::Handle::current().metrics().num_alive_tasks() as i64);
     m.sample();
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.encode())
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    if exposition::wants_openmetrics(accept) {
+        ([(header::CONTENT_TYPE, exposition::OPENMETRICS)], m.encode())
+    } else {
+        ([(header::CONTENT_TYPE, exposition::PROMETHEUS_TEXT)], exposition::to_prometheus_text(&m.encode()))
+    }
 }
 
 async fn healthz() -> &'static str {

@@ -647,7 +647,10 @@ async fn the_chart_runs_delivers_fails_over_and_uninstalls() {
     let services: Api<Service> = Api::namespaced(client.clone(), NS);
     let svc = services.get(&format!("{RELEASE}-metrics")).await.expect("the metrics Service");
     let ip = svc.spec.and_then(|s| s.cluster_ip).expect("ClusterIP");
-    let scraped = toolbox(client, "scrape", &["wget", "-O-", &format!("http://{ip}:8080/metrics")]).await;
+    // OpenMetrics, as Prometheus asks for it (without the header the answer is the text format).
+    let accept = "Accept: application/openmetrics-text; version=1.0.0";
+    let scraped =
+        toolbox(client, "scrape", &["wget", "-O-", "--header", accept, &format!("http://{ip}:8080/metrics")]).await;
     assert!(scraped.contains("# TYPE mailroom_leader gauge") && scraped.contains("# EOF"), "{scraped}");
 
     // Garbage collection: `mailroom send` puts a large attachment into a Secret the message

@@ -284,8 +284,7 @@ fn follow_token(ctx: &Arc<Context>, key: &ProfileKey, cache: &Arc<TokenCache>) {
             metrics.token_failures.get_or_create(&label).inc_by(state.failures.saturating_sub(failures));
             (refreshes, failures) = (state.refreshes, state.failures);
             if let Some(exp) = state.expires_at {
-                let left = exp.duration_since(Timestamp::now()).as_secs_f64();
-                metrics.token_expiry_seconds.get_or_create(&label).set(left);
+                metrics.token_expiry(&label.profile, exp, Timestamp::now());
             }
             let sent = match &target {
                 ProfileKey::Namespaced { namespace, name } => mp.send(ObjectRef::new(name).within(namespace)).is_ok(),
