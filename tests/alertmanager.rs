@@ -7,12 +7,11 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::alertmanager::Alertmanager;
 use common::smtp_peer::SmtpPeer;
-use common::{Operator, create_yaml, phase, repo_root};
+use common::{Operator, create_yaml, phase};
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::ListParams;
@@ -30,42 +29,12 @@ const REPEAT_INTERVAL: &str = "15s";
 /// Alertmanager's default subject: the group's label values, then the other common ones.
 const FIRING_SUBJECT: &str = "[FIRING:2] MailroomTestBackendDown (critical)";
 
-/// The alertmanager binary: `MAILROOM_ALERTMANAGER`, or the one hack/prom-tools.sh builds.
-fn alertmanager_bin() -> PathBuf {
-    if let Ok(path) = std::env::var("MAILROOM_ALERTMANAGER") {
-        return PathBuf::from(path);
-    }
-    let out = Command::new("bash")
-        .arg(repo_root().join("hack/prom-tools.sh"))
-        .arg("alertmanager")
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run hack/prom-tools.sh");
-    assert!(out.status.success(), "hack/prom-tools.sh could not build alertmanager");
-    let stdout = String::from_utf8(out.stdout).expect("UTF-8");
-    PathBuf::from(stdout.lines().last().expect("the script prints the path").trim())
-}
-
-/// A free TCP port on 127.0.0.1 (the kernel picks it).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
-/// One Alertmanager process with its configuration and storage in a temporary directory.
-struct Alertmanager {
-    child: Child,
-    _dir: tempfile::TempDir,
-    url: String,
-    log: PathBuf,
-}
-
-impl Alertmanager {
-    /// Starts Alertmanager with one webhook receiver posting to `receiver_url` with `token`.
-    async fn start(test: &str, receiver_url: &str, token: &str) -> Alertmanager {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let token_file = dir.path().join("token");
+/// Alertmanager with one webhook receiver posting to `receiver_url` with `token`.
+async fn webhook_alertmanager(test: &str, receiver_url: &str, token: &str) -> Alertmanager {
+    Alertmanager::start(test, |dir| {
+        let token_file = dir.join("token");
         std::fs::write(&token_file, token).expect("token file");
-        let config = format!(
+        format!(
             r#"global:
   resolve_timeout: 1h
 route:
@@ -85,60 +54,9 @@ receivers:
         credentials_file: {}
 "#,
             token_file.display()
-        );
-        let config_file = dir.path().join("alertmanager.yml");
-        std::fs::write(&config_file, config).expect("config");
-        let logs = repo_root().join("target/test-logs");
-        std::fs::create_dir_all(&logs).expect("log dir");
-        let log = logs.join(format!("{test}-alertmanager.log"));
-        let out = std::fs::File::create(&log).expect("log file");
-        let port = free_port();
-        let child = Command::new(alertmanager_bin())
-            .arg(format!("--config.file={}", config_file.display()))
-            .arg(format!("--storage.path={}", dir.path().join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            // No gossip: an empty cluster address turns the HA cluster off.
-            .arg("--cluster.listen-address=")
-            .arg("--log.level=debug")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log file"))
-            .stderr(out)
-            .spawn()
-            .expect("start alertmanager");
-        let am = Alertmanager { child, _dir: dir, url: format!("http://127.0.0.1:{port}"), log };
-        let start = Instant::now();
-        loop {
-            let ready = common::http().get(format!("{}/-/ready", am.url)).send().await;
-            if ready.is_ok_and(|r| r.status().is_success()) {
-                return am;
-            }
-            assert!(start.elapsed() < WAIT, "alertmanager did not become ready:\n{}", am.log_text());
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// `POST /api/v2/alerts`, as Prometheus sends them.
-    async fn post_alerts(&self, alerts: &Value) {
-        let resp = common::http()
-            .post(format!("{}/api/v2/alerts", self.url))
-            .json(alerts)
-            .send()
-            .await
-            .expect("alertmanager answers");
-        let status = resp.status();
-        assert!(status.is_success(), "POST /api/v2/alerts: {status} {}", resp.text().await.unwrap_or_default());
-    }
-}
-
-impl Drop for Alertmanager {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+        )
+    })
+    .await
 }
 
 /// The operator with the receiver on a free port, and that port's base URL.
@@ -242,7 +160,7 @@ spec:
         ),
     )
     .await;
-    let am = Alertmanager::start("alertmanager", &format!("{base}/alerts/{ns}/platform"), TOKEN).await;
+    let am = webhook_alertmanager("alertmanager", &format!("{base}/alerts/{ns}/platform"), TOKEN).await;
     let api: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);
 
     // Firing, grouped: two alerts in one request, one group, one notification, one message.

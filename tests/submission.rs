@@ -8,6 +8,7 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::alertmanager::Alertmanager;
 use common::api_proxy::ApiProxy;
 use common::smtp_peer::SmtpPeer;
 use common::{Operator, create_yaml, phase};
@@ -415,4 +416,69 @@ async fn an_operator_killed_between_data_and_its_answer_leaves_exactly_one_messa
     let delivered = peer.wait_messages(1, WAIT).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(peer.messages().await.len(), 1, "delivered once: {delivered:?}");
+}
+
+#[tokio::test]
+async fn alertmanager_email_configs_deliver_through_the_listener() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "submit-am", &[]).await;
+    let peer = SmtpPeer::start(&[]);
+    setup(&client, &ns, peer.smtp_port).await;
+    let port = free_port();
+    let _op = start_operator("submit-am", &ns, port, &[], &[]).await;
+    // Alertmanager's own email receiver, as its documentation configures it: STARTTLS
+    // required, the listener's CA, AUTH with the credential's username and password.
+    let am = Alertmanager::start("submit-am", |dir| {
+        let password = dir.join("password");
+        std::fs::write(&password, PASSWORD).unwrap();
+        format!(
+            r#"global:
+  smtp_smarthost: 127.0.0.1:{port}
+  smtp_from: Alertmanager <alerts@noreply.contoso.com>
+  smtp_hello: alertmanager.test
+  smtp_auth_username: grafana@team
+  smtp_auth_password_file: {}
+  smtp_require_tls: true
+route:
+  receiver: mail
+  group_by: [alertname]
+  group_wait: 1s
+  group_interval: 2s
+  repeat_interval: 1h
+receivers:
+- name: mail
+  email_configs:
+  - to: ops@contoso.com
+    send_resolved: true
+    tls_config:
+      ca_file: {}
+      server_name: localhost
+"#,
+            password.display(),
+            testdata("ca.crt")
+        )
+    })
+    .await;
+    let now = k8s_openapi::jiff::Timestamp::now();
+    am.post_alerts(&json!([{
+        "labels": {"alertname": "DiskFull", "severity": "critical", "instance": "node-1"},
+        "annotations": {"summary": "Disk is 91% full"},
+        "startsAt": now.to_string(),
+    }]))
+    .await;
+    let start = Instant::now();
+    let message = loop {
+        if let Some(m) = messages(&client, &ns).await.into_iter().next() {
+            break m;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "no message from Alertmanager:\n{}", am.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let api: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);
+    let sent = common::wait_for(&api, &message.name_any(), WAIT, |m| phase(m) == Some(Phase::Sent)).await;
+    assert_eq!(sent.spec.from.as_deref(), Some("alerts@noreply.contoso.com"));
+    let delivered = peer.wait_messages(1, WAIT).await;
+    let raw = String::from_utf8_lossy(&peer.raw(&delivered[0])).into_owned();
+    assert!(raw.contains("Subject: [FIRING:1] DiskFull"), "{raw}");
+    assert_eq!(delivered[0]["rcpt_tos"], json!(["ops@contoso.com"]));
 }

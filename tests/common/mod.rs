@@ -11,6 +11,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 
+pub mod alertmanager;
 pub mod api_proxy;
 pub mod audited;
 pub mod emulator;
