@@ -761,3 +761,83 @@ spec:
     assert!(!log.to_lowercase().contains("forbidden"), "the operator was denied something:\n{log}");
     let _ = cluster_profiles.delete(&cluster_profile, &Default::default()).await;
 }
+
+/// The SMTP Service selects the operator's Pods and sends 587 and 465 to the container ports that
+/// `--smtp-addr` and `--smtps-addr` listen on; the listener has its certificate Secret named and
+/// the ClusterRole lets it read SmtpCredentials and store Secrets.
+fn check_smtp(what: &str, docs: &[Value], service_name: &str) {
+    let deployment = find(docs, "Deployment", "mailroom");
+    let service = find(docs, "Service", service_name);
+    let selector = at(service, &["spec", "selector"]).as_mapping().expect("selector");
+    let pod_labels = at(deployment, &["spec", "template", "metadata", "labels"]).as_mapping().expect("labels");
+    for (k, v) in selector {
+        assert_eq!(pod_labels.get(k), Some(v), "{what}: the SMTP Service selects {k:?}={v:?}, the Pods lack it");
+    }
+    let container = at(deployment, &["spec", "template", "spec", "containers"]).get(0).expect("container");
+    let args = container_args(deployment);
+    for (service_port, target, flag) in [(587, "smtp", "--smtp-addr="), (465, "smtps", "--smtps-addr=")] {
+        let port = at(service, &["spec", "ports"])
+            .as_sequence()
+            .expect("ports")
+            .iter()
+            .find(|p| at(p, &["port"]).as_u64() == Some(service_port))
+            .unwrap_or_else(|| panic!("{what}: the Service has no port {service_port}"));
+        assert_eq!(str_at(port, &["targetPort"]), target, "{what}");
+        let container_port = at(container, &["ports"])
+            .as_sequence()
+            .expect("ports")
+            .iter()
+            .find(|p| str_at(p, &["name"]) == target)
+            .unwrap_or_else(|| panic!("{what}: no container port named {target}"));
+        let listen = args
+            .iter()
+            .find_map(|a| a.strip_prefix(flag).map(str::to_string))
+            .unwrap_or_else(|| panic!("{what}: the operator is not started with {flag}"));
+        let listen_port: u64 = listen.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port");
+        assert!(listen_port >= 1024, "{what}: a restricted Pod cannot bind {listen_port}");
+        assert_eq!(at(container_port, &["containerPort"]).as_u64(), Some(listen_port), "{what}");
+    }
+    assert!(args.iter().any(|a| a == "--smtp-tls-secret=mailroom-smtp-tls"), "{what}: {args:?}");
+    let rules: Vec<Value> = docs
+        .iter()
+        .filter(|d| {
+            str_at(d, &["kind"]) == "ClusterRole"
+                && !str_at(d, &["metadata", "name"]).ends_with("-edit")
+                && !str_at(d, &["metadata", "name"]).ends_with("-view")
+        })
+        .flat_map(|d| at(d, &["rules"]).as_sequence().cloned().unwrap_or_default())
+        .collect();
+    let allows = |resource: &str, verb: &str| {
+        rules.iter().any(|r| {
+            let has =
+                |k: &str, v: &str| at(r, &[k]).as_sequence().is_some_and(|s| s.iter().any(|x| x.as_str() == Some(v)));
+            has("resources", resource) && has("verbs", verb)
+        })
+    };
+    for (resource, verb) in
+        [("smtpcredentials", "list"), ("secrets", "create"), ("secrets", "patch"), ("emailmessages", "create")]
+    {
+        assert!(allows(resource, verb), "{what}: the operator may not {verb} {resource}");
+    }
+}
+
+#[test]
+fn smtp_listener_is_exposed_by_the_overlay_and_the_chart_and_absent_by_default() {
+    required_env("KUBECONFIG");
+    install_identity();
+    let base = docs(&kustomize_base());
+    assert!(!container_args(find(&base, "Deployment", "mailroom")).iter().any(|a| a.starts_with("--smtp")));
+    let overlay = docs(&kubectl_ok(
+        &["kustomize", &repo_root().join("deploy/overlays/smtp-submission").display().to_string()],
+        None,
+    ));
+    check_smtp("deploy/overlays/smtp-submission", &overlay, "mailroom-smtp");
+    server_dry_run("deploy/overlays/smtp-submission", &overlay.iter().collect::<Vec<_>>());
+    assert_pod_meets_restricted("deploy/overlays/smtp-submission", find(&overlay, "Deployment", "mailroom"));
+
+    let defaults = docs(&render_chart(&[]));
+    assert!(!kinds(&defaults).contains(&("Service".into(), "mailroom-smtp".into())));
+    let chart = docs(&render_chart(&["--set", "smtp.enabled=true"]));
+    check_smtp("chart with smtp.enabled", &chart, "mailroom-smtp");
+    server_dry_run("chart with smtp.enabled", &chart.iter().collect::<Vec<_>>());
+}
