@@ -154,9 +154,14 @@ struct RunArgs {
     /// MailProfiles (proxies, tests); ClusterMailProfiles may always name them.
     #[arg(long, env = "MAILROOM_ALLOW_CUSTOM_ENDPOINTS")]
     allow_custom_endpoints: bool,
-    /// Address of the Alertmanager webhook receiver (POST /alerts/{namespace}/{alertroute}); off when unset.
+    /// Address of the notification receiver for Alertmanager, Flux, Argo CD and Grafana
+    /// (POST /alerts/{namespace}/{alertroute}); off when unset.
     #[arg(long, env = "MAILROOM_ALERTS_ADDR")]
     alerts_addr: Option<SocketAddr>,
+    /// The receiver's URL as senders reach it (e.g. http://mailroom-alerts.mailroom-system.svc:8082),
+    /// shown in each AlertRoute's status.url; without it, status.url is the path alone.
+    #[arg(long, env = "MAILROOM_ALERTS_URL", value_name = "URL")]
+    alerts_url: Option<String>,
     /// EmailMessages reconciled at once (building, claiming, sending, recording). Messages waiting
     /// for a rate-limit turn do not count: they wait in their mailbox's queue.
     #[arg(long, env = "MAILROOM_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
@@ -313,8 +318,11 @@ async fn run(args: RunArgs) -> Result<(), String> {
     if let Some(addr) = args.alerts_addr {
         // Every replica serves webhooks, leader or not: message names are deterministic, so two
         // replicas receiving the same notification still create one message.
-        let alerts =
-            mailroom::alerts::AlertsConfig { namespace: args.namespace.clone(), instance: config.instance.clone() };
+        let alerts = mailroom::alerts::AlertsConfig {
+            namespace: args.namespace.clone(),
+            instance: config.instance.clone(),
+            public_url: args.alerts_url.clone(),
+        };
         mailroom::alerts::serve(addr, client.clone(), alerts)
             .await
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;

@@ -1,15 +1,22 @@
-//! The Alertmanager webhook receiver: `POST /alerts/{namespace}/{route}` turns each notification
-//! into one EmailMessage, as the AlertRoute declares.
+//! The notification receiver: `POST /alerts/{namespace}/{route}` turns each notification of the
+//! route's source (Alertmanager, Flux, Argo CD, Grafana) into one EmailMessage, as the AlertRoute
+//! declares.
 //!
-//! `payload` reads and validates Alertmanager's JSON and names a notification; `auth` checks the
-//! bearer token; `render` makes the email; `route` decides retry or repeat and builds the
-//! EmailMessage; `server` is the HTTP endpoint that strings them together.
+//! `payload` (Alertmanager, Grafana), `flux` and `argocd` read and validate each source's JSON;
+//! `incoming` reduces them to one shape and names them; `auth` checks the bearer token or the
+//! signature; `render` makes the email; `route` decides retry or repeat and builds the
+//! EmailMessage; `server` is the HTTP endpoint that strings them together; `status` keeps the
+//! routes' counts and readiness.
 
+pub mod argocd;
 pub mod auth;
+pub mod flux;
+pub mod incoming;
 pub mod payload;
 pub mod render;
 pub mod route;
 pub mod server;
+pub mod status;
 
 use axum::http::StatusCode;
 
@@ -20,8 +27,13 @@ pub use server::{AlertsConfig, serve};
 #[derive(Debug, thiserror::Error)]
 pub enum AlertError {
     /// No bearer token, or not the route's.
-    #[error("unauthorized: send the AlertRoute's token as `Authorization: Bearer <token>`")]
+    #[error(
+        "unauthorized: send the AlertRoute's token as `Authorization: Bearer <token>`, or sign the body with it (Flux generic-hmac, Grafana HMAC)"
+    )]
     Unauthorized,
+    /// A signature that is malformed, stale or not the body's.
+    #[error("unauthorized: {0}")]
+    BadSignature(auth::SignatureError),
     /// No such AlertRoute, or a name that cannot be one.
     #[error("AlertRoute {0} not found")]
     RouteNotFound(String),
@@ -61,7 +73,7 @@ impl AlertError {
     /// The HTTP status for Alertmanager.
     pub fn status(&self) -> StatusCode {
         match self {
-            AlertError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AlertError::Unauthorized | AlertError::BadSignature(_) => StatusCode::UNAUTHORIZED,
             AlertError::RouteNotFound(_) | AlertError::NamespaceNotServed(_) => StatusCode::NOT_FOUND,
             AlertError::TokenUnavailable(_) => StatusCode::INTERNAL_SERVER_ERROR,
             AlertError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -85,6 +97,7 @@ mod tests {
     fn alertmanager_retries_only_what_may_succeed_later() {
         let permanent = [
             AlertError::Unauthorized,
+            AlertError::BadSignature(auth::SignatureError::Mismatch("X-Signature".into())),
             AlertError::RouteNotFound("a/b".into()),
             AlertError::TooLarge,
             AlertError::Payload(payload::PayloadError::Malformed("x".into())),
