@@ -188,7 +188,8 @@ async fn a_message_applied_before_its_template_waits_and_is_sent_when_it_appears
     .await;
     assert_eq!(phase(&m), Some(Phase::Sent), "{:?}\noperator log:\n{}", m.status, op.log_text());
     let envelopes = peer.wait_messages(1, WAIT).await;
-    let parsed = MessageParser::default().parse(&peer.raw(&envelopes[0])).expect("parse");
+    let raw = peer.raw(&envelopes[0]);
+    let parsed = MessageParser::default().parse(&raw).expect("parse");
     assert_eq!(parsed.subject(), Some("shop is out"));
 }
 
