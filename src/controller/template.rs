@@ -461,7 +461,10 @@ mod tests {
         let nf = TemplateError::NotFound { name: "deploy".into(), namespace: "team-a".into() };
         assert_eq!(
             (nf.reason(), nf.to_string().as_str()),
-            (Reason::TemplateNotFound, "EmailTemplate deploy not found in namespace team-a; the message is sent when it exists")
+            (
+                Reason::TemplateNotFound,
+                "EmailTemplate deploy not found in namespace team-a; the message is sent when it exists"
+            )
         );
         let r = TemplateError::Render {
             name: "deploy".into(),
