@@ -468,6 +468,10 @@ fn check_alerts_service(what: &str, docs: &[Value], service_name: &str) {
     let listen_port: u64 = listen.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port in --alerts-addr");
     assert_eq!(at(container_port, &["containerPort"]).as_u64(), Some(listen_port), "{what}");
     assert_eq!(at(port, &["port"]).as_u64(), Some(listen_port), "{what}");
+    // The URL the routes' status shows is the Service's.
+    let namespace = str_at(service, &["metadata", "namespace"]);
+    let url = container_args(deployment).iter().find_map(|a| a.strip_prefix("--alerts-url=").map(str::to_string));
+    assert_eq!(url, Some(format!("http://{service_name}.{namespace}.svc:{listen_port}")), "{what}");
 }
 
 #[test]

@@ -143,6 +143,49 @@ mod tests {
         assert_eq!(parse(body).unwrap().key(), n.key(), "a retry has the same key");
     }
 
+    /// Every value a Go template renders, stood in for by a JSON string, line by line.
+    fn stand_in(body: &str) -> String {
+        body.lines()
+            .map(|line| match line.split_once(": ") {
+                Some((key, value)) if value.contains("{{") => {
+                    format!("{key}: \"v\"{}", if value.trim_end().ends_with(',') { "," } else { "" })
+                }
+                _ => line.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// deploy/argocd's templates render the body this module reads, one per shipped event, with
+    /// every field; the webhook service sends the route's token as a bearer token.
+    #[test]
+    fn the_shipped_templates_render_what_the_receiver_reads() {
+        let cm: k8s_openapi::api::core::v1::ConfigMap =
+            serde_yaml::from_str(include_str!("../../deploy/argocd/argocd-notifications-cm.yaml")).unwrap();
+        let data = cm.data.unwrap();
+        let fields: Vec<String> = match serde_json::to_value(parse(br#"{"event":"e","app":"a"}"#).unwrap()).unwrap() {
+            Value::Object(m) => m.keys().cloned().collect(),
+            _ => unreachable!(),
+        };
+        for (event, _) in EVENTS {
+            let template: serde_yaml::Value = serde_yaml::from_str(&data[&format!("template.mailroom-app-{event}")]).unwrap();
+            let body = template["webhook"]["mailroom"]["body"].as_str().expect("a body");
+            assert_eq!(template["webhook"]["mailroom"]["method"].as_str(), Some("POST"));
+            let rendered: Value = serde_json::from_str(&stand_in(body)).unwrap_or_else(|e| panic!("{event}: {e}\n{body}"));
+            for f in &fields {
+                assert!(rendered.get(f).is_some(), "{event}: the template lacks {f}");
+            }
+            let n = parse(rendered.to_string().as_bytes()).unwrap();
+            assert_eq!(n.event, event);
+            let trigger: serde_yaml::Value = serde_yaml::from_str(&data[&format!("trigger.on-mailroom-{event}")]).unwrap();
+            assert_eq!(trigger[0]["send"][0].as_str(), Some(format!("mailroom-app-{event}").as_str()));
+        }
+        let service: serde_yaml::Value = serde_yaml::from_str(&data["service.webhook.mailroom"]).unwrap();
+        assert!(service["url"].as_str().unwrap().contains("/alerts/team-a/deploys"));
+        let auth = service["headers"].as_sequence().unwrap().iter().find(|h| h["name"] == "Authorization").unwrap();
+        assert_eq!(auth["value"].as_str(), Some("Bearer $mailroom-token"));
+    }
+
     #[test]
     fn a_body_without_event_or_app_is_refused() {
         assert_eq!(parse(br#"{"app":"x"}"#).unwrap_err().status_code(), 400);
