@@ -168,16 +168,19 @@ mod tests {
             _ => unreachable!(),
         };
         for (event, _) in EVENTS {
-            let template: serde_yaml::Value = serde_yaml::from_str(&data[&format!("template.mailroom-app-{event}")]).unwrap();
+            let template: serde_yaml::Value =
+                serde_yaml::from_str(&data[&format!("template.mailroom-app-{event}")]).unwrap();
             let body = template["webhook"]["mailroom"]["body"].as_str().expect("a body");
             assert_eq!(template["webhook"]["mailroom"]["method"].as_str(), Some("POST"));
-            let rendered: Value = serde_json::from_str(&stand_in(body)).unwrap_or_else(|e| panic!("{event}: {e}\n{body}"));
+            let rendered: Value =
+                serde_json::from_str(&stand_in(body)).unwrap_or_else(|e| panic!("{event}: {e}\n{body}"));
             for f in &fields {
                 assert!(rendered.get(f).is_some(), "{event}: the template lacks {f}");
             }
             let n = parse(rendered.to_string().as_bytes()).unwrap();
             assert_eq!(n.event, event);
-            let trigger: serde_yaml::Value = serde_yaml::from_str(&data[&format!("trigger.on-mailroom-{event}")]).unwrap();
+            let trigger: serde_yaml::Value =
+                serde_yaml::from_str(&data[&format!("trigger.on-mailroom-{event}")]).unwrap();
             assert_eq!(trigger[0]["send"][0].as_str(), Some(format!("mailroom-app-{event}").as_str()));
         }
         let service: serde_yaml::Value = serde_yaml::from_str(&data["service.webhook.mailroom"]).unwrap();

@@ -143,4 +143,45 @@ mod tests {
         let text = r.mail.text.unwrap();
         assert!(text.starts_with("FIRING KubePodCrashLooping [critical] since 2025-10-14 08:21:37 UTC"), "{text}");
     }
+
+    /// The Flux, Grafana and Argo CD examples: each route's source, and the sender's URL and
+    /// credential pointing at it.
+    #[test]
+    fn the_receiver_examples_point_their_senders_at_their_routes() {
+        use crate::api::AlertSource;
+        let route = |yaml: &str| -> crate::api::AlertRoute {
+            let doc = yaml.split("\n---").find(|d| d.contains("kind: AlertRoute\n")).unwrap();
+            serde_yaml::from_str(doc).unwrap()
+        };
+        let path = |r: &crate::api::AlertRoute| {
+            format!("/alerts/{}/{}", r.metadata.namespace.as_deref().unwrap(), r.metadata.name.as_deref().unwrap())
+        };
+
+        let flux = include_str!("../../examples/flux-route.yaml");
+        let r = route(flux);
+        assert_eq!(r.spec.source(), AlertSource::Flux);
+        let provider: serde_yaml::Value =
+            serde_yaml::from_str(flux.split("\n---").find(|d| d.contains("kind: Provider\n")).unwrap()).unwrap();
+        assert_eq!(provider["spec"]["type"].as_str(), Some("generic-hmac"));
+        assert!(provider["spec"]["address"].as_str().unwrap().ends_with(&path(&r)));
+        assert_eq!(provider["spec"]["secretRef"]["name"].as_str(), Some(r.spec.token_secret_ref.name.as_str()));
+        assert_eq!(r.spec.token_secret_ref.key, "token", "Flux reads the key `token`");
+
+        let r = route(include_str!("../../examples/grafana-route.yaml"));
+        assert_eq!(r.spec.source(), AlertSource::Grafana);
+        let cp: serde_yaml::Value =
+            serde_yaml::from_str(include_str!("../../examples/grafana-contact-point.yaml")).unwrap();
+        let settings = &cp["contactPoints"][0]["receivers"][0]["settings"];
+        assert!(settings["url"].as_str().unwrap().ends_with(&path(&r)));
+        let sig = r.spec.signature.as_ref().unwrap();
+        assert_eq!(settings["hmacConfig"]["header"].as_str(), sig.header.as_deref());
+        assert_eq!(settings["hmacConfig"]["timestampHeader"].as_str(), sig.timestamp_header.as_deref());
+
+        let r = route(include_str!("../../examples/argocd-route.yaml"));
+        assert_eq!(r.spec.source(), AlertSource::Argocd);
+        let cm: k8s_openapi::api::core::v1::ConfigMap =
+            serde_yaml::from_str(include_str!("../../deploy/argocd/argocd-notifications-cm.yaml")).unwrap();
+        let service: serde_yaml::Value = serde_yaml::from_str(&cm.data.unwrap()["service.webhook.mailroom"]).unwrap();
+        assert!(service["url"].as_str().unwrap().ends_with(&path(&r)));
+    }
 }
