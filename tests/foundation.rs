@@ -333,6 +333,15 @@ async fn invalid_manifests_are_rejected_with_a_message_naming_the_problem() {
             "signature applies to source grafana only",
         ),
         (
+            "route signature header not named -Signature",
+            with(
+                ROUTE,
+                "tokenSecretRef:",
+                "  tokenSecretRef: {name: am, key: token}\n  source: grafana\n  signature: {header: X-Hub-Sig}",
+            ),
+            "ends in -Signature",
+        ),
+        (
             "route with both template kinds",
             with(
                 ROUTE,

@@ -268,7 +268,7 @@ impl AlertReceiver {
 /// Whether the request carries a signature header (Flux's `X-Signature`, Grafana's
 /// `X-Grafana-Alerting-Signature` or a contact point's own `...-Signature`).
 fn has_signature_header(headers: &HeaderMap) -> bool {
-    headers.keys().any(|k| k.as_str().ends_with("signature"))
+    headers.keys().any(|k| k.as_str().ends_with("-signature"))
 }
 
 /// Whether a path segment can name a namespace or an object (a DNS subdomain).

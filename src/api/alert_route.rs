@@ -133,11 +133,13 @@ impl AlertSource {
 }
 
 /// Where Grafana puts its HMAC-SHA256 signature, and the timestamp it signs with.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SignatureSettings {
-    /// The signature header; default `X-Grafana-Alerting-Signature`, as Grafana's.
+    /// The signature header; default `X-Grafana-Alerting-Signature`, as Grafana's. Its name ends
+    /// in `-Signature`, so that the receiver knows a signed request before reading the route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.lowerAscii().endsWith('-signature')").message("the signature header's name ends in -Signature (e.g. X-Grafana-Alerting-Signature)"))]
     #[schemars(length(min = 1, max = 128))]
     pub header: Option<String>,
     /// The header carrying the Unix timestamp Grafana signs with (`timestamp:body`), if the contact
