@@ -419,3 +419,39 @@ spec:
         "{text}"
     );
 }
+
+/// Two replicas receive for the same route: each counts in memory and adds its counts with
+/// conditional writes, so none is lost, and the notification's name makes one message of the
+/// copies both receive.
+#[tokio::test]
+async fn two_replicas_count_every_notification_once_and_create_one_message() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "recv-replicas", &[]).await;
+    let peer = SmtpPeer::start(&[]);
+    let (_a, base_a) = start_operator("recv-replicas-a", &ns, &[]);
+    let (_b, base_b) = start_operator("recv-replicas-b", &ns, &[]);
+    create_yaml(&client, &ns, &common::relay_profile("relay", peer.smtp_port, "")).await;
+    create_yaml(&client, &ns, &route_yaml("on-call", "alertmanager", "relay", "")).await;
+    let am = include_str!("fixtures/alertmanager-firing.json");
+    let good = vec![("Authorization", format!("Bearer {TOKEN}"))];
+    let bad = vec![("Authorization", format!("Bearer {TOKEN}-not"))];
+    let mut statuses = Vec::new();
+    for round in 0..4 {
+        let posts = [&base_a, &base_b].into_iter().flat_map(|base| {
+            let url = format!("{base}/alerts/{ns}/on-call");
+            let headers = if round == 3 { bad.clone() } else { good.clone() };
+            (0..5).map(move |_| {
+                let (url, headers) = (url.clone(), headers.clone());
+                async move { post(&url, &headers, am).await.0 }
+            })
+        });
+        statuses.extend(futures::future::join_all(posts).await);
+    }
+    let created = statuses.iter().filter(|s| **s == 201).count();
+    let retried = statuses.iter().filter(|s| **s == 200).count();
+    let refused = statuses.iter().filter(|s| **s == 401).count();
+    assert_eq!((created, retried, refused), (1, 29, 10), "{statuses:?}");
+    assert_eq!(route_messages(&client, &ns, "on-call").await.len(), 1);
+    let route = wait_route_status(&client, &ns, "on-call", (40, 1, 10), true).await;
+    assert!(route.status.and_then(|s| s.last_outcome).is_some_and(|o| o.starts_with("Rejected 401")));
+}
