@@ -266,12 +266,6 @@ fn normal_time(s: &str) -> String {
     if is_zero_time(s) { String::new() } else { parse_time(s).map(|t| t.to_string()).unwrap_or_else(|| s.to_string()) }
 }
 
-/// The name of the `n`th message (from 1) of a notification with this key, sent through this
-/// route: `alert-<route>-<key>`, then `-2`, `-3` for Alertmanager's repeats of it.
-pub fn message_name(route: &str, key: &str, n: u32) -> String {
-    if n <= 1 { format!("alert-{route}-{key}") } else { format!("alert-{route}-{key}-{n}") }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,14 +400,6 @@ mod tests {
         let key = n.key();
         n.alerts[0].labels.insert("pod".into(), "another".into());
         assert_ne!(n.key(), key);
-    }
-
-    #[test]
-    fn names_are_deterministic_and_numbered_for_repeats() {
-        assert_eq!(message_name("platform", "0123456789abcdef", 1), "alert-platform-0123456789abcdef");
-        assert_eq!(message_name("platform", "0123456789abcdef", 3), "alert-platform-0123456789abcdef-3");
-        // The longest route name (63) still gives a valid object name.
-        assert!(message_name(&"r".repeat(63), "0123456789abcdef", 999).len() <= 253);
     }
 
     #[test]
