@@ -73,7 +73,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the operator.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Create an EmailMessage, and with --wait wait for its outcome.
     ///
     /// Exit codes: 0 sent (or created, without --wait), 1 failed, 2 timed out, 3 API error,
@@ -154,9 +154,14 @@ struct RunArgs {
     /// MailProfiles (proxies, tests); ClusterMailProfiles may always name them.
     #[arg(long, env = "MAILROOM_ALLOW_CUSTOM_ENDPOINTS")]
     allow_custom_endpoints: bool,
-    /// Address of the Alertmanager webhook receiver (POST /alerts/{namespace}/{alertroute}); off when unset.
+    /// Address of the notification receiver for Alertmanager, Flux, Argo CD and Grafana
+    /// (POST /alerts/{namespace}/{alertroute}); off when unset.
     #[arg(long, env = "MAILROOM_ALERTS_ADDR")]
     alerts_addr: Option<SocketAddr>,
+    /// The receiver's URL as senders reach it (e.g. http://mailroom-alerts.mailroom-system.svc:8082),
+    /// shown in each AlertRoute's status.url; without it, status.url is the path alone.
+    #[arg(long, env = "MAILROOM_ALERTS_URL", value_name = "URL")]
+    alerts_url: Option<String>,
     /// Address of the SMTP submission listener with STARTTLS (587 by convention); off when unset.
     /// Each mail a client submits with an SmtpCredential's username and password becomes an
     /// EmailMessage. Needs --smtp-tls-secret.
@@ -264,7 +269,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run(args)) {
+            match runtime.block_on(run(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");
@@ -334,8 +339,11 @@ async fn run(args: RunArgs) -> Result<(), String> {
     if let Some(addr) = args.alerts_addr {
         // Every replica serves webhooks, leader or not: message names are deterministic, so two
         // replicas receiving the same notification still create one message.
-        let alerts =
-            mailroom::alerts::AlertsConfig { namespace: args.namespace.clone(), instance: config.instance.clone() };
+        let alerts = mailroom::alerts::AlertsConfig {
+            namespace: args.namespace.clone(),
+            instance: config.instance.clone(),
+            public_url: args.alerts_url.clone(),
+        };
         mailroom::alerts::serve(addr, client.clone(), alerts)
             .await
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;

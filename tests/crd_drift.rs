@@ -32,5 +32,9 @@ fn crds_have_short_names_columns_and_status() {
     assert_eq!(ar.spec.scope, "Namespaced");
     let cols: Vec<_> =
         ar.spec.versions[0].additional_printer_columns.as_ref().unwrap().iter().map(|c| c.name.as_str()).collect();
-    assert_eq!(cols, ["Profile", "To", "Template", "Age"]);
+    assert_eq!(
+        cols,
+        ["Source", "Profile", "Ready", "Received", "Created", "Rejected", "Last", "Outcome", "URL", "Age"]
+    );
+    assert!(ar.spec.versions[0].subresources.as_ref().unwrap().status.is_some(), "the counts are status");
 }

@@ -468,6 +468,10 @@ fn check_alerts_service(what: &str, docs: &[Value], service_name: &str) {
     let listen_port: u64 = listen.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port in --alerts-addr");
     assert_eq!(at(container_port, &["containerPort"]).as_u64(), Some(listen_port), "{what}");
     assert_eq!(at(port, &["port"]).as_u64(), Some(listen_port), "{what}");
+    // The URL the routes' status shows is the Service's.
+    let namespace = str_at(service, &["metadata", "namespace"]);
+    let url = container_args(deployment).iter().find_map(|a| a.strip_prefix("--alerts-url=").map(str::to_string));
+    assert_eq!(url, Some(format!("http://{service_name}.{namespace}.svc:{listen_port}")), "{what}");
 }
 
 #[test]
@@ -628,6 +632,9 @@ async fn rbac_is_enough_for_the_operator_and_no_more() {
         (vec!["create", "pods", "-n", SYSTEM_NS], false),
         (vec!["create", "emailmessages.mailroom.dev", "-n", n], true),
         (vec!["get", "alertroutes.mailroom.dev", "-n", n], true),
+        (vec!["list", "alertroutes.mailroom.dev", "--all-namespaces"], true),
+        (vec!["patch", "alertroutes.mailroom.dev", "--subresource=status", "-n", n], true),
+        (vec!["patch", "alertroutes.mailroom.dev", "-n", n], false),
         (vec!["get", "emailtemplates.mailroom.dev", "-n", n], true),
         (vec!["list", "emailtemplates.mailroom.dev", "-n", n], false),
         (vec!["update", "emailtemplates.mailroom.dev", "-n", n], false),

@@ -319,6 +319,38 @@ async fn invalid_manifests_are_rejected_with_a_message_naming_the_problem() {
             "Unsupported value: \"urgent\"",
         ),
         (
+            "route source that is not one",
+            with(ROUTE, "tokenSecretRef:", "  tokenSecretRef: {name: am, key: token}\n  source: jenkins"),
+            "Unsupported value: \"jenkins\"",
+        ),
+        (
+            "route signature for a source other than grafana",
+            with(
+                ROUTE,
+                "tokenSecretRef:",
+                "  tokenSecretRef: {name: am, key: token}\n  source: flux\n  signature: {header: X-Signature}",
+            ),
+            "signature applies to source grafana only",
+        ),
+        (
+            "route signature header not named -Signature",
+            with(
+                ROUTE,
+                "tokenSecretRef:",
+                "  tokenSecretRef: {name: am, key: token}\n  source: grafana\n  signature: {header: X-Hub-Sig}",
+            ),
+            "ends in -Signature",
+        ),
+        (
+            "route with both template kinds",
+            with(
+                ROUTE,
+                "tokenSecretRef:",
+                "  tokenSecretRef: {name: am, key: token}\n  templateRef: {name: a}\n  emailTemplateRef: {name: b}",
+            ),
+            "templateRef and emailTemplateRef exclude each other",
+        ),
+        (
             "route retry window under 10 s",
             with(ROUTE, "tokenSecretRef:", "  tokenSecretRef: {name: am, key: token}\n  retryWindowSeconds: 1"),
             "greater than or equal to 10",
@@ -338,6 +370,12 @@ async fn invalid_manifests_are_rejected_with_a_message_naming_the_problem() {
     try_create(&client, &ns, MESSAGE, true).await.expect("valid message accepted");
     try_create(&client, &ns, PROFILE, true).await.expect("valid profile accepted");
     try_create(&client, &ns, ROUTE, true).await.expect("valid route accepted");
+    let grafana = with(
+        ROUTE,
+        "tokenSecretRef:",
+        "  tokenSecretRef: {name: am, key: token}\n  source: grafana\n  signature: {timestampHeader: X-Ts}",
+    );
+    try_create(&client, &ns, &grafana, true).await.expect("valid grafana route accepted");
     try_create(&client, &ns, TEMPLATE, true).await.expect("valid template accepted");
     try_create(&client, &ns, TEMPLATED, true).await.expect("valid templated message accepted");
 }

@@ -303,13 +303,57 @@ fn templated(resource_version: &str, status: Value) -> Value {
 
 const TEMPLATE_PATH: &str = "/apis/mailroom.dev/v1alpha1/namespaces/team-a/emailtemplates/deploy";
 
-/// Claimed, then it cannot be built (its template does not exist): its own problem, so the claim
-/// is taken back, the status is what it was before the claim but Failed, and no attempt counts.
+/// Answers the check before the claim: the template exists (a missing one makes the message wait).
+async fn template_exists(api: &mut Handle<Request<Body>, Response<Body>>) {
+    let (check, send) = next(api).await;
+    assert_eq!((check.method.as_str(), check.path.as_str()), ("GET", TEMPLATE_PATH));
+    answer(
+        send,
+        StatusCode::OK,
+        &json!({"apiVersion": "mailroom.dev/v1alpha1", "kind": "EmailTemplate",
+                "metadata": {"name": "deploy", "namespace": "team-a"}, "spec": {"subject": "s", "text": "t"}}),
+    );
+}
+
+/// A template that does not exist yet (applied after its messages): the message waits, unclaimed,
+/// with the reason, and nothing is attempted.
+#[tokio::test]
+async fn a_message_whose_template_is_not_there_yet_waits_unclaimed() {
+    let transport = Arc::new(CountingTransport::default());
+    let (ctx, mut api) = context(Arc::clone(&transport));
+    let done = spawn(&ctx, templated("1", json!({})));
+    let (read, send) = next(&mut api).await;
+    assert_eq!((read.method.as_str(), read.path.as_str()), ("GET", TEMPLATE_PATH));
+    answer(
+        send,
+        StatusCode::NOT_FOUND,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404,
+                "message": "emailtemplates.mailroom.dev \"deploy\" not found"}),
+    );
+    let (write, send) = next(&mut api).await;
+    assert_eq!((write.method.as_str(), write.path.as_str()), ("PATCH", STATUS_PATH));
+    let after = merged(json!({}), &write.body["status"]);
+    assert_eq!(after["phase"], "Pending", "{after}");
+    assert!(after.get("attempts").is_none() && after.get("claimId").is_none(), "no claim: {after}");
+    let waiting = after["conditions"].as_array().expect("conditions").iter().find(|c| c["type"] == "Waiting");
+    let waiting = waiting.expect("a Waiting condition");
+    assert_eq!((waiting["status"].as_str(), waiting["reason"].as_str()), (Some("True"), Some("TemplateNotFound")));
+    assert!(waiting["message"].as_str().unwrap_or_default().contains("EmailTemplate deploy not found"), "{waiting}");
+    answer(send, StatusCode::OK, &templated("2", after));
+    let (events, _) = events_until_done(&mut api, done).await;
+    assert_eq!(events, ["TemplateNotFound"]);
+    assert_eq!(transport.sends.load(Ordering::SeqCst), 0, "nothing is sent");
+}
+
+/// Claimed, then it cannot be built (its template, present a moment before, was deleted): its
+/// own problem, so the claim is taken back, the status is what it was before the claim but
+/// Failed, and no attempt counts.
 #[tokio::test]
 async fn a_claimed_message_that_cannot_be_built_is_unclaimed_and_failed() {
     let transport = Arc::new(CountingTransport::default());
     let (ctx, mut api) = context(Arc::clone(&transport));
     let done = spawn(&ctx, templated("1", json!({})));
+    template_exists(&mut api).await;
     let (claim, send) = next(&mut api).await;
     assert_eq!(claim.body["status"]["phase"], "Sending");
     let claimed = merged(json!({}), &claim.body["status"]);
@@ -348,6 +392,7 @@ async fn a_claim_interrupted_by_the_api_server_is_given_back() {
     let transport = Arc::new(CountingTransport::default());
     let (ctx, mut api) = context(Arc::clone(&transport));
     let done = spawn(&ctx, templated("1", json!({})));
+    template_exists(&mut api).await;
     let (claim, send) = next(&mut api).await;
     let claimed = merged(json!({}), &claim.body["status"]);
     answer(send, StatusCode::OK, &templated("2", claimed.clone()));

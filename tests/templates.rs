@@ -116,12 +116,6 @@ spec:
     .await;
     let cases = [
         (
-            "unknown",
-            templated("unknown", "no-such-template", "{app: shop}"),
-            "TemplateNotFound",
-            vec!["EmailTemplate no-such-template not found in namespace"],
-        ),
-        (
             "missing-value",
             templated("missing-value", "release", "{app: shop, title: ok}"),
             "TemplateError",
@@ -155,8 +149,48 @@ spec:
         assert_eq!(m.status.as_ref().and_then(|s| s.attempts), None, "{name}: a template error costs no attempt");
         common::expect_event(&client, &ns, name, |r, n| r == *reason && n.contains(words[0])).await;
     }
-    // All four failed before a claim, so none can be on its way to the server.
+    // All three failed before a claim, so none can be on its way to the server.
     assert!(peer.messages().await.is_empty(), "a failed template reached the SMTP server");
+}
+
+/// Apply order does not matter: a message applied before its EmailTemplate waits, unclaimed and
+/// with the reason, and is sent once the template exists.
+#[tokio::test]
+async fn a_message_applied_before_its_template_waits_and_is_sent_when_it_appears() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "tpl-order", &[]).await;
+    let peer = SmtpPeer::start(&[]);
+    let op = Operator::start("tpl-order", &ns, &[]);
+    create_yaml(&client, &ns, &common::relay_profile("relay", peer.smtp_port, "")).await;
+    create_yaml(&client, &ns, &templated("early", "later", "{app: shop}")).await;
+    let api: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);
+    let waiting = common::wait_for(&api, "early", WAIT, |m| {
+        message_condition(m, "Waiting").is_some_and(|c| c.status == "True" && c.reason == "TemplateNotFound")
+    })
+    .await;
+    let cond = message_condition(&waiting, "Waiting").expect("Waiting");
+    assert!(cond.message.contains("EmailTemplate later not found"), "{cond:?}");
+    assert_eq!(phase(&waiting), Some(Phase::Pending));
+    assert_eq!(waiting.status.as_ref().and_then(|s| s.attempts), None, "waiting costs no attempt");
+    common::expect_event(&client, &ns, "early", |r, n| r == "TemplateNotFound" && n.contains("later")).await;
+    assert!(peer.messages().await.is_empty());
+
+    create_yaml(
+        &client,
+        &ns,
+        "apiVersion: mailroom.dev/v1alpha1\nkind: EmailTemplate\nmetadata: {name: later}\nspec: {subject: \"{{ app }} is out\", text: \"{{ app }}\"}\n",
+    )
+    .await;
+    // A waiting message is looked at again every minute; no watch on EmailTemplates wakes it.
+    let m = common::wait_for(&api, "early", Duration::from_secs(180), |m| {
+        matches!(phase(m), Some(Phase::Sent | Phase::Failed))
+    })
+    .await;
+    assert_eq!(phase(&m), Some(Phase::Sent), "{:?}\noperator log:\n{}", m.status, op.log_text());
+    let envelopes = peer.wait_messages(1, WAIT).await;
+    let raw = peer.raw(&envelopes[0]);
+    let parsed = MessageParser::default().parse(&raw).expect("parse");
+    assert_eq!(parsed.subject(), Some("shop is out"));
 }
 
 /// The CRD's rules: with a templateRef the subject and body may (must) be left out; without one a

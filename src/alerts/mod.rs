@@ -1,15 +1,22 @@
-//! The Alertmanager webhook receiver: `POST /alerts/{namespace}/{route}` turns each notification
-//! into one EmailMessage, as the AlertRoute declares.
+//! The notification receiver: `POST /alerts/{namespace}/{route}` turns each notification of the
+//! route's source (Alertmanager, Flux, Argo CD, Grafana) into one EmailMessage, as the AlertRoute
+//! declares.
 //!
-//! `payload` reads and validates Alertmanager's JSON and names a notification; `auth` checks the
-//! bearer token; `render` makes the email; `route` decides retry or repeat and builds the
-//! EmailMessage; `server` is the HTTP endpoint that strings them together.
+//! `payload` (Alertmanager, Grafana), `flux` and `argocd` read and validate each source's JSON;
+//! `incoming` reduces them to one shape and names them; `auth` checks the bearer token or the
+//! signature; `render` makes the email; `route` decides retry or repeat and builds the
+//! EmailMessage; `server` is the HTTP endpoint that strings them together; `status` keeps the
+//! routes' counts and readiness.
 
+pub mod argocd;
 pub mod auth;
+pub mod flux;
+pub mod incoming;
 pub mod payload;
 pub mod render;
 pub mod route;
 pub mod server;
+pub mod status;
 
 use axum::http::StatusCode;
 
@@ -20,8 +27,13 @@ pub use server::{AlertsConfig, serve};
 #[derive(Debug, thiserror::Error)]
 pub enum AlertError {
     /// No bearer token, or not the route's.
-    #[error("unauthorized: send the AlertRoute's token as `Authorization: Bearer <token>`")]
+    #[error(
+        "unauthorized: send the AlertRoute's token as `Authorization: Bearer <token>`, or sign the body with it (Flux generic-hmac, Grafana HMAC)"
+    )]
     Unauthorized,
+    /// A signature that is malformed, stale or not the body's.
+    #[error("unauthorized: {0}")]
+    BadSignature(auth::SignatureError),
     /// No such AlertRoute, or a name that cannot be one.
     #[error("AlertRoute {0} not found")]
     RouteNotFound(String),
@@ -61,7 +73,7 @@ impl AlertError {
     /// The HTTP status for Alertmanager.
     pub fn status(&self) -> StatusCode {
         match self {
-            AlertError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AlertError::Unauthorized | AlertError::BadSignature(_) => StatusCode::UNAUTHORIZED,
             AlertError::RouteNotFound(_) | AlertError::NamespaceNotServed(_) => StatusCode::NOT_FOUND,
             AlertError::TokenUnavailable(_) => StatusCode::INTERNAL_SERVER_ERROR,
             AlertError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -85,6 +97,7 @@ mod tests {
     fn alertmanager_retries_only_what_may_succeed_later() {
         let permanent = [
             AlertError::Unauthorized,
+            AlertError::BadSignature(auth::SignatureError::Mismatch("X-Signature".into())),
             AlertError::RouteNotFound("a/b".into()),
             AlertError::TooLarge,
             AlertError::Payload(payload::PayloadError::Malformed("x".into())),
@@ -129,5 +142,46 @@ mod tests {
         assert_eq!(r.mail.subject, "[FIRING] KubePodCrashLooping shop (2 firing)");
         let text = r.mail.text.unwrap();
         assert!(text.starts_with("FIRING KubePodCrashLooping [critical] since 2025-10-14 08:21:37 UTC"), "{text}");
+    }
+
+    /// The Flux, Grafana and Argo CD examples: each route's source, and the sender's URL and
+    /// credential pointing at it.
+    #[test]
+    fn the_receiver_examples_point_their_senders_at_their_routes() {
+        use crate::api::AlertSource;
+        let route = |yaml: &str| -> crate::api::AlertRoute {
+            let doc = yaml.split("\n---").find(|d| d.contains("kind: AlertRoute\n")).unwrap();
+            serde_yaml::from_str(doc).unwrap()
+        };
+        let path = |r: &crate::api::AlertRoute| {
+            format!("/alerts/{}/{}", r.metadata.namespace.as_deref().unwrap(), r.metadata.name.as_deref().unwrap())
+        };
+
+        let flux = include_str!("../../examples/flux-route.yaml");
+        let r = route(flux);
+        assert_eq!(r.spec.source(), AlertSource::Flux);
+        let provider: serde_yaml::Value =
+            serde_yaml::from_str(flux.split("\n---").find(|d| d.contains("kind: Provider\n")).unwrap()).unwrap();
+        assert_eq!(provider["spec"]["type"].as_str(), Some("generic-hmac"));
+        assert!(provider["spec"]["address"].as_str().unwrap().ends_with(&path(&r)));
+        assert_eq!(provider["spec"]["secretRef"]["name"].as_str(), Some(r.spec.token_secret_ref.name.as_str()));
+        assert_eq!(r.spec.token_secret_ref.key, "token", "Flux reads the key `token`");
+
+        let r = route(include_str!("../../examples/grafana-route.yaml"));
+        assert_eq!(r.spec.source(), AlertSource::Grafana);
+        let cp: serde_yaml::Value =
+            serde_yaml::from_str(include_str!("../../examples/grafana-contact-point.yaml")).unwrap();
+        let settings = &cp["contactPoints"][0]["receivers"][0]["settings"];
+        assert!(settings["url"].as_str().unwrap().ends_with(&path(&r)));
+        let sig = r.spec.signature.as_ref().unwrap();
+        assert_eq!(settings["hmacConfig"]["header"].as_str(), sig.header.as_deref());
+        assert_eq!(settings["hmacConfig"]["timestampHeader"].as_str(), sig.timestamp_header.as_deref());
+
+        let r = route(include_str!("../../examples/argocd-route.yaml"));
+        assert_eq!(r.spec.source(), AlertSource::Argocd);
+        let cm: k8s_openapi::api::core::v1::ConfigMap =
+            serde_yaml::from_str(include_str!("../../deploy/argocd/argocd-notifications-cm.yaml")).unwrap();
+        let service: serde_yaml::Value = serde_yaml::from_str(&cm.data.unwrap()["service.webhook.mailroom"]).unwrap();
+        assert!(service["url"].as_str().unwrap().ends_with(&path(&r)));
     }
 }

@@ -1,4 +1,6 @@
-//! Alertmanager's webhook payload (version 4), its validation, and the identity of a notification.
+//! Alertmanager's webhook payload (version 4), its validation, and the identity of a notification;
+//! Grafana alerting's webhook payload (version 1) is the same data with a few fields more
+//! (`webhookMessage` and `templates.ExtendedAlert` of grafana/alerting's `receivers/webhook/v1`).
 
 use std::collections::BTreeMap;
 
@@ -11,6 +13,9 @@ pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 
 /// The only payload version Alertmanager has sent since 0.10.
 pub const SUPPORTED_VERSION: &str = "4";
+/// The version of Grafana's webhook payload
+/// (https://grafana.com/docs/grafana/latest/alerting/configure-notifications/manage-contact-points/integrations/webhook-notifier/).
+pub const GRAFANA_VERSION: &str = "1";
 
 /// One notification: a group of alerts that Alertmanager sends to a receiver together.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq)]
@@ -42,6 +47,18 @@ pub struct Notification {
     pub external_url: String,
     /// The alerts.
     pub alerts: Vec<Alert>,
+    /// Grafana: the organisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org_id: Option<i64>,
+    /// Grafana: the contact point's title (default `[FIRING:2] <group labels> (<common labels>)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// Grafana: `alerting` or `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// Grafana: the contact point's message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// One alert of a notification.
@@ -67,6 +84,24 @@ pub struct Alert {
     /// Alertmanager's hash of the labels.
     #[serde(default)]
     pub fingerprint: String,
+    /// Grafana: the query and expression values by reference id (`B`, `C`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<BTreeMap<String, serde_json::Value>>,
+    /// Grafana: the values as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_string: Option<String>,
+    /// Grafana: a prefilled silence.
+    #[serde(default, rename = "silenceURL", skip_serializing_if = "Option::is_none")]
+    pub silence_url: Option<String>,
+    /// Grafana: the rule's dashboard.
+    #[serde(default, rename = "dashboardURL", skip_serializing_if = "Option::is_none")]
+    pub dashboard_url: Option<String>,
+    /// Grafana: the rule's panel.
+    #[serde(default, rename = "panelURL", skip_serializing_if = "Option::is_none")]
+    pub panel_url: Option<String>,
+    /// Grafana: a screenshot of the panel.
+    #[serde(default, rename = "imageURL", skip_serializing_if = "Option::is_none")]
+    pub image_url: Option<String>,
 }
 
 /// Why a payload was refused.
@@ -93,7 +128,15 @@ impl PayloadError {
 /// Reads and validates a payload.
 pub fn parse(body: &[u8]) -> Result<Notification, PayloadError> {
     let n: Notification = serde_json::from_slice(body).map_err(|e| PayloadError::Malformed(e.to_string()))?;
-    n.validate()?;
+    n.validate(SUPPORTED_VERSION, "Alertmanager's webhook sends version \"4\"")?;
+    Ok(n)
+}
+
+/// Reads and validates a Grafana webhook payload.
+pub fn parse_grafana(body: &[u8]) -> Result<Notification, PayloadError> {
+    let n: Notification = serde_json::from_slice(body)
+        .map_err(|e| PayloadError::Malformed(format!("not a Grafana webhook payload: {e}")))?;
+    n.validate(GRAFANA_VERSION, "Grafana's webhook contact point sends version \"1\"")?;
     Ok(n)
 }
 
@@ -113,13 +156,10 @@ fn valid_status(s: &str) -> bool {
 
 impl Notification {
     /// Checks what serde cannot: the version, the statuses, the times.
-    pub fn validate(&self) -> Result<(), PayloadError> {
+    pub fn validate(&self, version: &str, hint: &str) -> Result<(), PayloadError> {
         let invalid = |m: String| Err(PayloadError::Invalid(m));
-        if self.version != SUPPORTED_VERSION {
-            return invalid(format!(
-                "payload version {:?} is not supported; Alertmanager's webhook sends version \"4\"",
-                self.version
-            ));
+        if self.version != version {
+            return invalid(format!("payload version {:?} is not supported; {hint}", self.version));
         }
         if self.group_key.is_empty() {
             return invalid("groupKey is empty".into());
@@ -226,12 +266,6 @@ fn normal_time(s: &str) -> String {
     if is_zero_time(s) { String::new() } else { parse_time(s).map(|t| t.to_string()).unwrap_or_else(|| s.to_string()) }
 }
 
-/// The name of the `n`th message (from 1) of a notification with this key, sent through this
-/// route: `alert-<route>-<key>`, then `-2`, `-3` for Alertmanager's repeats of it.
-pub fn message_name(route: &str, key: &str, n: u32) -> String {
-    if n <= 1 { format!("alert-{route}-{key}") } else { format!("alert-{route}-{key}-{n}") }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +288,20 @@ mod tests {
         assert!(n.external_url.starts_with("http://"));
         assert!(is_zero_time(&n.alerts[0].ends_at));
         assert!(!is_zero_time(&n.alerts[0].starts_at));
+    }
+
+    #[test]
+    fn grafanas_payload_is_version_1_with_its_own_fields() {
+        let g = parse_grafana(include_bytes!("../../tests/fixtures/grafana-firing.json")).unwrap();
+        assert_eq!((g.org_id, g.state.as_deref()), (Some(1), Some("alerting")));
+        assert_eq!(g.title.as_deref(), Some("[FIRING:2] Platform (blue)"));
+        assert_eq!(g.alerts[0].values.as_ref().unwrap()["B"], serde_json::json!(44.23943737541908));
+        assert!(g.alerts[0].image_url.as_deref().unwrap().ends_with(".png"));
+        assert_eq!(g.key().len(), 16);
+        let e = parse(include_bytes!("../../tests/fixtures/grafana-firing.json")).unwrap_err();
+        assert!(e.to_string().contains("version \"1\" is not supported"), "{e}");
+        let e = parse_grafana(FIRING.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("Grafana's webhook contact point sends version \"1\""), "{e}");
     }
 
     #[test]
@@ -352,14 +400,6 @@ mod tests {
         let key = n.key();
         n.alerts[0].labels.insert("pod".into(), "another".into());
         assert_ne!(n.key(), key);
-    }
-
-    #[test]
-    fn names_are_deterministic_and_numbered_for_repeats() {
-        assert_eq!(message_name("platform", "0123456789abcdef", 1), "alert-platform-0123456789abcdef");
-        assert_eq!(message_name("platform", "0123456789abcdef", 3), "alert-platform-0123456789abcdef-3");
-        // The longest route name (63) still gives a valid object name.
-        assert!(message_name(&"r".repeat(63), "0123456789abcdef", 999).len() <= 253);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use minijinja::value::{Serde, Value};
 use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Serialize;
+use serde_json::Map;
 
 use super::payload::{Alert, Notification, is_zero_time, parse_time, sorted_values};
 use crate::controller::template::MAX_SUBJECT_CHARS;
@@ -16,6 +17,32 @@ pub const DEFAULT_SUBJECT: &str = include_str!("templates/subject.txt");
 pub const DEFAULT_TEXT: &str = include_str!("templates/text.txt");
 /// The default HTML body template.
 pub const DEFAULT_HTML: &str = include_str!("templates/html.html");
+
+/// The default templates of one source.
+#[derive(Clone, Copy, Debug)]
+pub struct Defaults {
+    /// The subject.
+    pub subject: &'static str,
+    /// The text body.
+    pub text: &'static str,
+    /// The HTML body.
+    pub html: &'static str,
+}
+
+/// Alertmanager's and Grafana's (the same data, Grafana's with a few fields more).
+pub const ALERTMANAGER: Defaults = Defaults { subject: DEFAULT_SUBJECT, text: DEFAULT_TEXT, html: DEFAULT_HTML };
+/// Flux's events.
+pub const FLUX: Defaults = Defaults {
+    subject: include_str!("templates/flux/subject.txt"),
+    text: include_str!("templates/flux/text.txt"),
+    html: include_str!("templates/flux/html.html"),
+};
+/// Argo CD's notifications.
+pub const ARGOCD: Defaults = Defaults {
+    subject: include_str!("templates/argocd/subject.txt"),
+    text: include_str!("templates/argocd/text.txt"),
+    html: include_str!("templates/argocd/html.html"),
+};
 
 /// The ConfigMap keys a route's templates live under.
 pub const TEMPLATE_KEYS: [&str; 3] = ["subject", "text", "html"];
@@ -98,19 +125,40 @@ pub struct Rendering {
 /// Renders a notification with the route's templates, falling back to the defaults when they fail:
 /// an alert still goes out when someone breaks a template; the fallback says so in the email.
 pub fn render(n: &Notification, route: &RouteName, custom: Option<&Templates>) -> Result<Rendering, RenderError> {
-    let mut data = TemplateData::new(n, route);
+    render_context(alertmanager_context(n, false), &ALERTMANAGER, route, custom)
+}
+
+/// Renders any source's template data (a JSON object) with the route's templates or the source's
+/// defaults, falling back to the defaults as [`render`] does. The data gains `route` and
+/// `templateError`.
+pub fn render_context(
+    mut ctx: Map<String, serde_json::Value>,
+    defaults: &Defaults,
+    route: &RouteName,
+    custom: Option<&Templates>,
+) -> Result<Rendering, RenderError> {
+    ctx.insert("route".into(), serde_json::to_value(route).unwrap_or_default());
+    ctx.insert("templateError".into(), serde_json::Value::Null);
     if let Some(custom) = custom.filter(|t| !t.is_empty()) {
-        match render_with(&data, custom) {
+        match render_with(&ctx, custom, defaults) {
             Ok(mail) => return Ok(Rendering { mail, template_error: None }),
             Err(e @ RenderError::TooLarge(_)) => return Err(e),
             Err(e) => {
-                data.template_error = Some(e.to_string());
-                let mail = render_with(&data, &Templates::default())?;
+                ctx.insert("templateError".into(), serde_json::Value::String(e.to_string()));
+                let mail = render_with(&ctx, &Templates::default(), defaults)?;
                 return Ok(Rendering { mail, template_error: Some(e) });
             }
         }
     }
-    Ok(Rendering { mail: render_with(&data, &Templates::default())?, template_error: None })
+    Ok(Rendering { mail: render_with(&ctx, &Templates::default(), defaults)?, template_error: None })
+}
+
+/// Alertmanager's (or, with `grafana`, Grafana's) notification as templates see it.
+pub fn alertmanager_context(n: &Notification, grafana: bool) -> Map<String, serde_json::Value> {
+    match serde_json::to_value(TemplateData::new(n, grafana)) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => Map::new(),
+    }
 }
 
 /// The route, as templates see it.
@@ -122,7 +170,11 @@ pub struct RouteName {
     pub name: String,
 }
 
-fn render_with(data: &TemplateData, templates: &Templates) -> Result<RenderedMail, RenderError> {
+fn render_with(
+    data: &Map<String, serde_json::Value>,
+    templates: &Templates,
+    defaults: &Defaults,
+) -> Result<RenderedMail, RenderError> {
     let env = environment();
     let ctx = Value::from(Serde(data));
     let part = |part: &'static str, custom: &Option<String>, default: &'static str| {
@@ -132,9 +184,9 @@ fn render_with(data: &TemplateData, templates: &Templates) -> Result<RenderedMai
         let tmpl = env.template_from_named_str(part, source).map_err(reason)?;
         tmpl.render(ctx.clone()).map_err(reason)
     };
-    let subject = one_line(&part("subject", &templates.subject, DEFAULT_SUBJECT)?);
-    let text = Some(part("text", &templates.text, DEFAULT_TEXT)?).filter(|s| !s.trim().is_empty());
-    let html = Some(part("html", &templates.html, DEFAULT_HTML)?).filter(|s| !s.trim().is_empty());
+    let subject = one_line(&part("subject", &templates.subject, defaults.subject)?);
+    let text = Some(part("text", &templates.text, defaults.text)?).filter(|s| !s.trim().is_empty());
+    let html = Some(part("html", &templates.html, defaults.html)?).filter(|s| !s.trim().is_empty());
     if text.is_none() && html.is_none() {
         return Err(RenderError::EmptyBody);
     }
@@ -216,8 +268,18 @@ struct TemplateData {
     title: String,
     #[serde(rename = "alertmanagerURL")]
     alertmanager_url: String,
-    route: RouteName,
-    template_error: Option<String>,
+    /// `Alertmanager` or `Grafana`.
+    source_name: &'static str,
+    /// Grafana's own URL (Grafana only).
+    #[serde(rename = "grafanaURL")]
+    grafana_url: String,
+    /// Grafana only: the organisation, `alerting` or `ok`, and the contact point's message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    org_id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
 }
 
 /// One alert, as templates see it.
@@ -241,12 +303,23 @@ struct AlertView {
     runbook_url: String,
     #[serde(rename = "silenceURL")]
     silence_url: String,
+    /// Grafana: the rule's dashboard and panel, a screenshot, and the values.
+    #[serde(rename = "dashboardURL")]
+    dashboard_url: String,
+    #[serde(rename = "panelURL")]
+    panel_url: String,
+    #[serde(rename = "imageURL")]
+    image_url: String,
+    values: BTreeMap<String, serde_json::Value>,
+    value_string: String,
 }
 
 impl TemplateData {
-    fn new(n: &Notification, route: &RouteName) -> TemplateData {
+    fn new(n: &Notification, grafana: bool) -> TemplateData {
         let external = web_url(&n.external_url).map(|u| u.trim_end_matches('/').to_string());
-        let view = |a: &Alert| AlertView::new(a, external.as_deref());
+        // Grafana sends each alert's silence link; Alertmanager's is built from its URL.
+        let silences = if grafana { None } else { external.as_deref() };
+        let view = |a: &Alert| AlertView::new(a, silences);
         let firing: Vec<AlertView> = n.firing().take(MAX_ALERTS_SHOWN).map(view).collect();
         let resolved: Vec<AlertView> = n.resolved().take(MAX_ALERTS_SHOWN).map(view).collect();
         let (firing_count, resolved_count) = (n.firing().count(), n.resolved().count());
@@ -256,8 +329,10 @@ impl TemplateData {
         };
         let alertmanager_url = external
             .as_deref()
+            .filter(|_| !grafana)
             .map(|e| format!("{e}/#/alerts?receiver={}", utf8_percent_encode(&n.receiver, QUERY_VALUE)))
             .unwrap_or_default();
+        let grafana_title = n.title.as_deref().map(str::trim).filter(|t| grafana && !t.is_empty());
         TemplateData {
             status: n.status.clone(),
             receiver: n.receiver.clone(),
@@ -273,11 +348,14 @@ impl TemplateData {
             resolved,
             firing_count,
             resolved_count,
-            default_subject: n.default_subject(),
-            title,
+            default_subject: grafana_title.map(str::to_string).unwrap_or_else(|| n.default_subject()),
+            title: grafana_title.map(str::to_string).unwrap_or(title),
             alertmanager_url,
-            route: route.clone(),
-            template_error: None,
+            source_name: if grafana { "Grafana" } else { "Alertmanager" },
+            grafana_url: if grafana { external.clone().unwrap_or_default() } else { String::new() },
+            org_id: n.org_id,
+            state: n.state.clone(),
+            message: n.message.clone(),
         }
     }
 }
@@ -298,13 +376,26 @@ impl AlertView {
             summary: annotation("summary"),
             description: annotation("description"),
             runbook_url: web_url(&annotation("runbook_url")).unwrap_or_default().to_string(),
-            silence_url: external.map(|e| silence_url(e, &a.labels)).unwrap_or_default(),
+            silence_url: match external {
+                Some(e) => silence_url(e, &a.labels),
+                None => link(&a.silence_url),
+            },
+            dashboard_url: link(&a.dashboard_url),
+            panel_url: link(&a.panel_url),
+            image_url: link(&a.image_url),
+            values: a.values.clone().unwrap_or_default(),
+            value_string: a.value_string.clone().unwrap_or_default(),
         }
     }
 }
 
+/// An optional link, kept only if it is a web link.
+fn link(url: &Option<String>) -> String {
+    url.as_deref().and_then(web_url).unwrap_or_default().to_string()
+}
+
 /// The URL, if it is a plain http(s) link: nothing else becomes a link in an email.
-fn web_url(url: &str) -> Option<&str> {
+pub(crate) fn web_url(url: &str) -> Option<&str> {
     let url = url.trim();
     let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
     let web = lower.starts_with("http://") || lower.starts_with("https://");
@@ -366,6 +457,30 @@ mod tests {
         }
         assert!(!text.contains("0001-01-01"), "a firing alert has no end time:\n{text}");
         assert!(!text.contains("&quot;") && !text.contains("&#x2f;"), "the text part is not HTML-escaped:\n{text}");
+    }
+
+    #[test]
+    fn grafana_notifications_keep_grafanas_title_values_and_links() {
+        let g =
+            crate::alerts::payload::parse_grafana(include_bytes!("../../tests/fixtures/grafana-firing.json")).unwrap();
+        let r = render_context(alertmanager_context(&g, true), &ALERTMANAGER, &route(), None).unwrap();
+        assert_eq!(r.mail.subject, "[FIRING:2] Platform (blue)");
+        let text = r.mail.text.unwrap();
+        for words in [
+            "High memory usage",
+            "This alert was triggered for zone us-1",
+            "B=44.23943737541908",
+            "Dashboard:   https://grafana.contoso.com/d/a1b2c3?orgId=1",
+            "Panel:       https://grafana.contoso.com/d/a1b2c3?orgId=1&viewPanel=4",
+            "Image:       https://grafana.contoso.com/public/img/attachments/8d2a.png",
+            "Silence:     https://grafana.contoso.com/alerting/silence/new?alertmanager=grafana",
+            "Grafana: https://grafana.contoso.com",
+        ] {
+            assert!(text.contains(words), "text lacks {words:?}:\n{text}");
+        }
+        assert!(!text.contains("/#/silences/new"), "no Alertmanager silence link for Grafana:\n{text}");
+        let html = r.mail.html.unwrap();
+        assert!(html.contains(">Dashboard</a>") && html.contains(">Panel</a>") && html.contains("<img"), "{html}");
     }
 
     #[test]

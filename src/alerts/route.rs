@@ -5,18 +5,19 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
-use super::payload::{Notification, message_name};
-use super::render::RenderedMail;
-use crate::api::{AlertRouteSpec, Body, EmailMessage, EmailMessageSpec, HeaderValue};
+use super::incoming::{Incoming, message_name};
+use super::render::{RenderedMail, RouteName};
+use crate::api::{AlertRouteSpec, AlertSource, Body, EmailMessage, EmailMessageSpec, HeaderValue};
 
 /// Label: the AlertRoute that created the message.
 pub const ROUTE_LABEL: &str = "mailroom.dev/alert-route";
-/// Label: `firing` or `resolved`.
+/// Label: the route's source (`alertmanager`, `flux`, `argocd`, `grafana`).
+pub const SOURCE_LABEL: &str = "mailroom.dev/alert-source";
+/// Label: `firing` or `resolved`; Flux's severity; Argo CD's event.
 pub const STATUS_LABEL: &str = "mailroom.dev/alert-status";
-/// Label: the notification's key (see [`Notification::key`]).
+/// Label: the notification's key (see [`Incoming::key`]).
 pub const NOTIFICATION_LABEL: &str = "mailroom.dev/alert-notification";
-/// Annotation: Alertmanager's group key.
-pub const GROUP_KEY_ANNOTATION: &str = "mailroom.dev/alert-group-key";
+pub use super::incoming::GROUP_KEY_ANNOTATION;
 /// Annotation: why the route's template was set aside, when it was.
 pub const TEMPLATE_ERROR_ANNOTATION: &str = "mailroom.dev/alert-template-error";
 
@@ -42,16 +43,37 @@ pub struct Earlier {
 /// `window` of the message it created is Alertmanager retrying (or the other Alertmanager of an
 /// HA pair sending it too); later, it is Alertmanager's `repeat_interval` reminder. Names are
 /// numbered so that the retries of a repeat also find one deterministic name, and a race between
-/// two senders ends in a conflict (AlreadyExists) rather than two messages.
-pub fn occurrence(route: &str, key: &str, earlier: &[Earlier], now: Timestamp, window: SignedDuration) -> Occurrence {
-    let recent =
-        earlier.iter().filter(|e| e.created.is_none_or(|c| now.duration_since(c) < window)).max_by_key(|e| e.created);
+/// two senders ends in a conflict (AlreadyExists) rather than two messages. A source whose
+/// notifications never repeat (`repeats` false: Flux, Argo CD) treats any earlier message of the
+/// key as the one a retry finds.
+pub fn occurrence(
+    source: AlertSource,
+    repeats: bool,
+    route: &str,
+    key: &str,
+    earlier: &[Earlier],
+    now: Timestamp,
+    window: SignedDuration,
+) -> Occurrence {
+    let recent = earlier
+        .iter()
+        .filter(|e| !repeats || e.created.is_none_or(|c| now.duration_since(c) < window))
+        .max_by_key(|e| e.created);
     if let Some(e) = recent {
         return Occurrence::Retry(e.name.clone());
     }
-    let taken = |n: u32| earlier.iter().any(|e| e.name == message_name(route, key, n));
+    let taken = |n: u32| earlier.iter().any(|e| e.name == message_name(source, route, key, n));
     let next = (1..).find(|n| !taken(*n)).unwrap_or(1);
-    Occurrence::Create(message_name(route, key, next))
+    Occurrence::Create(message_name(source, route, key, next))
+}
+
+/// How the message gets its subject and body.
+#[derive(Clone, Debug)]
+pub enum Content {
+    /// Rendered by the receiver.
+    Rendered(RenderedMail),
+    /// Rendered when sent, from the route's EmailTemplate with the notification as values.
+    EmailTemplate(String),
 }
 
 /// The EmailMessage for a notification, in the route's namespace.
@@ -59,28 +81,33 @@ pub fn email_message(
     namespace: &str,
     route: &str,
     spec: &AlertRouteSpec,
-    notification: &Notification,
+    incoming: &Incoming,
     name: &str,
-    mail: RenderedMail,
+    content: Content,
     template_error: Option<&str>,
 ) -> EmailMessage {
     let labels = BTreeMap::from([
         (ROUTE_LABEL.to_string(), route.to_string()),
-        (STATUS_LABEL.to_string(), notification.status.clone()),
-        (NOTIFICATION_LABEL.to_string(), notification.key()),
+        (SOURCE_LABEL.to_string(), incoming.source.as_str().to_string()),
+        (STATUS_LABEL.to_string(), incoming.status.clone()),
+        (NOTIFICATION_LABEL.to_string(), incoming.key.clone()),
     ]);
-    let mut annotations = BTreeMap::from([(GROUP_KEY_ANNOTATION.to_string(), notification.group_key.clone())]);
+    let mut annotations = incoming.annotations.clone();
     if let Some(e) = template_error {
         annotations.insert(TEMPLATE_ERROR_ANNOTATION.to_string(), e.to_string());
     }
-    let severities: Vec<&str> = notification.firing().filter_map(|a| a.severity()).collect();
-    let mut headers = BTreeMap::from([("X-Alertmanager-Status".to_string(), header(&notification.status))]);
-    if !notification.receiver.is_empty() {
-        headers.insert("X-Alertmanager-Receiver".to_string(), header(&notification.receiver));
-    }
-    if let Some(name) = notification.alertname() {
-        headers.insert("X-Alertmanager-Alertname".to_string(), header(name));
-    }
+    let headers = incoming.headers.iter().map(|(k, v)| (k.clone(), header(v))).collect();
+    let (subject, body, template_ref, values) = match content {
+        Content::Rendered(mail) => (mail.subject, Body { text: mail.text, html: mail.html }, None, None),
+        Content::EmailTemplate(template) => {
+            let mut values = incoming.context.clone();
+            let who = RouteName { namespace: namespace.to_string(), name: route.to_string() };
+            values.insert("route".into(), serde_json::to_value(who).unwrap_or_default());
+            values.insert("source".into(), serde_json::Value::String(incoming.source.as_str().into()));
+            let reference = crate::api::LocalReference { name: template };
+            (String::new(), Body { text: None, html: None }, Some(reference), Some(values))
+        }
+    };
     let spec = EmailMessageSpec {
         profile_ref: spec.profile_ref.clone(),
         from: spec.from.clone(),
@@ -88,14 +115,14 @@ pub fn email_message(
         cc: spec.cc.clone(),
         bcc: Vec::new(),
         reply_to: Vec::new(),
-        subject: mail.subject,
-        body: Body { text: mail.text, html: mail.html },
-        template_ref: None,
-        values: None,
+        subject,
+        body,
+        template_ref,
+        values,
         attachments: Vec::new(),
         raw: None,
         headers,
-        importance: Some(spec.importance_for(severities)),
+        importance: Some(spec.importance_for(incoming.severities.iter().map(String::as_str))),
         delivery: spec.delivery.clone(),
         ttl_seconds_after_finished: Some(spec.ttl_seconds_after_finished()),
         idempotency_key: None,
@@ -120,25 +147,26 @@ fn header(value: &str) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alerts::payload::parse;
+    use crate::alerts::incoming;
     use crate::api::{Importance, LocalKeySelector, ProfileRef};
 
     const FIRING: &str = include_str!("../../tests/fixtures/alertmanager-firing.json");
     const KEY: &str = "0123456789abcdef";
     const WINDOW: SignedDuration = SignedDuration::from_secs(600);
+    const AM: AlertSource = AlertSource::Alertmanager;
 
     fn at(secs: i64) -> Timestamp {
         Timestamp::from_second(1_760_000_000 + secs).unwrap()
     }
 
     fn earlier(n: u32, created: i64) -> Earlier {
-        Earlier { name: message_name("platform", KEY, n), created: Some(at(created)) }
+        Earlier { name: message_name(AM, "platform", KEY, n), created: Some(at(created)) }
     }
 
     #[test]
     fn the_first_notification_gets_the_plain_name() {
         assert_eq!(
-            occurrence("platform", KEY, &[], at(0), WINDOW),
+            occurrence(AM, true, "platform", KEY, &[], at(0), WINDOW),
             Occurrence::Create(format!("alert-platform-{KEY}"))
         );
     }
@@ -146,23 +174,23 @@ mod tests {
     #[test]
     fn a_retry_within_the_window_creates_nothing() {
         let e = [earlier(1, 0)];
-        assert_eq!(occurrence("platform", KEY, &e, at(5), WINDOW), Occurrence::Retry(e[0].name.clone()));
-        assert_eq!(occurrence("platform", KEY, &e, at(599), WINDOW), Occurrence::Retry(e[0].name.clone()));
-        assert!(matches!(occurrence("platform", KEY, &e, at(600), WINDOW), Occurrence::Create(_)));
+        assert_eq!(occurrence(AM, true, "platform", KEY, &e, at(5), WINDOW), Occurrence::Retry(e[0].name.clone()));
+        assert_eq!(occurrence(AM, true, "platform", KEY, &e, at(599), WINDOW), Occurrence::Retry(e[0].name.clone()));
+        assert!(matches!(occurrence(AM, true, "platform", KEY, &e, at(600), WINDOW), Occurrence::Create(_)));
     }
 
     #[test]
     fn a_repeat_after_the_window_gets_the_next_number_and_its_retries_find_it() {
         let first = [earlier(1, 0)];
-        let repeat = occurrence("platform", KEY, &first, at(4 * 3600), WINDOW);
+        let repeat = occurrence(AM, true, "platform", KEY, &first, at(4 * 3600), WINDOW);
         assert_eq!(repeat, Occurrence::Create(format!("alert-platform-{KEY}-2")));
         let both = [earlier(1, 0), earlier(2, 4 * 3600)];
         assert_eq!(
-            occurrence("platform", KEY, &both, at(4 * 3600 + 60), WINDOW),
+            occurrence(AM, true, "platform", KEY, &both, at(4 * 3600 + 60), WINDOW),
             Occurrence::Retry(both[1].name.clone())
         );
         assert_eq!(
-            occurrence("platform", KEY, &both, at(8 * 3600), WINDOW),
+            occurrence(AM, true, "platform", KEY, &both, at(8 * 3600), WINDOW),
             Occurrence::Create(format!("alert-platform-{KEY}-3"))
         );
     }
@@ -171,7 +199,7 @@ mod tests {
     fn a_gap_left_by_a_deleted_message_is_reused() {
         let e = [earlier(2, 0), earlier(3, 100)];
         assert_eq!(
-            occurrence("platform", KEY, &e, at(86_400), WINDOW),
+            occurrence(AM, true, "platform", KEY, &e, at(86_400), WINDOW),
             Occurrence::Create(format!("alert-platform-{KEY}"))
         );
     }
@@ -183,7 +211,10 @@ mod tests {
             to: vec!["Platform <platform@contoso.com>".into()],
             cc: vec!["sre@contoso.com".into()],
             token_secret_ref: LocalKeySelector { name: "am".into(), key: "token".into() },
+            source: None,
+            signature: None,
             template_ref: None,
+            email_template_ref: None,
             importance_by_severity: None,
             retry_window_seconds: None,
             delivery: None,
@@ -191,21 +222,52 @@ mod tests {
         }
     }
 
-    fn mail() -> RenderedMail {
-        RenderedMail { subject: "[FIRING:2] x".into(), text: Some("t".into()), html: None }
+    fn mail() -> Content {
+        Content::Rendered(RenderedMail { subject: "[FIRING:2] x".into(), text: Some("t".into()), html: None })
+    }
+
+    fn parse(body: &[u8]) -> Incoming {
+        incoming::parse(AM, &axum::http::HeaderMap::new(), body).unwrap()
+    }
+
+    #[test]
+    fn flux_and_argocd_notifications_never_repeat() {
+        let e = [Earlier { name: message_name(AlertSource::Flux, "p", KEY, 1), created: Some(at(0)) }];
+        assert_eq!(
+            occurrence(AlertSource::Flux, false, "p", KEY, &e, at(30 * 86_400), WINDOW),
+            Occurrence::Retry(e[0].name.clone())
+        );
+        assert_eq!(
+            occurrence(AlertSource::Argocd, false, "p", KEY, &[], at(0), WINDOW),
+            Occurrence::Create(format!("argocd-p-{KEY}"))
+        );
+    }
+
+    #[test]
+    fn a_route_with_an_email_template_names_it_with_the_notification_as_values() {
+        let n = parse(FIRING.as_bytes());
+        let content = Content::EmailTemplate("alert-mail".into());
+        let m = email_message("monitoring", "platform", &route(), &n, "x", content, None);
+        assert_eq!(m.spec.template_ref.map(|r| r.name).as_deref(), Some("alert-mail"));
+        assert!(m.spec.subject.is_empty() && m.spec.body.is_empty());
+        let values = m.spec.values.unwrap();
+        assert_eq!(values["status"], "firing");
+        assert_eq!(values["route"]["name"], "platform");
+        assert_eq!(values["source"], "alertmanager");
     }
 
     #[test]
     fn the_message_carries_the_routes_profile_recipients_and_labels() {
-        let n = parse(FIRING.as_bytes()).unwrap();
+        let n = parse(FIRING.as_bytes());
         let m = email_message("monitoring", "platform", &route(), &n, "alert-platform-x", mail(), None);
         assert_eq!(m.metadata.name.as_deref(), Some("alert-platform-x"));
         assert_eq!(m.metadata.namespace.as_deref(), Some("monitoring"));
         let labels = m.metadata.labels.unwrap();
         assert_eq!(labels[ROUTE_LABEL], "platform");
         assert_eq!(labels[STATUS_LABEL], "firing");
-        assert_eq!(labels[NOTIFICATION_LABEL], n.key());
-        assert_eq!(m.metadata.annotations.unwrap()[GROUP_KEY_ANNOTATION], n.group_key);
+        assert_eq!(labels[NOTIFICATION_LABEL], n.key);
+        assert_eq!(labels[SOURCE_LABEL], "alertmanager");
+        assert!(m.metadata.annotations.unwrap()[GROUP_KEY_ANNOTATION].contains("KubePodCrashLooping"));
         assert_eq!(m.spec.profile_ref.name, "m365");
         assert_eq!(m.spec.from.as_deref(), Some("alerts@contoso.com"));
         assert_eq!(m.spec.to, ["Platform <platform@contoso.com>"]);
@@ -219,9 +281,10 @@ mod tests {
 
     #[test]
     fn a_resolved_notification_is_normal_importance() {
-        let mut n = parse(FIRING.as_bytes()).unwrap();
-        n.status = "resolved".into();
-        n.alerts.iter_mut().for_each(|a| a.status = "resolved".into());
+        let mut v: serde_json::Value = serde_json::from_str(FIRING).unwrap();
+        v["status"] = "resolved".into();
+        v["alerts"].as_array_mut().unwrap().iter_mut().for_each(|a| a["status"] = "resolved".into());
+        let n = parse(v.to_string().as_bytes());
         let m = email_message("monitoring", "platform", &route(), &n, "x", mail(), Some("the subject template: x"));
         assert_eq!(m.spec.importance, Some(Importance::Normal));
         assert_eq!(m.metadata.labels.unwrap()[STATUS_LABEL], "resolved");

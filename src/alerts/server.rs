@@ -1,4 +1,5 @@
-//! The HTTP endpoint: authenticate → read → validate → decide (retry or not) → render → create.
+//! The HTTP endpoint: authenticate → read → validate → decide (retry or not) → render → create,
+//! for every source a route may name; each outcome is tallied for the route's status.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,11 +22,13 @@ use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use super::AlertError;
-use super::auth::{bearer_token, stored_token, token_matches};
-use super::payload::{self, MAX_PAYLOAD_BYTES, Notification};
+use super::auth::{self, bearer_token, stored_token, token_matches};
+use super::incoming::{self, Incoming};
+use super::payload::MAX_PAYLOAD_BYTES;
 use super::render::{self, RenderedMail, RouteName, Templates};
-use super::route::{self, Earlier, NOTIFICATION_LABEL, Occurrence, ROUTE_LABEL};
-use crate::api::{AlertRoute, EmailMessage};
+use super::route::{self, Content, Earlier, NOTIFICATION_LABEL, Occurrence, ROUTE_LABEL};
+use super::status::{Outcome, Tallies};
+use crate::api::{AlertRoute, AlertSource, EmailMessage};
 
 /// Requests handled at once; more get 503, which Alertmanager retries.
 const MAX_IN_FLIGHT: usize = 16;
@@ -41,6 +44,8 @@ pub struct AlertsConfig {
     pub namespace: Option<String>,
     /// This process's name in Events (the pod name).
     pub instance: String,
+    /// The receiver's address as senders reach it (`--alerts-url`), for the routes' `status.url`.
+    pub public_url: Option<String>,
 }
 
 /// The receiver's shared state.
@@ -49,6 +54,7 @@ pub struct AlertReceiver {
     config: AlertsConfig,
     recorder: Recorder,
     in_flight: Semaphore,
+    tallies: Arc<Tallies>,
 }
 
 /// The templates a route asks for.
@@ -72,32 +78,42 @@ enum Accepted {
 
 impl AlertReceiver {
     /// A receiver that creates messages with this client.
-    pub fn new(client: Client, config: AlertsConfig) -> AlertReceiver {
+    pub fn new(client: Client, config: AlertsConfig, tallies: Arc<Tallies>) -> AlertReceiver {
         let reporter = Reporter {
             controller: crate::controller::message::REPORTING_CONTROLLER.into(),
             instance: Some(config.instance.clone()),
         };
         let recorder = Recorder::new(client.clone(), reporter);
-        AlertReceiver { client, config, recorder, in_flight: Semaphore::new(MAX_IN_FLIGHT) }
+        AlertReceiver { client, config, recorder, in_flight: Semaphore::new(MAX_IN_FLIGHT), tallies }
     }
 
     /// The pipeline: authenticate → read → retry or not → render → create.
     async fn handle(&self, ns: &str, name: &str, headers: &HeaderMap, body: Body) -> Result<Accepted, AlertError> {
         let _permit = self.in_flight.try_acquire().map_err(|_| AlertError::Busy)?;
-        let route = self.authorized_route(ns, name, headers).await?;
-        let notification = read_notification(headers, body).await?;
-        let message_name = match self.occurrence(ns, &route, &notification).await? {
+        let route = self.found_route(ns, name, headers).await?;
+        // The body is read before the credential is checked: a signature covers it.
+        let body = read_limited(headers, body).await?;
+        self.authenticate(ns, &route, headers, &body).await?;
+        let source = route.spec.source();
+        let incoming = incoming::parse(source, headers, &body)?;
+        let message_name = match self.occurrence(ns, &route, &incoming).await? {
             Occurrence::Retry(existing) => return Ok(Accepted::AlreadyCreated(existing)),
             Occurrence::Create(n) => n,
         };
-        let (mail, template_error) = self.render(ns, &route, &notification).await?;
+        let (content, template_error) = match &route.spec.email_template_ref {
+            Some(t) => (Content::EmailTemplate(t.name.clone()), None),
+            None => {
+                let (mail, error) = self.render(ns, &route, &incoming).await?;
+                (Content::Rendered(mail), error)
+            }
+        };
         let message =
-            route::email_message(ns, name, &route.spec, &notification, &message_name, mail, template_error.as_deref());
+            route::email_message(ns, name, &route.spec, &incoming, &message_name, content, template_error.as_deref());
         let messages: Api<EmailMessage> = Api::namespaced(self.client.clone(), ns);
         let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
         match messages.create(&params, &message).await {
             Ok(_) => {
-                let note = summary(&notification, &message_name);
+                let note = format!("{}: EmailMessage {message_name}", incoming.summary);
                 self.event(&route, EventType::Normal, "MessageCreated", &note).await;
                 Ok(Accepted::Created(message_name))
             }
@@ -108,8 +124,8 @@ impl AlertReceiver {
         }
     }
 
-    /// The route, once the caller has shown its token.
-    async fn authorized_route(&self, ns: &str, name: &str, headers: &HeaderMap) -> Result<AlertRoute, AlertError> {
+    /// The route, once the request shows it carries a credential.
+    async fn found_route(&self, ns: &str, name: &str, headers: &HeaderMap) -> Result<AlertRoute, AlertError> {
         let qualified = format!("{ns}/{name}");
         if !is_object_name(ns) || !is_object_name(name) {
             return Err(AlertError::RouteNotFound(qualified));
@@ -117,17 +133,18 @@ impl AlertReceiver {
         if self.config.namespace.as_deref().is_some_and(|served| served != ns) {
             return Err(AlertError::NamespaceNotServed(ns.to_string()));
         }
-        // Anonymous requests are turned away before any call to the API server.
-        let presented = bearer_token(headers).ok_or(AlertError::Unauthorized)?;
+        // Anonymous requests (no bearer token, no signature header) are turned away before any
+        // call to the API server.
+        if bearer_token(headers).is_none() && !has_signature_header(headers) {
+            return Err(AlertError::Unauthorized);
+        }
         let routes: Api<AlertRoute> = Api::namespaced(self.client.clone(), ns);
-        let route = routes.get_opt(name).await?.ok_or(AlertError::RouteNotFound(qualified))?;
-        self.authenticate(ns, &route, presented).await?;
-        Ok(route)
+        routes.get_opt(name).await?.ok_or(AlertError::RouteNotFound(qualified))
     }
 
     /// Whether the notification is a retry of one that already has its message.
-    async fn occurrence(&self, ns: &str, route: &AlertRoute, n: &Notification) -> Result<Occurrence, AlertError> {
-        let (name, key) = (route.name_any(), n.key());
+    async fn occurrence(&self, ns: &str, route: &AlertRoute, n: &Incoming) -> Result<Occurrence, AlertError> {
+        let (name, key) = (route.name_any(), n.key.clone());
         let messages: Api<EmailMessage> = Api::namespaced(self.client.clone(), ns);
         let selector = format!("{ROUTE_LABEL}={name},{NOTIFICATION_LABEL}={key}");
         let earlier: Vec<Earlier> = messages
@@ -138,7 +155,7 @@ impl AlertReceiver {
             .map(|m| Earlier { name: m.name_any(), created: m.metadata.creation_timestamp.map(|t| t.0) })
             .collect();
         let window = SignedDuration::from_secs(route.spec.retry_window_seconds());
-        Ok(route::occurrence(&name, &key, &earlier, Timestamp::now(), window))
+        Ok(route::occurrence(n.source, n.repeats, &name, &key, &earlier, Timestamp::now(), window))
     }
 
     /// The email, with the route's templates or, when they cannot be used, the defaults and why.
@@ -146,16 +163,17 @@ impl AlertReceiver {
         &self,
         ns: &str,
         route: &AlertRoute,
-        n: &Notification,
+        n: &Incoming,
     ) -> Result<(RenderedMail, Option<String>), AlertError> {
         let who = RouteName { namespace: ns.to_string(), name: route.name_any() };
+        let draw = |custom: Option<&Templates>| render::render_context(n.context.clone(), &n.defaults, &who, custom);
         let (mail, template_error) = match self.templates(ns, route).await? {
-            TemplateChoice::Defaults => (render::render(n, &who, None)?.mail, None),
+            TemplateChoice::Defaults => (draw(None)?.mail, None),
             TemplateChoice::Route(custom) => {
-                let r = render::render(n, &who, Some(&custom))?;
+                let r = draw(Some(&custom))?;
                 (r.mail, r.template_error.map(|e| e.to_string()))
             }
-            TemplateChoice::Unusable(why) => (render::render(n, &who, None)?.mail, Some(why)),
+            TemplateChoice::Unusable(why) => (draw(None)?.mail, Some(why)),
         };
         if let Some(reason) = &template_error {
             warn!(route = %format!("{ns}/{}", who.name), reason = %reason, "the route's template cannot be used; the default is");
@@ -165,8 +183,43 @@ impl AlertReceiver {
         Ok((mail, template_error))
     }
 
-    /// Compares the presented token with the one in the route's Secret.
-    async fn authenticate(&self, ns: &str, route: &AlertRoute, presented: &[u8]) -> Result<(), AlertError> {
+    /// Checks the request's credential against the route's Secret, as its source presents it.
+    async fn authenticate(
+        &self,
+        ns: &str,
+        route: &AlertRoute,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<(), AlertError> {
+        let key = self.route_key(ns, route).await?;
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let signed = match route.spec.source() {
+            AlertSource::Flux => header(auth::FLUX_SIGNATURE_HEADER).map(|v| auth::verify_flux(v, body, &key)),
+            AlertSource::Grafana => {
+                let settings = route.spec.signature.as_ref();
+                let name = settings.and_then(|s| s.header.as_deref()).unwrap_or(auth::GRAFANA_SIGNATURE_HEADER);
+                let timestamp = settings.and_then(|s| s.timestamp_header.as_deref()).map(|t| (t, header(t)));
+                match header(name) {
+                    Some(v) => Some(auth::verify_grafana(name, v, timestamp, body, &key, Timestamp::now())),
+                    // A route that declares its signature accepts nothing else.
+                    None if settings.is_some() => return Err(AlertError::Unauthorized),
+                    None => None,
+                }
+            }
+            AlertSource::Alertmanager | AlertSource::Argocd => None,
+        };
+        match signed {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(AlertError::BadSignature(e)),
+            None => match bearer_token(headers) {
+                Some(presented) if token_matches(presented, &key) => Ok(()),
+                _ => Err(AlertError::Unauthorized),
+            },
+        }
+    }
+
+    /// The route's credential, from its Secret.
+    async fn route_key(&self, ns: &str, route: &AlertRoute) -> Result<Vec<u8>, AlertError> {
         let sel = &route.spec.token_secret_ref;
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
         let secret = secrets
@@ -181,7 +234,7 @@ impl AlertReceiver {
         if expected.is_empty() {
             return Err(AlertError::TokenUnavailable(format!("key {} of Secret {ns}/{} is empty", sel.key, sel.name)));
         }
-        if token_matches(presented, expected) { Ok(()) } else { Err(AlertError::Unauthorized) }
+        Ok(expected.to_vec())
     }
 
     /// Which templates the route asks for, and whether they can be had.
@@ -212,14 +265,10 @@ impl AlertReceiver {
     }
 }
 
-/// The Event note of a created message.
-fn summary(n: &Notification, message: &str) -> String {
-    format!(
-        "{} notification with {} alert(s) from receiver {:?}: EmailMessage {message}",
-        n.status,
-        n.alerts.len(),
-        n.receiver
-    )
+/// Whether the request carries a signature header (Flux's `X-Signature`, Grafana's
+/// `X-Grafana-Alerting-Signature` or a contact point's own `...-Signature`).
+fn has_signature_header(headers: &HeaderMap) -> bool {
+    headers.keys().any(|k| k.as_str().ends_with("-signature"))
 }
 
 /// Whether a path segment can name a namespace or an object (a DNS subdomain).
@@ -231,15 +280,14 @@ fn is_object_name(s: &str) -> bool {
         && s.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
-/// The notification in the body: no larger than the limit, in time, valid.
-async fn read_notification(headers: &HeaderMap, body: Body) -> Result<Notification, AlertError> {
+/// The body: no larger than the limit, in time.
+async fn read_limited(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, AlertError> {
     // A declared length over the limit is refused without reading; a body that grows past it
     // while being read is refused there.
     if declared_length(headers).is_some_and(|n| n > MAX_PAYLOAD_BYTES as u64) {
         return Err(AlertError::TooLarge);
     }
-    let body = read_body(body, MAX_PAYLOAD_BYTES, BODY_TIMEOUT).await?;
-    Ok(payload::parse(&body)?)
+    read_body(body, MAX_PAYLOAD_BYTES, BODY_TIMEOUT).await
 }
 
 /// The Content-Length the client declared.
@@ -270,7 +318,18 @@ async fn receive(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match rx.handle(&namespace, &route, &headers, body).await {
+    let answer = rx.handle(&namespace, &route, &headers, body).await;
+    let outcome = match &answer {
+        Ok(Accepted::Created(name)) => Some(Outcome::Created(name.clone())),
+        Ok(Accepted::AlreadyCreated(name)) => Some(Outcome::AlreadyCreated(name.clone())),
+        // Nothing to count on a route that does not exist or is not served.
+        Err(AlertError::RouteNotFound(_) | AlertError::NamespaceNotServed(_)) => None,
+        Err(e) => Some(Outcome::Rejected(e.status().as_u16(), e.to_string())),
+    };
+    if let Some(o) = outcome {
+        rx.tallies.record(&namespace, &route, &o);
+    }
+    match answer {
         Ok(Accepted::Created(name)) => {
             info!(route = %format!("{namespace}/{route}"), email_message = %name, "notification received; EmailMessage created");
             (StatusCode::CREATED, format!("created EmailMessage {namespace}/{name}\n")).into_response()
@@ -283,7 +342,7 @@ async fn receive(
             let status = e.status();
             warn!(route = %format!("{namespace}/{route}"), status = status.as_u16(), reason = %e, "notification refused");
             let mut resp = (status, format!("{e}\n")).into_response();
-            if status == StatusCode::UNAUTHORIZED {
+            if status == StatusCode::UNAUTHORIZED && matches!(e, AlertError::Unauthorized) {
                 resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             resp
@@ -292,7 +351,7 @@ async fn receive(
 }
 
 async fn not_found() -> (StatusCode, &'static str) {
-    (StatusCode::NOT_FOUND, "POST Alertmanager webhooks to /alerts/{namespace}/{alertroute}\n")
+    (StatusCode::NOT_FOUND, "POST notifications to /alerts/{namespace}/{alertroute}\n")
 }
 
 /// The receiver's routes.
@@ -305,9 +364,13 @@ pub fn router(rx: Arc<AlertReceiver>) -> Router {
 pub async fn serve(addr: SocketAddr, client: Client, config: AlertsConfig) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let app = router(Arc::new(AlertReceiver::new(client, config)));
+    let tallies = Arc::new(Tallies::default());
+    let status =
+        super::status::run(client.clone(), config.namespace.clone(), config.public_url.clone(), tallies.clone());
+    tokio::spawn(status);
+    let app = router(Arc::new(AlertReceiver::new(client, config, tallies)));
     tokio::spawn(async move { axum::serve(listener, app).await });
-    info!(alerts_addr = %bound, "serving Alertmanager webhooks on POST /alerts/{{namespace}}/{{alertroute}}");
+    info!(alerts_addr = %bound, "serving notifications on POST /alerts/{{namespace}}/{{alertroute}}");
     Ok(bound)
 }
 
@@ -323,6 +386,17 @@ mod tests {
         for bad in ["", "Platform", "-a", "a-", "a_b", "a b", "..", &"a".repeat(254)] {
             assert!(!is_object_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn signature_headers_count_as_credentials() {
+        let mut h = HeaderMap::new();
+        assert!(!has_signature_header(&h));
+        h.insert("x-signature", HeaderValue::from_static("sha256=00"));
+        assert!(has_signature_header(&h));
+        let mut g = HeaderMap::new();
+        g.insert("X-Grafana-Alerting-Signature", HeaderValue::from_static("00"));
+        assert!(has_signature_header(&g));
     }
 
     #[tokio::test]

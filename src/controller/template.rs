@@ -86,11 +86,12 @@ impl RenderError {
     }
 }
 
-/// Why a message's template could not be used; each ends the message `Failed`.
+/// Why a message's template could not be used: a missing one is waited for (see
+/// [`missing_template`]) until the deadline; the others end the message `Failed`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TemplateError {
     /// No EmailTemplate of that name in the message's namespace.
-    #[error("EmailTemplate {name} not found in namespace {namespace}")]
+    #[error("EmailTemplate {name} not found in namespace {namespace}; the message is sent when it exists")]
     NotFound {
         /// The name in templateRef.
         name: String,
@@ -247,6 +248,23 @@ pub fn with_rendered(spec: &EmailMessageSpec, rendered: Rendered) -> EmailMessag
         body: Body { text: rendered.text, html: rendered.html },
         ..spec.clone()
     }
+}
+
+/// The message's EmailTemplate when it names one that does not exist (yet), read with a GET
+/// before the message is claimed, so that it waits without an attempt.
+pub async fn missing_template(
+    client: &Client,
+    namespace: &str,
+    spec: &EmailMessageSpec,
+) -> Result<Option<TemplateError>, kube::Error> {
+    let Some(reference) = &spec.template_ref else {
+        return Ok(None);
+    };
+    let api: Api<EmailTemplate> = Api::namespaced(client.clone(), namespace);
+    Ok(match api.get_opt(&reference.name).await? {
+        Some(_) => None,
+        None => Some(TemplateError::NotFound { name: reference.name.clone(), namespace: namespace.to_string() }),
+    })
 }
 
 /// The spec a message is built from: its own, or with the subject and body rendered from its
@@ -443,7 +461,10 @@ mod tests {
         let nf = TemplateError::NotFound { name: "deploy".into(), namespace: "team-a".into() };
         assert_eq!(
             (nf.reason(), nf.to_string().as_str()),
-            (Reason::TemplateNotFound, "EmailTemplate deploy not found in namespace team-a")
+            (
+                Reason::TemplateNotFound,
+                "EmailTemplate deploy not found in namespace team-a; the message is sent when it exists"
+            )
         );
         let r = TemplateError::Render {
             name: "deploy".into(),

@@ -149,6 +149,12 @@ pub async fn claim_and_send<'a>(
             }
         },
     };
+    // An EmailTemplate applied after its messages (GitOps applies in any order) is waited for
+    // until the deadline, like a missing attachment source; it is rendered after the claim.
+    if let Some(missing) = super::super::template::missing_template(&ctx.client, &ns, &cached.spec).await? {
+        let tried = Tried::Unreadable { waits: true, reason: missing.reason(), text: missing.to_string() };
+        return Ok((Some(hold), tried));
+    }
     let raw = match &read {
         Read::Raw(r) => Some(r.as_ref()),
         Read::Attachments(_) => None,
