@@ -1,6 +1,7 @@
 //! TLS trust shared by every HTTPS and SMTP client: the platform's roots plus `--ca-bundle`.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 
 use rustls::{ClientConfig, RootCertStore, pki_types::CertificateDer};
 
@@ -70,7 +71,31 @@ impl TrustRoots {
         Ok(config)
     }
 
-    /// An HTTP client for token endpoints and Graph trusting these roots.
+    /// The HTTP client for token endpoints and Graph trusting these roots, shared by every
+    /// profile that trusts the same roots, and freed with the last of them.
+    ///
+    /// One client per profile (and one more for its token requests) was most of what 1,000
+    /// profiles cost: each client has its TLS configuration (about 30 KiB, half of it the
+    /// session cache) and its own connection pool, so every profile also kept its own idle TLS
+    /// connection to the same token endpoint and Graph. Interleaved with what lives on, the
+    /// freed pages of that burst stayed resident as fragments and allocator metadata after the
+    /// profiles were deleted. A shared client keeps one pool (at most 8 idle connections per
+    /// host), and TLS sessions are resumed across profiles; what a client verifies depends only
+    /// on the roots, which are its key.
+    pub fn shared_http_client(&self) -> Result<Arc<reqwest::Client>, TlsError> {
+        static SHARED: LazyLock<Mutex<HashMap<Vec<Vec<u8>>, Weak<reqwest::Client>>>> = LazyLock::new(Default::default);
+        let key: Vec<Vec<u8>> = self.extra.iter().map(|c| c.as_ref().to_vec()).collect();
+        let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+        shared.retain(|_, client| client.strong_count() > 0);
+        if let Some(client) = shared.get(&key).and_then(Weak::upgrade) {
+            return Ok(client);
+        }
+        let client = Arc::new(self.http_client()?);
+        shared.insert(key, Arc::downgrade(&client));
+        Ok(client)
+    }
+
+    /// A new HTTP client for token endpoints and Graph trusting these roots.
     pub fn http_client(&self) -> Result<reqwest::Client, TlsError> {
         reqwest::Client::builder()
             .tls_backend_preconfigured(self.client_config()?)
@@ -83,5 +108,34 @@ impl TrustRoots {
             .pool_max_idle_per_host(8)
             .build()
             .map_err(|e| TlsError::Certificate(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A certificate in PEM, for roots other than the default.
+    const OTHER_ROOT: &str = include_str!("auth/testdata/cert.pem");
+
+    #[test]
+    fn profiles_with_the_same_roots_share_one_client_freed_with_the_last() {
+        install_crypto_provider();
+        let default = TrustRoots::default();
+        let a = default.shared_http_client().unwrap();
+        let b = default.shared_http_client().unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "the same roots share a client");
+
+        let other = TrustRoots::from_pem(OTHER_ROOT.as_bytes()).unwrap();
+        assert!(!other.extra().is_empty());
+        let c = other.shared_http_client().unwrap();
+        assert!(!Arc::ptr_eq(&a, &c), "other roots get a client of their own");
+
+        let weak = Arc::downgrade(&c);
+        drop(c);
+        assert!(weak.upgrade().is_none(), "the last user frees the client");
+        let d = other.shared_http_client().unwrap();
+        assert!(Arc::strong_count(&d) == 1, "a new client is built once the old one is gone");
+        drop((a, b));
     }
 }

@@ -44,6 +44,9 @@ pub struct ProfilesResult {
     /// jemalloc's live heap (`mailroom_heap_allocated_bytes`, MiB) at the same five points:
     /// what the operator still holds, as opposed to what the allocator has not returned.
     heap_mib: Vec<Option<f64>>,
+    /// What jemalloc holds resident (`mailroom_heap_resident_bytes`, MiB) at the same points: the
+    /// live heap plus partly used pages, unreturned free pages and the allocator's metadata.
+    heap_resident_mib: Vec<Option<f64>>,
     /// `mailroom_profiles` and `mailroom_token_caches` after the deletions; None where the build
     /// has no such gauges.
     gauges_after_delete: Option<(f64, f64)>,
@@ -131,6 +134,11 @@ impl Operator {
     /// The live heap in MiB, from the operator's own gauge (None on a build without it).
     async fn heap(&self) -> Result<Option<f64>, BenchError> {
         Ok(self.gauge("mailroom_heap_allocated_bytes").await?.map(|b| b / 1_048_576.0))
+    }
+
+    /// What the allocator holds resident, in MiB (None on a build without the gauge).
+    async fn heap_resident(&self) -> Result<Option<f64>, BenchError> {
+        Ok(self.gauge("mailroom_heap_resident_bytes").await?.map(|b| b / 1_048_576.0))
     }
 }
 
@@ -262,6 +270,7 @@ pub async fn profiles(client: &Client, args: &Args, emu: &Emulator, logs: &Path)
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_baseline = op.rss();
     let mut heap = vec![op.heap().await?];
+    let mut resident = vec![op.heap_resident().await?];
     eprintln!(
         "bench: [profiles] operator ready, RSS {rss_baseline:.1} MiB, heap {}; creating {n} profiles in {ns}",
         mib(heap[0])
@@ -275,6 +284,7 @@ pub async fn profiles(client: &Client, args: &Args, emu: &Emulator, logs: &Path)
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_with = op.rss();
     heap.push(op.heap().await?);
+    resident.push(op.heap_resident().await?);
     eprintln!(
         "bench: [profiles] {n} Ready after {seconds_to_ready:.1}s, RSS {rss_with:.1} MiB, heap {}; deleting them",
         mib(heap[1])
@@ -283,6 +293,7 @@ pub async fn profiles(client: &Client, args: &Args, emu: &Emulator, logs: &Path)
     let gauges = wait_freed(&op, Duration::from_secs(30)).await?;
     let rss_after = op.rss();
     heap.push(op.heap().await?);
+    resident.push(op.heap_resident().await?);
     eprintln!(
         "bench: [profiles] deleted, RSS {rss_after:.1} MiB, heap {}, gauges (profiles, token caches) {gauges:?}",
         mib(heap[2])
@@ -295,6 +306,7 @@ pub async fn profiles(client: &Client, args: &Args, emu: &Emulator, logs: &Path)
     let gauges = wait_freed(&op, Duration::from_secs(30)).await?;
     let rss_second = op.rss();
     heap.push(op.heap().await?);
+    resident.push(op.heap_resident().await?);
     let tokens_before = emu.token_requests().await?;
     eprintln!(
         "bench: [profiles] second cycle deleted, RSS {rss_second:.1} MiB, heap {}; {} s without profiles",
@@ -305,6 +317,7 @@ pub async fn profiles(client: &Client, args: &Args, emu: &Emulator, logs: &Path)
     let token_requests_after_delete = emu.token_requests().await?.saturating_sub(tokens_before);
     let rss_idle = op.rss();
     heap.push(op.heap().await?);
+    resident.push(op.heap_resident().await?);
     eprintln!("bench: [profiles] idle, RSS {rss_idle:.1} MiB, heap {}", mib(heap[4]));
     op.process.stop(Duration::from_secs(30));
     clean_namespace(client, &ns).await;
@@ -318,6 +331,7 @@ pub async fn profiles(client: &Client, args: &Args, emu: &Emulator, logs: &Path)
         rss_after_second_cycle_mib: rss_second,
         rss_idle_mib: rss_idle,
         heap_mib: heap,
+        heap_resident_mib: resident,
         gauges_after_delete: gauges,
         token_requests_after_delete,
     })
@@ -516,6 +530,8 @@ pub fn print_profiles(r: &ProfilesResult) {
     );
     let heap: Vec<String> = r.heap_mib.iter().map(|v| mib(*v)).collect();
     println!("{:<9} live heap at the same points: {}", "", heap.join(" / "));
+    let resident: Vec<String> = r.heap_resident_mib.iter().map(|v| mib(*v)).collect();
+    println!("{:<9} allocator resident at the same points: {}", "", resident.join(" / "));
 }
 
 /// Prints the waiting run's figures.

@@ -1,6 +1,7 @@
 //! Requests app tokens from the Entra ID token endpoint.
 
 use std::error::Error as _;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use k8s_openapi::jiff::Timestamp;
@@ -32,20 +33,22 @@ pub trait TokenIssuer: Send + Sync {
 /// The client credentials flow against Entra ID (or any endpoint speaking it).
 #[derive(Clone, Debug)]
 pub struct EntraTokenProvider {
-    http: reqwest::Client,
+    http: Arc<reqwest::Client>,
     allow_insecure: bool,
 }
 
 impl EntraTokenProvider {
     /// A provider on `http`; `allow_insecure` admits `http://` authority hosts.
-    pub fn new(http: reqwest::Client, allow_insecure: bool) -> Self {
-        EntraTokenProvider { http, allow_insecure }
+    pub fn new(http: impl Into<Arc<reqwest::Client>>, allow_insecure: bool) -> Self {
+        EntraTokenProvider { http: http.into(), allow_insecure }
     }
 
-    /// A provider whose HTTPS client trusts `roots` besides the web PKI.
+    /// A provider whose HTTPS client trusts `roots` besides the web PKI (the client shared by
+    /// everything that trusts the same roots).
     pub fn from_trust_roots(roots: &TrustRoots, allow_insecure: bool) -> Result<Self, AuthError> {
-        let http =
-            roots.http_client().map_err(|e| AuthError::Credential(format!("cannot build the HTTPS client: {e}")))?;
+        let http = roots
+            .shared_http_client()
+            .map_err(|e| AuthError::Credential(format!("cannot build the HTTPS client: {e}")))?;
         Ok(Self::new(http, allow_insecure))
     }
 

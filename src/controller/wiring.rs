@@ -184,7 +184,7 @@ pub async fn build_transport(inputs: TransportInputs<'_>, caches: &TokenCaches) 
         max_concurrent: settings.max_concurrent() as usize,
         allow_insecure: inputs.allow_insecure,
     };
-    let http = inputs.trust.http_client().map_err(|e| not_ready("InvalidSettings", e.to_string()))?;
+    let http = inputs.trust.shared_http_client().map_err(|e| not_ready("InvalidSettings", e.to_string()))?;
     let transport = GraphTransport::new(config, Arc::clone(&cache) as Arc<dyn TokenSource>, http)
         .map_err(|e| not_ready("InvalidSettings", e.to_string()))?;
     Ok(Built { transport: Arc::new(transport), tokens: Some(cache) })

@@ -96,7 +96,7 @@ pub enum GraphConfigError {
 
 /// Sends through Microsoft Graph, at most `max_concurrent` requests at once per sender mailbox.
 pub struct GraphTransport {
-    client: reqwest::Client,
+    client: Arc<reqwest::Client>,
     endpoint: String,
     tokens: Arc<dyn TokenSource>,
     save_to_sent_items: bool,
@@ -115,15 +115,15 @@ impl std::fmt::Debug for GraphTransport {
 }
 
 impl GraphTransport {
-    /// A transport over `client` (build it with `TrustRoots::http_client`).
+    /// A transport over `client` (build it with `TrustRoots::shared_http_client`).
     pub fn new(
         config: GraphConfig,
         tokens: Arc<dyn TokenSource>,
-        client: reqwest::Client,
+        client: impl Into<Arc<reqwest::Client>>,
     ) -> Result<Self, GraphConfigError> {
         let endpoint = validate_endpoint(&config.endpoint, config.allow_insecure)?;
         Ok(GraphTransport {
-            client,
+            client: client.into(),
             endpoint,
             tokens,
             save_to_sent_items: config.save_to_sent_items,
