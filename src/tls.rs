@@ -21,6 +21,9 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// The HTTP clients in use, by the DER of the extra roots they trust.
+type SharedClients = HashMap<Vec<Vec<u8>>, Weak<reqwest::Client>>;
+
 /// The roots trusted besides the built-in web PKI roots.
 #[derive(Clone, Debug, Default)]
 pub struct TrustRoots {
@@ -83,7 +86,7 @@ impl TrustRoots {
     /// host), and TLS sessions are resumed across profiles; what a client verifies depends only
     /// on the roots, which are its key.
     pub fn shared_http_client(&self) -> Result<Arc<reqwest::Client>, TlsError> {
-        static SHARED: LazyLock<Mutex<HashMap<Vec<Vec<u8>>, Weak<reqwest::Client>>>> = LazyLock::new(Default::default);
+        static SHARED: LazyLock<Mutex<SharedClients>> = LazyLock::new(Default::default);
         let key: Vec<Vec<u8>> = self.extra.iter().map(|c| c.as_ref().to_vec()).collect();
         let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
         shared.retain(|_, client| client.strong_count() > 0);
