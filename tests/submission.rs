@@ -306,6 +306,54 @@ spec:
     let other = submit(settings(port, &write_message(&dir, "g2.eml", "grafana-2"), json!({}))).await;
     assert_eq!(other[0]["code"].as_u64(), Some(250), "{other:?}");
     peer.wait_messages(3, WAIT).await;
+
+    // The credentials' status: Ready with the username; a missing Secret and a username two
+    // credentials claim are said, and that username then logs in as neither.
+    let creds: Api<mailroom::api::SmtpCredential> = Api::namespaced(client.clone(), &ns);
+    let ready = |c: &mailroom::api::SmtpCredential| {
+        c.status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    let grafana = common::wait_for(&creds, "grafana", WAIT, |c| ready(c).is_some()).await;
+    assert_eq!(ready(&grafana), Some(("True".into(), "Ready".into())));
+    assert_eq!(grafana.status.unwrap().username.as_deref(), Some("grafana@team"));
+    create_yaml(
+        &client,
+        &ns,
+        r#"
+apiVersion: mailroom.dev/v1alpha1
+kind: SmtpCredential
+metadata: {name: orphan}
+spec:
+  secretRef: {name: no-such-secret}
+  profileRef: {name: relay}
+---
+apiVersion: mailroom.dev/v1alpha1
+kind: SmtpCredential
+metadata: {name: copy}
+spec:
+  secretRef: {name: grafana-smtp}
+  profileRef: {name: relay}
+"#,
+    )
+    .await;
+    let orphan = common::wait_for(&creds, "orphan", WAIT, |c| ready(c).is_some()).await;
+    assert_eq!(ready(&orphan), Some(("False".into(), "SecretNotFound".into())));
+    let copy = common::wait_for(&creds, "copy", WAIT, |c| ready(c).is_some_and(|r| r.1 == "UsernameConflict")).await;
+    assert!(copy.status.unwrap().conditions[0].message.contains("grafana"), "names the other credential");
+    common::wait_for(&creds, "grafana", WAIT, |c| ready(c).is_some_and(|r| r.1 == "UsernameConflict")).await;
+    let start = Instant::now();
+    loop {
+        let conflict = submit(settings(port, &write_message(&dir, "x.eml", "conflict"), json!({}))).await;
+        if conflict[0]["code"].as_u64() == Some(535) {
+            break;
+        }
+        // The listener reads credentials again at most every 10 s.
+        assert!(start.elapsed() < WAIT, "a claimed-twice username still logs in: {conflict:?}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     let log = op.log_text();
     assert!(!log.contains(PASSWORD) && !log.contains("Disk is 91%"), "the log shows a password or a message body");
 }
