@@ -21,6 +21,11 @@ if ! diff -u crds/mailroom.dev.yaml <(target/debug/mailroom crd) >/dev/null; the
   exit 1
 fi
 
+say "installing swaks for the SMTP listener's protocol tests (Debian packages, once per machine)"
+# shellcheck source=hack/lib/debian-packages.sh
+source hack/lib/debian-packages.sh
+PREFIX="test:" require_debian_packages "the SMTP listener's tests" swaks=20201014.0-2 libnet-ssleay-perl=1.92-2+b1
+
 say "preparing the Python environment for the SMTP test server"
 MAILROOM_PYTHON="$(bash hack/pyenv.sh | tail -n 1)"
 export MAILROOM_PYTHON

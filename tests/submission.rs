@@ -306,6 +306,54 @@ spec:
     let other = submit(settings(port, &write_message(&dir, "g2.eml", "grafana-2"), json!({}))).await;
     assert_eq!(other[0]["code"].as_u64(), Some(250), "{other:?}");
     peer.wait_messages(3, WAIT).await;
+
+    // The credentials' status: Ready with the username; a missing Secret and a username two
+    // credentials claim are said, and that username then logs in as neither.
+    let creds: Api<mailroom::api::SmtpCredential> = Api::namespaced(client.clone(), &ns);
+    let ready = |c: &mailroom::api::SmtpCredential| {
+        c.status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    let grafana = common::wait_for(&creds, "grafana", WAIT, |c| ready(c).is_some()).await;
+    assert_eq!(ready(&grafana), Some(("True".into(), "Ready".into())));
+    assert_eq!(grafana.status.unwrap().username.as_deref(), Some("grafana@team"));
+    create_yaml(
+        &client,
+        &ns,
+        r#"
+apiVersion: mailroom.dev/v1alpha1
+kind: SmtpCredential
+metadata: {name: orphan}
+spec:
+  secretRef: {name: no-such-secret}
+  profileRef: {name: relay}
+---
+apiVersion: mailroom.dev/v1alpha1
+kind: SmtpCredential
+metadata: {name: copy}
+spec:
+  secretRef: {name: grafana-smtp}
+  profileRef: {name: relay}
+"#,
+    )
+    .await;
+    let orphan = common::wait_for(&creds, "orphan", WAIT, |c| ready(c).is_some()).await;
+    assert_eq!(ready(&orphan), Some(("False".into(), "SecretNotFound".into())));
+    let copy = common::wait_for(&creds, "copy", WAIT, |c| ready(c).is_some_and(|r| r.1 == "UsernameConflict")).await;
+    assert!(copy.status.unwrap().conditions[0].message.contains("grafana"), "names the other credential");
+    common::wait_for(&creds, "grafana", WAIT, |c| ready(c).is_some_and(|r| r.1 == "UsernameConflict")).await;
+    let start = Instant::now();
+    loop {
+        let conflict = submit(settings(port, &write_message(&dir, "x.eml", "conflict"), json!({}))).await;
+        if conflict[0]["code"].as_u64() == Some(535) {
+            break;
+        }
+        // The listener reads credentials again at most every 10 s.
+        assert!(start.elapsed() < WAIT, "a claimed-twice username still logs in: {conflict:?}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     let log = op.log_text();
     assert!(!log.contains(PASSWORD) && !log.contains("Disk is 91%"), "the log shows a password or a message body");
 }
@@ -481,4 +529,164 @@ receivers:
     let raw = String::from_utf8_lossy(&peer.raw(&delivered[0])).into_owned();
     assert!(raw.contains("Subject: [FIRING:1] DiskFull"), "{raw}");
     assert_eq!(delivered[0]["rcpt_tos"], json!(["ops@contoso.com"]));
+}
+
+/// Runs swaks (Debian's `swaks`; hack/test.sh installs it) to the end: its exit status and its
+/// transcript.
+fn swaks(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new("swaks")
+        .args(["--server", "127.0.0.1", "--helo", "swaks.test", "--timeout", "60"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run swaks (apt-get install swaks libnet-ssleay-perl)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[tokio::test]
+async fn swaks_at_the_protocol_edges() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "submit-swaks", &[]).await;
+    let peer = SmtpPeer::start(&[]);
+    setup(&client, &ns, peer.smtp_port).await;
+    let (port, tls_port) = (free_port(), free_port());
+    let implicit = format!("127.0.0.1:{tls_port}");
+    let op = start_operator("submit-swaks", &ns, port, &["--smtps-addr", &implicit], &[]).await;
+    let (port_s, tls_port_s, ca) = (port.to_string(), tls_port.to_string(), testdata("ca.crt"));
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_message(&dir, "s.eml", "swaks-pipelined");
+    let data = format!("@{}", data.display());
+    let login = ["--auth-user", "grafana@team", "--auth-password", PASSWORD];
+    let envelope = ["--from", "alerts@noreply.contoso.com", "--to", "ops@contoso.com,audit@contoso.com"];
+
+    // STARTTLS with the certificate verified, AUTH LOGIN, the envelope pipelined, 8-bit data.
+    let mut args =
+        vec!["--port", &port_s, "--tls", "--tls-verify", "--tls-ca-path", &ca, "--auth", "LOGIN", "--pipeline"];
+    args.extend(login);
+    args.extend(envelope);
+    args.extend(["--data", &data]);
+    let (code, transcript) = swaks(&args);
+    assert_eq!(code, 0, "{transcript}");
+    assert!(transcript.contains("250 2.0.0 ok: queued as"), "{transcript}");
+    assert!(transcript.contains("PIPELINING") && transcript.contains("SIZE 1048565"), "{transcript}");
+
+    // Implicit TLS on the other port, AUTH PLAIN.
+    let implicit_data = format!("@{}", write_message(&dir, "i.eml", "swaks-implicit").display());
+    let mut args =
+        vec!["--port", &tls_port_s, "--tls-on-connect", "--tls-verify", "--tls-ca-path", &ca, "--auth", "PLAIN"];
+    args.extend(login);
+    args.extend(envelope);
+    args.extend(["--data", &implicit_data]);
+    let (code, transcript) = swaks(&args);
+    assert_eq!(code, 0, "{transcript}");
+
+    // Without TLS, AUTH is not offered: swaks fails its AUTH step (exit 28).
+    let mut args = vec!["--port", &port_s, "--auth", "PLAIN"];
+    args.extend(login);
+    args.extend(envelope);
+    let (code, transcript) = swaks(&args);
+    assert_eq!(code, 28, "{transcript}");
+    assert!(!transcript.contains("AUTH PLAIN LOGIN"), "AUTH offered in the clear: {transcript}");
+
+    // A wrong password: 535 (exit 28).
+    let (code, transcript) = swaks(&[
+        "--port",
+        &port_s,
+        "--tls",
+        "--tls-ca-path",
+        &ca,
+        "--tls-verify",
+        "--auth",
+        "PLAIN",
+        "--auth-user",
+        "grafana@team",
+        "--auth-password",
+        "nope",
+        "--from",
+        "alerts@noreply.contoso.com",
+        "--to",
+        "ops@contoso.com",
+    ]);
+    assert_eq!(code, 28, "{transcript}");
+    assert!(transcript.contains("535 5.7.8"), "{transcript}");
+
+    // A message over SIZE: 552 after the data (exit 26), and nothing is created.
+    let big = dir.path().join("big.eml");
+    let mut body = message("too-big");
+    body.push_str(&format!("{}\r\n", "x".repeat(998)).repeat(1100));
+    std::fs::write(&big, body).unwrap();
+    let big = format!("@{}", big.display());
+    let mut args = vec!["--port", &port_s, "--tls", "--tls-verify", "--tls-ca-path", &ca, "--auth", "PLAIN"];
+    args.extend(login);
+    args.extend(envelope);
+    args.extend(["--data", &big]);
+    let (code, transcript) = swaks(&args);
+    assert_eq!(code, 26, "{transcript}");
+    assert!(transcript.contains("552 5.3.4"), "{transcript}");
+
+    let names: Vec<String> = messages(&client, &ns).await.iter().map(|m| m.name_any()).collect();
+    assert_eq!(names.len(), 2, "the two accepted mails, nothing else: {names:?}");
+    let api: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);
+    for name in &names {
+        common::wait_for(&api, name, WAIT, |m| phase(m) == Some(Phase::Sent)).await;
+    }
+    peer.wait_messages(2, WAIT).await;
+    assert!(!op.log_text().contains(PASSWORD));
+}
+
+/// A new CA and a certificate it signed for localhost and 127.0.0.1: (CA PEM, certificate PEM, key PEM).
+fn another_certificate() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "renewed test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test]
+async fn a_renewed_certificate_is_served_without_a_restart() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "submit-renew", &[]).await;
+    let peer = SmtpPeer::start(&[]);
+    setup(&client, &ns, peer.smtp_port).await;
+    let port = free_port();
+    let op = start_operator("submit-renew", &ns, port, &[], &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_message(&dir, "r.eml", "before-renewal");
+    let before = submit(settings(port, &file, json!({}))).await;
+    assert_eq!(before.last().unwrap()["code"].as_u64(), Some(250), "{before:?}");
+
+    // cert-manager renews: the Secret gets a certificate from another CA.
+    let (ca, cert, key) = another_certificate();
+    let new_ca = dir.path().join("new-ca.crt");
+    std::fs::write(&new_ca, &ca).unwrap();
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let patch = json!({"data": {"tls.crt": b64(&cert), "tls.key": b64(&key)}});
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns)
+        .patch("smtp-tls", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while op.log_text().matches("SMTP submission: certificate loaded").count() < 2 {
+        assert!(start.elapsed() < WAIT, "the renewed certificate was not loaded:\n{}", op.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A client trusting only the new CA now succeeds; one trusting only the old CA fails its
+    // handshake; the operator never restarted.
+    let file = write_message(&dir, "r2.eml", "after-renewal");
+    let after = submit(settings(port, &file, json!({"cafile": new_ca.display().to_string()}))).await;
+    assert_eq!(after.last().unwrap()["code"].as_u64(), Some(250), "{after:?}");
+    let old = submit(settings(port, &file, json!({}))).await;
+    assert_eq!((old[0]["stage"].as_str(), old[0]["code"].as_u64()), (Some("starttls"), None), "{old:?}");
+    assert!(old[0]["reply"].as_str().unwrap().contains("CERTIFICATE_VERIFY_FAILED"), "{old:?}");
+    assert_eq!(messages(&client, &ns).await.len(), 2);
 }

@@ -16,7 +16,7 @@ use serde_json::json;
 use tracing::{debug, warn};
 
 use crate::api::{
-    AlertRoute, AlertRouteStatus, ClusterMailProfile, MailProfile, ProfileKind, condition, conditions,
+    AlertRoute, AlertRouteStatus, ClusterMailProfile, MailProfile, ProfileKind, ProfileRef, condition, conditions,
     differs_beyond_transition_times,
 };
 
@@ -219,14 +219,14 @@ async fn check_routes(client: &Client, namespace: Option<&str>, base_url: Option
     for route in list {
         let ns = route.namespace().unwrap_or_default();
         let name = route.name_any();
-        let (profile, token) = match (profile_state(client, &ns, &route).await, token_state(client, &ns, &route).await)
-        {
-            (Ok(p), Ok(t)) => (p, t),
-            (Err(e), _) | (_, Err(e)) => {
-                debug!(route = %format!("{ns}/{name}"), error = %e, "cannot check the route's readiness now");
-                continue;
-            }
-        };
+        let (profile, token) =
+            match (profile_state(client, &ns, &route.spec.profile_ref).await, token_state(client, &ns, &route).await) {
+                (Ok(p), Ok(t)) => (p, t),
+                (Err(e), _) | (_, Err(e)) => {
+                    debug!(route = %format!("{ns}/{name}"), error = %e, "cannot check the route's readiness now");
+                    continue;
+                }
+            };
         let before = route.status.clone().unwrap_or_default();
         let (ok, reason, message) = readiness(&profile, &token);
         let generation = route.metadata.generation;
@@ -254,9 +254,8 @@ async fn check_routes(client: &Client, namespace: Option<&str>, base_url: Option
     }
 }
 
-/// Whether the route's profile exists and admits its namespace.
-async fn profile_state(client: &Client, ns: &str, route: &AlertRoute) -> Result<Dependency, kube::Error> {
-    let r = &route.spec.profile_ref;
+/// Whether a profile that an object in `ns` names exists and admits the namespace.
+pub async fn profile_state(client: &Client, ns: &str, r: &ProfileRef) -> Result<Dependency, kube::Error> {
     match r.kind() {
         ProfileKind::MailProfile => {
             let api: Api<MailProfile> = Api::namespaced(client.clone(), ns);

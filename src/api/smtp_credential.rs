@@ -1,7 +1,9 @@
 //! `SmtpCredential`: who may submit mail to the SMTP submission listener, and with which profile
 //! the mail is sent.
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::alert_route::LocalReference;
@@ -22,10 +24,12 @@ pub const DEFAULT_SUBMISSION_TTL_SECONDS: i64 = 7 * 24 * 3600;
     version = "v1alpha1",
     kind = "SmtpCredential",
     namespaced,
+    status = "SmtpCredentialStatus",
     shortname = "smtpcred",
     category = "mailroom",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Username","type":"string","jsonPath":".status.username"}"#,
     printcolumn = r#"{"name":"Profile","type":"string","jsonPath":".spec.profileRef.name"}"#,
-    printcolumn = r#"{"name":"Secret","type":"string","jsonPath":".spec.secretRef.name"}"#,
     printcolumn = r#"{"name":"Per-Minute","type":"integer","jsonPath":".spec.messagesPerMinute"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new("size(self.metadata.name) <= 63").message("an SmtpCredential's name is at most 63 characters: it labels the messages submitted with it")
@@ -51,6 +55,23 @@ pub struct SmtpCredentialSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub ttl_seconds_after_finished: Option<i64>,
+}
+
+/// Whether the credential can log in, and as whom.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SmtpCredentialStatus {
+    /// `Ready`: the Secret holds a username and a password, the username is this credential's
+    /// alone, and the profile resolves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The username to log in with (from the Secret; usernames are not secret, passwords are
+    /// never shown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// The generation the conditions describe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
 }
 
 impl SmtpCredentialSpec {

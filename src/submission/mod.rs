@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod reply;
 pub mod session;
+pub mod status;
 #[cfg(test)]
 mod tests;
 
@@ -157,6 +158,7 @@ pub async fn serve_kube(
         cert.clone(),
         "SMTP submission",
     ));
+    tokio::spawn(status::run(client.clone(), namespace.clone()));
     let backend = Arc::new(KubeBackend::new(client, namespace));
     serve(config, backend, cert).await
 }
