@@ -167,6 +167,16 @@ fn settings(port: u16, file: &std::path::Path, extra: Value) -> Value {
     s
 }
 
+/// A proxy in front of the API server that loses nothing until told, and a kubeconfig through it
+/// (in the returned directory).
+async fn proxied(seed: u64) -> (ApiProxy, tempfile::TempDir, std::path::PathBuf) {
+    let proxy = ApiProxy::start(std::path::Path::new(&common::required_env("KUBECONFIG")), 0.0, seed).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("proxied.kubeconfig");
+    proxy.write_kubeconfig(&kubeconfig);
+    (proxy, dir, kubeconfig)
+}
+
 /// The message a `250 2.0.0 ok: queued as ns/name` names.
 fn queued_name(reply: &str) -> String {
     let id = reply.rsplit("queued as ").next().unwrap().trim();
@@ -364,10 +374,7 @@ async fn with_the_api_server_away_mail_gets_451_and_is_accepted_once_it_is_back(
     let ns = common::namespace(&client, "submit-away", &[]).await;
     let peer = SmtpPeer::start(&[]);
     setup(&client, &ns, peer.smtp_port).await;
-    let proxy = ApiProxy::start(std::path::Path::new(&common::required_env("KUBECONFIG")), 0.0, 1).await;
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("proxied.kubeconfig");
-    proxy.write_kubeconfig(&kubeconfig);
+    let (proxy, dir, kubeconfig) = proxied(1).await;
     let port = free_port();
     let _op = start_operator("submit-away", &ns, port, &[], &[("KUBECONFIG", kubeconfig.to_str().unwrap())]).await;
 
@@ -408,10 +415,7 @@ async fn an_operator_killed_between_data_and_its_answer_leaves_exactly_one_messa
     let ns = common::namespace(&client, "submit-kill", &[]).await;
     let peer = SmtpPeer::start(&[]);
     setup(&client, &ns, peer.smtp_port).await;
-    let proxy = ApiProxy::start(std::path::Path::new(&common::required_env("KUBECONFIG")), 0.0, 2).await;
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("proxied.kubeconfig");
-    proxy.write_kubeconfig(&kubeconfig);
+    let (proxy, dir, kubeconfig) = proxied(2).await;
     let env = [("KUBECONFIG", kubeconfig.to_str().unwrap())];
     // Two replicas, as a Deployment runs them: the leader sends, and the client's connection
     // lands on the other one (the Service's choice), which only listens.
