@@ -5,8 +5,8 @@
 //! `payload` (Alertmanager, Grafana), `flux` and `argocd` read and validate each source's JSON;
 //! `incoming` reduces them to one shape and names them; `auth` checks the bearer token or the
 //! signature; `render` makes the email; `route` decides retry or repeat and builds the
-//! EmailMessage; `server` is the HTTP endpoint that strings them together; `status` keeps the
-//! routes' counts and readiness.
+//! EmailMessage; `server` is the HTTP endpoint that strings them together; `tls` serves it over
+//! HTTPS (and says when it may be plain HTTP); `status` keeps the routes' counts and readiness.
 
 pub mod argocd;
 pub mod auth;
@@ -17,10 +17,12 @@ pub mod render;
 pub mod route;
 pub mod server;
 pub mod status;
+pub mod tls;
 
 use axum::http::StatusCode;
 
 pub use server::{AlertsConfig, serve};
+pub use tls::{ReceiverFlags, ReceiverTls, receiver_tls};
 
 /// Why a notification was not turned into a message; each says what to fix, and maps to the HTTP
 /// status Alertmanager acts on (it retries 5xx, and gives up on 4xx).
