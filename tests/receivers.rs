@@ -1,9 +1,10 @@
 //! The notification receiver for every source but Alertmanager (tests/alerts.rs), over HTTPS with
 //! the test certificate, with the real API server, a real SMTP server and the Microsoft 365
-//! emulator: Flux's events (generic-hmac and generic), Argo CD's webhook (through Graph), Grafana's webhook (HMAC with a timestamp). Each
-//! accepted notification becomes one sent email; a wrong signature or token gets 401 and creates
-//! nothing; a replay creates nothing new; the route's status counts them. A route naming a profile
-//! and a template that do not exist yet is not Ready, and its messages wait for them.
+//! emulator: Flux's events (generic-hmac and generic), Argo CD's webhook (through Graph),
+//! Grafana's webhook (HMAC with a timestamp). Each accepted notification becomes one sent email; a
+//! wrong signature or token gets 401 and creates nothing; a replay creates nothing new; the
+//! route's status counts them. A route naming a profile and a template that do not exist yet is
+//! not Ready, and its messages wait for them.
 
 mod common;
 
