@@ -2,7 +2,8 @@
 //! Alertmanager's and Flux's notifications posted over TLS (a client trusting the receiver's CA)
 //! become emails; a plain HTTP request to the port is refused and creates nothing; a client that
 //! does not trust the CA never reaches it; and a replaced certificate Secret is presented to new
-//! connections without restarting the operator, while an unusable one leaves the last in place.
+//! connections without restarting the operator, while an unusable one leaves the last in place;
+//! before its Secret exists the receiver refuses connections, saying why, and serves once it does.
 
 mod common;
 
@@ -220,4 +221,37 @@ async fn a_replaced_certificate_is_presented_to_new_connections_without_a_restar
     assert!(op.exit_status().is_none(), "the operator exited:\n{}", op.log_text());
     assert_eq!(op.log_text().matches("notification receiver: certificate loaded").count(), 2);
     assert_eq!(messages(&client, &ns).await.len(), 1);
+}
+
+#[tokio::test]
+async fn until_its_secret_exists_the_receiver_refuses_connections_and_then_serves_it() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "rtls-late", &[]).await;
+    let secret = format!("{ns}/{TLS_SECRET}");
+    let op =
+        common::Operator::start("rtls-late", &ns, &["--alerts-addr", "127.0.0.1:0", "--alerts-tls-secret", &secret]);
+    let start = Instant::now();
+    let base = loop {
+        let log = op.log_text();
+        if let Some(addr) = log.split("alerts_addr=").nth(1).and_then(|rest| rest.split_whitespace().next()) {
+            break format!("https://{addr}");
+        }
+        assert!(start.elapsed() < WAIT, "the receiver did not start:\n{log}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let url = format!("{base}/alerts/{ns}/none");
+    // No certificate yet: the handshake fails, and the log says why.
+    let refused = post(&receiver::https(), &url, &bearer(), FIRING).await;
+    assert!(refused.is_err(), "answered without a certificate: {refused:?}");
+    let start = Instant::now();
+    while !op.log_text().contains("the certificate Secret has not been read yet") {
+        assert!(start.elapsed() < WAIT, "the refusal was not logged:\n{}", op.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The Secret appears (cert-manager issued it): served from then on, no restart.
+    let read = |f: &str| std::fs::read(receiver::testdata(f)).expect("the test pair");
+    receiver::put_cert_secret(&client, &ns, TLS_SECRET, &read("localhost.crt"), &read("localhost.key")).await;
+    receiver::wait_listening(&op, 1).await;
+    let (status, answer) = post(&receiver::https(), &url, &bearer(), FIRING).await.expect("an HTTPS answer");
+    assert_eq!(status, 404, "no such route, over HTTPS: {answer}");
 }

@@ -144,10 +144,14 @@ pub async fn serve_https(listener: TcpListener, app: Router, cert: Arc<ServingCe
                 continue;
             }
         };
-        let (acceptor, app) = (acceptor.clone(), app.clone());
+        let (acceptor, app, cert) = (acceptor.clone(), app.clone(), cert.clone());
         tokio::spawn(async move {
             if let Err(e) = connection(stream, peer, acceptor, app).await {
-                debug!(peer = %peer, error = %e, "notification receiver: connection ended");
+                if cert.is_loaded() {
+                    debug!(peer = %peer, error = %e, "notification receiver: connection ended");
+                } else {
+                    warn!(peer = %peer, "notification receiver: a connection was refused: the certificate Secret has not been read yet");
+                }
             }
         });
     }
