@@ -158,10 +158,20 @@ struct RunArgs {
     /// (POST /alerts/{namespace}/{alertroute}); off when unset.
     #[arg(long, env = "MAILROOM_ALERTS_ADDR")]
     alerts_addr: Option<SocketAddr>,
-    /// The receiver's URL as senders reach it (e.g. http://mailroom-alerts.mailroom-system.svc:8082),
-    /// shown in each AlertRoute's status.url; without it, status.url is the path alone.
+    /// The receiver's URL as senders reach it (e.g. https://mailroom-alerts.mailroom-system.svc:8082),
+    /// shown in each AlertRoute's status.url; without it, status.url is the path alone. Its scheme
+    /// is the one served: https, or http with --alerts-insecure-http.
     #[arg(long, env = "MAILROOM_ALERTS_URL", value_name = "URL")]
     alerts_url: Option<String>,
+    /// The `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`) the notification receiver serves
+    /// HTTPS with, as NAMESPACE/NAME or NAME (in $POD_NAMESPACE); reloaded when it changes.
+    /// --alerts-addr needs it, or --alerts-insecure-http.
+    #[arg(long, env = "MAILROOM_ALERTS_TLS_SECRET", value_name = "[NAMESPACE/]NAME")]
+    alerts_tls_secret: Option<String>,
+    /// Serve the notification receiver over plain HTTP, without TLS: tokens and notifications
+    /// cross the network readable (only behind a TLS-terminating proxy, or for local testing).
+    #[arg(long, env = "MAILROOM_ALERTS_INSECURE_HTTP")]
+    alerts_insecure_http: bool,
     /// Address of the SMTP submission listener with STARTTLS (587 by convention); off when unset.
     /// Each mail a client submits with an SmtpCredential's username and password becomes an
     /// EmailMessage. Needs --smtp-tls-secret.
@@ -304,6 +314,15 @@ fn init_logging(format: LogFormat) {
 async fn run(args: RunArgs) -> Result<(), String> {
     // Installed first, so that a SIGTERM while waiting for the Lease is handled, not fatal.
     let shutdown = Shutdown::install(Duration::from_secs(args.shutdown_timeout));
+    let pod_namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "mailroom-system".into());
+    // Checked before anything is reached: a receiver that cannot be served as asked does not start.
+    let receiver_flags = mailroom::alerts::ReceiverFlags {
+        addr: args.alerts_addr.is_some(),
+        tls_secret: args.alerts_tls_secret.as_deref(),
+        insecure_http: args.alerts_insecure_http,
+        url: args.alerts_url.as_deref(),
+    };
+    let receiver_tls = mailroom::alerts::receiver_tls(receiver_flags, &pod_namespace).map_err(|e| e.to_string())?;
     let trust = match &args.ca_bundle {
         Some(path) => {
             let pem = std::fs::read(path).map_err(|e| format!("--ca-bundle {}: {e}", path.display()))?;
@@ -336,7 +355,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
     server::serve(args.metrics_addr, args.health_addr, metrics.clone(), health.clone())
         .await
         .map_err(|e| format!("cannot listen on {} / {}: {e}", args.metrics_addr, args.health_addr))?;
-    if let Some(addr) = args.alerts_addr {
+    if let (Some(addr), Some(tls)) = (args.alerts_addr, &receiver_tls) {
         // Every replica serves webhooks, leader or not: message names are deterministic, so two
         // replicas receiving the same notification still create one message.
         let alerts = mailroom::alerts::AlertsConfig {
@@ -344,7 +363,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
             instance: config.instance.clone(),
             public_url: args.alerts_url.clone(),
         };
-        mailroom::alerts::serve(addr, client.clone(), alerts)
+        mailroom::alerts::serve(addr, client.clone(), alerts, tls)
             .await
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     }
@@ -353,10 +372,8 @@ async fn run(args: RunArgs) -> Result<(), String> {
         // Every replica listens, leader or not: message names are derived from what was
         // submitted, so a retried submission to another replica still makes one message.
         let secret = args.smtp_tls_secret.clone().unwrap_or_default();
-        let (cert_namespace, cert_name) = match secret.split_once('/') {
-            Some((ns, name)) => (ns.to_string(), name.to_string()),
-            None => (std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "mailroom-system".into()), secret.clone()),
-        };
+        let (cert_namespace, cert_name) = mailroom::serving_cert::secret_name(&secret, &pod_namespace)
+            .ok_or_else(|| format!("--smtp-tls-secret {secret:?} is not [NAMESPACE/]NAME"))?;
         let limits = mailroom::submission::Limits {
             max_message_bytes: mailroom::cli::send::SECRET_LIMIT - mailroom::api::DEFAULT_RAW_KEY.len(),
             command_timeout: std::time::Duration::from_secs(args.smtp_idle_timeout),

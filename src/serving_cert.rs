@@ -37,6 +37,19 @@ pub fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, Ce
     Ok(CertifiedKey::new(chain, signing))
 }
 
+/// A Secret named on the command line as `NAMESPACE/NAME`, or `NAME` in `default_namespace`
+/// (the pod's); `None` when either part is empty or there is more than one `/`.
+pub fn secret_name(flag: &str, default_namespace: &str) -> Option<(String, String)> {
+    let (namespace, name) = match flag.split_once('/') {
+        Some((ns, name)) => (ns, name),
+        None => (default_namespace, flag),
+    };
+    if namespace.is_empty() || name.is_empty() || name.contains('/') {
+        return None;
+    }
+    Some((namespace.to_string(), name.to_string()))
+}
+
 /// The certificate of a Secret's data.
 pub fn from_secret(secret: &Secret) -> Result<CertifiedKey, CertError> {
     let data = secret.data.as_ref();
@@ -128,6 +141,17 @@ mod tests {
         assert_eq!(certified_key(CERT, CERT).err(), Some(CertError::BadKey));
         let empty = Secret::default();
         assert_eq!(from_secret(&empty).err(), Some(CertError::Missing("tls.crt")));
+    }
+
+    #[test]
+    fn a_secret_is_named_with_or_without_its_namespace() {
+        let named = |ns: &str, name: &str| Some((ns.to_string(), name.to_string()));
+        assert_eq!(secret_name("monitoring/alerts-tls", "mailroom-system"), named("monitoring", "alerts-tls"));
+        assert_eq!(secret_name("alerts-tls", "mailroom-system"), named("mailroom-system", "alerts-tls"));
+        for bad in ["", "/", "ns/", "/name", "a/b/c"] {
+            assert_eq!(secret_name(bad, "mailroom-system"), None, "{bad:?}");
+        }
+        assert_eq!(secret_name("alerts-tls", ""), None);
     }
 
     #[test]

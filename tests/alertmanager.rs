@@ -2,7 +2,8 @@
 //! mailroom's webhook receiver: alerts posted to Alertmanager's API v2 arrive as EmailMessages
 //! that are Sent through the SMTP test server: firing, grouped (two alerts, one message),
 //! repeated after `repeat_interval`, and resolved (`send_resolved`). Alertmanager listens on
-//! loopback only, without clustering, and sends the AlertRoute's bearer token from a file
+//! loopback only, without clustering, and posts over HTTPS, trusting the receiver's CA
+//! (`http_config.tls_config.ca_file`) and sending the AlertRoute's bearer token from a file
 //! (`http_config.authorization.credentials_file`), as examples/alertmanager.yml does.
 
 mod common;
@@ -10,8 +11,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::alertmanager::Alertmanager;
+use common::receiver;
 use common::smtp_peer::SmtpPeer;
-use common::{Operator, create_yaml, phase};
+use common::{create_yaml, phase};
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::ListParams;
@@ -52,25 +54,14 @@ receivers:
       authorization:
         type: Bearer
         credentials_file: {}
+      tls_config:
+        ca_file: {}
 "#,
-            token_file.display()
+            token_file.display(),
+            receiver::testdata("ca.crt").display()
         )
     })
     .await
-}
-
-/// The operator with the receiver on a free port, and that port's base URL.
-fn start_operator(test: &str, ns: &str) -> (Operator, String) {
-    let op = Operator::start(test, ns, &["--alerts-addr", "127.0.0.1:0"]);
-    let start = Instant::now();
-    loop {
-        let log = op.log_text();
-        if let Some(addr) = log.split("alerts_addr=").nth(1).and_then(|rest| rest.split_whitespace().next()) {
-            return (op, format!("http://{addr}"));
-        }
-        assert!(start.elapsed() < WAIT, "the receiver did not start:\n{log}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Two alerts of one group (same alertname), firing since `starts`, or resolved at `ends`.
@@ -129,7 +120,7 @@ async fn alertmanager_fires_groups_repeats_and_resolves_through_the_receiver() {
     let client = common::client().await;
     let ns = common::namespace(&client, "alertmanager", &[]).await;
     let peer = SmtpPeer::start(&[]);
-    let (op, base) = start_operator("alertmanager", &ns);
+    let (op, base) = receiver::start_operator(&client, "alertmanager", &ns, &[]).await;
     create_yaml(
         &client,
         &ns,

@@ -1,13 +1,14 @@
-//! The Alertmanager webhook receiver with the real API server and a real SMTP server: a recorded
-//! notification becomes one delivered email; retries create nothing; bad callers and bad payloads
-//! get a 4xx with the reason.
+//! The Alertmanager webhook receiver (over HTTPS with the test certificate) with the real API
+//! server and a real SMTP server: a recorded notification becomes one delivered email; retries
+//! create nothing; bad callers and bad payloads get a 4xx with the reason.
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::receiver;
 use common::smtp_peer::SmtpPeer;
-use common::{Operator, create_yaml, phase};
+use common::{create_yaml, phase};
 use kube::Api;
 use kube::api::ListParams;
 use mail_parser::MessageParser;
@@ -17,20 +18,6 @@ use serde_json::Value;
 const WAIT: Duration = Duration::from_secs(60);
 const FIRING: &str = include_str!("fixtures/alertmanager-firing.json");
 const TOKEN: &str = "am-webhook-6f1d2c9e";
-
-/// The operator with the receiver on a free port, and that port's base URL.
-fn start_operator(test: &str, ns: &str) -> (Operator, String) {
-    let op = Operator::start(test, ns, &["--alerts-addr", "127.0.0.1:0"]);
-    let start = Instant::now();
-    loop {
-        let log = op.log_text();
-        if let Some(addr) = log.split("alerts_addr=").nth(1).and_then(|rest| rest.split_whitespace().next()) {
-            return (op, format!("http://{addr}"));
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "the receiver did not start:\n{log}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// A relay profile to the SMTP peer, the token Secret and an AlertRoute named `platform`.
 async fn route_setup(client: &kube::Client, ns: &str, smtp_port: u16, extra: &str) {
@@ -70,7 +57,7 @@ async fn post(
     token: Option<&str>,
     body: impl Into<reqwest::Body>,
 ) -> (u16, String, reqwest::header::HeaderMap) {
-    let mut req = common::http().post(url).header("content-type", "application/json").body(body);
+    let mut req = receiver::https().post(url).header("content-type", "application/json").body(body);
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
@@ -105,7 +92,7 @@ async fn a_recorded_notification_becomes_one_delivered_email_and_a_retry_nothing
     let client = common::client().await;
     let ns = common::namespace(&client, "alerts-deliver", &[]).await;
     let peer = SmtpPeer::start(&[]);
-    let (_op, base) = start_operator("alerts-deliver", &ns);
+    let (_op, base) = receiver::start_operator(&client, "alerts-deliver", &ns, &[]).await;
     route_setup(&client, &ns, peer.smtp_port, "").await;
     let url = format!("{base}/alerts/{ns}/platform");
 
@@ -182,7 +169,7 @@ async fn callers_without_the_routes_token_get_401_and_create_nothing() {
     let client = common::client().await;
     let ns = common::namespace(&client, "alerts-auth", &[]).await;
     let peer = SmtpPeer::start(&[]);
-    let (_op, base) = start_operator("alerts-auth", &ns);
+    let (_op, base) = receiver::start_operator(&client, "alerts-auth", &ns, &[]).await;
     route_setup(&client, &ns, peer.smtp_port, "").await;
     let url = format!("{base}/alerts/{ns}/platform");
 
@@ -194,7 +181,7 @@ async fn callers_without_the_routes_token_get_401_and_create_nothing() {
         let (status, answer, _) = post(&url, Some(wrong), FIRING).await;
         assert_eq!(status, 401, "{wrong}: {answer}");
     }
-    let basic = common::http()
+    let basic = receiver::https()
         .post(&url)
         .basic_auth("alertmanager", Some(TOKEN))
         .body(FIRING)
@@ -238,7 +225,7 @@ async fn oversized_and_malformed_payloads_get_4xx_with_the_reason() {
     let client = common::client().await;
     let ns = common::namespace(&client, "alerts-bad", &[]).await;
     let peer = SmtpPeer::start(&[]);
-    let (op, base) = start_operator("alerts-bad", &ns);
+    let (op, base) = receiver::start_operator(&client, "alerts-bad", &ns, &[]).await;
     route_setup(&client, &ns, peer.smtp_port, "").await;
     let url = format!("{base}/alerts/{ns}/platform");
 
@@ -273,7 +260,7 @@ async fn oversized_and_malformed_payloads_get_4xx_with_the_reason() {
     let (status, answer, _) = post(&url, Some(TOKEN), bad_time.to_string()).await;
     assert_eq!((status, answer.contains("alerts[0].startsAt")), (422, true), "{answer}");
 
-    let get = common::http().get(&url).bearer_auth(TOKEN).send().await.unwrap();
+    let get = receiver::https().get(&url).bearer_auth(TOKEN).send().await.unwrap();
     assert_eq!(get.status().as_u16(), 405);
 
     let api: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);
@@ -286,7 +273,7 @@ async fn a_routes_template_shapes_the_email_and_a_broken_one_falls_back_to_the_d
     let client = common::client().await;
     let ns = common::namespace(&client, "alerts-tmpl", &[]).await;
     let peer = SmtpPeer::start(&[]);
-    let (_op, base) = start_operator("alerts-tmpl", &ns);
+    let (_op, base) = receiver::start_operator(&client, "alerts-tmpl", &ns, &[]).await;
     create_yaml(
         &client,
         &ns,

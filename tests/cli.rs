@@ -829,6 +829,40 @@ async fn conflicting_or_out_of_range_flags_exit_64_before_any_api_call() {
     }
 }
 
+/// The receiver serves HTTPS with a certificate Secret, or plain HTTP when that is said: `run`
+/// refuses anything else before it reads a kubeconfig (there is none here) or listens.
+#[tokio::test]
+async fn the_receiver_flags_say_https_or_plain_http_explicitly_or_run_refuses_to_start() {
+    let base = ["run", "--metrics-addr", "127.0.0.1:0", "--health-addr", "127.0.0.1:0"];
+    let cases: [(&[&str], &str); 5] = [
+        (&["--alerts-addr", "127.0.0.1:0"], "--alerts-addr needs --alerts-tls-secret [NAMESPACE/]NAME"),
+        (
+            &["--alerts-addr", "127.0.0.1:0", "--alerts-tls-secret", "alerts-tls", "--alerts-insecure-http"],
+            "exclude each other",
+        ),
+        (&["--alerts-addr", "127.0.0.1:0", "--alerts-tls-secret", "ns/"], "is not [NAMESPACE/]NAME"),
+        (
+            &["--alerts-addr", "127.0.0.1:0", "--alerts-tls-secret", "alerts-tls", "--alerts-url", "http://a:8082"],
+            "must start with https://",
+        ),
+        (&["--alerts-insecure-http"], "the receiver is off without --alerts-addr"),
+    ];
+    for (extra, expected) in cases {
+        let args = [&base[..], extra].concat();
+        let (code, _, stderr) = parts(&mailroom(&args, b"", &NO_API).await);
+        assert_eq!(code, 1, "{extra:?}: {stderr}");
+        assert!(stderr.contains(expected), "{extra:?}: {expected:?} not in: {stderr}");
+        assert!(!stderr.contains("Kubernetes configuration"), "{extra:?}: refused only after the kubeconfig: {stderr}");
+    }
+    // Either choice passes the flag check, and the operator goes on to the (missing) kubeconfig.
+    for choice in [&["--alerts-tls-secret", "alerts-tls"][..], &["--alerts-insecure-http"][..]] {
+        let args = [&base[..], &["--alerts-addr", "127.0.0.1:0"], choice].concat();
+        let (code, _, stderr) = parts(&mailroom(&args, b"", &NO_API).await);
+        assert_eq!(code, 1, "{choice:?}: {stderr}");
+        assert!(stderr.contains("Kubernetes configuration"), "{choice:?}: {stderr}");
+    }
+}
+
 #[tokio::test]
 async fn max_attempts_and_deadline_land_in_the_spec() {
     let client = common::client().await;

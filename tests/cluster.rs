@@ -95,6 +95,38 @@ where
     }
 }
 
+/// The notification receiver's certificate, the committed test pair, as the kubernetes.io/tls
+/// Secret `name` in `namespace`.
+async fn receiver_cert_secret(client: &Client, namespace: &str, name: &str) {
+    let read = |f: &str| std::fs::read(common::receiver::testdata(f)).expect("the test pair");
+    common::receiver::put_cert_secret(client, namespace, name, &read("localhost.crt"), &read("localhost.key")).await;
+}
+
+/// Waits until every Ready operator Pod in `namespace` logged that the notification receiver
+/// loaded its certificate (read from the Secret through the Pod's own RBAC).
+async fn wait_receiver_certificate(client: &Client, namespace: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let lp = ListParams::default().labels("app.kubernetes.io/name=mailroom");
+    eventually("every operator Pod to load the receiver's certificate", Duration::from_secs(120), || {
+        let pods = pods.clone();
+        let lp = lp.clone();
+        async move {
+            let running: Vec<Pod> = pods.list(&lp).await.ok()?.items.into_iter().filter(pod_ready).collect();
+            if running.is_empty() {
+                return None;
+            }
+            for pod in &running {
+                let log = pods.logs(&pod.name_any(), &LogParams::default()).await.ok()?;
+                if !log.contains("notification receiver: certificate loaded") {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+}
+
 /// The operator's Pods, by name.
 async fn operator_pods(client: &Client) -> Vec<Pod> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
@@ -722,11 +754,14 @@ async fn the_chart_runs_delivers_fails_over_and_uninstalls() {
             "crd/servicemonitors.monitoring.coreos.com",
         ])),
     );
+    // The receiver serves HTTPS with the Secret the chart names by default.
+    receiver_cert_secret(client, NS, &format!("{RELEASE}-alerts-tls")).await;
     w.install(
         &["upgrade", "--reuse-values"],
         &["--set", "alerts.enabled=true", "--set", "metrics.serviceMonitor.enabled=true"],
     );
     wait_pods_ready(client, 2, Duration::from_secs(120)).await;
+    wait_receiver_certificate(client, NS).await;
     let monitor: Value = serde_json::from_str(&ok(
         "kubectl get servicemonitor",
         run(Command::new("kubectl").args(["-n", NS, "get", "servicemonitor", RELEASE, "-o", "json"])),
@@ -746,15 +781,15 @@ async fn the_chart_runs_delivers_fails_over_and_uninstalls() {
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics", "{monitor:#}");
     let alerts = services.get(&format!("{RELEASE}-alerts")).await.expect("the alerts Service");
     let alerts_ip = alerts.spec.and_then(|s| s.cluster_ip).expect("ClusterIP");
-    // Without an AlertRoute the receiver answers, and says it has no route: reaching it is what
-    // counts here (tests/alerts.rs covers what it does).
+    // Another Pod reaches the receiver through the Service, and the port serves HTTPS: a plain
+    // HTTP request gets the 400 that says so (tests/receiver_tls.rs covers HTTPS itself).
     let answer = toolbox(
         client,
         "alert",
         &["sh", "-c", &format!("wget -S -O- --header 'Content-Type: application/json' --post-data '{{}}' http://{alerts_ip}:8082/alerts/{NS}/none 2>&1; true")],
     )
     .await;
-    assert!(answer.contains("HTTP/1.1"), "no HTTP answer from the alerts Service: {answer}");
+    assert!(answer.contains("HTTP/1.0 400"), "no answer from the alerts Service's HTTPS port: {answer}");
 
     // Uninstall: nothing of the release is left but the CRDs (kept on purpose).
     ok("helm uninstall", helm(&["uninstall", RELEASE, "--namespace", NS, "--wait", "--timeout", "120s"]));
@@ -831,12 +866,15 @@ async fn the_kustomize_base_and_the_alerts_overlay_run() {
     common::wait_for(&messages, "hello", Duration::from_secs(120), |m| m.phase() == Some(Phase::Sent)).await;
     assert_eq!(relay.wait_messages(1, Duration::from_secs(30)).await.len(), 1);
 
-    // The alerts overlay on top: the receiver's Service answers another Pod.
+    // The alerts overlay on top, with its certificate Secret: the receiver's Service answers
+    // another Pod.
+    receiver_cert_secret(&client, SYSTEM, "mailroom-alerts-tls").await;
     ok(
         "kubectl apply -k deploy/overlays/alerts",
         kubectl(&["apply", "--server-side", "--force-conflicts", "-k", "deploy/overlays/alerts"]),
     );
     rollout("the overlay's Deployment rolls out");
+    wait_receiver_certificate(&client, SYSTEM).await;
     let services: Api<Service> = Api::namespaced(client.clone(), SYSTEM);
     let alerts = services.get("mailroom-alerts").await.expect("the overlay's alerts Service");
     let spec = alerts.spec.expect("spec");
@@ -849,7 +887,7 @@ async fn the_kustomize_base_and_the_alerts_overlay_run() {
         &["sh", "-c", &format!("wget -S -O- --header 'Content-Type: application/json' --post-data '{{}}' http://{ip}:{port}/alerts/{ns}/none 2>&1; true")],
     )
     .await;
-    assert!(answer.contains("HTTP/1.1 4"), "the alerts Service did not answer: {answer}");
+    assert!(answer.contains("HTTP/1.0 400"), "the alerts Service's HTTPS port did not answer: {answer}");
 
     ok("kubectl delete namespace", kubectl(&["delete", "namespace", &ns, "--wait=false"]));
     // The overlay's objects without the CRDs, which the chart test and others share.
@@ -865,4 +903,5 @@ async fn the_kustomize_base_and_the_alerts_overlay_run() {
             "--wait=true",
         ]),
     );
+    ok("kubectl delete the receiver's Secret", kubectl(&["-n", SYSTEM, "delete", "secret", "mailroom-alerts-tls"]));
 }

@@ -443,8 +443,11 @@ fn helm_chart_renders_what_the_api_server_accepts() {
     assert_eq!(at(find(&standby, "Deployment", "mailroom"), &["spec", "replicas"]).as_u64(), Some(2));
 }
 
-/// The alerts Service selects the operator's Pods, and its target port is the one `--alerts-addr` listens on.
-fn check_alerts_service(what: &str, docs: &[Value], service_name: &str) {
+/// The alerts Service selects the operator's Pods, and its target port is the one `--alerts-addr`
+/// listens on; the receiver serves HTTPS with the Secret `tls_secret`, or plain HTTP (said with
+/// `--alerts-insecure-http`) when it is `None`, and `--alerts-url` is the Service's URL in that
+/// scheme.
+fn check_alerts_service(what: &str, docs: &[Value], service_name: &str, tls_secret: Option<&str>) {
     let deployment = find(docs, "Deployment", "mailroom");
     let service = find(docs, "Service", service_name);
     let selector = at(service, &["spec", "selector"]).as_mapping().expect("selector");
@@ -461,17 +464,53 @@ fn check_alerts_service(what: &str, docs: &[Value], service_name: &str) {
         .iter()
         .find(|p| str_at(p, &["name"]) == "alerts")
         .unwrap_or_else(|| panic!("{what}: no container port named alerts"));
-    let listen = container_args(deployment)
-        .iter()
-        .find_map(|a| a.strip_prefix("--alerts-addr=").map(str::to_string))
-        .unwrap_or_else(|| panic!("{what}: the operator is not started with --alerts-addr"));
+    let args = container_args(deployment);
+    let flag = |name: &str| args.iter().find_map(|a| a.strip_prefix(name).map(str::to_string));
+    let listen =
+        flag("--alerts-addr=").unwrap_or_else(|| panic!("{what}: the operator is not started with --alerts-addr"));
     let listen_port: u64 = listen.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port in --alerts-addr");
     assert_eq!(at(container_port, &["containerPort"]).as_u64(), Some(listen_port), "{what}");
     assert_eq!(at(port, &["port"]).as_u64(), Some(listen_port), "{what}");
-    // The URL the routes' status shows is the Service's.
+    // TLS is on with a Secret, or off only by name.
+    assert_eq!(flag("--alerts-tls-secret=").as_deref(), tls_secret, "{what}: {args:?}");
+    let insecure = args.iter().any(|a| a == "--alerts-insecure-http");
+    assert_eq!(insecure, tls_secret.is_none(), "{what}: {args:?}");
+    // The URL the routes' status shows is the Service's, in the scheme served.
     let namespace = str_at(service, &["metadata", "namespace"]);
-    let url = container_args(deployment).iter().find_map(|a| a.strip_prefix("--alerts-url=").map(str::to_string));
-    assert_eq!(url, Some(format!("http://{service_name}.{namespace}.svc:{listen_port}")), "{what}");
+    let scheme = if tls_secret.is_some() { "https" } else { "http" };
+    assert_eq!(
+        flag("--alerts-url="),
+        Some(format!("{scheme}://{service_name}.{namespace}.svc:{listen_port}")),
+        "{what}"
+    );
+}
+
+/// A cert-manager Certificate for the receiver: it writes the Secret the receiver serves, in the
+/// operator's namespace, for the host name of `--alerts-url`, as a server certificate.
+fn check_alerts_certificate(what: &str, certificate: &Value, deployment: &Value) {
+    assert_eq!(str_at(certificate, &["apiVersion"]), "cert-manager.io/v1", "{what}");
+    assert_eq!(str_at(certificate, &["kind"]), "Certificate", "{what}");
+    let args = container_args(deployment);
+    let flag = |name: &str| args.iter().find_map(|a| a.strip_prefix(name).map(str::to_string));
+    let secret = flag("--alerts-tls-secret=").unwrap_or_else(|| panic!("{what}: no --alerts-tls-secret"));
+    assert_eq!(str_at(certificate, &["spec", "secretName"]), secret, "{what}");
+    assert_eq!(
+        str_at(certificate, &["metadata", "namespace"]),
+        str_at(deployment, &["metadata", "namespace"]),
+        "{what}: the Secret must be in the operator's namespace (--alerts-tls-secret names no other)"
+    );
+    let url = flag("--alerts-url=").unwrap_or_else(|| panic!("{what}: no --alerts-url"));
+    let host = url.strip_prefix("https://").and_then(|rest| rest.split(':').next()).expect("an https URL");
+    let names: Vec<&str> = at(certificate, &["spec", "dnsNames"])
+        .as_sequence()
+        .expect("dnsNames")
+        .iter()
+        .filter_map(|n| n.as_str())
+        .collect();
+    assert!(names.contains(&host), "{what}: the certificate does not name {host}: {names:?}");
+    let usages = at(certificate, &["spec", "usages"]).as_sequence().expect("usages");
+    assert!(usages.iter().any(|u| u.as_str() == Some("server auth")), "{what}: {usages:?}");
+    assert!(!str_at(certificate, &["spec", "issuerRef", "name"]).is_empty(), "{what}: no issuer");
 }
 
 #[test]
@@ -485,15 +524,50 @@ fn alerts_receiver_is_exposed_by_the_overlay_and_the_chart() {
     let mut want = kinds(&base);
     want.insert(("Service".into(), "mailroom-alerts".into()));
     assert_eq!(kinds(&overlay), want);
-    check_alerts_service("deploy/overlays/alerts", &overlay, "mailroom-alerts");
+    check_alerts_service("deploy/overlays/alerts", &overlay, "mailroom-alerts", Some("mailroom-alerts-tls"));
     server_dry_run("deploy/overlays/alerts", &overlay.iter().collect::<Vec<_>>());
     assert_pod_meets_restricted("deploy/overlays/alerts", find(&overlay, "Deployment", "mailroom"));
+    // The example Certificate beside the component fits the overlay's receiver.
+    let example = std::fs::read_to_string(repo_root().join("deploy/components/alerts/certificate.yaml"))
+        .expect("deploy/components/alerts/certificate.yaml");
+    let example = docs(&example);
+    assert_eq!(example.len(), 1);
+    check_alerts_certificate("certificate.yaml", &example[0], find(&overlay, "Deployment", "mailroom"));
 
     let defaults = docs(&render_chart(&[]));
     assert!(!kinds(&defaults).contains(&("Service".into(), "mailroom-alerts".into())));
     let chart = docs(&render_chart(&["--set", "alerts.enabled=true", "--set", "alerts.port=9095"]));
-    check_alerts_service("chart with alerts.enabled", &chart, "mailroom-alerts");
+    check_alerts_service("chart with alerts.enabled", &chart, "mailroom-alerts", Some("mailroom-alerts-tls"));
+    assert!(!chart.iter().any(|d| str_at(d, &["kind"]) == "Certificate"), "no Certificate unless asked for");
     server_dry_run("chart with alerts.enabled", &chart.iter().collect::<Vec<_>>());
+
+    // The chart's own Certificate, and a Secret of another name.
+    let flags = [
+        "--set",
+        "alerts.enabled=true",
+        "--set",
+        "alerts.tls.secretName=receiver-cert",
+        "--set",
+        "alerts.tls.certManager.enabled=true",
+        "--set",
+        "alerts.tls.certManager.issuerRef.name=internal-ca",
+    ];
+    let chart = docs(&render_chart(&flags));
+    check_alerts_service("chart with alerts.tls.certManager", &chart, "mailroom-alerts", Some("receiver-cert"));
+    let deployment = find(&chart, "Deployment", "mailroom");
+    let certificate = find(&chart, "Certificate", "mailroom-alerts");
+    check_alerts_certificate("chart with alerts.tls.certManager", certificate, deployment);
+    assert_eq!(str_at(certificate, &["spec", "issuerRef", "name"]), "internal-ca");
+    // The test API server has no cert-manager CRDs: the rest is dry-run.
+    let rest: Vec<&Value> = chart.iter().filter(|d| str_at(d, &["kind"]) != "Certificate").collect();
+    server_dry_run("chart with alerts.tls.certManager", &rest);
+    let refused = helm_template(&["--set", "alerts.enabled=true", "--set", "alerts.tls.certManager.enabled=true"]);
+    assert!(refused.as_ref().is_err_and(|e| e.contains("issuerRef.name is required")), "{refused:?}");
+
+    // The explicit opt-out: plain HTTP, said as such.
+    let chart = docs(&render_chart(&["--set", "alerts.enabled=true", "--set", "alerts.tls.enabled=false"]));
+    check_alerts_service("chart with alerts.tls.enabled=false", &chart, "mailroom-alerts", None);
+    server_dry_run("chart with alerts.tls.enabled=false", &chart.iter().collect::<Vec<_>>());
 }
 
 fn container_args(d: &Value) -> Vec<String> {

@@ -1,15 +1,17 @@
-//! The notification receiver for every source but Alertmanager (tests/alerts.rs), with the real
-//! API server, a real SMTP server and the Microsoft 365 emulator: Flux's events (generic-hmac and
-//! generic), Argo CD's webhook (through Graph), Grafana's webhook (HMAC with a timestamp). Each
-//! accepted notification becomes one sent email; a wrong signature or token gets 401 and creates
-//! nothing; a replay creates nothing new; the route's status counts them. A route naming a profile
-//! and a template that do not exist yet is not Ready, and its messages wait for them.
+//! The notification receiver for every source but Alertmanager (tests/alerts.rs), over HTTPS with
+//! the test certificate, with the real API server, a real SMTP server and the Microsoft 365
+//! emulator: Flux's events (generic-hmac and generic), Argo CD's webhook (through Graph),
+//! Grafana's webhook (HMAC with a timestamp). Each accepted notification becomes one sent email; a
+//! wrong signature or token gets 401 and creates nothing; a replay creates nothing new; the
+//! route's status counts them. A route naming a profile and a template that do not exist yet is
+//! not Ready, and its messages wait for them.
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::emulator::Emulator;
+use common::receiver;
 use common::smtp_peer::SmtpPeer;
 use common::{Operator, create_yaml, message_condition, phase};
 use k8s_openapi::jiff::Timestamp;
@@ -25,22 +27,13 @@ const TOKEN: &str = "route-key-5b2e91d04c";
 const FLUX: &str = include_str!("fixtures/flux-event-error.json");
 const ARGOCD: &str = include_str!("fixtures/argocd-sync-failed.json");
 const GRAFANA: &str = include_str!("fixtures/grafana-firing.json");
-const PUBLIC_URL: &str = "http://mailroom-alerts.mailroom-system.svc:8082";
+const PUBLIC_URL: &str = "https://mailroom-alerts.mailroom-system.svc:8082";
 
-/// The operator with the receiver on a free port, and that port's base URL.
-fn start_operator(test: &str, ns: &str, extra: &[&str]) -> (Operator, String) {
-    let mut args = vec!["--alerts-addr", "127.0.0.1:0", "--alerts-url", PUBLIC_URL];
+/// The operator with the receiver on a free port over HTTPS, and that port's base URL.
+async fn start_operator(client: &kube::Client, test: &str, ns: &str, extra: &[&str]) -> (Operator, String) {
+    let mut args = vec!["--alerts-url", PUBLIC_URL];
     args.extend_from_slice(extra);
-    let op = Operator::start(test, ns, &args);
-    let start = Instant::now();
-    loop {
-        let log = op.log_text();
-        if let Some(addr) = log.split("alerts_addr=").nth(1).and_then(|rest| rest.split_whitespace().next()) {
-            return (op, format!("http://{addr}"));
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "the receiver did not start:\n{log}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    receiver::start_operator(client, test, ns, &args).await
 }
 
 /// The token Secret and a route `name` of `source`; `extra` is more of its spec.
@@ -65,7 +58,7 @@ spec:
 }
 
 async fn post(url: &str, headers: &[(&str, String)], body: &str) -> (u16, String) {
-    let mut req = common::http().post(url).header("content-type", "application/json").body(body.to_string());
+    let mut req = receiver::https().post(url).header("content-type", "application/json").body(body.to_string());
     for (k, v) in headers {
         req = req.header(*k, v);
     }
@@ -113,7 +106,7 @@ async fn flux_events_signed_or_with_a_token_become_emails_and_bad_signatures_and
     let client = common::client().await;
     let ns = common::namespace(&client, "recv-flux", &[]).await;
     let peer = SmtpPeer::start(&[]);
-    let (op, base) = start_operator("recv-flux", &ns, &[]);
+    let (op, base) = start_operator(&client, "recv-flux", &ns, &[]).await;
     create_yaml(&client, &ns, &common::relay_profile("relay", peer.smtp_port, "")).await;
     create_yaml(&client, &ns, &route_yaml("flux", "flux", "relay", "")).await;
     let url = format!("{base}/alerts/{ns}/flux");
@@ -214,7 +207,8 @@ async fn argocd_notifications_are_sent_through_graph_and_a_wrong_token_or_a_retr
     )
     .await;
     let ca = emu.ca_pem().display().to_string();
-    let (_op, base) = start_operator("recv-argocd", &ns, &["--ca-bundle", &ca, "--allow-custom-endpoints"]);
+    let (_op, base) =
+        start_operator(&client, "recv-argocd", &ns, &["--ca-bundle", &ca, "--allow-custom-endpoints"]).await;
     create_yaml(
         &client,
         &ns,
@@ -289,7 +283,7 @@ async fn grafana_hmac_notifications_with_a_timestamp_become_emails_and_stale_or_
     let client = common::client().await;
     let ns = common::namespace(&client, "recv-grafana", &[]).await;
     let peer = SmtpPeer::start(&[]);
-    let (_op, base) = start_operator("recv-grafana", &ns, &[]);
+    let (_op, base) = start_operator(&client, "recv-grafana", &ns, &[]).await;
     create_yaml(&client, &ns, &common::relay_profile("relay", peer.smtp_port, "")).await;
     create_yaml(
         &client,
@@ -355,7 +349,7 @@ async fn a_route_naming_a_missing_profile_and_template_is_not_ready_and_its_mess
     let client = common::client().await;
     let ns = common::namespace(&client, "recv-order", &[]).await;
     let peer = SmtpPeer::start(&[]);
-    let (_op, base) = start_operator("recv-order", &ns, &[]);
+    let (_op, base) = start_operator(&client, "recv-order", &ns, &[]).await;
     // The route first, as a GitOps tool may apply it: its profile and EmailTemplate come later.
     create_yaml(&client, &ns, &route_yaml("flux", "flux", "relay", "  emailTemplateRef: {name: flux-mail}")).await;
     let routes: Api<AlertRoute> = Api::namespaced(client.clone(), &ns);
@@ -428,8 +422,8 @@ async fn two_replicas_count_every_notification_once_and_create_one_message() {
     let client = common::client().await;
     let ns = common::namespace(&client, "recv-replicas", &[]).await;
     let peer = SmtpPeer::start(&[]);
-    let (_a, base_a) = start_operator("recv-replicas-a", &ns, &[]);
-    let (_b, base_b) = start_operator("recv-replicas-b", &ns, &[]);
+    let (_a, base_a) = start_operator(&client, "recv-replicas-a", &ns, &[]).await;
+    let (_b, base_b) = start_operator(&client, "recv-replicas-b", &ns, &[]).await;
     create_yaml(&client, &ns, &common::relay_profile("relay", peer.smtp_port, "")).await;
     create_yaml(&client, &ns, &route_yaml("on-call", "alertmanager", "relay", "")).await;
     let am = include_str!("fixtures/alertmanager-firing.json");

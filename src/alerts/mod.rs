@@ -5,8 +5,8 @@
 //! `payload` (Alertmanager, Grafana), `flux` and `argocd` read and validate each source's JSON;
 //! `incoming` reduces them to one shape and names them; `auth` checks the bearer token or the
 //! signature; `render` makes the email; `route` decides retry or repeat and builds the
-//! EmailMessage; `server` is the HTTP endpoint that strings them together; `status` keeps the
-//! routes' counts and readiness.
+//! EmailMessage; `server` is the HTTP endpoint that strings them together; `tls` serves it over
+//! HTTPS (and says when it may be plain HTTP); `status` keeps the routes' counts and readiness.
 
 pub mod argocd;
 pub mod auth;
@@ -17,10 +17,12 @@ pub mod render;
 pub mod route;
 pub mod server;
 pub mod status;
+pub mod tls;
 
 use axum::http::StatusCode;
 
 pub use server::{AlertsConfig, serve};
+pub use tls::{ReceiverFlags, ReceiverTls, receiver_tls};
 
 /// Why a notification was not turned into a message; each says what to fix, and maps to the HTTP
 /// status Alertmanager acts on (it retries 5xx, and gives up on 4xx).
@@ -133,6 +135,10 @@ mod tests {
         assert!(url.ends_with(&format!("/alerts/{ns}/{name}")), "{url}");
         let auth = &am["receivers"][0]["webhook_configs"][0]["http_config"]["authorization"];
         assert_eq!(auth["type"].as_str(), Some("Bearer"));
+        // The receiver serves HTTPS: Alertmanager trusts its CA.
+        assert!(url.starts_with("https://"), "{url}");
+        let tls = &am["receivers"][0]["webhook_configs"][0]["http_config"]["tls_config"];
+        assert!(tls["ca_file"].as_str().is_some_and(|f| f.ends_with("ca.crt")), "{tls:?}");
 
         let n = payload::parse(include_bytes!("../../tests/fixtures/alertmanager-firing.json")).unwrap();
         let templates = render::Templates::from_config_map(&cm.data.unwrap());
@@ -145,7 +151,7 @@ mod tests {
     }
 
     /// The Flux, Grafana and Argo CD examples: each route's source, and the sender's URL and
-    /// credential pointing at it.
+    /// credential pointing at it, over HTTPS with the receiver's CA trusted.
     #[test]
     fn the_receiver_examples_point_their_senders_at_their_routes() {
         use crate::api::AlertSource;
@@ -166,6 +172,16 @@ mod tests {
         assert!(provider["spec"]["address"].as_str().unwrap().ends_with(&path(&r)));
         assert_eq!(provider["spec"]["secretRef"]["name"].as_str(), Some(r.spec.token_secret_ref.name.as_str()));
         assert_eq!(r.spec.token_secret_ref.key, "token", "Flux reads the key `token`");
+        // HTTPS, trusting the CA in the Secret that certSecretRef names, under `ca.crt`.
+        assert!(provider["spec"]["address"].as_str().unwrap().starts_with("https://"));
+        let ca_secret = provider["spec"]["certSecretRef"]["name"].as_str().expect("certSecretRef");
+        let secret: k8s_openapi::api::core::v1::Secret = flux
+            .split("\n---")
+            .filter(|d| d.contains("kind: Secret\n"))
+            .map(|d| serde_yaml::from_str(d).unwrap())
+            .find(|s: &k8s_openapi::api::core::v1::Secret| s.metadata.name.as_deref() == Some(ca_secret))
+            .expect("the CA Secret");
+        assert!(secret.string_data.unwrap_or_default().contains_key("ca.crt"));
 
         let r = route(include_str!("../../examples/grafana-route.yaml"));
         assert_eq!(r.spec.source(), AlertSource::Grafana);
@@ -176,12 +192,22 @@ mod tests {
         let sig = r.spec.signature.as_ref().unwrap();
         assert_eq!(settings["hmacConfig"]["header"].as_str(), sig.header.as_deref());
         assert_eq!(settings["hmacConfig"]["timestampHeader"].as_str(), sig.timestamp_header.as_deref());
+        assert!(settings["url"].as_str().unwrap().starts_with("https://"));
+        assert!(settings["tlsConfig"]["caCertificate"].as_str().is_some(), "the contact point trusts the CA");
 
         let r = route(include_str!("../../examples/argocd-route.yaml"));
         assert_eq!(r.spec.source(), AlertSource::Argocd);
         let cm: k8s_openapi::api::core::v1::ConfigMap =
             serde_yaml::from_str(include_str!("../../deploy/argocd/argocd-notifications-cm.yaml")).unwrap();
         let service: serde_yaml::Value = serde_yaml::from_str(&cm.data.unwrap()["service.webhook.mailroom"]).unwrap();
-        assert!(service["url"].as_str().unwrap().ends_with(&path(&r)));
+        let url = service["url"].as_str().unwrap();
+        assert!(url.ends_with(&path(&r)));
+        // Argo CD trusts the certificates of argocd-tls-certs-cm under the URL's host, without
+        // its port.
+        let host = url.strip_prefix("https://").and_then(|rest| rest.split([':', '/']).next()).expect("an https URL");
+        let certs: k8s_openapi::api::core::v1::ConfigMap =
+            serde_yaml::from_str(include_str!("../../deploy/argocd/argocd-tls-certs-cm.yaml")).unwrap();
+        assert_eq!(certs.metadata.name.as_deref(), Some("argocd-tls-certs-cm"));
+        assert!(certs.data.unwrap_or_default().contains_key(host), "no certificate for {host}");
     }
 }

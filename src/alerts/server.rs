@@ -28,12 +28,16 @@ use super::payload::MAX_PAYLOAD_BYTES;
 use super::render::{self, RenderedMail, RouteName, Templates};
 use super::route::{self, Content, Earlier, NOTIFICATION_LABEL, Occurrence, ROUTE_LABEL};
 use super::status::{Outcome, Tallies};
+use super::tls::ReceiverTls;
 use crate::api::{AlertRoute, AlertSource, EmailMessage};
+use crate::serving_cert::{self, ServingCert};
 
 /// Requests handled at once; more get 503, which Alertmanager retries.
 const MAX_IN_FLIGHT: usize = 16;
 /// How long a client may take to send its body.
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How the certificate's log lines name the receiver.
+const CERT_WHAT: &str = "notification receiver";
 /// The field manager of the messages created.
 const FIELD_MANAGER: &str = "mailroom-alerts";
 
@@ -359,18 +363,35 @@ pub fn router(rx: Arc<AlertReceiver>) -> Router {
     Router::new().route("/alerts/{namespace}/{route}", post(receive)).fallback(not_found).with_state(rx)
 }
 
-/// Binds the receiver (port 0 picks a free port) and serves it in the background; returns the
-/// bound address.
-pub async fn serve(addr: SocketAddr, client: Client, config: AlertsConfig) -> std::io::Result<SocketAddr> {
+/// Binds the receiver (port 0 picks a free port) and serves it in the background, over HTTPS
+/// with the certificate of the Secret `tls` names (watched, and swapped in when it changes) or
+/// over plain HTTP when `tls` says so; returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    client: Client,
+    config: AlertsConfig,
+    tls: &ReceiverTls,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let tallies = Arc::new(Tallies::default());
     let status =
         super::status::run(client.clone(), config.namespace.clone(), config.public_url.clone(), tallies.clone());
     tokio::spawn(status);
-    let app = router(Arc::new(AlertReceiver::new(client, config, tallies)));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    info!(alerts_addr = %bound, "serving notifications on POST /alerts/{{namespace}}/{{alertroute}}");
+    let app = router(Arc::new(AlertReceiver::new(client.clone(), config, tallies)));
+    match tls {
+        ReceiverTls::Secret { namespace, name } => {
+            let cert = Arc::new(ServingCert::default());
+            let watch = serving_cert::watch(client, namespace.clone(), name.clone(), cert.clone(), CERT_WHAT);
+            tokio::spawn(watch);
+            tokio::spawn(super::tls::serve_https(listener, app, cert));
+            info!(alerts_addr = %bound, tls_secret = %format!("{namespace}/{name}"), "serving notifications over HTTPS on POST /alerts/{{namespace}}/{{alertroute}}");
+        }
+        ReceiverTls::InsecureHttp => {
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            warn!(alerts_addr = %bound, "serving notifications over plain HTTP (--alerts-insecure-http) on POST /alerts/{{namespace}}/{{alertroute}}");
+        }
+    }
     Ok(bound)
 }
 

@@ -54,3 +54,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "mailroom.caBundleKey" -}}
 {{- if .Values.caBundle.pem }}ca.crt{{- else }}{{ .Values.caBundle.configMap.key }}{{- end }}
 {{- end }}
+
+{{/* The Secret the notification receiver serves HTTPS with. */}}
+{{- define "mailroom.alertsTlsSecret" -}}
+{{- default (printf "%s-alerts-tls" (include "mailroom.fullname" .)) .Values.alerts.tls.secretName }}
+{{- end }}
+
+{{/* The notification receiver's URL as senders in the cluster reach it (its Service). */}}
+{{- define "mailroom.alertsUrl" -}}
+{{- printf "%s://%s-alerts.%s.svc:%v" (ternary "https" "http" .Values.alerts.tls.enabled) (include "mailroom.fullname" .) .Release.Namespace .Values.alerts.port }}
+{{- end }}
