@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::alertmanager::Alertmanager;
 use common::api_proxy::ApiProxy;
+use common::emulator::{Emulator, concat_pems};
 use common::smtp_peer::SmtpPeer;
 use common::{Operator, create_yaml, phase};
 use kube::api::ListParams;
@@ -31,6 +32,23 @@ fn free_port() -> u16 {
 /// The relay profile, the listener's certificate and the credential `grafana` (username
 /// `grafana@team`).
 async fn setup(client: &Client, ns: &str, relay_port: u16) {
+    let profile = format!(
+        r#"
+apiVersion: mailroom.dev/v1alpha1
+kind: MailProfile
+metadata: {{name: relay}}
+spec:
+  senders: {{default: "alerts@contoso.com", allowed: ["*@noreply.contoso.com"]}}
+  recipientDomains: [contoso.com]
+  smtp: {{host: 127.0.0.1, port: {relay_port}, tls: None}}
+"#
+    );
+    setup_with_profile(client, ns, &profile).await;
+}
+
+/// The listener's certificate, the credential `grafana` (username `grafana@team`) and `profile`
+/// (a MailProfile named `relay`).
+async fn setup_with_profile(client: &Client, ns: &str, profile: &str) {
     let cert = std::fs::read_to_string(testdata("localhost.crt")).unwrap();
     let key = std::fs::read_to_string(testdata("localhost.key")).unwrap();
     let indent = |s: &str| s.lines().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n");
@@ -54,22 +72,7 @@ stringData:
         ),
     )
     .await;
-    create_yaml(
-        client,
-        ns,
-        &format!(
-            r#"
-apiVersion: mailroom.dev/v1alpha1
-kind: MailProfile
-metadata: {{name: relay}}
-spec:
-  senders: {{default: "alerts@contoso.com", allowed: ["*@noreply.contoso.com"]}}
-  recipientDomains: [contoso.com]
-  smtp: {{host: 127.0.0.1, port: {relay_port}, tls: None}}
-"#
-        ),
-    )
-    .await;
+    create_yaml(client, ns, profile).await;
     create_yaml(
         client,
         ns,
@@ -471,13 +474,44 @@ async fn an_operator_killed_between_data_and_its_answer_leaves_exactly_one_messa
 }
 
 #[tokio::test]
-async fn alertmanager_email_configs_deliver_through_the_listener() {
+async fn alertmanager_email_configs_deliver_through_the_listener_to_graph() {
+    const TENANT: &str = "7e3b1c2d-0000-4000-8000-00000000b0b0";
+    const CLIENT: &str = "9a1f0c3e-1111-4111-8111-00000000b0b1";
     let client = common::client().await;
     let ns = common::namespace(&client, "submit-am", &[]).await;
-    let peer = SmtpPeer::start(&[]);
-    setup(&client, &ns, peer.smtp_port).await;
+    let emu = Emulator::start("submit-am").await;
+    emu.register_app(
+        json!({"tenantId": TENANT, "clientId": CLIENT, "secrets": ["am-secret-1"], "roles": ["Mail.Send"]}),
+    )
+    .await;
+    let bundle = emu.dir.path().join("operator-ca-bundle.pem");
+    concat_pems(&bundle, &[emu.ca_pem()]);
+    let bundle = bundle.display().to_string();
+    let url = &emu.url;
+    let profile = format!(
+        r#"
+apiVersion: v1
+kind: Secret
+metadata: {{name: graph-credentials}}
+stringData: {{client-secret: am-secret-1}}
+---
+apiVersion: mailroom.dev/v1alpha1
+kind: MailProfile
+metadata: {{name: relay}}
+spec:
+  senders: {{default: "alerts@contoso.com", allowed: ["*@noreply.contoso.com"]}}
+  recipientDomains: [contoso.com]
+  graph:
+    tenantId: {TENANT}
+    clientId: {CLIENT}
+    clientSecretRef: {{name: graph-credentials, key: client-secret}}
+    authorityHost: {url}
+    endpoint: {url}
+"#
+    );
+    setup_with_profile(&client, &ns, &profile).await;
     let port = free_port();
-    let _op = start_operator("submit-am", &ns, port, &[], &[]).await;
+    let _op = start_operator("submit-am", &ns, port, &["--ca-bundle", &bundle, "--allow-custom-endpoints"], &[]).await;
     // Alertmanager's own email receiver, as its documentation configures it: STARTTLS
     // required, the listener's CA, AUTH with the credential's username and password.
     let am = Alertmanager::start("submit-am", |dir| {
@@ -529,10 +563,13 @@ receivers:
     let api: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);
     let sent = common::wait_for(&api, &message.name_any(), WAIT, |m| phase(m) == Some(Phase::Sent)).await;
     assert_eq!(sent.spec.from.as_deref(), Some("alerts@noreply.contoso.com"));
-    let delivered = peer.wait_messages(1, WAIT).await;
-    let raw = String::from_utf8_lossy(&peer.raw(&delivered[0])).into_owned();
-    assert!(raw.contains("Subject: [FIRING:1] DiskFull"), "{raw}");
-    assert_eq!(delivered[0]["rcpt_tos"], json!(["ops@contoso.com"]));
+    assert_eq!(sent.status.as_ref().unwrap().transport.as_deref(), Some("graph"));
+    // Graph's MIME sendMail got the message as Alertmanager wrote it.
+    let m = &emu.wait_messages(1, WAIT).await[0];
+    assert_eq!(m["mode"], "mime");
+    assert_eq!(m["sender"], "alerts@noreply.contoso.com");
+    assert!(m["subject"].as_str().is_some_and(|s| s.starts_with("[FIRING:1] DiskFull")), "{m}");
+    assert_eq!(m["to"][0]["address"], "ops@contoso.com");
 }
 
 /// Runs swaks (Debian's `swaks`; hack/test.sh installs it) to the end: its exit status and its

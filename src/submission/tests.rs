@@ -184,7 +184,7 @@ async fn an_authenticated_client_submits_and_the_data_arrives_unstuffed() {
     let backend = Arc::new(Recorder::default());
     let (port, _) = listener(10, backend.clone()).await;
     let mut c = logged_in(port).await;
-    c.command("MAIL FROM:<alerts@contoso.com> BODY=8BITMIME SIZE=100", "250 2.1.0").await;
+    c.command("MAIL FROM:<alerts@contoso.com> BODY=8BITMIME SIZE=100 SMTPUTF8", "250 2.1.0").await;
     c.command("RCPT TO:<ops@contoso.com>", "250 2.1.5").await;
     c.command("RCPT TO:<hidden@contoso.com>", "250 2.1.5").await;
     c.command("DATA", "354").await;
@@ -195,6 +195,7 @@ async fn an_authenticated_client_submits_and_the_data_arrives_unstuffed() {
     let accepted = backend.accepted.lock().unwrap();
     let (envelope, data) = &accepted[0];
     assert_eq!(envelope.from, "alerts@contoso.com");
+    assert!(envelope.smtputf8, "MAIL FROM's SMTPUTF8 parameter is recorded");
     assert_eq!(envelope.recipients, ["ops@contoso.com", "hidden@contoso.com"]);
     assert_eq!(data.as_slice(), b"Subject: t\r\n\r\n.a line that starts with a dot\r\nlast\r\n");
 }
