@@ -61,7 +61,7 @@ kubectl wait --for=condition=Established --timeout=60s \
 export MAILROOM_BIN="$REPO_ROOT/target/debug/mailroom"
 export MAILROOM_EMULATOR_BIN="$REPO_ROOT/target/debug/m365-emulator"
 say "cargo test --workspace (unit and integration)"
-cargo test --workspace -- --test-threads "${MAILROOM_TEST_THREADS:-2}"
+cargo test --workspace --no-fail-fast -- --test-threads "${MAILROOM_TEST_THREADS:-2}"
 cleanup
 trap - EXIT
 
