@@ -159,7 +159,11 @@ spec:
         lines.iter().map(|l| (l["trigger"].as_str().unwrap_or(""), l["triggered"] == true)).collect();
     assert_eq!(
         fired,
-        [("on-mailroom-sync-succeeded", false), ("on-mailroom-sync-failed", true), ("on-mailroom-health-degraded", true)]
+        [
+            ("on-mailroom-sync-succeeded", false),
+            ("on-mailroom-sync-failed", true),
+            ("on-mailroom-health-degraded", true)
+        ]
     );
 
     let messages: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);

@@ -186,7 +186,9 @@ spec:
         ),
     )
     .await;
-    for (kind, name) in [("Provider", "mailroom"), ("Alert", "mailroom"), ("Provider", "wrong-key"), ("Alert", "wrong-key")] {
+    for (kind, name) in
+        [("Provider", "mailroom"), ("Alert", "mailroom"), ("Provider", "wrong-key"), ("Alert", "wrong-key")]
+    {
         wait_seen(&client, &ns, kind, name).await;
     }
 
