@@ -39,6 +39,10 @@ say "building promtool and Alertmanager for the alerting tests (once per machine
 MAILROOM_PROMTOOL="$(bash hack/prom-tools.sh promtool | tail -n 1)"
 MAILROOM_ALERTMANAGER="$(bash hack/prom-tools.sh alertmanager | tail -n 1)"
 export MAILROOM_PROMTOOL MAILROOM_ALERTMANAGER
+say "building Flux's notification-controller and argocd-notify for the GitOps notification tests (once per machine; a first build takes several minutes)"
+MAILROOM_NOTIFICATION_CONTROLLER="$(bash hack/gitops-tools.sh notification-controller | tail -n 1)"
+MAILROOM_ARGOCD_NOTIFY="$(bash hack/gitops-tools.sh argocd-notify | tail -n 1)"
+export MAILROOM_NOTIFICATION_CONTROLLER MAILROOM_ARGOCD_NOTIFY
 
 export MAILROOM_TESTENV_DIR="${MAILROOM_TESTENV_DIR:-$REPO_ROOT/target/testenv-test}"
 say "starting the local control plane (state in $MAILROOM_TESTENV_DIR)"

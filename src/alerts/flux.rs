@@ -96,7 +96,8 @@ impl FluxEvent {
             .unwrap_or("")
     }
 
-    /// The Alert's `spec.summary`, which notification-controller adds as metadata `summary`.
+    /// The Alert's `spec.eventMetadata.summary` (or the deprecated `spec.summary`), which
+    /// notification-controller adds as metadata `summary`.
     pub fn summary(&self) -> &str {
         self.metadata.get("summary").map(String::as_str).unwrap_or("")
     }

@@ -15,6 +15,7 @@ pub mod alertmanager;
 pub mod api_proxy;
 pub mod audited;
 pub mod emulator;
+pub mod flux;
 pub mod receiver;
 pub mod smtp_peer;
 
