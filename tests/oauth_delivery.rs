@@ -535,7 +535,9 @@ async fn a_mailprofile_cannot_point_the_operator_at_other_urls() {
     let bundle = w.emu.dir.path().join("strict-ca-bundle.pem");
     concat_pems(&bundle, &[w.emu.ca_pem()]);
     let bundle = bundle.display().to_string();
-    let _op = Operator::start_all_with_env(&format!("{}-{}", w.test, w.ns), &["--ca-bundle", &bundle], &[]);
+    // Watching its own namespace only: an operator without --allow-custom-endpoints over all
+    // namespaces would refuse the other tests' MailProfiles, which point at their emulators.
+    let _op = Operator::start(w.test, &w.ns, &["--ca-bundle", &bundle]);
     w.graph_profile("internal", CLIENT, secret_ref(), json!({})).await;
     let refused = w.wait_ready("internal", "False").await;
     let cond = ready(&refused).expect("Ready");
