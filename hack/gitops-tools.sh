@@ -42,26 +42,10 @@ readonly PREFIX="$NAME:"
 readonly MOD_DIR="$REPO_ROOT/tools/$NAME"
 readonly CACHE_ROOT="${MAILROOM_CACHE:-${HOME:?HOME must be set}/.cache/mailroom}/$NAME"
 
-log() { printf '%s %s\n' "$PREFIX" "$*" >&2; }
-die() {
-  log "error: $*"
-  exit 1
-}
+# shellcheck source=hack/lib/go-tool.sh
+source "$REPO_ROOT/hack/lib/go-tool.sh"
 
-module_version() {
-  local v
-  v="$(awk -v m="$MODULE" '{ for (i = 1; i < NF; i++) if ($i == m) { print $(i + 1); exit } }' "$MOD_DIR/go.mod")"
-  [[ -n "$v" ]] || die "no $MODULE requirement in $MOD_DIR/go.mod"
-  printf '%s\n' "$v"
-}
 
-sha256() {
-  if command -v sha256sum >/dev/null 2>&1; then
-    sha256sum | cut -c1-64
-  else
-    shasum -a 256 | cut -c1-64
-  fi
-}
 
 VERSION="$(module_version)"
 readonly VERSION
@@ -80,23 +64,6 @@ built() {
   esac
 }
 
-# Runs "$@" holding an exclusive lock when flock(1) exists, so parallel callers build once.
-with_lock() {
-  local lockfile="$1"
-  shift
-  if command -v flock >/dev/null 2>&1; then
-    (
-      exec 9>"$lockfile"
-      if ! flock -n 9; then
-        log "waiting for another build holding $lockfile"
-        flock 9
-      fi
-      "$@"
-    )
-  else
-    "$@"
-  fi
-}
 
 # The controller's CRDs, from the module at the pinned version, beside the binary.
 copy_crds() {
@@ -139,26 +106,7 @@ build_locked() {
 }
 
 main() {
-  case "${2:-build}" in
-    build)
-      if ! built; then
-        mkdir -p "$CACHE_ROOT"
-        with_lock "$CACHE_ROOT/.build.lock" build_locked
-      fi
-      printf '%s\n' "$BIN"
-      ;;
-    path)
-      built || {
-        log "$NAME $VERSION is not built yet; run: $0 $NAME"
-        exit 1
-      }
-      printf '%s\n' "$BIN"
-      ;;
-    *)
-      echo "usage: $0 notification-controller|argocd-notify [build|path]" >&2
-      exit 2
-      ;;
-  esac
+  tool_command "${2:-build}" "$0 $NAME" "usage: $0 notification-controller|argocd-notify [build|path]"
 }
 
 main "$@"

@@ -15,43 +15,18 @@ readonly MOD_DIR="$REPO_ROOT/tools/helm"
 readonly CACHE_ROOT="${MAILROOM_CACHE:-${HOME:?HOME must be set}/.cache/mailroom}/helm"
 readonly MODULE="helm.sh/helm/v4"
 
-log() { printf '%s %s\n' "$PREFIX" "$*" >&2; }
-die() {
-  log "error: $*"
-  exit 1
-}
+# shellcheck source=hack/lib/go-tool.sh
+source "$REPO_ROOT/hack/lib/go-tool.sh"
+readonly NAME=helm
 
-helm_version() {
-  local v
-  v="$(awk -v m="$MODULE" '{ for (i = 1; i < NF; i++) if ($i == m) { print $(i + 1); exit } }' "$MOD_DIR/go.mod")"
-  [[ -n "$v" ]] || die "no $MODULE requirement in $MOD_DIR/go.mod"
-  printf '%s\n' "$v"
-}
 
-VERSION="$(helm_version)"
+VERSION="$(module_version)"
 readonly VERSION
 readonly DEST="$CACHE_ROOT/$VERSION"
 readonly BIN="$DEST/helm"
 
 built() { [[ -x "$BIN" ]] && "$BIN" version --short >/dev/null 2>&1; }
 
-# Runs "$@" holding an exclusive lock when flock(1) exists, so parallel callers build once.
-with_lock() {
-  local lockfile="$1"
-  shift
-  if command -v flock >/dev/null 2>&1; then
-    (
-      exec 9>"$lockfile"
-      if ! flock -n 9; then
-        log "waiting for another build holding $lockfile"
-        flock 9
-      fi
-      "$@"
-    )
-  else
-    "$@"
-  fi
-}
 
 build_locked() {
   local tmp start
@@ -81,26 +56,7 @@ build_locked() {
 }
 
 main() {
-  case "${1:-build}" in
-    build)
-      if ! built; then
-        mkdir -p "$CACHE_ROOT"
-        with_lock "$CACHE_ROOT/.build.lock" build_locked
-      fi
-      printf '%s\n' "$BIN"
-      ;;
-    path)
-      built || {
-        log "helm $VERSION is not built yet; run: $0"
-        exit 1
-      }
-      printf '%s\n' "$BIN"
-      ;;
-    *)
-      echo "usage: $0 [build|path]" >&2
-      exit 2
-      ;;
-  esac
+  tool_command "${1:-build}" "$0" "usage: $0 [build|path]"
 }
 
 main "$@"
