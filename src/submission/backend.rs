@@ -158,13 +158,8 @@ impl KubeBackend {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
         match api.get_opt(secret).await {
             Ok(found) => {
-                let login = found.and_then(|s| {
-                    let mut data = s.data?;
-                    let username = String::from_utf8(data.remove("username")?.0).ok()?;
-                    let password = data.remove("password")?.0;
-                    let password = crate::alerts::auth::stored_token(&password);
-                    (!username.is_empty() && !password.is_empty())
-                        .then(|| Login { username: username.trim_end().to_string(), password_sha256: sha256(password) })
+                let login = found.as_ref().and_then(|s| super::status::login_of(s).ok()).map(|(username, password)| {
+                    Login { username: username.to_string(), password_sha256: sha256(password) }
                 });
                 self.cache().logins.insert(key, Timed { at: Instant::now(), value: login.clone() });
                 Ok(login)

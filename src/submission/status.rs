@@ -47,19 +47,43 @@ pub fn readiness(secret: &SecretState, others: &[String], profile: &Dependency) 
     }
 }
 
-/// The state of a credential's Secret, as the listener reads it.
-pub fn secret_state(ns: &str, name: &str, secret: Option<&Secret>) -> SecretState {
-    let Some(secret) = secret else {
-        return SecretState::Unusable("SecretNotFound", format!("Secret {ns}/{name} not found"));
-    };
+/// The key of a credential's Secret that is missing or empty.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MissingKey {
+    /// `username`.
+    Username,
+    /// `password`.
+    Password,
+}
+
+/// The username and password a credential's Secret holds (the username without trailing white
+/// space, the password without a trailing newline), or which of them is missing or empty. The
+/// listener logs in with exactly this, and the status reports it.
+pub fn login_of(secret: &Secret) -> Result<(&str, &[u8]), MissingKey> {
     let data = secret.data.as_ref();
     let get = |k: &str| data.and_then(|d| d.get(k)).map(|v| v.0.as_slice());
     let username = get("username").and_then(|u| std::str::from_utf8(u).ok()).map(str::trim_end).unwrap_or("");
     let password = get("password").map(crate::alerts::auth::stored_token).unwrap_or(b"");
     match (username.is_empty(), password.is_empty()) {
-        (true, _) => SecretState::Unusable("UsernameMissing", format!("Secret {ns}/{name} has no username")),
-        (_, true) => SecretState::Unusable("PasswordMissing", format!("Secret {ns}/{name} has no password")),
-        _ => SecretState::Login(username.to_string()),
+        (true, _) => Err(MissingKey::Username),
+        (_, true) => Err(MissingKey::Password),
+        _ => Ok((username, password)),
+    }
+}
+
+/// The state of a credential's Secret, as the listener reads it.
+pub fn secret_state(ns: &str, name: &str, secret: Option<&Secret>) -> SecretState {
+    let Some(secret) = secret else {
+        return SecretState::Unusable("SecretNotFound", format!("Secret {ns}/{name} not found"));
+    };
+    match login_of(secret) {
+        Ok((username, _)) => SecretState::Login(username.to_string()),
+        Err(MissingKey::Username) => {
+            SecretState::Unusable("UsernameMissing", format!("Secret {ns}/{name} has no username"))
+        }
+        Err(MissingKey::Password) => {
+            SecretState::Unusable("PasswordMissing", format!("Secret {ns}/{name} has no password"))
+        }
     }
 }
 
