@@ -114,17 +114,12 @@ struct Session<'a, S, B: Backend> {
     backend: &'a B,
 }
 
-/// The state of the mail transaction.
-#[derive(Default)]
-struct Transaction {
-    envelope: Option<Envelope>,
-}
-
 impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<'_, S, B> {
     async fn run(mut self) -> std::io::Result<Ended<S>> {
         let mut greeted = false;
         let mut grant: Option<B::Grant> = None;
-        let mut tx = Transaction::default();
+        // The mail transaction in progress: its envelope once MAIL was accepted.
+        let mut transaction: Option<Envelope> = None;
         let mut errors = 0u32;
         loop {
             if errors >= self.limits.max_errors {
@@ -158,13 +153,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<'_, S, B> {
             let reply = match request {
                 Request::Ehlo { .. } => {
                     greeted = true;
-                    tx = Transaction::default();
+                    transaction = None;
                     self.conn.queue_raw(&self.ehlo());
                     continue;
                 }
                 Request::Helo { .. } => {
                     greeted = true;
-                    tx = Transaction::default();
+                    transaction = None;
                     Reply::new(250, "", self.hostname.to_string())
                 }
                 Request::StartTls if self.tls => Reply::new(503, "5.5.1", "TLS is already active"),
@@ -185,7 +180,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<'_, S, B> {
                         Reply::new(503, "5.5.1", "send EHLO first")
                     } else if grant.is_some() {
                         Reply::new(503, "5.5.1", "already authenticated")
-                    } else if tx.envelope.is_some() {
+                    } else if transaction.is_some() {
                         Reply::new(503, "5.5.1", "AUTH is not permitted during a mail transaction")
                     } else {
                         match self.auth(mechanism, &initial_response).await? {
@@ -205,7 +200,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<'_, S, B> {
                         Reply::new(503, "5.5.1", "send EHLO first")
                     } else if !self.tls {
                         Reply::new(530, "5.7.0", "must issue a STARTTLS command first")
-                    } else if tx.envelope.is_some() {
+                    } else if transaction.is_some() {
                         Reply::new(503, "5.5.1", "a mail transaction is already in progress; send RSET first")
                     } else if let Some(g) = &grant {
                         if from.size > self.limits.max_message_bytes {
@@ -218,7 +213,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<'_, S, B> {
                             match self.backend.mail_from(g, &from.address).await {
                                 Ok(()) => {
                                     let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
-                                    tx.envelope =
+                                    transaction =
                                         Some(Envelope { from: from.address, recipients: Vec::new(), smtputf8 });
                                     Reply::new(250, "2.1.0", "sender ok")
                                 }
@@ -229,7 +224,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<'_, S, B> {
                         Reply::new(530, "5.7.0", "authentication required")
                     }
                 }
-                Request::Rcpt { to } => match (&grant, tx.envelope.as_mut()) {
+                Request::Rcpt { to } => match (&grant, transaction.as_mut()) {
                     (Some(g), Some(envelope)) => {
                         if envelope.recipients.len() >= self.limits.max_recipients {
                             Reply::new(
@@ -249,7 +244,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<'_, S, B> {
                     }
                     _ => Reply::new(503, "5.5.1", "send MAIL first"),
                 },
-                Request::Data => match (&grant, tx.envelope.take()) {
+                Request::Data => match (&grant, transaction.take()) {
                     (Some(g), Some(envelope)) if !envelope.recipients.is_empty() => {
                         self.conn.queue(&Reply::new(354, "", "end data with <CR><LF>.<CR><LF>"));
                         match self.conn.read_data(self.limits.max_message_bytes, self.limits.data_timeout).await {
@@ -268,13 +263,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<'_, S, B> {
                         }
                     }
                     (Some(_), Some(envelope)) => {
-                        tx.envelope = Some(envelope);
+                        transaction = Some(envelope);
                         Reply::new(554, "5.5.1", "no valid recipients")
                     }
                     _ => Reply::new(503, "5.5.1", "send MAIL and RCPT first"),
                 },
                 Request::Rset => {
-                    tx = Transaction::default();
+                    transaction = None;
                     Reply::new(250, "2.0.0", "ok")
                 }
                 Request::Noop { .. } => Reply::new(250, "2.0.0", "ok"),
