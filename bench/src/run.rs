@@ -19,14 +19,14 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::figures::{self, RequestKey};
-use crate::lifecycle;
 use crate::peers::{Emulator, Process, SmtpPeer};
 use crate::{Args, BenchError, Transport};
+use crate::{history, lifecycle, openloop};
 
 const TENANT: &str = "5b1c2d3e-0000-4000-8000-00000000be01";
 const CLIENT_ID: &str = "5b1c2d3e-1111-4111-8111-00000000be02";
 /// The MailProfile every run creates.
-const PROFILE: &str = "bench";
+pub(crate) const PROFILE: &str = "bench";
 const SECRET: &str = "bench-graph";
 
 /// What one run measured.
@@ -95,14 +95,30 @@ pub async fn all(args: Args) -> Result<(), BenchError> {
     let mut results = Results::default();
     let file = out.join("results.json");
     let sizes = if throughput { args.sizes.clone() } else { Vec::new() };
-    for &n in &sizes {
+    for (k, &n) in sizes.iter().enumerate() {
         for &transport in &args.transports {
             let peers = Peers { smtp: smtp.as_ref(), emulator: emulator.as_ref() };
             let result = one(&client, &args, transport, n, &peers, &logs).await?;
             print_table(std::slice::from_ref(&result), false);
+            let ceiling = result.ceiling_messages_per_second;
             results.runs.push(result);
             write_results(&file, &args, &results)?;
+            if k == 0 && args.open_loop_secs > 0 {
+                reset_peers(&peers, transport).await?;
+                let open = openloop::run(&client, &args, transport, n, ceiling, &peers, &logs).await?;
+                openloop::print(std::slice::from_ref(&open));
+                results.open_loop.push(open);
+                write_results(&file, &args, &results)?;
+            }
         }
+    }
+    if let Some(&transport) = args.transports.first().filter(|_| args.history > 0) {
+        let peers = Peers { smtp: smtp.as_ref(), emulator: emulator.as_ref() };
+        reset_peers(&peers, transport).await?;
+        let result = history::run(&client, &args, transport, &peers, &logs).await?;
+        history::print(&result);
+        results.history = Some(result);
+        write_results(&file, &args, &results)?;
     }
     if let Some(emu) = emulator.as_ref().filter(|_| args.profiles > 0) {
         let result = lifecycle::profiles(&client, &args, emu, &logs).await?;
@@ -120,6 +136,13 @@ pub async fn all(args: Args) -> Result<(), BenchError> {
     if !results.runs.is_empty() {
         print_table(&results.runs, true);
     }
+    if !results.open_loop.is_empty() {
+        openloop::print(&results.open_loop);
+    }
+    if let Some(r) = &results.history {
+        history::print(r);
+    }
+    print_growth(&results);
     if let Some(r) = &results.profiles {
         println!("profile lifecycle: {} profiles created and deleted twice (figures, not assertions)", r.profiles);
         lifecycle::print_profiles(r);
@@ -136,13 +159,15 @@ pub async fn all(args: Args) -> Result<(), BenchError> {
 #[derive(Default)]
 struct Results {
     runs: Vec<RunResult>,
+    open_loop: Vec<openloop::OpenLoopResult>,
+    history: Option<history::HistoryResult>,
     profiles: Option<lifecycle::ProfilesResult>,
     waiting: Option<lifecycle::WaitingResult>,
 }
 
-struct Peers<'a> {
-    smtp: Option<&'a SmtpPeer>,
-    emulator: Option<&'a Emulator>,
+pub(crate) struct Peers<'a> {
+    pub(crate) smtp: Option<&'a SmtpPeer>,
+    pub(crate) emulator: Option<&'a Emulator>,
 }
 
 fn write_results(file: &Path, args: &Args, results: &Results) -> Result<(), BenchError> {
@@ -155,11 +180,67 @@ fn write_results(file: &Path, args: &Args, results: &Results) -> Result<(), Benc
             "bodyBytes": args.body_bytes, "attachmentBytes": args.attachment_bytes,
         },
         "runs": results.runs,
+        "openLoop": results.open_loop,
+        "history": results.history,
         "profiles": results.profiles,
         "waiting": results.waiting,
     });
     let text = serde_json::to_string_pretty(&doc).map_err(|e| BenchError::Peer(e.to_string()))?;
     std::fs::write(file, text).map_err(|e| BenchError::io(file, e))
+}
+
+/// Resets the peer of `transport` (the emulator's app, the SMTP server's mailbox).
+async fn reset_peers(peers: &Peers<'_>, transport: Transport) -> Result<(), BenchError> {
+    match transport {
+        Transport::Graph => {
+            let app =
+                json!({"tenantId": TENANT, "clientId": CLIENT_ID, "secrets": [secret_value()], "roles": ["Mail.Send"]});
+            peers.emulator.ok_or_else(|| BenchError::Peer("no emulator".into()))?.reset(&app).await
+        }
+        Transport::Smtp => peers.smtp.ok_or_else(|| BenchError::Peer("no SMTP server".into()))?.reset().await,
+    }
+}
+
+/// Cost growth per transport: msg/s, peak RSS and CPU seconds per 1,000 messages by size, and
+/// the fitted exponent of each total (RSS, CPU seconds) against the size: 1 is linear.
+fn print_growth(results: &Results) {
+    let mut transports: Vec<Transport> = results.runs.iter().map(|r| r.transport).collect();
+    transports.dedup();
+    if results.runs.len() < 2 && results.history.is_none() {
+        return;
+    }
+    println!("cost growth (figures, not assertions; exponent of the total against N: 1 is linear)");
+    for t in transports {
+        let runs: Vec<&RunResult> = results.runs.iter().filter(|r| r.transport == t).collect();
+        let cells: Vec<String> = runs
+            .iter()
+            .map(|r| {
+                format!(
+                    "N={}: {:.1} msg/s, {:.1} MiB, {:.2} CPU s/1k",
+                    r.messages, r.messages_per_second, r.peak_rss_mib, r.cpu_seconds_per_1000
+                )
+            })
+            .collect();
+        let rss: Vec<(f64, f64)> = runs.iter().map(|r| (r.messages as f64, r.peak_rss_mib)).collect();
+        let cpu: Vec<(f64, f64)> = runs.iter().map(|r| (r.messages as f64, r.cpu_seconds)).collect();
+        let exp = |p: &[(f64, f64)]| figures::growth_exponent(p).map_or("-".into(), |e| format!("{e:.2}"));
+        println!(
+            "{:<6} {}  | exponent: RSS {}, CPU {}",
+            format!("{t:?}").to_lowercase(),
+            cells.join("; "),
+            exp(&rss),
+            exp(&cpu)
+        );
+    }
+    if let Some(h) = &results.history {
+        println!(
+            "history N={}: start to Ready {:.1}s, {:.1} MiB peak, {:.3} CPU s/1k present",
+            h.finished_count(),
+            h.seconds_to_ready(),
+            h.peak_rss(),
+            h.cpu_per_1000()
+        );
+    }
 }
 
 fn print_table(results: &[RunResult], header_line: bool) {
@@ -221,7 +302,7 @@ fn sender(i: usize, mailboxes: usize) -> String {
 }
 
 /// The message every run creates: a text body and an inline attachment of the configured sizes.
-fn message(name: &str, profile: &str, i: usize, args: &Args) -> Result<EmailMessage, BenchError> {
+pub(crate) fn message(name: &str, profile: &str, i: usize, args: &Args) -> Result<EmailMessage, BenchError> {
     let body: String = "mailroom benchmark body line\n".chars().cycle().take(args.body_bytes).collect();
     let mut spec = json!({
         "profileRef": {"name": profile},
@@ -243,7 +324,7 @@ fn message(name: &str, profile: &str, i: usize, args: &Args) -> Result<EmailMess
     .map_err(|e| BenchError::Peer(format!("message template: {e}")))
 }
 
-async fn create_namespace(client: &Client, prefix: &str) -> Result<String, BenchError> {
+pub(crate) async fn create_namespace(client: &Client, prefix: &str) -> Result<String, BenchError> {
     let name = format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
     let ns: Namespace =
         serde_json::from_value(json!({"metadata": {"name": name}})).map_err(|e| BenchError::Peer(e.to_string()))?;
@@ -370,7 +451,7 @@ async fn minimal_client(api: Api<EmailMessage>, mailboxes: usize, concurrency: u
 
 /// Follows the messages of a namespace: when each was first seen Sent or Failed. Returns once
 /// the watch has listed the namespace, so that no outcome is missed.
-async fn watch_finished(client: &Client, ns: &str) -> (Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>) {
+pub(crate) async fn watch_finished(client: &Client, ns: &str) -> (Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>) {
     let seen: Arc<Mutex<Seen>> = Arc::default();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let watch = {
@@ -383,7 +464,11 @@ async fn watch_finished(client: &Client, ns: &str) -> (Arc<Mutex<Seen>>, tokio::
             while let Some(event) = stream.next().await {
                 let now = Instant::now();
                 let m = match event {
-                    Ok(watcher::Event::Apply(m)) | Ok(watcher::Event::InitApply(m)) => m,
+                    Ok(watcher::Event::Apply(m)) => {
+                        seen.lock().unwrap_or_else(|e| e.into_inner()).added.entry(m.name_any()).or_insert(now);
+                        m
+                    }
+                    Ok(watcher::Event::InitApply(m)) => m,
                     Ok(watcher::Event::InitDone) => {
                         if let Some(tx) = ready.take() {
                             let _ = tx.send(());
@@ -394,6 +479,9 @@ async fn watch_finished(client: &Client, ns: &str) -> (Arc<Mutex<Seen>>, tokio::
                 };
                 let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
                 match m.status.as_ref().and_then(|s| s.phase) {
+                    Some(Phase::Sending) => {
+                        seen.sending.entry(m.name_any()).or_insert(now);
+                    }
                     Some(Phase::Sent) => {
                         seen.sent.entry(m.name_any()).or_insert(now);
                     }
@@ -456,7 +544,7 @@ async fn drive(
 
 /// Shows progress until `n` messages are Sent or Failed (true), `alive` fails or the timeout
 /// passes (false). `rss` is the operator's current RSS in MiB, if there is one.
-async fn wait_finished(
+pub(crate) async fn wait_finished(
     args: &Args,
     n: usize,
     tag: &str,
@@ -501,7 +589,7 @@ pub async fn apiserver_requests(client: &Client) -> Result<HashMap<RequestKey, f
     Ok(figures::request_totals(&client.request_text(req).await?))
 }
 
-async fn wait_profile_ready(api: &Api<MailProfile>, operator: &mut Process) -> Result<(), BenchError> {
+pub(crate) async fn wait_profile_ready(api: &Api<MailProfile>, operator: &mut Process) -> Result<(), BenchError> {
     let start = Instant::now();
     loop {
         operator.check_alive()?;
@@ -523,13 +611,17 @@ async fn wait_profile_ready(api: &Api<MailProfile>, operator: &mut Process) -> R
 
 /// Where the watch has seen messages finish.
 #[derive(Default)]
-struct Seen {
-    sent: HashMap<String, Instant>,
-    failed: HashMap<String, String>,
+pub(crate) struct Seen {
+    /// When each message was first seen after the list (its creation, for one created later).
+    pub(crate) added: HashMap<String, Instant>,
+    /// When each was first seen `Sending` (claimed).
+    pub(crate) sending: HashMap<String, Instant>,
+    pub(crate) sent: HashMap<String, Instant>,
+    pub(crate) failed: HashMap<String, String>,
 }
 
 /// The MailProfile `bench` in `ns` for `transport`, and the operator's arguments for it.
-async fn setup_profile(
+pub(crate) async fn setup_profile(
     client: &Client,
     args: &Args,
     transport: Transport,
@@ -602,14 +694,7 @@ async fn one(
     if let Some(c) = ceiling {
         eprintln!("bench: [{tag}] ceiling {c:.0} messages/s");
     }
-    match transport {
-        Transport::Graph => {
-            let app =
-                json!({"tenantId": TENANT, "clientId": CLIENT_ID, "secrets": [secret_value()], "roles": ["Mail.Send"]});
-            peers.emulator.ok_or_else(|| BenchError::Peer("no emulator".into()))?.reset(&app).await?;
-        }
-        Transport::Smtp => peers.smtp.ok_or_else(|| BenchError::Peer("no SMTP server".into()))?.reset().await?,
-    }
+    reset_peers(peers, transport).await?;
 
     // The backlog run.
     let ns = create_namespace(client, &format!("bench-{name}")).await?;
