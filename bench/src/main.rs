@@ -101,6 +101,10 @@ pub struct Args {
     /// Size of each message's inline attachment (spec.attachments[].data) in bytes; 0 for none.
     #[arg(long, default_value_t = 8192)]
     pub attachment_bytes: usize,
+    /// Also measure the ceiling with the outcome's Event published per message, as the operator
+    /// does (`--ceiling-with-events false` skips it).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub ceiling_with_events: bool,
     /// Skip the API-server ceiling measurement.
     #[arg(long)]
     pub no_ceiling: bool,

@@ -45,6 +45,9 @@ pub struct RunResult {
     create_per_second: f64,
     ceiling_messages_per_second: Option<f64>,
     ratio_to_ceiling: Option<f64>,
+    /// The ceiling's client also publishing the outcome's Event, as the operator does.
+    ceiling_with_events_messages_per_second: Option<f64>,
+    ratio_to_ceiling_with_events: Option<f64>,
     latency_ms: Latency,
     status_patches_per_message: f64,
     events_per_message: f64,
@@ -248,13 +251,14 @@ fn print_table(results: &[RunResult], header_line: bool) {
         println!("mailroom benchmark (figures, not assertions)");
     }
     println!(
-        "{:<9} {:<6} {:>6} {:>8} {:>9} {:>6} {:>7} {:>7} {:>7} {:>7} {:>10} {:>7} {:>6} {:>4} {:>9} {:>11} {:>8} {:>4} {:>7}",
+        "{:<9} {:<6} {:>6} {:>8} {:>9} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>10} {:>7} {:>6} {:>4} {:>9} {:>11} {:>8} {:>4} {:>7}",
         "build",
         "transp",
         "N",
         "msg/s",
         "ceiling",
         "ratio",
+        "+Events",
         "e2e/s",
         "p50 ms",
         "p95 ms",
@@ -272,14 +276,16 @@ fn print_table(results: &[RunResult], header_line: bool) {
     for r in results {
         let ceiling = r.ceiling_messages_per_second.map_or("-".into(), |c| format!("{c:.0}"));
         let ratio = r.ratio_to_ceiling.map_or("-".into(), |c| format!("{:.0}%", c * 100.0));
+        let ratio_events = r.ratio_to_ceiling_with_events.map_or("-".into(), |c| format!("{:.0}%", c * 100.0));
         println!(
-            "{:<9} {:<6} {:>6} {:>8.1} {:>9} {:>6} {:>7.1} {:>7} {:>7} {:>7} {:>10} {:>7.2} {:>6} {:>4} {:>6.1}MiB {:>8.1}MiB {:>7.2}s {:>4} {:>7}",
+            "{:<9} {:<6} {:>6} {:>8.1} {:>9} {:>6} {:>7} {:>7.1} {:>7} {:>7} {:>7} {:>10} {:>7.2} {:>6} {:>4} {:>6.1}MiB {:>8.1}MiB {:>7.2}s {:>4} {:>7}",
             r.label,
             format!("{:?}", r.transport).to_lowercase(),
             r.messages,
             r.messages_per_second,
             ceiling,
             ratio,
+            ratio_events,
             r.end_to_end_per_second,
             r.latency_ms.p50,
             r.latency_ms.p95,
@@ -377,16 +383,23 @@ async fn create_messages(
 /// the writes one message needs (claim with the resourceVersion, then the outcome: merge patches
 /// on the status subresource), `concurrency` at a time. Timed like the operator's run: from the
 /// client's start to the last Sent this process sees.
-async fn ceiling(client: &Client, args: &Args, n: usize, concurrency: usize, tag: &str) -> Result<f64, BenchError> {
+async fn measure_ceiling(
+    client: &Client,
+    args: &Args,
+    n: usize,
+    concurrency: usize,
+    tag: &str,
+    events: bool,
+) -> Result<f64, BenchError> {
     let ns = create_namespace(client, "bench-ceiling").await?;
-    let tag = format!("{tag} ceiling");
+    let tag = format!("{tag} ceiling{}", if events { " with Events" } else { "" });
     eprintln!("bench: [{tag}] creating {n} messages in {ns}");
     create_messages(client, &ns, "none", "m", n, args, Arc::default()).await?;
     let (seen, watch) = watch_finished(client, &ns).await;
     eprintln!("bench: [{tag}] a minimal client claims and records them, {concurrency} at a time");
     let start = Instant::now();
     let api: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);
-    let worker = tokio::spawn(minimal_client(api, args.mailboxes, concurrency));
+    let worker = tokio::spawn(minimal_client(api, args.mailboxes, concurrency, events));
     let complete = wait_finished(args, n, &tag, &seen, start, || Ok(()), || None).await;
     worker.abort();
     watch.abort();
@@ -399,8 +412,9 @@ async fn ceiling(client: &Client, args: &Args, n: usize, concurrency: usize, tag
     Ok(n as f64 / last.duration_since(start).as_secs_f64().max(1e-9))
 }
 
-/// Watches the messages in `api`'s namespace and claims and records each new one.
-async fn minimal_client(api: Api<EmailMessage>, mailboxes: usize, concurrency: usize) {
+/// Watches the messages in `api`'s namespace and claims and records each new one; with `events`,
+/// it also publishes the outcome's Event as the operator does.
+async fn minimal_client(api: Api<EmailMessage>, mailboxes: usize, concurrency: usize, events: bool) {
     let (tx, rx) = futures::channel::mpsc::unbounded::<EmailMessage>();
     let feed = {
         let api = api.clone();
@@ -443,6 +457,21 @@ async fn minimal_client(api: Api<EmailMessage>, mailboxes: usize, concurrency: u
                 api.patch_status(&m.name_any(), &PatchParams::default(), &Patch::Merge(json!({"status": sent}))).await
             {
                 eprintln!("bench: ceiling outcome {}: {e}", m.name_any());
+            }
+            if events {
+                let ev = mailroom::controller::message::message_event(
+                    &m,
+                    kube::runtime::events::EventType::Normal,
+                    mailroom::controller::reason::Reason::Sent,
+                    "202 Accepted",
+                    "mailroom-bench",
+                    Timestamp::now(),
+                );
+                let ns = m.namespace().unwrap_or_default();
+                let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(api.clone().into_client(), &ns);
+                if let Err(e) = events.create(&PostParams::default(), &ev).await {
+                    eprintln!("bench: ceiling Event {}: {e}", m.name_any());
+                }
             }
         }
     });
@@ -690,9 +719,18 @@ async fn one(
     let name = format!("{transport:?}").to_lowercase();
     let tag = format!("{name} n={n}");
     let concurrency = args.concurrency;
-    let ceiling = if args.no_ceiling { None } else { Some(ceiling(client, args, n, concurrency, &tag).await?) };
+    let ceiling =
+        if args.no_ceiling { None } else { Some(measure_ceiling(client, args, n, concurrency, &tag, false).await?) };
     if let Some(c) = ceiling {
         eprintln!("bench: [{tag}] ceiling {c:.0} messages/s");
+    }
+    let ceiling_events = if args.no_ceiling || !args.ceiling_with_events {
+        None
+    } else {
+        Some(measure_ceiling(client, args, n, concurrency, &tag, true).await?)
+    };
+    if let Some(c) = ceiling_events {
+        eprintln!("bench: [{tag}] ceiling with Events {c:.0} messages/s");
     }
     reset_peers(peers, transport).await?;
 
@@ -817,6 +855,8 @@ async fn one(
         create_per_second: n as f64 / create_secs.max(1e-9),
         ceiling_messages_per_second: ceiling,
         ratio_to_ceiling: ceiling.map(|c| mps / c),
+        ceiling_with_events_messages_per_second: ceiling_events,
+        ratio_to_ceiling_with_events: ceiling_events.map(|c| mps / c),
         latency_ms: Latency { p50: ms(0.50), p95: ms(0.95), p99: ms(0.99), max: ms(1.0) },
         status_patches_per_message: per(patches),
         events_per_message: per(events),
