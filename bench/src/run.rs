@@ -84,13 +84,19 @@ pub async fn all(args: Args) -> Result<(), BenchError> {
     let client = Client::try_default().await?;
     eprintln!("bench: starting the SMTP test server and the Microsoft 365 emulator");
     let throughput = !args.no_throughput;
-    let smtp = if (throughput && args.transports.contains(&Transport::Smtp)) || args.waiting > 0 {
+    // The history run goes through the first transport.
+    let history = |t: Transport| args.history > 0 && args.transports.first() == Some(&t);
+    let smtp = if ((throughput || history(Transport::Smtp)) && args.transports.contains(&Transport::Smtp))
+        || args.waiting > 0
+    {
         Some(SmtpPeer::start(&args.python, &repo, &out.join("smtp")).await?)
     } else {
         None
     };
     let key = repo.join("target/test-emulator-signing-key.pem");
-    let emulator = if (throughput && args.transports.contains(&Transport::Graph)) || args.profiles > 0 {
+    let emulator = if ((throughput || history(Transport::Graph)) && args.transports.contains(&Transport::Graph))
+        || args.profiles > 0
+    {
         Some(Emulator::start(&args.emulator_bin, &out.join("emulator"), key.exists().then_some(key.as_path())).await?)
     } else {
         None
