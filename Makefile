@@ -25,9 +25,9 @@ chaos:
 soak:
 	@SOAK_MINUTES="$(SOAK_MINUTES)" SOAK_RATE="$(SOAK_RATE)" bash hack/soak.sh $(ARGS)
 
-## bench: the release operator with N EmailMessages (default 2000; N=10000, BENCH_SIZES=1000,2000,5000)
+## bench: the release operator with N EmailMessages (default 2000; N=10000, BENCH_SIZES=1000,10000), the open-loop latency run and 100,000 finished messages (BENCH_HISTORY)
 bench:
-	@N="$(N)" BENCH_SIZES="$(BENCH_SIZES)" bash hack/bench.sh $(ARGS)
+	@N="$(N)" BENCH_SIZES="$(BENCH_SIZES)" BENCH_HISTORY="$(BENCH_HISTORY)" bash hack/bench.sh $(ARGS)
 
 ## lint: rustfmt check and clippy with warnings as errors
 lint: fmt-check clippy

@@ -2,7 +2,7 @@
 # The benchmark (`make bench`): the release operator against a private local control plane, N
 # EmailMessages through the Microsoft 365 emulator and through the SMTP test server.
 #
-#   make bench                          N=2000, both transports
+#   make bench                          N=2000, both transports, the open-loop run, 100,000 finished
 #   make bench N=10000                  one size
 #   make bench BENCH_SIZES=1000,2000,5000
 #   hack/bench.sh --transports smtp --no-ceiling     (flags go to mailroom-bench; --help lists them)
@@ -27,6 +27,9 @@ case "$TARGET_DIR" in
 esac
 export MAILROOM_TESTENV_DIR="${MAILROOM_TESTENV_DIR:-$REPO_ROOT/target/bench/testenv}"
 export BENCH_SIZES="${BENCH_SIZES:-${N:-2000}}"
+# The retained-history run (100,000 finished messages; BENCH_HISTORY=0 skips it) and the open-loop
+# latency run (BENCH_OPEN_LOOP_SECONDS, default 120; 0 skips it).
+export BENCH_HISTORY="${BENCH_HISTORY:-100000}"
 
 say "building the operator, the emulator and the benchmark (release)"
 cargo build --release -p mailroom -p m365-emulator -p mailroom-bench --bins
@@ -54,5 +57,5 @@ MAILROOM_PYTHON="$(bash hack/pyenv.sh | tail -1)"
 export MAILROOM_PYTHON
 export MAILROOM_BIN="$TARGET_DIR/release/mailroom"
 export MAILROOM_EMULATOR_BIN="$TARGET_DIR/release/m365-emulator"
-export BENCH_COMMAND="make bench BENCH_SIZES=$BENCH_SIZES${*:+ ARGS=\"$*\"}"
+export BENCH_COMMAND="make bench BENCH_SIZES=$BENCH_SIZES BENCH_HISTORY=$BENCH_HISTORY${*:+ ARGS=\"$*\"}"
 "$TARGET_DIR/release/mailroom-bench" --out "$TARGET_DIR/bench" "$@"

@@ -387,6 +387,52 @@ async fn finished_messages_are_deleted_after_their_ttl() {
     }
 }
 
+/// The operator watches unfinished messages only, and finished ones that wait for their TTL
+/// through watches of their own: messages that finished before it started (Sent with a TTL,
+/// Failed with a TTL) are still deleted when due, one without a TTL is left alone, and a new
+/// message is sent beside them.
+#[tokio::test]
+async fn messages_finished_before_the_start_are_deleted_after_their_ttl_and_others_kept() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "smtp-history", &[]).await;
+    let peer = SmtpPeer::start(&[]);
+    create_yaml(&client, &ns, &relay_profile("relay", peer.smtp_port, "")).await;
+    let api: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);
+    let finished = [
+        ("sent-ttl", "Sent", "  ttlSecondsAfterFinished: 1"),
+        ("failed-ttl", "Failed", "  ttlSecondsAfterFinished: 1"),
+        ("sent-kept", "Sent", ""),
+    ];
+    let now = k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+    for (name, phase, extra) in finished {
+        create_yaml(&client, &ns, &message(name, "relay", extra)).await;
+        let status = match phase {
+            "Sent" => json!({"phase": "Sent", "attempts": 1, "sentTime": now}),
+            _ => json!({"phase": "Failed", "attempts": 1, "conditions": [{
+                "type": "Failed", "status": "True", "reason": "SendFailed", "message": "550 no such user",
+                "lastTransitionTime": now}]}),
+        };
+        api.patch_status(name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(json!({"status": status})))
+            .await
+            .unwrap();
+    }
+    let _op = Operator::start("smtp-history", &ns, &[]);
+    create_yaml(&client, &ns, &message("new", "relay", "")).await;
+    wait_phase(&api, "new", Phase::Sent).await;
+    let start = std::time::Instant::now();
+    for name in ["sent-ttl", "failed-ttl"] {
+        while api.get_opt(name).await.unwrap().is_some() {
+            assert!(start.elapsed() < WAIT, "{name} was not deleted after its ttl");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let kept = api.get("sent-kept").await.unwrap();
+    assert_eq!(phase(&kept), Some(Phase::Sent), "a finished message without a TTL stays as it was");
+    assert_eq!(kept.status.as_ref().and_then(|s| s.attempts), Some(1));
+    let sent = peer.messages().await;
+    assert_eq!(sent.len(), 1, "only the new message was sent: {sent:?}");
+}
+
 #[tokio::test]
 async fn rate_limit_spaces_messages_per_mailbox() {
     let client = common::client().await;

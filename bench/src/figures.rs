@@ -1,7 +1,7 @@
 //! Pure arithmetic on what a run observed: percentiles, counter deltas, duplicates, /proc fields.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// One kube-apiserver request counter: (group, resource, subresource, verb).
 pub type RequestKey = (String, String, String, String);
@@ -105,6 +105,61 @@ pub fn slope_per_hour(points: &[(f64, f64)]) -> Option<(f64, f64)> {
     Some((slope * 3600.0, error * 3600.0))
 }
 
+/// One message on the harness's clock: the create request sent and answered, the watch seeing it
+/// appear, `Sending` and `Sent`.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeline {
+    /// The create request was sent.
+    pub create_sent: Instant,
+    /// The API server answered it.
+    pub create_answered: Instant,
+    /// The watch saw the new message.
+    pub added: Instant,
+    /// The watch saw it claimed (`Sending`).
+    pub sending: Instant,
+    /// The watch saw it `Sent`.
+    pub sent: Instant,
+}
+
+/// Where a message's create-to-Sent time went: the create request; the watch delivering the new
+/// object (from the create's answer to the watch event; the operator's watch waits as long); the
+/// claim (the operator's queue, the mailbox's rate-limit turn, the claim patch and its watch
+/// event); the send (the provider, the outcome patch and its watch event). The four add up to the
+/// whole; a watch event that came before the create's answer counts as no watch time.
+pub fn phases(t: &Timeline) -> [Duration; 4] {
+    let create = t.create_answered.saturating_duration_since(t.create_sent);
+    let seen = t.added.max(t.create_answered).min(t.sending.max(t.create_answered));
+    let watch = seen.saturating_duration_since(t.create_answered);
+    let claim = t.sending.saturating_duration_since(seen);
+    let send = t.sent.saturating_duration_since(t.sending.max(seen));
+    [create, watch, claim, send]
+}
+
+/// How many messages an open-loop run of `seconds` at `rate` per second creates (at least one),
+/// and when the i-th is due after the start.
+pub fn open_loop_schedule(rate: f64, seconds: f64) -> (usize, impl Fn(usize) -> Duration) {
+    let rate = if rate.is_finite() && rate > 0.0 { rate } else { 1.0 };
+    let count = ((rate * seconds.max(0.0)).ceil() as usize).max(1);
+    (count, move |i: usize| Duration::from_secs_f64(i as f64 / rate))
+}
+
+/// The least-squares exponent b of value ≈ a·size^b over (size, value) points: 1 is linear
+/// growth, below 1 better than linear; None with fewer than two distinct positive sizes.
+pub fn growth_exponent(points: &[(f64, f64)]) -> Option<f64> {
+    let logs: Vec<(f64, f64)> =
+        points.iter().filter(|(x, y)| *x > 0.0 && *y > 0.0).map(|(x, y)| (x.ln(), y.ln())).collect();
+    if logs.len() < 2 {
+        return None;
+    }
+    let n = logs.len() as f64;
+    let (mx, my) = (logs.iter().map(|p| p.0).sum::<f64>() / n, logs.iter().map(|p| p.1).sum::<f64>() / n);
+    let sxx: f64 = logs.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    if sxx <= 0.0 {
+        return None;
+    }
+    Some(logs.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum::<f64>() / sxx)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,5 +220,46 @@ apiserver_request_duration_seconds_bucket{le="1"} 3
         assert_eq!(status_kb(status, "VmPeak"), None);
         let stat = "1234 (mail room) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 9 0 1 2 3";
         assert_eq!(cpu_ticks(stat), Some(300));
+    }
+
+    #[test]
+    fn phases_add_up_to_create_to_sent() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let t = Timeline { create_sent: at(0), create_answered: at(10), added: at(14), sending: at(30), sent: at(45) };
+        let p = phases(&t);
+        assert_eq!(p, [10, 4, 16, 15].map(Duration::from_millis));
+        assert_eq!(p.iter().sum::<Duration>(), t.sent - t.create_sent);
+        // The watch event before the create's answer: no watch time, and still the whole.
+        let early = Timeline { added: at(8), ..t };
+        let p = phases(&early);
+        assert_eq!(p, [10, 0, 20, 15].map(Duration::from_millis));
+        assert_eq!(p.iter().sum::<Duration>(), t.sent - t.create_sent);
+        // Sending seen before the create's answer (a fast claim): all of it is the send.
+        let fast = Timeline { added: at(8), sending: at(9), ..t };
+        assert_eq!(phases(&fast).iter().sum::<Duration>(), t.sent - t.create_sent);
+    }
+
+    #[test]
+    fn open_loop_schedules_at_the_rate() {
+        let (n, due) = open_loop_schedule(50.0, 120.0);
+        assert_eq!(n, 6000);
+        assert_eq!(due(0), Duration::ZERO);
+        assert_eq!(due(50), Duration::from_secs(1));
+        assert_eq!(due(5999), Duration::from_secs_f64(119.98));
+        assert_eq!(open_loop_schedule(0.0, 10.0).0, 10, "a rate of nothing falls back to 1/s");
+        assert_eq!(open_loop_schedule(3.0, 0.0).0, 1);
+    }
+
+    #[test]
+    fn growth_exponents() {
+        let linear: Vec<(f64, f64)> = [1e3, 1e4, 1e5].iter().map(|&x| (x, 3.0 * x)).collect();
+        assert!((growth_exponent(&linear).unwrap() - 1.0).abs() < 1e-9);
+        let flat = [(1e3, 40.0), (1e4, 40.0), (1e5, 40.0)];
+        assert!(growth_exponent(&flat).unwrap().abs() < 1e-9);
+        let square: Vec<(f64, f64)> = [1e3, 1e4].iter().map(|&x| (x, x * x)).collect();
+        assert!((growth_exponent(&square).unwrap() - 2.0).abs() < 1e-9);
+        assert_eq!(growth_exponent(&[(1e3, 1.0)]), None);
+        assert_eq!(growth_exponent(&[(1e3, 1.0), (1e3, 2.0)]), None);
     }
 }

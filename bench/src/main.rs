@@ -14,7 +14,9 @@
 //! JSON; nothing here asserts a speed.
 
 mod figures;
+mod history;
 mod lifecycle;
+mod openloop;
 mod peers;
 mod run;
 mod soak;
@@ -99,6 +101,10 @@ pub struct Args {
     /// Size of each message's inline attachment (spec.attachments[].data) in bytes; 0 for none.
     #[arg(long, default_value_t = 8192)]
     pub attachment_bytes: usize,
+    /// Also measure the ceiling with the outcome's Event published per message, as the operator
+    /// does (`--ceiling-with-events false` skips it).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub ceiling_with_events: bool,
     /// Skip the API-server ceiling measurement.
     #[arg(long)]
     pub no_ceiling: bool,
@@ -135,6 +141,20 @@ pub struct Args {
     /// How long the waiting run lets the operator settle after the last message is created.
     #[arg(long, default_value_t = 30)]
     pub waiting_settle_secs: u64,
+    /// Seconds of the open-loop run (messages created at a fixed rate below the ceiling while
+    /// the operator runs), once per transport after the first size; 0 skips it.
+    #[arg(long, default_value_t = 120, env = "BENCH_OPEN_LOOP_SECONDS")]
+    pub open_loop_secs: u64,
+    /// The open-loop rate as a fraction of the first size's ceiling.
+    #[arg(long, default_value_t = 0.5)]
+    pub open_loop_fraction: f64,
+    /// The open-loop rate in messages per second, instead of a fraction of the ceiling.
+    #[arg(long)]
+    pub open_loop_rate: Option<f64>,
+    /// Finished messages the retained-history run creates (with a Sent status, nothing sent)
+    /// before the operator starts over them, through the first transport; 0 skips it.
+    #[arg(long, default_value_t = 0, env = "BENCH_HISTORY")]
+    pub history: usize,
     /// Run the soak (`make soak`) for this many minutes instead of the benchmark.
     #[arg(long, env = "SOAK_MINUTES")]
     pub soak_minutes: Option<u64>,

@@ -19,14 +19,14 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::figures::{self, RequestKey};
-use crate::lifecycle;
 use crate::peers::{Emulator, Process, SmtpPeer};
 use crate::{Args, BenchError, Transport};
+use crate::{history, lifecycle, openloop};
 
 const TENANT: &str = "5b1c2d3e-0000-4000-8000-00000000be01";
 const CLIENT_ID: &str = "5b1c2d3e-1111-4111-8111-00000000be02";
 /// The MailProfile every run creates.
-const PROFILE: &str = "bench";
+pub(crate) const PROFILE: &str = "bench";
 const SECRET: &str = "bench-graph";
 
 /// What one run measured.
@@ -45,6 +45,9 @@ pub struct RunResult {
     create_per_second: f64,
     ceiling_messages_per_second: Option<f64>,
     ratio_to_ceiling: Option<f64>,
+    /// The ceiling's client also publishing the outcome's Event, as the operator does.
+    ceiling_with_events_messages_per_second: Option<f64>,
+    ratio_to_ceiling_with_events: Option<f64>,
     latency_ms: Latency,
     status_patches_per_message: f64,
     events_per_message: f64,
@@ -81,13 +84,19 @@ pub async fn all(args: Args) -> Result<(), BenchError> {
     let client = Client::try_default().await?;
     eprintln!("bench: starting the SMTP test server and the Microsoft 365 emulator");
     let throughput = !args.no_throughput;
-    let smtp = if (throughput && args.transports.contains(&Transport::Smtp)) || args.waiting > 0 {
+    // The history run goes through the first transport.
+    let history = |t: Transport| args.history > 0 && args.transports.first() == Some(&t);
+    let smtp = if ((throughput || history(Transport::Smtp)) && args.transports.contains(&Transport::Smtp))
+        || args.waiting > 0
+    {
         Some(SmtpPeer::start(&args.python, &repo, &out.join("smtp")).await?)
     } else {
         None
     };
     let key = repo.join("target/test-emulator-signing-key.pem");
-    let emulator = if (throughput && args.transports.contains(&Transport::Graph)) || args.profiles > 0 {
+    let emulator = if ((throughput || history(Transport::Graph)) && args.transports.contains(&Transport::Graph))
+        || args.profiles > 0
+    {
         Some(Emulator::start(&args.emulator_bin, &out.join("emulator"), key.exists().then_some(key.as_path())).await?)
     } else {
         None
@@ -95,14 +104,30 @@ pub async fn all(args: Args) -> Result<(), BenchError> {
     let mut results = Results::default();
     let file = out.join("results.json");
     let sizes = if throughput { args.sizes.clone() } else { Vec::new() };
-    for &n in &sizes {
+    for (k, &n) in sizes.iter().enumerate() {
         for &transport in &args.transports {
             let peers = Peers { smtp: smtp.as_ref(), emulator: emulator.as_ref() };
             let result = one(&client, &args, transport, n, &peers, &logs).await?;
             print_table(std::slice::from_ref(&result), false);
+            let ceiling = result.ceiling_messages_per_second;
             results.runs.push(result);
             write_results(&file, &args, &results)?;
+            if k == 0 && args.open_loop_secs > 0 {
+                reset_peers(&peers, transport).await?;
+                let open = openloop::run(&client, &args, transport, n, ceiling, &peers, &logs).await?;
+                openloop::print(std::slice::from_ref(&open));
+                results.open_loop.push(open);
+                write_results(&file, &args, &results)?;
+            }
         }
+    }
+    if let Some(&transport) = args.transports.first().filter(|_| args.history > 0) {
+        let peers = Peers { smtp: smtp.as_ref(), emulator: emulator.as_ref() };
+        reset_peers(&peers, transport).await?;
+        let result = history::run(&client, &args, transport, &peers, &logs).await?;
+        history::print(&result);
+        results.history = Some(result);
+        write_results(&file, &args, &results)?;
     }
     if let Some(emu) = emulator.as_ref().filter(|_| args.profiles > 0) {
         let result = lifecycle::profiles(&client, &args, emu, &logs).await?;
@@ -120,6 +145,13 @@ pub async fn all(args: Args) -> Result<(), BenchError> {
     if !results.runs.is_empty() {
         print_table(&results.runs, true);
     }
+    if !results.open_loop.is_empty() {
+        openloop::print(&results.open_loop);
+    }
+    if let Some(r) = &results.history {
+        history::print(r);
+    }
+    print_growth(&results);
     if let Some(r) = &results.profiles {
         println!("profile lifecycle: {} profiles created and deleted twice (figures, not assertions)", r.profiles);
         lifecycle::print_profiles(r);
@@ -136,13 +168,15 @@ pub async fn all(args: Args) -> Result<(), BenchError> {
 #[derive(Default)]
 struct Results {
     runs: Vec<RunResult>,
+    open_loop: Vec<openloop::OpenLoopResult>,
+    history: Option<history::HistoryResult>,
     profiles: Option<lifecycle::ProfilesResult>,
     waiting: Option<lifecycle::WaitingResult>,
 }
 
-struct Peers<'a> {
-    smtp: Option<&'a SmtpPeer>,
-    emulator: Option<&'a Emulator>,
+pub(crate) struct Peers<'a> {
+    pub(crate) smtp: Option<&'a SmtpPeer>,
+    pub(crate) emulator: Option<&'a Emulator>,
 }
 
 fn write_results(file: &Path, args: &Args, results: &Results) -> Result<(), BenchError> {
@@ -155,6 +189,8 @@ fn write_results(file: &Path, args: &Args, results: &Results) -> Result<(), Benc
             "bodyBytes": args.body_bytes, "attachmentBytes": args.attachment_bytes,
         },
         "runs": results.runs,
+        "openLoop": results.open_loop,
+        "history": results.history,
         "profiles": results.profiles,
         "waiting": results.waiting,
     });
@@ -162,18 +198,73 @@ fn write_results(file: &Path, args: &Args, results: &Results) -> Result<(), Benc
     std::fs::write(file, text).map_err(|e| BenchError::io(file, e))
 }
 
+/// Resets the peer of `transport` (the emulator's app, the SMTP server's mailbox).
+async fn reset_peers(peers: &Peers<'_>, transport: Transport) -> Result<(), BenchError> {
+    match transport {
+        Transport::Graph => {
+            let app =
+                json!({"tenantId": TENANT, "clientId": CLIENT_ID, "secrets": [secret_value()], "roles": ["Mail.Send"]});
+            peers.emulator.ok_or_else(|| BenchError::Peer("no emulator".into()))?.reset(&app).await
+        }
+        Transport::Smtp => peers.smtp.ok_or_else(|| BenchError::Peer("no SMTP server".into()))?.reset().await,
+    }
+}
+
+/// Cost growth per transport: msg/s, peak RSS and CPU seconds per 1,000 messages by size, and
+/// the fitted exponent of each total (RSS, CPU seconds) against the size: 1 is linear.
+fn print_growth(results: &Results) {
+    let mut transports: Vec<Transport> = results.runs.iter().map(|r| r.transport).collect();
+    transports.dedup();
+    if results.runs.len() < 2 && results.history.is_none() {
+        return;
+    }
+    println!("cost growth (figures, not assertions; exponent of the total against N: 1 is linear)");
+    for t in transports {
+        let runs: Vec<&RunResult> = results.runs.iter().filter(|r| r.transport == t).collect();
+        let cells: Vec<String> = runs
+            .iter()
+            .map(|r| {
+                format!(
+                    "N={}: {:.1} msg/s, {:.1} MiB, {:.2} CPU s/1k",
+                    r.messages, r.messages_per_second, r.peak_rss_mib, r.cpu_seconds_per_1000
+                )
+            })
+            .collect();
+        let rss: Vec<(f64, f64)> = runs.iter().map(|r| (r.messages as f64, r.peak_rss_mib)).collect();
+        let cpu: Vec<(f64, f64)> = runs.iter().map(|r| (r.messages as f64, r.cpu_seconds)).collect();
+        let exp = |p: &[(f64, f64)]| figures::growth_exponent(p).map_or("-".into(), |e| format!("{e:.2}"));
+        println!(
+            "{:<6} {}  | exponent: RSS {}, CPU {}",
+            format!("{t:?}").to_lowercase(),
+            cells.join("; "),
+            exp(&rss),
+            exp(&cpu)
+        );
+    }
+    if let Some(h) = &results.history {
+        println!(
+            "history N={}: start to Ready {:.1}s, {:.1} MiB peak, {:.3} CPU s/1k present",
+            h.finished_count(),
+            h.seconds_to_ready(),
+            h.peak_rss(),
+            h.cpu_per_1000()
+        );
+    }
+}
+
 fn print_table(results: &[RunResult], header_line: bool) {
     if header_line {
         println!("mailroom benchmark (figures, not assertions)");
     }
     println!(
-        "{:<9} {:<6} {:>6} {:>8} {:>9} {:>6} {:>7} {:>7} {:>7} {:>7} {:>10} {:>7} {:>6} {:>4} {:>9} {:>11} {:>8} {:>4} {:>7}",
+        "{:<9} {:<6} {:>6} {:>8} {:>9} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>10} {:>7} {:>6} {:>4} {:>9} {:>11} {:>8} {:>4} {:>7}",
         "build",
         "transp",
         "N",
         "msg/s",
         "ceiling",
         "ratio",
+        "+Events",
         "e2e/s",
         "p50 ms",
         "p95 ms",
@@ -191,14 +282,16 @@ fn print_table(results: &[RunResult], header_line: bool) {
     for r in results {
         let ceiling = r.ceiling_messages_per_second.map_or("-".into(), |c| format!("{c:.0}"));
         let ratio = r.ratio_to_ceiling.map_or("-".into(), |c| format!("{:.0}%", c * 100.0));
+        let ratio_events = r.ratio_to_ceiling_with_events.map_or("-".into(), |c| format!("{:.0}%", c * 100.0));
         println!(
-            "{:<9} {:<6} {:>6} {:>8.1} {:>9} {:>6} {:>7.1} {:>7} {:>7} {:>7} {:>10} {:>7.2} {:>6} {:>4} {:>6.1}MiB {:>8.1}MiB {:>7.2}s {:>4} {:>7}",
+            "{:<9} {:<6} {:>6} {:>8.1} {:>9} {:>6} {:>7} {:>7.1} {:>7} {:>7} {:>7} {:>10} {:>7.2} {:>6} {:>4} {:>6.1}MiB {:>8.1}MiB {:>7.2}s {:>4} {:>7}",
             r.label,
             format!("{:?}", r.transport).to_lowercase(),
             r.messages,
             r.messages_per_second,
             ceiling,
             ratio,
+            ratio_events,
             r.end_to_end_per_second,
             r.latency_ms.p50,
             r.latency_ms.p95,
@@ -221,7 +314,7 @@ fn sender(i: usize, mailboxes: usize) -> String {
 }
 
 /// The message every run creates: a text body and an inline attachment of the configured sizes.
-fn message(name: &str, profile: &str, i: usize, args: &Args) -> Result<EmailMessage, BenchError> {
+pub(crate) fn message(name: &str, profile: &str, i: usize, args: &Args) -> Result<EmailMessage, BenchError> {
     let body: String = "mailroom benchmark body line\n".chars().cycle().take(args.body_bytes).collect();
     let mut spec = json!({
         "profileRef": {"name": profile},
@@ -243,7 +336,7 @@ fn message(name: &str, profile: &str, i: usize, args: &Args) -> Result<EmailMess
     .map_err(|e| BenchError::Peer(format!("message template: {e}")))
 }
 
-async fn create_namespace(client: &Client, prefix: &str) -> Result<String, BenchError> {
+pub(crate) async fn create_namespace(client: &Client, prefix: &str) -> Result<String, BenchError> {
     let name = format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
     let ns: Namespace =
         serde_json::from_value(json!({"metadata": {"name": name}})).map_err(|e| BenchError::Peer(e.to_string()))?;
@@ -296,16 +389,23 @@ async fn create_messages(
 /// the writes one message needs (claim with the resourceVersion, then the outcome: merge patches
 /// on the status subresource), `concurrency` at a time. Timed like the operator's run: from the
 /// client's start to the last Sent this process sees.
-async fn ceiling(client: &Client, args: &Args, n: usize, concurrency: usize, tag: &str) -> Result<f64, BenchError> {
+async fn measure_ceiling(
+    client: &Client,
+    args: &Args,
+    n: usize,
+    concurrency: usize,
+    tag: &str,
+    events: bool,
+) -> Result<f64, BenchError> {
     let ns = create_namespace(client, "bench-ceiling").await?;
-    let tag = format!("{tag} ceiling");
+    let tag = format!("{tag} ceiling{}", if events { " with Events" } else { "" });
     eprintln!("bench: [{tag}] creating {n} messages in {ns}");
     create_messages(client, &ns, "none", "m", n, args, Arc::default()).await?;
     let (seen, watch) = watch_finished(client, &ns).await;
     eprintln!("bench: [{tag}] a minimal client claims and records them, {concurrency} at a time");
     let start = Instant::now();
     let api: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);
-    let worker = tokio::spawn(minimal_client(api, args.mailboxes, concurrency));
+    let worker = tokio::spawn(minimal_client(api, args.mailboxes, concurrency, events));
     let complete = wait_finished(args, n, &tag, &seen, start, || Ok(()), || None).await;
     worker.abort();
     watch.abort();
@@ -318,8 +418,9 @@ async fn ceiling(client: &Client, args: &Args, n: usize, concurrency: usize, tag
     Ok(n as f64 / last.duration_since(start).as_secs_f64().max(1e-9))
 }
 
-/// Watches the messages in `api`'s namespace and claims and records each new one.
-async fn minimal_client(api: Api<EmailMessage>, mailboxes: usize, concurrency: usize) {
+/// Watches the messages in `api`'s namespace and claims and records each new one; with `events`,
+/// it also publishes the outcome's Event as the operator does.
+async fn minimal_client(api: Api<EmailMessage>, mailboxes: usize, concurrency: usize, events: bool) {
     let (tx, rx) = futures::channel::mpsc::unbounded::<EmailMessage>();
     let feed = {
         let api = api.clone();
@@ -363,6 +464,21 @@ async fn minimal_client(api: Api<EmailMessage>, mailboxes: usize, concurrency: u
             {
                 eprintln!("bench: ceiling outcome {}: {e}", m.name_any());
             }
+            if events {
+                let ev = mailroom::controller::message::message_event(
+                    &m,
+                    kube::runtime::events::EventType::Normal,
+                    mailroom::controller::reason::Reason::Sent,
+                    "202 Accepted",
+                    "mailroom-bench",
+                    Timestamp::now(),
+                );
+                let ns = m.namespace().unwrap_or_default();
+                let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(api.clone().into_client(), &ns);
+                if let Err(e) = events.create(&PostParams::default(), &ev).await {
+                    eprintln!("bench: ceiling Event {}: {e}", m.name_any());
+                }
+            }
         }
     });
     futures::join!(feed, work);
@@ -370,7 +486,7 @@ async fn minimal_client(api: Api<EmailMessage>, mailboxes: usize, concurrency: u
 
 /// Follows the messages of a namespace: when each was first seen Sent or Failed. Returns once
 /// the watch has listed the namespace, so that no outcome is missed.
-async fn watch_finished(client: &Client, ns: &str) -> (Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>) {
+pub(crate) async fn watch_finished(client: &Client, ns: &str) -> (Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>) {
     let seen: Arc<Mutex<Seen>> = Arc::default();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let watch = {
@@ -383,7 +499,11 @@ async fn watch_finished(client: &Client, ns: &str) -> (Arc<Mutex<Seen>>, tokio::
             while let Some(event) = stream.next().await {
                 let now = Instant::now();
                 let m = match event {
-                    Ok(watcher::Event::Apply(m)) | Ok(watcher::Event::InitApply(m)) => m,
+                    Ok(watcher::Event::Apply(m)) => {
+                        seen.lock().unwrap_or_else(|e| e.into_inner()).added.entry(m.name_any()).or_insert(now);
+                        m
+                    }
+                    Ok(watcher::Event::InitApply(m)) => m,
                     Ok(watcher::Event::InitDone) => {
                         if let Some(tx) = ready.take() {
                             let _ = tx.send(());
@@ -394,6 +514,9 @@ async fn watch_finished(client: &Client, ns: &str) -> (Arc<Mutex<Seen>>, tokio::
                 };
                 let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
                 match m.status.as_ref().and_then(|s| s.phase) {
+                    Some(Phase::Sending) => {
+                        seen.sending.entry(m.name_any()).or_insert(now);
+                    }
                     Some(Phase::Sent) => {
                         seen.sent.entry(m.name_any()).or_insert(now);
                     }
@@ -456,7 +579,7 @@ async fn drive(
 
 /// Shows progress until `n` messages are Sent or Failed (true), `alive` fails or the timeout
 /// passes (false). `rss` is the operator's current RSS in MiB, if there is one.
-async fn wait_finished(
+pub(crate) async fn wait_finished(
     args: &Args,
     n: usize,
     tag: &str,
@@ -501,7 +624,7 @@ pub async fn apiserver_requests(client: &Client) -> Result<HashMap<RequestKey, f
     Ok(figures::request_totals(&client.request_text(req).await?))
 }
 
-async fn wait_profile_ready(api: &Api<MailProfile>, operator: &mut Process) -> Result<(), BenchError> {
+pub(crate) async fn wait_profile_ready(api: &Api<MailProfile>, operator: &mut Process) -> Result<(), BenchError> {
     let start = Instant::now();
     loop {
         operator.check_alive()?;
@@ -523,13 +646,17 @@ async fn wait_profile_ready(api: &Api<MailProfile>, operator: &mut Process) -> R
 
 /// Where the watch has seen messages finish.
 #[derive(Default)]
-struct Seen {
-    sent: HashMap<String, Instant>,
-    failed: HashMap<String, String>,
+pub(crate) struct Seen {
+    /// When each message was first seen after the list (its creation, for one created later).
+    pub(crate) added: HashMap<String, Instant>,
+    /// When each was first seen `Sending` (claimed).
+    pub(crate) sending: HashMap<String, Instant>,
+    pub(crate) sent: HashMap<String, Instant>,
+    pub(crate) failed: HashMap<String, String>,
 }
 
 /// The MailProfile `bench` in `ns` for `transport`, and the operator's arguments for it.
-async fn setup_profile(
+pub(crate) async fn setup_profile(
     client: &Client,
     args: &Args,
     transport: Transport,
@@ -598,18 +725,20 @@ async fn one(
     let name = format!("{transport:?}").to_lowercase();
     let tag = format!("{name} n={n}");
     let concurrency = args.concurrency;
-    let ceiling = if args.no_ceiling { None } else { Some(ceiling(client, args, n, concurrency, &tag).await?) };
+    let ceiling =
+        if args.no_ceiling { None } else { Some(measure_ceiling(client, args, n, concurrency, &tag, false).await?) };
     if let Some(c) = ceiling {
         eprintln!("bench: [{tag}] ceiling {c:.0} messages/s");
     }
-    match transport {
-        Transport::Graph => {
-            let app =
-                json!({"tenantId": TENANT, "clientId": CLIENT_ID, "secrets": [secret_value()], "roles": ["Mail.Send"]});
-            peers.emulator.ok_or_else(|| BenchError::Peer("no emulator".into()))?.reset(&app).await?;
-        }
-        Transport::Smtp => peers.smtp.ok_or_else(|| BenchError::Peer("no SMTP server".into()))?.reset().await?,
+    let ceiling_events = if args.no_ceiling || !args.ceiling_with_events {
+        None
+    } else {
+        Some(measure_ceiling(client, args, n, concurrency, &tag, true).await?)
+    };
+    if let Some(c) = ceiling_events {
+        eprintln!("bench: [{tag}] ceiling with Events {c:.0} messages/s");
     }
+    reset_peers(peers, transport).await?;
 
     // The backlog run.
     let ns = create_namespace(client, &format!("bench-{name}")).await?;
@@ -732,6 +861,8 @@ async fn one(
         create_per_second: n as f64 / create_secs.max(1e-9),
         ceiling_messages_per_second: ceiling,
         ratio_to_ceiling: ceiling.map(|c| mps / c),
+        ceiling_with_events_messages_per_second: ceiling_events,
+        ratio_to_ceiling_with_events: ceiling_events.map(|c| mps / c),
         latency_ms: Latency { p50: ms(0.50), p95: ms(0.95), p99: ms(0.99), max: ms(1.0) },
         status_patches_per_message: per(patches),
         events_per_message: per(events),

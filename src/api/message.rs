@@ -38,6 +38,9 @@ pub const MAX_VALUES: usize = 100;
     shortname = "em",
     shortname = "email",
     category = "mailroom",
+    // The operator watches unfinished messages only (`status.phase!=Sent,status.phase!=Failed`),
+    // so that a long history of finished ones costs it neither memory nor start-up time.
+    selectable = ".status.phase",
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Profile","type":"string","jsonPath":".spec.profileRef.name"}"#,
     printcolumn = r#"{"name":"Recipients","type":"integer","jsonPath":".status.recipients"}"#,

@@ -1,12 +1,34 @@
 //! What the message cache keeps: enough to decide, not enough to send.
 //!
-//! The cache holds every EmailMessage in scope, Sent ones included, for as long as they exist.
-//! Bodies, inline attachments, custom headers and managed fields are most of an object's size and
+//! The cache holds the unfinished EmailMessages in scope ([`UNFINISHED`]); finished ones are
+//! cached only while they wait for `ttlSecondsAfterFinished` ([`expiring`]). Bodies, inline attachments, custom headers and managed fields are most of an object's size and
 //! only matter when the message is built, so they are dropped on the way in: the claim's answer
 //! from the API server is the whole object, and the message is built from it. A finished message
 //! keeps even less: what deleting it after its TTL needs.
 
-use crate::api::{EmailMessage, conditions};
+use kube::runtime::watcher::Event;
+
+use crate::api::{EmailMessage, Phase, conditions};
+
+/// The field selector of the messages the operator works on: those not finished. A message that
+/// finishes leaves this watch (the API server sends its deletion), so finished messages, however
+/// many, are neither listed at start nor kept ([custom resource field selectors](https://kubernetes.io/docs/reference/kubernetes-api/extend-resources/custom-resource-definition-v1/#CustomResourceDefinitionSpec):
+/// `selectableFields`; a message without a status has an empty phase and is selected).
+pub const UNFINISHED: &str = "status.phase!=Sent,status.phase!=Failed";
+
+/// The field selector of the finished messages in `phase` (Sent or Failed): the expiry watches.
+pub fn finished_in(phase: Phase) -> String {
+    format!("status.phase={phase:?}")
+}
+
+/// Whether an expiry watch keeps an event: a finished message is cached only when it has a
+/// `ttlSecondsAfterFinished` to honour; deletions and the list's markers always pass.
+pub fn expiring(event: &Event<EmailMessage>) -> bool {
+    match event {
+        Event::Apply(m) | Event::InitApply(m) => m.spec.ttl_seconds_after_finished.is_some(),
+        Event::Delete(_) | Event::Init | Event::InitDone => true,
+    }
+}
 
 /// Drops what the cache need not keep: the subject, bodies, inline attachment data, custom
 /// headers, template values, managed fields and annotations (kubectl's copy of the object among them). Recipients, the sender, the profile,
@@ -154,5 +176,31 @@ mod tests {
         assert_eq!(m.spec.template_ref, original.spec.template_ref);
         assert_eq!(m.spec.ttl_seconds_after_finished, original.spec.ttl_seconds_after_finished);
         assert_eq!(m.status, original.status);
+    }
+
+    #[test]
+    fn the_selectors_split_unfinished_from_finished() {
+        assert_eq!(UNFINISHED, "status.phase!=Sent,status.phase!=Failed");
+        assert_eq!(finished_in(Phase::Sent), "status.phase=Sent");
+        assert_eq!(finished_in(Phase::Failed), "status.phase=Failed");
+        // Every phase is in exactly one of the three watches' selections.
+        for phase in [Phase::Pending, Phase::Sending, Phase::Sent, Phase::Failed] {
+            let unfinished = !UNFINISHED.split(',').any(|r| r == format!("status.phase!={phase:?}"));
+            assert_eq!(unfinished, !phase.is_finished(), "{phase:?}");
+        }
+    }
+
+    #[test]
+    fn expiry_watches_keep_only_messages_with_a_ttl() {
+        let mut with_ttl = full();
+        with_ttl.status = Some(serde_json::from_value(serde_json::json!({"phase": "Sent"})).unwrap());
+        let mut without = with_ttl.clone();
+        without.spec.ttl_seconds_after_finished = None;
+        assert!(expiring(&Event::Apply(with_ttl.clone())));
+        assert!(expiring(&Event::InitApply(with_ttl.clone())));
+        assert!(!expiring(&Event::Apply(without.clone())));
+        assert!(!expiring(&Event::InitApply(without.clone())));
+        assert!(expiring(&Event::Delete(without)), "a deletion always reaches the cache");
+        assert!(expiring(&Event::Init) && expiring(&Event::InitDone));
     }
 }

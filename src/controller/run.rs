@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use super::context::{Context, OperatorConfig};
 use super::registry::ProfileKey;
 use super::{cache, message, profile};
-use crate::api::{ClusterMailProfile, EmailMessage, MailProfile};
+use crate::api::{ClusterMailProfile, EmailMessage, MailProfile, Phase};
 use crate::delivery::limits::IDLE_EXPIRY;
 use crate::error::Error;
 use crate::metrics::{ErrorLabels, Metrics};
@@ -28,6 +28,9 @@ pub const TURN_KICK: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// EmailMessages per page of the initial list.
 const MESSAGE_PAGE: u32 = 100;
+
+/// Finished messages deleted at once by each expiry watch's controller.
+const EXPIRY_CONCURRENCY: u16 = 4;
 
 /// Runs the operator until `shutdown` completes.
 pub async fn run(
@@ -111,7 +114,7 @@ pub async fn run(
     // The index of each profile's unfinished messages follows the same events as the cache.
     let message_events = {
         let ctx = ctx.clone();
-        watcher(messages_api, watcher::Config::default().page_size(MESSAGE_PAGE))
+        watcher(messages_api.clone(), watcher::Config::default().fields(cache::UNFINISHED).page_size(MESSAGE_PAGE))
             .default_backoff()
             .modify(cache::strip_for_cache)
             .reflect(message_writer)
@@ -126,6 +129,23 @@ pub async fn run(
         .reconcile_on(UnboundedReceiverStream::new(triggers.messages))
         .graceful_shutdown_on(stopped(&shutdown_tx));
     let _ = ctx.messages.set(messages.store());
+    // Finished messages that wait for their ttlSecondsAfterFinished, one watch per finished
+    // phase: the same reconciler deletes each when it is due. Those without a TTL are dropped on
+    // the way in, so a history of finished messages costs a page at a time while it is listed.
+    let expiries = [Phase::Sent, Phase::Failed].map(|phase| {
+        let (store, writer) = reflector::store();
+        let events = watcher(
+            messages_api.clone(),
+            watcher::Config::default().fields(&cache::finished_in(phase)).page_size(MESSAGE_PAGE),
+        )
+        .default_backoff()
+        .try_filter(|event| std::future::ready(cache::expiring(event)))
+        .modify(cache::strip_for_cache)
+        .reflect(writer)
+        .applied_objects();
+        let config = kube::runtime::controller::Config::default().concurrency(EXPIRY_CONCURRENCY);
+        Controller::for_stream(events, store).with_config(config).graceful_shutdown_on(stopped(&shutdown_tx))
+    });
 
     // Secrets are watched by metadata only: their data never sits in this process's memory, and a
     // change to one that a profile references re-resolves that profile at once.
@@ -261,10 +281,14 @@ pub async fn run(
     let c1 = ctx.clone();
     let c2 = ctx.clone();
     let c3 = ctx.clone();
+    let expiring = futures::future::join_all(
+        expiries.map(|c| c.run(message::reconcile, message::error_policy, ctx.clone()).for_each(|_| async {})),
+    );
     futures::join!(
         profiles.run(profile::reconcile_namespaced, profile_error, c1).for_each(|_| async {}),
         cluster_profiles.run(profile::reconcile_cluster, profile_error, c2).for_each(|_| async {}),
         messages.run(message::reconcile, message::error_policy, c3).for_each(|_| async {}),
+        expiring,
         secret_watch,
         namespace_watch,
         readiness,

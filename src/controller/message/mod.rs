@@ -6,7 +6,7 @@
 mod decide;
 mod dereference;
 mod event;
-pub use event::MAX_NOTE;
+pub use event::{MAX_NOTE, message_event};
 pub mod key;
 mod record;
 mod send;
