@@ -15,10 +15,12 @@ use std::time::{Duration, Instant};
 use common::emulator::{Emulator, concat_pems};
 use common::smtp_peer::SmtpPeer;
 use common::{create_yaml, required_env};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use mailroom::api::{EmailMessage, Phase};
 use serde_json::{Value, json};
@@ -37,14 +39,16 @@ struct Scale {
     per_transport: usize,
     failover: usize,
     large: usize,
+    /// Messages created while no operator runs, all waiting when it starts.
+    backlog: usize,
 }
 
 impl Scale {
     fn from_env() -> Scale {
         if std::env::var("MAILROOM_E2E_MODE").as_deref() == Ok("short") {
-            Scale { per_transport: 5, failover: 40, large: 200 }
+            Scale { per_transport: 5, failover: 40, large: 200, backlog: 500 }
         } else {
-            Scale { per_transport: 50, failover: 200, large: 2000 }
+            Scale { per_transport: 50, failover: 200, large: 2000, backlog: 10_000 }
         }
     }
 }
@@ -393,6 +397,133 @@ async fn doubts(client: &Client) -> BTreeSet<String> {
         .collect()
 }
 
+/// The chart's default requests and limits under a backlog: the Deployment is scaled to zero while
+/// `scale.backlog` messages are created, then back to two replicas, so that the new leader lists
+/// them all waiting at once (what the memory limit is sized for; `make bench`'s backlog run
+/// measures the same outside a container). Every message is Sent once, no Pod restarts or is
+/// killed, and the Pods' peak working sets are printed against `limit`.
+async fn backlog(w: &World, limit: &str) {
+    let client = &w.client;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    let scale = |replicas: i32| {
+        let deployments = deployments.clone();
+        async move {
+            let patch = Patch::Merge(json!({"spec": {"replicas": replicas}}));
+            deployments.patch_scale(RELEASE, &PatchParams::default(), &patch).await.expect("scale the Deployment");
+        }
+    };
+    scale(0).await;
+    eventually("no operator Pods", Duration::from_secs(120), || async {
+        operator_pods(client).await.is_empty().then_some(())
+    })
+    .await;
+
+    let n = w.scale.backlog;
+    let label = "mailroom.dev/e2e-batch=backlog";
+    let profiles = ["graph", "relay", "exo"];
+    let started = Instant::now();
+    futures::stream::iter(0..n)
+        .for_each_concurrent(16, |i| async move {
+            let message: EmailMessage = serde_json::from_value(json!({
+                "apiVersion": "mailroom.dev/v1alpha1", "kind": "EmailMessage",
+                "metadata": {"name": format!("backlog-{i:05}"), "labels": {"mailroom.dev/e2e-batch": "backlog"}},
+                "spec": {
+                    "profileRef": {"name": profiles[i % 3]},
+                    "to": ["Ops Team <ops@contoso.com>"],
+                    "subject": format!("backlog {i}"),
+                    "body": {"text": "Waited for the operator."},
+                },
+            }))
+            .expect("EmailMessage");
+            w.messages().create(&PostParams::default(), &message).await.unwrap_or_else(|e| panic!("create {i}: {e}"));
+        })
+        .await;
+    eprintln!("e2e: {n} messages created with no operator running in {:.1}s", started.elapsed().as_secs_f64());
+
+    scale(2).await;
+    let started = Instant::now();
+    let running = eventually("2 running operator Pods", Duration::from_secs(120), || async {
+        let pods = operator_pods(client).await;
+        let running = |p: &Pod| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+        (pods.len() == 2 && pods.iter().all(running)).then_some(pods)
+    })
+    .await;
+    let peaks: Vec<(String, std::sync::Arc<std::sync::atomic::AtomicU64>)> =
+        running.iter().map(|p| (p.name_any(), Default::default())).collect();
+    let sampler = {
+        let cgroups: Vec<PathBuf> = running.iter().map(pod_memory_cgroup).collect();
+        let peaks: Vec<_> = peaks.iter().map(|(_, peak)| peak.clone()).collect();
+        tokio::spawn(async move {
+            loop {
+                for (cgroup, peak) in cgroups.iter().zip(&peaks) {
+                    if let Some(ws) = working_set(cgroup) {
+                        peak.fetch_max(ws, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+
+    // Counted by the phase field selector, by name only: a whole list of 10,000 every poll would
+    // be most of the API server's work.
+    let count = |phase: Phase| async move {
+        let lp = ListParams::default().labels(label).fields(&format!("status.phase={phase:?}"));
+        w.messages().list_metadata(&lp).await.map(|l| l.items.len()).ok()
+    };
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        if let Some(failed) = count(Phase::Failed).await {
+            assert_eq!(failed, 0, "backlog messages Failed");
+        }
+        if count(Phase::Sent).await == Some(n) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the backlog of {n} was not Sent within 900s");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    sampler.abort();
+    let pods = operator_pods(client).await;
+    for p in &pods {
+        assert_eq!(restarts(p), 0, "{} restarted under the backlog", p.name_any());
+        let terminated: Vec<_> = p
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.last_state.as_ref().and_then(|l| l.terminated.as_ref()).map(|t| t.reason.clone()))
+            .collect();
+        assert!(terminated.is_empty(), "{} was terminated under the backlog: {terminated:?}", p.name_any());
+    }
+    let leader = lease_holder(client).await.unwrap_or_default();
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    for (pod, peak) in &peaks {
+        let role = if *pod == leader { "leader" } else { "follower" };
+        eprintln!(
+            "e2e: backlog of {n}: {pod} ({role}) peak working set {:.1} MiB against its limit of {limit}",
+            mib(peak.load(std::sync::atomic::Ordering::Relaxed))
+        );
+    }
+    eprintln!("e2e: backlog of {n} Sent in {elapsed:.1}s from the scale-up (Pods started, caches listed, all sent)");
+
+    // Each once, by Message-ID at the peers.
+    let copies = w.received().await;
+    let sent = w.messages().list(&ListParams::default().labels(label)).await.expect("list the backlog");
+    assert_eq!(sent.items.len(), n);
+    for m in &sent.items {
+        let id = m.status.as_ref().and_then(|s| s.message_id.clone()).expect("a Sent message has a Message-ID");
+        assert_eq!(copies.get(&id), Some(&1), "{} ({id}) arrived {:?} times", m.name_any(), copies.get(&id));
+    }
+    // Out of the way of the steps after this one.
+    w.messages()
+        .delete_collection(&DeleteParams::default(), &ListParams::default().labels(label))
+        .await
+        .expect("delete the backlog");
+    wait_pods_ready(client, 2, Duration::from_secs(120)).await;
+}
+
 async fn create_namespace(client: &Client) {
     let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
     if api.get_opt(NS).await.expect("get namespace").is_some() {
@@ -674,6 +805,8 @@ async fn the_chart_runs_delivers_fails_over_and_uninstalls() {
         started.elapsed().as_secs_f64(),
         peak.load(std::sync::atomic::Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
     );
+
+    backlog(&w, &limit).await;
 
     // Metrics: another Pod scrapes the operator through the metrics Service.
     let services: Api<Service> = Api::namespaced(client.clone(), NS);
