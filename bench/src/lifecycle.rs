@@ -68,6 +68,38 @@ pub struct WaitingResult {
     by_request: Vec<(String, f64)>,
     /// Every resource request the API server counted, per minute (its own included).
     all_requests_per_minute: f64,
+    /// The operator's memory at the end of the window, the messages created while it ran.
+    running: WaitingMemory,
+    /// A fresh operator started over the same waiting messages: its list holds them all at once.
+    restarted: WaitingMemory,
+}
+
+/// The operator's memory with the waiting messages present, in MiB.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WaitingMemory {
+    /// VmRSS.
+    rss_mib: f64,
+    /// VmHWM: the peak since the process started.
+    peak_rss_mib: f64,
+    /// The live heap (`mailroom_heap_allocated_bytes`).
+    heap_mib: Option<f64>,
+    /// What the allocator holds resident (`mailroom_heap_resident_bytes`).
+    heap_resident_mib: Option<f64>,
+    /// From the process's start to `/readyz` answering.
+    ready_seconds: f64,
+}
+
+impl WaitingMemory {
+    async fn of(op: &Operator, ready_seconds: f64) -> Result<WaitingMemory, BenchError> {
+        Ok(WaitingMemory {
+            rss_mib: op.rss(),
+            peak_rss_mib: rss_mib(&op.process, "VmHWM").unwrap_or(0.0),
+            heap_mib: op.heap().await?,
+            heap_resident_mib: op.heap_resident().await?,
+            ready_seconds,
+        })
+    }
 }
 
 /// A free loopback port.
@@ -407,8 +439,10 @@ pub async fn waiting(client: &Client, args: &Args, smtp: &SmtpPeer, logs: &Path)
     }))
     .map_err(|e| BenchError::Peer(format!("profile: {e}")))?;
     cluster.create(&PostParams::default(), &profile).await?;
+    let started = Instant::now();
     let mut op = Operator::start(args, &ns, &[], &logs.join(format!("operator-waiting-{n}.log")))?;
     op.wait_ready().await?;
+    let ready_seconds = started.elapsed().as_secs_f64();
     let start = Instant::now();
     loop {
         op.process.check_alive()?;
@@ -471,6 +505,17 @@ pub async fn waiting(client: &Client, args: &Args, smtp: &SmtpPeer, logs: &Path)
     }
     let after = apiserver_requests(client).await?;
     let seconds = counted.elapsed().as_secs_f64();
+    let running = WaitingMemory::of(&op, ready_seconds).await?;
+    op.process.stop(Duration::from_secs(30));
+
+    eprintln!("bench: [{tag}] restarting the operator over the {n} waiting messages");
+    let started = Instant::now();
+    let mut op = Operator::start(args, &ns, &[], &logs.join(format!("operator-waiting-{n}-restart.log")))?;
+    op.wait_ready().await?;
+    let ready_seconds = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(args.waiting_settle_secs)).await;
+    op.process.check_alive()?;
+    let restarted = WaitingMemory::of(&op, ready_seconds).await?;
     op.process.stop(Duration::from_secs(30));
 
     let by_request = rates(&before, &after, seconds, operator_resource);
@@ -487,6 +532,8 @@ pub async fn waiting(client: &Client, args: &Args, smtp: &SmtpPeer, logs: &Path)
         requests_per_minute: by_request.iter().map(|(_, r)| r).sum(),
         by_request,
         all_requests_per_minute: all.iter().map(|(_, r)| r).sum(),
+        running,
+        restarted,
     })
 }
 
@@ -542,6 +589,18 @@ pub fn print_waiting(r: &WaitingResult) {
     );
     for (name, rate) in &r.by_request {
         println!("{:<9}   {rate:>9.1}/min  {name}", "");
+    }
+    for (when, m) in [("created while it ran", &r.running), ("after a restart over them", &r.restarted)] {
+        println!(
+            "{:<9}   {} waiting, {when}: RSS {:.1} MiB, peak {:.1} MiB, live heap {}, allocator resident {}, ready in {:.1} s",
+            "",
+            r.messages,
+            m.rss_mib,
+            m.peak_rss_mib,
+            mib(m.heap_mib),
+            mib(m.heap_resident_mib),
+            m.ready_seconds
+        );
     }
 }
 
