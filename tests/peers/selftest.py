@@ -368,6 +368,20 @@ def plain_checks(suite: Suite, root: Path) -> None:
             srv.ok("POST", "/script", {"down": False})
             assert send(srv, "back up")[0] == 250
 
+        def down_ends_open_sessions() -> None:
+            srv.ok("POST", "/reset")
+            kept = srv.smtp()
+            kept.ehlo("selftest")
+            assert srv.ok("GET", "/stats")["open"] == 1
+            srv.ok("POST", "/script", {"down": True})
+            expect(smtplib.SMTPServerDisconnected, lambda: kept.mail("alerts@contoso.com"))
+            srv.ok("POST", "/script", {"down": False})
+            polite = srv.smtp()
+            polite.ehlo("selftest")
+            polite.quit()
+            stats = srv.ok("GET", "/stats")
+            assert stats["quits"] == 1 and stats["connections"] == 2, stats
+
         def down_421_then_up() -> None:
             srv.ok("POST", "/reset")
             srv.ok("POST", "/script", {"down": "421"})
@@ -415,6 +429,7 @@ def plain_checks(suite: Suite, root: Path) -> None:
             ("drop_in_data_rate: a seeded share of transactions cut", drop_in_data_rate),
             ("down (not listening) then up", down_then_up),
             ("down with 421 4.3.2 then up", down_421_then_up),
+            ("down ends the open sessions", down_ends_open_sessions),
             ("latency_ms delays the DATA reply", latency),
             ("control API rejects bad input", control_rejects_bad_input),
             ("password never logged", no_password_in_log),
@@ -752,11 +767,50 @@ def address_checks(suite: Suite, root: Path) -> None:
     suite.check("listen: the certificate names the listen address", certificate_names_the_listen_address)
 
 
+def session_limit_checks(suite: Suite, root: Path) -> None:
+    srv = Server("limit", root, "--auth-user", "alice", "--auth-pass", PASSWORD, "--max-sessions-per-login", "2")
+    try:
+
+        def logged_in() -> smtplib.SMTP:
+            s = srv.smtp()
+            s.ehlo("client.test")
+            s.login("alice", PASSWORD)
+            return s
+
+        def over_the_limit_gets_432() -> None:
+            first, second, third = logged_in(), logged_in(), logged_in()
+            code, reply = third.mail("alerts@contoso.com")
+            assert (code, reply) == (432, b"4.3.2 Concurrent connections limit exceeded"), (code, reply)
+            assert first.mail("alerts@contoso.com")[0] == 432, "every session of the login is over it"
+            first.quit()
+            assert third.mail("alerts@contoso.com")[0] == 250, "two left: within the limit"
+            # Another login, or none, is not counted with alice's.
+            anonymous = srv.smtp()
+            anonymous.ehlo("client.test")
+            assert anonymous.mail("alerts@contoso.com")[0] == 250
+            for s in (second, third, anonymous):
+                s.quit()
+            assert srv.ok("GET", "/stats")["over_session_limit"] == 2
+
+        suite.check("--max-sessions-per-login: 432 4.3.2 over it, per login", over_the_limit_gets_432)
+    finally:
+        code = srv.stop()
+    suite.check("session limit: SIGTERM exits 0 and removes ready.json", lambda: _stopped(srv, code))
+
+
 def main() -> int:
     suite = Suite()
     with tempfile.TemporaryDirectory(prefix="smtp-peer-selftest-") as tmp:
         root = Path(tmp)
-        for group in (address_checks, plain_checks, starttls_checks, implicit_checks, xoauth2_checks, national_cloud_checks):
+        for group in (
+            address_checks,
+            plain_checks,
+            session_limit_checks,
+            starttls_checks,
+            implicit_checks,
+            xoauth2_checks,
+            national_cloud_checks,
+        ):
             try:
                 group(suite, root)
             except Exception:

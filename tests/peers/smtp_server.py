@@ -53,6 +53,9 @@ SEND_AS_APP_PERMISSION = "SMTP.SendAsApp"
 
 REPLY_NEED_STARTTLS = "530 5.7.0 Must issue a STARTTLS command first"
 REPLY_NEED_AUTH = "530 5.7.57 Client not authenticated to send mail"
+# Exchange Online's answer when a mailbox has more SMTP AUTH sessions than it allows (three):
+# https://learn.microsoft.com/exchange/troubleshoot/send-emails/smtp-submission-improvements
+REPLY_TOO_MANY_SESSIONS = "432 4.3.2 Concurrent connections limit exceeded"
 REPLY_AUTH_OK = "235 2.7.0 Authentication successful"
 REPLY_BAD_CREDENTIALS = "535 5.7.8 Authentication credentials invalid"
 # What Exchange Online answers to any XOAUTH2 failure.
@@ -319,6 +322,7 @@ class Config:
     xoauth2_audience: str
     require_auth: bool
     max_message_size: int
+    max_sessions_per_login: int = 0
 
 
 @dataclass
@@ -365,10 +369,15 @@ class Stats:
     rejected: dict[str, int] = field(default_factory=dict)
     auth_succeeded: int = 0
     auth_failed: int = 0
+    quits: int = 0
+    over_session_limit: int = 0
 
-    def to_json(self, down: Any) -> dict[str, Any]:
+    def to_json(self, down: Any, open_sessions: int) -> dict[str, Any]:
         return {
             "connections": self.connections,
+            "open": open_sessions,
+            "quits": self.quits,
+            "over_session_limit": self.over_session_limit,
             "accepted": self.accepted,
             "dropped": self.dropped,
             "refused_connections": self.refused_connections,
@@ -462,7 +471,16 @@ class Peer:
             self.smtp_server.close()
             self.smtp_server = None
 
+    def end_sessions(self) -> None:
+        # A server that goes down, or into maintenance, takes its sessions with it: a client
+        # that kept one open finds it closed at its next command.
+        for session in list(self.connections):
+            if session.transport is not None:
+                session.transport.abort()
+
     async def set_down(self, down: Any) -> None:
+        if down in (True, "421"):
+            self.end_sessions()
         if down is True and self.smtp_server is not None:
             self.stop_smtp_listening()
             LOG.info("SMTP port %d is down: not listening", self.cfg.smtp_port)
@@ -606,7 +624,7 @@ class Peer:
         routes = {
             ("GET", "/health"): lambda: self.ok({"ok": True}),
             ("GET", "/messages"): lambda: self.ok(self.list_messages()),
-            ("GET", "/stats"): lambda: self.ok(self.stats.to_json(self.script.down)),
+            ("GET", "/stats"): lambda: self.ok(self.stats.to_json(self.script.down, len(self.connections))),
             ("GET", "/script"): lambda: self.ok(self.script.to_json()),
             ("POST", "/reset"): self.reset,
             ("POST", "/script"): lambda: self.apply_script(decode_json_body(body)),
@@ -839,6 +857,10 @@ class PeerSMTP(SMTP):
         LOG.info("connection from %s", self.session.peer)
         await super()._handle_client()
 
+    async def smtp_QUIT(self, arg: str) -> None:
+        self.peer.stats.quits += 1
+        await super().smtp_QUIT(arg)
+
     async def smtp_AUTH(self, arg: str) -> None:
         if not self.tls_ok():
             await self.push(REPLY_NEED_STARTTLS)
@@ -852,7 +874,24 @@ class PeerSMTP(SMTP):
         if self.session.host_name and self.peer.cfg.require_auth and not self.session.authenticated:
             await self.push(REPLY_NEED_AUTH)
             return
+        if self.session.host_name and self.over_session_limit():
+            self.peer.stats.over_session_limit += 1
+            await self.push(REPLY_TOO_MANY_SESSIONS)
+            return
         await super().smtp_MAIL(arg)
+
+    def login(self) -> str | None:
+        auth = getattr(self.session, "peer_auth", None) or {}
+        user = auth.get("user")
+        return user.lower() if isinstance(user, str) else None
+
+    def over_session_limit(self) -> bool:
+        """Whether more open sessions than --max-sessions-per-login are logged in as this one's
+        user (idle ones count: Exchange Online does not say that they do not)."""
+        limit, user = self.peer.cfg.max_sessions_per_login, self.login()
+        if not limit or user is None:
+            return False
+        return sum(1 for c in self.peer.connections if c.login() == user) > limit
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         if self.session.host_name and not self.tls_ok():
@@ -1023,6 +1062,14 @@ def build_config(argv: list[str] | None = None) -> Config:
     )
     parser.add_argument("--require-auth", action="store_true", help="refuse MAIL without AUTH")
     parser.add_argument("--max-message-size", type=int, default=35 * 1024 * 1024, help="SIZE limit in bytes")
+    parser.add_argument(
+        "--max-sessions-per-login",
+        type=int,
+        default=0,
+        metavar="N",
+        help="answer MAIL with 432 4.3.2 while more than N sessions are logged in as its user "
+        "(Exchange Online allows 3 for SMTP AUTH); 0: no limit",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
 
@@ -1057,6 +1104,8 @@ def build_config(argv: list[str] | None = None) -> Config:
         raise ConfigError(f"--xoauth2-audience must be an https URL, not {args.xoauth2_audience!r}")
     if args.require_auth and args.auth_user is None and not args.xoauth2_introspect:
         raise ConfigError("--require-auth needs --auth-user or --xoauth2-introspect")
+    if args.max_sessions_per_login < 0:
+        raise ConfigError("--max-sessions-per-login must be 0 or more")
     for path in (args.tls_cert, args.tls_key, args.xoauth2_ca):
         if path is not None and not path.is_file():
             raise ConfigError(f"no such file: {path}")
@@ -1082,6 +1131,7 @@ def build_config(argv: list[str] | None = None) -> Config:
         xoauth2_audience=audience,
         require_auth=args.require_auth,
         max_message_size=args.max_message_size,
+        max_sessions_per_login=args.max_sessions_per_login,
     )
 
 
