@@ -121,15 +121,17 @@ impl World {
 
     /// An SMTP test server with STARTTLS that checks XOAUTH2 tokens through this world's emulator.
     fn xoauth2_peer(&self) -> SmtpPeer {
+        self.xoauth2_peer_with(&[])
+    }
+
+    /// The same with more of the server's flags.
+    fn xoauth2_peer_with(&self, more: &[&str]) -> SmtpPeer {
         let emu_ca = self.emu.ca_pem().display().to_string();
-        SmtpPeer::start(&[
-            "--self-signed",
-            "--require-starttls",
-            "--xoauth2-introspect",
-            &self.emu.introspect_url(),
-            "--xoauth2-ca",
-            &emu_ca,
-        ])
+        let introspect = self.emu.introspect_url();
+        let mut args =
+            vec!["--self-signed", "--require-starttls", "--xoauth2-introspect", &introspect, "--xoauth2-ca", &emu_ca];
+        args.extend_from_slice(more);
+        SmtpPeer::start(&args)
     }
 
     async fn wait_sent(&self, name: &str) -> EmailMessage {
@@ -843,6 +845,59 @@ async fn smtp_xoauth2_sends_with_an_outlook_token() {
     assert_eq!(tokens.len(), 1, "{tokens:#?}");
     assert_eq!(tokens[0]["scope"], "https://outlook.office365.com/.default");
     assert_eq!(tokens[0]["outcome"], "success");
+}
+
+/// Exchange Online allows three concurrent SMTP AUTH connections per mailbox and answers each
+/// connection over that with `432 4.3.2` (the server here does the same). An XOAUTH2 profile's
+/// default `maxConcurrent` (3), with its sessions kept between messages, stays within it: a burst
+/// through one mailbox is Sent at the first attempt over at most three sessions. The same burst
+/// with `maxConcurrent: 4` goes over the limit, so the limit is real and the default is what
+/// keeps the first profile under it.
+#[tokio::test]
+async fn smtp_auth_stays_within_three_connections_per_mailbox() {
+    const COUNT: usize = 12;
+    let w = World::new("oauth-smtp-sessions").await;
+    let peer = w.xoauth2_peer_with(&["--max-sessions-per-login", "3"]);
+    let wide = w.xoauth2_peer_with(&["--max-sessions-per-login", "3"]);
+    // Each message takes a moment at the server, so that the burst's sends overlap.
+    for p in [&peer, &wide] {
+        p.script(json!({"latency_ms": 200})).await;
+    }
+    w.register(app(&["smtp-secret-1"], json!({"roles": ["SMTP.SendAsApp"]}))).await;
+    w.secret(SECRET_NAME, None, json!({SECRET_KEY: "smtp-secret-1"})).await;
+    let _op = w.operator(&[peer.ca_pem(), wide.ca_pem()]);
+    let profile = |port: u16, limits: Value| {
+        let mut oauth2 = json!({"tenantId": TENANT, "clientId": CLIENT, "authorityHost": w.emu.url});
+        merge(&mut oauth2, secret_ref());
+        json!({
+            "senders": {"default": SENDER},
+            "limits": limits,
+            "smtp": {"host": "127.0.0.1", "port": port, "tls": "StartTLS", "auth": {"oauth2": oauth2}},
+        })
+    };
+    w.profile("exo", profile(peer.smtp_port, json!({"messagesPerMinute": 6000}))).await;
+    for i in 0..COUNT {
+        w.send(&format!("burst-{i:02}"), "exo", json!({})).await;
+    }
+    let sent = wait_all_sent(&w.messages(), COUNT, WAIT).await;
+    for m in &sent {
+        assert_eq!(status_of(m).attempts, Some(1), "{:?}: {:#?}", m.metadata.name, m.status);
+    }
+    let stats = peer.stats().await;
+    assert_eq!(stats["over_session_limit"], 0, "{stats:#}");
+    assert_eq!(stats["accepted"], COUNT, "{stats:#}");
+    let sessions = stats["connections"].as_u64().expect("connections");
+    assert!((1..=3).contains(&sessions), "{COUNT} messages over {sessions} sessions: {stats:#}");
+
+    w.profile("exo-wide", profile(wide.smtp_port, json!({"messagesPerMinute": 6000, "maxConcurrent": 4}))).await;
+    for i in 0..COUNT {
+        w.send(&format!("wide-{i:02}"), "exo-wide", json!({})).await;
+    }
+    let start = Instant::now();
+    while wide.stats().await["over_session_limit"].as_u64().unwrap_or(0) == 0 {
+        assert!(start.elapsed() < WAIT, "four sessions at once never went over the limit: {:#}", wide.stats().await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// SMTP with XOAUTH2 onboarded through Exchange Online App RBAC (`Application SMTP.SendAsApp`

@@ -10,8 +10,14 @@ use super::common::{SecretKeySelector, SecretReference};
 
 /// Exchange Online's sending limit per mailbox.
 pub const DEFAULT_MESSAGES_PER_MINUTE: u32 = 30;
-/// Graph's concurrency limit per mailbox.
+/// Graph's concurrency limit per mailbox: the default but for SMTP with AUTH.
 pub const DEFAULT_MAX_CONCURRENT: u32 = crate::transport::graph::MAILBOX_CONCURRENCY;
+/// Exchange Online's limit of concurrent SMTP AUTH connections per mailbox, past which each gets
+/// `432 4.3.2 Concurrent connections limit exceeded` ([Message storage and concurrent connection
+/// throttling for SMTP Authenticated
+/// Submission](https://learn.microsoft.com/exchange/troubleshoot/send-emails/smtp-submission-improvements)):
+/// the default for SMTP with `auth` (a password or XOAUTH2).
+pub const SMTP_AUTH_MAX_CONCURRENT: u32 = 3;
 
 /// How to send: exactly one transport, its credentials, its limits and policy.
 #[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
@@ -295,7 +301,8 @@ pub struct Limits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100000))]
     pub messages_per_minute: Option<u32>,
-    /// Requests in flight at once; default 4.
+    /// Sends in flight at once per sender mailbox; default 4 (Graph's limit), 3 for SMTP with
+    /// `auth` (Exchange Online's limit on concurrent SMTP AUTH connections per mailbox).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000))]
     pub max_concurrent: Option<u32>,
@@ -307,9 +314,13 @@ impl MailProfileSpec {
         self.limits.as_ref().and_then(|l| l.messages_per_minute).unwrap_or(DEFAULT_MESSAGES_PER_MINUTE)
     }
 
-    /// Concurrent sends per mailbox, defaulted.
+    /// Concurrent sends per mailbox, defaulted by transport.
     pub fn max_concurrent(&self) -> u32 {
-        self.limits.as_ref().and_then(|l| l.max_concurrent).unwrap_or(DEFAULT_MAX_CONCURRENT)
+        let default = match &self.smtp {
+            Some(SmtpTransport { auth: Some(_), .. }) => SMTP_AUTH_MAX_CONCURRENT,
+            _ => DEFAULT_MAX_CONCURRENT,
+        };
+        self.limits.as_ref().and_then(|l| l.max_concurrent).unwrap_or(default)
     }
 
     /// A short name of the transport, as the status and metrics show it.
@@ -357,4 +368,34 @@ pub struct TokenStatus {
     /// The application roles the token carries.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub roles: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(transport: serde_json::Value) -> MailProfileSpec {
+        let mut spec = serde_json::json!({"senders": {"default": "alerts@contoso.com"}});
+        spec.as_object_mut().expect("an object").extend(transport.as_object().expect("an object").clone());
+        serde_json::from_value(spec).expect("MailProfileSpec")
+    }
+
+    #[test]
+    fn concurrency_defaults_to_the_providers_limit_per_mailbox() {
+        let graph = spec(serde_json::json!({"graph": {"tenantId": "t", "clientId": "c"}}));
+        let relay = spec(serde_json::json!({"smtp": {"host": "relay.contoso.com"}}));
+        let password = spec(serde_json::json!({
+            "smtp": {"host": "smtp.office365.com", "auth": {"password": {"secretRef": {"name": "login"}}}},
+        }));
+        let xoauth2 = spec(serde_json::json!({
+            "smtp": {"host": "smtp.office365.com", "auth": {"oauth2": {"tenantId": "t", "clientId": "c"}}},
+        }));
+        assert_eq!(graph.max_concurrent(), 4, "Graph: 4 requests per mailbox");
+        assert_eq!(relay.max_concurrent(), 4, "a relay connector has no per-mailbox connection limit");
+        assert_eq!(password.max_concurrent(), 3, "SMTP AUTH: 3 connections per mailbox");
+        assert_eq!(xoauth2.max_concurrent(), 3);
+        let mut chosen = xoauth2.clone();
+        chosen.limits = Some(Limits { max_concurrent: Some(8), ..Limits::default() });
+        assert_eq!(chosen.max_concurrent(), 8, "what the profile says wins");
+    }
 }
