@@ -132,15 +132,18 @@ impl Peer {
         assert!(response.status().is_success(), "POST /script {body}");
     }
 
+    async fn get(&self, path: &str) -> Value {
+        let url = format!("http://127.0.0.1:{}{path}", self.control_port);
+        self.http.get(&url).send().await.expect(&url).json().await.expect("a JSON answer")
+    }
+
     async fn messages(&self) -> Vec<Value> {
-        self.http
-            .get(format!("http://127.0.0.1:{}/messages", self.control_port))
-            .send()
-            .await
-            .expect("GET /messages")
-            .json()
-            .await
-            .expect("messages JSON")
+        serde_json::from_value(self.get("/messages").await).expect("a list of messages")
+    }
+
+    /// The peer's counters (connections, open sessions, QUITs, accepted messages, ...).
+    async fn stats(&self) -> Value {
+        self.get("/stats").await
     }
 
     fn config(&self, tls: TlsMode, roots: TrustRoots, credentials: SmtpCredentials) -> SmtpConfig {
@@ -441,6 +444,104 @@ async fn a_reply_that_never_ends_is_cut_at_the_bound() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Sessions kept open between messages.
+
+/// The test message with its own Message-ID, from `from`.
+fn message_from(from: &str, n: usize) -> OutgoingMessage {
+    OutgoingMessage {
+        from: parse_mailbox(from).expect("sender"),
+        message_id: format!("<session-{n}@mailroom.dev>"),
+        ..message()
+    }
+}
+
+/// The peer's counters that say how sessions were used.
+async fn sessions(peer: &Peer) -> (u64, u64, u64, u64) {
+    let stats = peer.stats().await;
+    let n = |k: &str| stats[k].as_u64().unwrap_or_else(|| panic!("{k} in {stats}"));
+    (n("connections"), n("open"), n("quits"), n("accepted"))
+}
+
+/// Waits up to 5 s for the peer's (connections, open, QUITs, accepted) to be `want`: a session
+/// the client ended is closed at the server a moment later.
+async fn assert_sessions(peer: &Peer, want: (u64, u64, u64, u64)) {
+    let start = std::time::Instant::now();
+    loop {
+        let got = sessions(peer).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "(connections, open, QUITs, accepted): {got:?}, not {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn message_ids(messages: &[Value]) -> Vec<String> {
+    messages.iter().map(|m| m["message_id"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+#[tokio::test]
+async fn a_session_carries_the_next_messages_and_is_ended_once_idle() {
+    let peer = Peer::start(&[]).await;
+    let mut config = peer.config(TlsMode::None, TrustRoots::default(), SmtpCredentials::None);
+    config.idle_session = Duration::from_secs(1);
+    let transport = SmtpTransport::new(config).expect("transport");
+    for n in 0..3 {
+        transport.send(&message_from("alerts@contoso.com", n)).await.expect("delivered");
+    }
+    assert_sessions(&peer, (1, 1, 0, 3)).await;
+    // Idle past its time (1 s), it is ended with QUIT without another message to prompt it.
+    assert_sessions(&peer, (1, 0, 1, 3)).await;
+    transport.send(&message_from("alerts@contoso.com", 3)).await.expect("delivered over a new session");
+    assert_sessions(&peer, (2, 1, 1, 4)).await;
+    let ids = message_ids(&peer.messages().await);
+    assert_eq!(ids, (0..4).map(|n| format!("<session-{n}@mailroom.dev>")).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_session_the_server_closed_is_replaced_and_the_message_goes_once() {
+    let peer = Peer::start(&[]).await;
+    let transport = peer.transport(TlsMode::None, TrustRoots::default(), SmtpCredentials::None);
+    transport.send(&message_from("alerts@contoso.com", 0)).await.expect("delivered");
+    // The server goes away and comes back: the kept session is closed under the transport.
+    peer.script(json!({"down": true})).await;
+    peer.script(json!({"down": false})).await;
+    transport.send(&message_from("alerts@contoso.com", 1)).await.expect("delivered over a new session");
+    assert_sessions(&peer, (2, 1, 0, 2)).await;
+    assert_eq!(message_ids(&peer.messages().await), ["<session-0@mailroom.dev>", "<session-1@mailroom.dev>"]);
+}
+
+#[tokio::test]
+async fn an_answer_on_a_kept_session_stands() {
+    let peer = Peer::start(&[]).await;
+    let transport = peer.transport(TlsMode::None, TrustRoots::default(), SmtpCredentials::None);
+    transport.send(&message_from("alerts@contoso.com", 0)).await.expect("delivered");
+    peer.script(json!({"mail": ["451 4.3.0 Try again later"]})).await;
+    let error = transport.send(&message_from("alerts@contoso.com", 1)).await.expect_err("the server's answer");
+    assert!(error.is_transient() && reason(&error).contains("451 4.3.0"), "{error:?}");
+    // Not tried again on another session; the session that answered was ended (lettre's abort
+    // says QUIT).
+    assert_sessions(&peer, (1, 0, 1, 1)).await;
+    transport.send(&message_from("alerts@contoso.com", 2)).await.expect("delivered");
+    assert_sessions(&peer, (2, 1, 1, 2)).await;
+}
+
+#[tokio::test]
+async fn zero_idle_time_opens_a_session_per_message() {
+    let peer = Peer::start(&[]).await;
+    let mut config = peer.config(TlsMode::None, TrustRoots::default(), SmtpCredentials::None);
+    config.idle_session = Duration::ZERO;
+    let transport = SmtpTransport::new(config).expect("transport");
+    for n in 0..2 {
+        transport.send(&message_from("alerts@contoso.com", n)).await.expect("delivered");
+    }
+    assert_sessions(&peer, (2, 0, 2, 2)).await;
+}
+
+// ---------------------------------------------------------------------------------------------
 // XOAUTH2: the peer asks an introspection endpoint about each token; this file serves one.
 
 /// Hands out tokens from a list (the last one repeats) and counts invalidations.
@@ -548,6 +649,27 @@ async fn xoauth2_as_the_sender() {
     assert_eq!(messages[0]["auth_user"], "alerts@contoso.com");
     check_received(&messages[0], &delivered);
     assert_eq!(tokens.invalidations.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn xoauth2_sessions_are_kept_per_sender() {
+    let peer = xoauth2_peer().await;
+    let tokens = ScriptedTokens::new(&["good-token"]);
+    let transport = peer.transport(TlsMode::StartTLS, peer.ca(), SmtpCredentials::XOAuth2(tokens.clone()));
+    let senders = ["alerts@contoso.com", "billing@contoso.com", "Alerts@Contoso.com", "billing@contoso.com"];
+    for (n, from) in senders.iter().enumerate() {
+        transport.send(&message_from(from, n)).await.expect("delivered");
+    }
+    // One session per mailbox, each logged in as it; the second message of each went over it.
+    assert_sessions(&peer, (2, 2, 0, 4)).await;
+    assert_eq!(peer.stats().await["auth"]["succeeded"], 2);
+    for m in peer.messages().await {
+        assert_eq!(
+            m["auth_user"].as_str().map(str::to_lowercase),
+            m["mail_from"].as_str().map(str::to_lowercase),
+            "{m}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -1,9 +1,10 @@
 //! The SMTP transport: a relay, a password login, or SASL XOAUTH2 with an Entra ID token.
 //!
-//! Each send opens one connection and runs the transaction itself (MAIL, one RCPT per
-//! recipient, DATA) on lettre's `AsyncSmtpConnection` rather than `AsyncSmtpTransport::send`,
-//! for two reasons: a recipient refused at RCPT must not stop delivery to the others, and the
-//! XOAUTH2 credentials change with every token, while lettre's transport fixes them.
+//! Each send runs the transaction itself (MAIL, one RCPT per recipient, DATA) on lettre's
+//! `AsyncSmtpConnection` rather than `AsyncSmtpTransport::send`, for two reasons: a recipient
+//! refused at RCPT must not stop delivery to the others, and the XOAUTH2 credentials change with
+//! every token and every sender, while lettre's transport fixes them. A session whose message
+//! the server took carries the next message of the same login ([`pool`]).
 //!
 //! How a failure is classified (transient or permanent, and the words that go into the status)
 //! is decided by the pure functions of [`classify`], from a [`Failure`] that keeps only what
@@ -29,14 +30,18 @@ use crate::tls::TrustRoots;
 
 mod bounded;
 pub mod classify;
+mod pool;
 pub mod probe;
 
 use bounded::Bounded;
 pub use bounded::MAX_UNANSWERED_BYTES;
+pub use pool::IDLE_FOR as DEFAULT_IDLE_SESSION;
+use pool::{Login, Pool, Session};
 
 use classify::{
     Failure, RecipientRefusal, Stage, TokenFingerprint, classify, classify_password_auth, classify_token_refusal,
-    every_recipient_refused, is_token_refusal, join_reply, judge_token_refusal, recipient_refusal, token_error,
+    every_recipient_refused, is_token_refusal, join_reply, judge_token_refusal, recipient_refusal, session_gone,
+    token_error,
 };
 
 /// Default time to open the TCP connection (and finish an implicit TLS handshake).
@@ -99,6 +104,9 @@ pub struct SmtpConfig {
     pub command_timeout: Duration,
     /// Time to send the message and get the reply to DATA.
     pub data_timeout: Duration,
+    /// How long a session may wait idle for the next message of its login; zero opens a
+    /// session per message.
+    pub idle_session: Duration,
 }
 
 impl SmtpConfig {
@@ -120,6 +128,7 @@ impl SmtpConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             data_timeout: DEFAULT_DATA_TIMEOUT,
+            idle_session: DEFAULT_IDLE_SESSION,
         }
     }
 }
@@ -152,7 +161,7 @@ pub enum SmtpConfigError {
     Host(String),
 }
 
-/// Sends messages over SMTP, one connection per message.
+/// Sends messages over SMTP, keeping sessions open for the next message of the same login.
 pub struct SmtpTransport {
     host: String,
     port: u16,
@@ -167,6 +176,8 @@ pub struct SmtpTransport {
     data_timeout: Duration,
     /// Fingerprint of the last token the server refused, cleared by a successful XOAUTH2 login.
     refused_token: Mutex<Option<TokenFingerprint>>,
+    /// Sessions waiting for the next message.
+    sessions: Arc<Pool>,
 }
 
 impl fmt::Debug for SmtpTransport {
@@ -217,6 +228,7 @@ impl SmtpTransport {
             command_timeout: config.command_timeout,
             data_timeout: config.data_timeout,
             refused_token: Mutex::new(None),
+            sessions: Arc::new(Pool::new(config.idle_session)),
         })
     }
 
@@ -327,8 +339,36 @@ impl SmtpTransport {
         conn: &mut AsyncSmtpConnection,
         envelope: &Envelope,
         bytes: &[u8],
-    ) -> Result<Delivered, SendError> {
+    ) -> Result<Delivered, Unsent> {
         let server = self.server();
+        let refused = self.envelope(conn, envelope, bytes).await?;
+        let reply =
+            // In chunks: dot-stuffing the whole message at once would copy all of it again.
+            timed(self.data_timeout, conn.message_iter(bytes.chunks(DATA_CHUNK)))
+                .await
+                .map_err(|f| Unsent::Failed(classify(&f, Stage::Message, &server)))?;
+        Ok(Delivered {
+            acceptance: Acceptance::ResponsibilityTaken,
+            response: format_response(&reply),
+            request_id: None,
+            rejected: refused.into_iter().map(|r| (r.recipient, r.reply.to_string())).collect(),
+        })
+    }
+
+    /// MAIL, RCPT for each recipient and the DATA command, up to the server's go-ahead for the
+    /// data: nothing of the message has been sent when this fails. Refused recipients are
+    /// collected, not fatal.
+    async fn envelope(
+        &self,
+        conn: &mut AsyncSmtpConnection,
+        envelope: &Envelope,
+        bytes: &[u8],
+    ) -> Result<Vec<RecipientRefusal>, Unsent> {
+        let server = self.server();
+        let failed = |f: Failure, stage: Stage| {
+            let error = classify(&f, stage, &server);
+            if session_gone(&f) { Unsent::SessionGone(error) } else { Unsent::Failed(error) }
+        };
         let info = conn.server_info();
         let mut parameters = Vec::new();
         let sender_ascii = envelope.from().is_none_or(|a| a.to_string().is_ascii());
@@ -338,25 +378,25 @@ impl SmtpTransport {
         let headers_ascii = header_section(bytes).is_ascii();
         if !(sender_ascii && recipients_ascii && headers_ascii) {
             if !info.supports_feature(Extension::SmtpUtfEight) {
-                return Err(SendError::permanent(format!(
+                return Err(Unsent::Failed(SendError::permanent(format!(
                     "the message has addresses or header fields with non-ASCII characters, which need \
                      SMTPUTF8, and {server} does not offer it"
-                )));
+                ))));
             }
             parameters.push(MailParameter::SmtpUtfEight);
         }
         if !bytes.is_ascii() {
             if !info.supports_feature(Extension::EightBitMime) {
-                return Err(SendError::permanent(format!(
+                return Err(Unsent::Failed(SendError::permanent(format!(
                     "the message is not 7-bit and {server} does not offer 8BITMIME"
-                )));
+                ))));
             }
             parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
         }
 
         timed(self.command_timeout, conn.command(Mail::new(envelope.from().cloned(), parameters)))
             .await
-            .map_err(|f| classify(&f, Stage::MailFrom, &server))?;
+            .map_err(|f| failed(f, Stage::MailFrom))?;
 
         let mut accepted = 0usize;
         let mut refused = Vec::new();
@@ -365,27 +405,83 @@ impl SmtpTransport {
                 Ok(_) => accepted += 1,
                 Err(failure) => match recipient_refusal(&failure) {
                     Some(reply) => refused.push(RecipientRefusal { recipient: recipient.to_string(), reply }),
-                    None => return Err(classify(&failure, Stage::Rcpt, &server)),
+                    None => return Err(failed(failure, Stage::Rcpt)),
                 },
             }
         }
         if accepted == 0 {
-            return Err(every_recipient_refused(&refused, &server));
+            return Err(Unsent::Failed(every_recipient_refused(&refused, &server)));
         }
 
-        timed(self.command_timeout, conn.command(Data)).await.map_err(|f| classify(&f, Stage::Data, &server))?;
-        let reply =
-            // In chunks: dot-stuffing the whole message at once would copy all of it again.
-            timed(self.data_timeout, conn.message_iter(bytes.chunks(DATA_CHUNK)))
-                .await
-                .map_err(|f| classify(&f, Stage::Message, &server))?;
-        Ok(Delivered {
-            acceptance: Acceptance::ResponsibilityTaken,
-            response: format_response(&reply),
-            request_id: None,
-            rejected: refused.into_iter().map(|r| (r.recipient, r.reply.to_string())).collect(),
-        })
+        timed(self.command_timeout, conn.command(Data)).await.map_err(|f| failed(f, Stage::Data))?;
+        Ok(refused)
     }
+
+    /// Whom a message from `sender` logs in as.
+    fn login(&self, sender: &str) -> Login {
+        match self.credentials {
+            SmtpCredentials::XOAuth2(_) => Login::Mailbox(sender.to_ascii_lowercase()),
+            SmtpCredentials::None | SmtpCredentials::Password { .. } => Login::Transport,
+        }
+    }
+
+    /// Delivers one message: over an idle session of its login if there is one, otherwise (or
+    /// when that session turns out to have been closed before the data went) over a new one.
+    /// A session whose message the server took is kept for the next; any other is ended.
+    async fn deliver(&self, sender: &str, envelope: &Envelope, bytes: &[u8]) -> Result<Delivered, SendError> {
+        let login = self.login(sender);
+        if let Some(mut session) = self.sessions.take(&login) {
+            match self.transaction(&mut session.conn, envelope, bytes).await {
+                Ok(delivered) => {
+                    self.keep(session).await;
+                    return Ok(delivered);
+                }
+                // The server closed it while it was idle: nothing of this message went, so it
+                // goes over a new session, whose answer stands.
+                Err(Unsent::SessionGone(error)) => {
+                    tracing::debug!(server = %self.server(), %error, "an idle SMTP session was closed; opening another");
+                    close(&mut session.conn, false, self.command_timeout).await;
+                }
+                Err(Unsent::Failed(error)) => {
+                    close(&mut session.conn, false, self.command_timeout).await;
+                    return Err(error);
+                }
+            }
+        }
+        let mut conn = self.connect().await?;
+        if let Err(error) = self.authenticate(&mut conn, sender).await {
+            close(&mut conn, false, self.command_timeout).await;
+            return Err(error);
+        }
+        let mut session = Session::opened(conn, login);
+        match self.transaction(&mut session.conn, envelope, bytes).await {
+            Ok(delivered) => {
+                self.keep(session).await;
+                Ok(delivered)
+            }
+            Err(Unsent::SessionGone(error) | Unsent::Failed(error)) => {
+                close(&mut session.conn, false, self.command_timeout).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Keeps a session for the next message, or ends it with QUIT, a courtesy whose failure
+    /// changes nothing (the outcome is settled).
+    async fn keep(&self, session: Session) {
+        if let Err(mut session) = self.sessions.put(session) {
+            close(&mut session.conn, true, self.command_timeout).await;
+        }
+    }
+}
+
+/// Why a transaction did not end with the server taking the message.
+enum Unsent {
+    /// The session was found closed before the server's go-ahead for the data
+    /// ([`session_gone`]): nothing of the message was sent.
+    SessionGone(SendError),
+    /// Any other failure: an answer of the server's, or one while the data went.
+    Failed(SendError),
 }
 
 #[async_trait]
@@ -395,32 +491,17 @@ impl Transport for SmtpTransport {
         let (envelope, bytes) =
             offload::encode(|| mime::build(message).map(|built| (built.envelope().clone(), built.formatted())))
                 .map_err(|e| SendError::permanent(format!("the message cannot be built: {e}")))?;
-        let mut conn = self.connect().await?;
-        let result = match self.authenticate(&mut conn, &message.from.email).await {
-            Ok(()) => self.transaction(&mut conn, &envelope, &bytes).await,
-            Err(e) => Err(e),
-        };
-        // The outcome is settled; QUIT is a courtesy whose failure changes nothing.
-        close(&mut conn, result.is_ok(), self.command_timeout).await;
-        result
+        self.deliver(&message.from.email, &envelope, &bytes).await
     }
 
     /// The bytes as they are (the controller took `Bcc:` out and made sure of the Message-ID),
     /// with the envelope beside them: lettre's raw send, run as this transport's own transaction.
     async fn send_raw(&self, message: &RawOutgoing) -> Result<Delivered, SendError> {
         let envelope = raw_envelope(message)?;
-        let mut conn = self.connect().await?;
-        let result = match self.authenticate(&mut conn, &message.envelope_from.email).await {
-            // lettre ends the data with CRLF "." CRLF whatever it ends with: the message's own final
-            // CRLF is left to it, so that no empty line is added.
-            Ok(()) => {
-                let bytes = message.bytes.strip_suffix(b"\r\n").unwrap_or(&message.bytes);
-                self.transaction(&mut conn, &envelope, bytes).await
-            }
-            Err(e) => Err(e),
-        };
-        close(&mut conn, result.is_ok(), self.command_timeout).await;
-        result
+        // lettre ends the data with CRLF "." CRLF whatever it ends with: the message's own final
+        // CRLF is left to it, so that no empty line is added.
+        let bytes = message.bytes.strip_suffix(b"\r\n").unwrap_or(&message.bytes);
+        self.deliver(&message.envelope_from.email, &envelope, bytes).await
     }
 }
 

@@ -304,6 +304,18 @@ pub fn recipient_refusal(failure: &Failure) -> Option<Reply> {
     }
 }
 
+/// Whether a failure says that the session is closed rather than answering the command: a
+/// network error (an idle session the server closed reads as an end of file or a reset), TLS or
+/// protocol errors on a stream that ended, or `421`, with which a server closes the channel at
+/// any command (RFC 5321 §3.8). Any other reply is the server's answer and stands.
+pub fn session_gone(failure: &Failure) -> bool {
+    match failure {
+        Failure::Reply(reply) => reply.code == 421,
+        Failure::Io { .. } | Failure::Tls(_) | Failure::Protocol(_) => true,
+        Failure::Timeout(_) | Failure::Certificate(_) | Failure::TlsIncompatible(_) | Failure::Unsupported(_) => false,
+    }
+}
+
 /// Every recipient refused: permanent when every refusal is 5xx, else worth another attempt.
 pub fn every_recipient_refused(refused: &[RecipientRefusal], server: &str) -> SendError {
     let list = refused.iter().map(|r| format!("{}: {}", r.recipient, r.reply)).collect::<Vec<_>>().join("; ");
@@ -361,6 +373,24 @@ mod tests {
         assert!(classify(&reply(421, "4.3.2 Service not available"), Stage::Connect, SERVER).is_transient());
         assert!(!classify(&reply(554, "5.6.0 Message rejected"), Stage::Data, SERVER).is_transient());
         assert!(!classify(&reply(552, "5.3.4 Message too big"), Stage::Message, SERVER).is_transient());
+    }
+
+    #[test]
+    fn a_closed_session_is_told_from_an_answer() {
+        let eof = Failure::Io { kind: io::ErrorKind::UnexpectedEof, detail: "closed".into() };
+        let reset = Failure::Io { kind: io::ErrorKind::ConnectionReset, detail: "reset".into() };
+        for gone in [eof, reset, reply(421, "4.3.2 Service not available, closing channel")] {
+            assert!(session_gone(&gone), "{gone:?}");
+        }
+        // The server's own answers stand: a refusal on a reused session is not retried elsewhere.
+        for answer in [
+            reply(451, "4.3.0 Try again later"),
+            reply(550, "5.7.60 SMTP; Client does not have permissions to send as this sender"),
+            reply(530, "5.7.57 Client not authenticated"),
+            Failure::Timeout(Duration::from_secs(30)),
+        ] {
+            assert!(!session_gone(&answer), "{answer:?}");
+        }
     }
 
     #[test]
