@@ -159,6 +159,22 @@ fn restarts(p: &Pod) -> i32 {
         .unwrap_or(0)
 }
 
+/// No operator Pod restarted or was terminated (OOMKilled among the reasons) `under` a load.
+async fn assert_never_restarted(client: &Client, under: &str) {
+    for p in operator_pods(client).await {
+        assert_eq!(restarts(&p), 0, "{} restarted under {under}", p.name_any());
+        let terminated: Vec<_> = p
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.last_state.as_ref().and_then(|l| l.terminated.as_ref()).map(|t| t.reason.clone()))
+            .collect();
+        assert!(terminated.is_empty(), "{} was terminated under {under}: {terminated:?}", p.name_any());
+    }
+}
+
 async fn wait_pods_ready(client: &Client, n: usize, timeout: Duration) -> Vec<Pod> {
     eventually(&format!("{n} Ready operator Pods"), timeout, || async {
         let pods = operator_pods(client).await;
@@ -484,19 +500,7 @@ async fn backlog(w: &World, limit: &str) {
     }
     let elapsed = started.elapsed().as_secs_f64();
     sampler.abort();
-    let pods = operator_pods(client).await;
-    for p in &pods {
-        assert_eq!(restarts(p), 0, "{} restarted under the backlog", p.name_any());
-        let terminated: Vec<_> = p
-            .status
-            .as_ref()
-            .and_then(|s| s.container_statuses.as_ref())
-            .into_iter()
-            .flatten()
-            .filter_map(|c| c.last_state.as_ref().and_then(|l| l.terminated.as_ref()).map(|t| t.reason.clone()))
-            .collect();
-        assert!(terminated.is_empty(), "{} was terminated under the backlog: {terminated:?}", p.name_any());
-    }
+    assert_never_restarted(client, "the backlog").await;
     let leader = lease_holder(client).await.unwrap_or_default();
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     for (pod, peak) in &peaks {
@@ -787,18 +791,7 @@ async fn the_chart_runs_delivers_fails_over_and_uninstalls() {
     };
     w.wait_sent(&batch, Duration::from_secs(900)).await;
     sampler.abort();
-    for p in operator_pods(client).await {
-        assert_eq!(restarts(&p), 0, "{} restarted under the batch", p.name_any());
-        let terminated = p
-            .status
-            .as_ref()
-            .and_then(|s| s.container_statuses.as_ref())
-            .into_iter()
-            .flatten()
-            .filter_map(|c| c.last_state.as_ref().and_then(|l| l.terminated.as_ref()).map(|t| t.reason.clone()))
-            .collect::<Vec<_>>();
-        assert!(terminated.is_empty(), "{} was terminated: {terminated:?}", p.name_any());
-    }
+    assert_never_restarted(client, "the batch").await;
     eprintln!(
         "e2e: {} messages created and Sent in {:.1}s; the leader's peak working set {:.1} MiB against its limit of {limit}",
         batch.len(),
