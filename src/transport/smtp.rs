@@ -237,10 +237,20 @@ impl SmtpTransport {
         format!("{}:{}", self.host, self.port)
     }
 
+    /// The TCP connection to the server, with Nagle's algorithm off. lettre writes a command, and
+    /// the end of the data, in more than one write: with Nagle's algorithm a small write waits for
+    /// the ACK of the one before, which the server delays (by up to 40 ms on Linux), at every step
+    /// of a transaction.
+    async fn connect_tcp(&self) -> Result<TcpStream, Failure> {
+        let stream = timed_io(self.connect_timeout, TcpStream::connect((self.host.as_str(), self.port))).await?;
+        stream.set_nodelay(true).map_err(|e| Failure::from_io(&e))?;
+        Ok(stream)
+    }
+
     /// Opens the connection lettre talks over: TCP, and TLS from the first byte for `Implicit`,
     /// with every read bounded ([`bounded`]). STARTTLS upgrades it later, inside lettre.
     pub(crate) async fn open(&self) -> Result<Box<dyn AsyncTokioStream>, Failure> {
-        let stream = timed_io(self.connect_timeout, TcpStream::connect((self.host.as_str(), self.port))).await?;
+        let stream = self.connect_tcp().await?;
         let peer = stream.peer_addr().map_err(|e| Failure::from_io(&e))?;
         let Some(config) = self.implicit.clone() else {
             return Ok(Box::new(Bounded::new(stream, peer)));
@@ -613,6 +623,16 @@ fn format_response(response: &Response) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn connections_are_opened_without_nagles_algorithm() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let config = SmtpConfig::new("127.0.0.1", port, TlsMode::None, TrustRoots::default(), SmtpCredentials::None);
+        let transport = SmtpTransport::new(config).expect("transport");
+        let stream = transport.connect_tcp().await.expect("connected");
+        assert!(stream.nodelay().expect("TCP_NODELAY"), "Nagle's algorithm is on");
+    }
 
     #[test]
     fn credentials_debug_hides_the_password() {
