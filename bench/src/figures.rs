@@ -143,6 +143,14 @@ pub fn open_loop_schedule(rate: f64, seconds: f64) -> (usize, impl Fn(usize) -> 
     (count, move |i: usize| Duration::from_secs_f64(i as f64 / rate))
 }
 
+/// (messages/s per API-server core in a run) / (the same in the ceiling's run): 1 when a message
+/// costs the API server as much with the operator as with the minimal client. None without the
+/// API server's CPU in either.
+pub fn per_core_ratio(mps: f64, apiserver_cores: f64, ceiling: f64, ceiling_apiserver_cores: f64) -> Option<f64> {
+    (apiserver_cores > 0.0 && ceiling_apiserver_cores > 0.0 && ceiling > 0.0)
+        .then(|| (mps / apiserver_cores) / (ceiling / ceiling_apiserver_cores))
+}
+
 /// The least-squares exponent b of value ≈ a·size^b over (size, value) points: 1 is linear
 /// growth, below 1 better than linear; None with fewer than two distinct positive sizes.
 pub fn growth_exponent(points: &[(f64, f64)]) -> Option<f64> {
@@ -249,6 +257,15 @@ apiserver_request_duration_seconds_bucket{le="1"} 3
         assert_eq!(due(5999), Duration::from_secs_f64(119.98));
         assert_eq!(open_loop_schedule(0.0, 10.0).0, 10, "a rate of nothing falls back to 1/s");
         assert_eq!(open_loop_schedule(3.0, 0.0).0, 1);
+    }
+
+    #[test]
+    fn per_core_ratios() {
+        // 100 msg/s on 1.5 API-server cores against a ceiling of 120 on 1.8: the same per core.
+        assert!((per_core_ratio(100.0, 1.5, 120.0, 1.8).unwrap() - 1.0).abs() < 1e-9);
+        assert!((per_core_ratio(50.0, 1.5, 120.0, 1.8).unwrap() - 0.5).abs() < 1e-9);
+        assert_eq!(per_core_ratio(100.0, 0.0, 120.0, 1.8), None);
+        assert_eq!(per_core_ratio(100.0, 1.5, 120.0, 0.0), None);
     }
 
     #[test]

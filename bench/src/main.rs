@@ -13,6 +13,7 @@
 //! ClusterMailProfile: kube-apiserver requests per minute). Figures are printed and written as
 //! JSON; nothing here asserts a speed.
 
+mod cpu;
 mod figures;
 mod history;
 mod lifecycle;
@@ -105,6 +106,10 @@ pub struct Args {
     /// does (`--ceiling-with-events false` skips it).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub ceiling_with_events: bool,
+    /// After each backlog run, the latency run (N messages created while the operator runs);
+    /// `--latency-run false` skips it (the cost-growth series at 100,000).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub latency_run: bool,
     /// Skip the API-server ceiling measurement.
     #[arg(long)]
     pub no_ceiling: bool,

@@ -3,7 +3,7 @@
 //! time; create-to-Sent latency on this process's clock and where it went (the create, the watch,
 //! the claim, the send).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,6 +13,7 @@ use kube::{Api, Client};
 use mailroom::api::EmailMessage;
 use serde::Serialize;
 
+use crate::cpu;
 use crate::figures::{self, Timeline};
 use crate::peers::Process;
 use crate::run::{self, PROFILE, Peers};
@@ -62,6 +63,9 @@ pub struct OpenLoopResult {
     unattributed: usize,
     peak_rss_mib: f64,
     cpu_seconds_per_1000: f64,
+    /// Cores in use on average by each process while the messages were created and sent, and
+    /// the machine's busy and idle cores.
+    cores: BTreeMap<String, f64>,
 }
 
 /// Runs the operator, creates messages at `fraction` of `ceiling` (or `args.open_loop_rate`) for
@@ -86,6 +90,8 @@ pub async fn run(
     run::wait_profile_ready(&Api::namespaced(client.clone(), &ns), &mut operator).await?;
     let (seen, watch) = run::watch_finished(client, &ns).await;
     let cpu_before = figures::cpu_ticks(&operator.proc_stat()).unwrap_or(0);
+    let watched = run::watched(peers, transport, &operator);
+    let cores_before = watched.snapshot();
     eprintln!("bench: [{tag}] creating {count} messages at {rate:.1}/s for {}s in {ns}", args.open_loop_secs);
 
     let api: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);
@@ -132,6 +138,7 @@ pub async fn run(
     };
     let created_at = creating.await.map_err(|e| BenchError::Peer(format!("create task: {e}")))??;
     let cpu = figures::cpu_ticks(&operator.proc_stat()).unwrap_or(0).saturating_sub(cpu_before);
+    let cores = cores_before.cores_until(&watched.snapshot());
     let peak_rss = run::rss_mib(&operator, "VmHWM").unwrap_or(0.0);
     watch.abort();
     operator.stop(Duration::from_secs(30));
@@ -177,6 +184,7 @@ pub async fn run(
         unattributed,
         peak_rss_mib: peak_rss,
         cpu_seconds_per_1000: cpu as f64 / 100.0 / (count as f64 / 1000.0),
+        cores,
     };
     Ok(result)
 }
@@ -218,5 +226,8 @@ pub fn print(results: &[OpenLoopResult]) {
             r.peak_rss_mib,
             r.cpu_seconds_per_1000,
         );
+    }
+    for r in results {
+        println!("{:<6} {}", format!("{:?}", r.transport).to_lowercase(), cpu::describe(&r.cores));
     }
 }

@@ -117,6 +117,11 @@ pub struct SmtpPeer {
 }
 
 impl SmtpPeer {
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self._process.pid()
+    }
+
     /// Starts tests/peers/smtp_server.py with `python` in `dir`.
     pub async fn start(python: &Path, repo: &Path, dir: &Path) -> Result<SmtpPeer, BenchError> {
         // A fresh state directory: an earlier run's messages and ready.json must not count.
@@ -172,6 +177,11 @@ pub struct Emulator {
 }
 
 impl Emulator {
+    /// The emulator's process id.
+    pub fn pid(&self) -> u32 {
+        self._process.pid()
+    }
+
     /// Starts the emulator binary in `dir`, reusing `signing_key` (made once, then shared).
     pub async fn start(bin: &Path, dir: &Path, signing_key: Option<&Path>) -> Result<Emulator, BenchError> {
         std::fs::create_dir_all(dir).map_err(|e| BenchError::io(dir, e))?;

@@ -1,7 +1,7 @@
 //! Per size and transport: the ceiling, the backlog run, a restart, the latency run; the table and
 //! results.json.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,6 +18,7 @@ use mailroom::transport::Delivered;
 use serde::Serialize;
 use serde_json::json;
 
+use crate::cpu::{self, Watched};
 use crate::figures::{self, RequestKey};
 use crate::peers::{Emulator, Process, SmtpPeer};
 use crate::{Args, BenchError, Transport};
@@ -41,13 +42,19 @@ pub struct RunResult {
     failed: usize,
     seconds: f64,
     messages_per_second: f64,
-    end_to_end_per_second: f64,
-    create_per_second: f64,
+    /// None when the latency run was skipped (`--latency-run false`), as are its percentiles.
+    end_to_end_per_second: Option<f64>,
+    create_per_second: Option<f64>,
     ceiling_messages_per_second: Option<f64>,
     ratio_to_ceiling: Option<f64>,
     /// The ceiling's client also publishing the outcome's Event, as the operator does.
     ceiling_with_events_messages_per_second: Option<f64>,
     ratio_to_ceiling_with_events: Option<f64>,
+    /// Messages per kube-apiserver CPU second in this run against the same in the ceiling's
+    /// run: how much API-server work a message costs with the operator against the minimal
+    /// client, apart from the cores the operator and the peer take from the API server on a
+    /// machine whose cores are all busy.
+    ratio_per_apiserver_core: Option<f64>,
     latency_ms: Latency,
     status_patches_per_message: f64,
     events_per_message: f64,
@@ -60,6 +67,11 @@ pub struct RunResult {
     restart_peak_rss_mib: f64,
     cpu_seconds: f64,
     cpu_seconds_per_1000: f64,
+    /// Cores in use on average by each process while the ceiling's client ran (kube-apiserver,
+    /// etcd, this harness) and the machine's busy and idle cores.
+    ceiling_cores: BTreeMap<String, f64>,
+    /// The same while the operator sent the backlog, with the operator and the peer.
+    cores: BTreeMap<String, f64>,
     delivered: usize,
     duplicated: usize,
     missing: usize,
@@ -144,6 +156,7 @@ pub async fn all(args: Args) -> Result<(), BenchError> {
     eprintln!();
     if !results.runs.is_empty() {
         print_table(&results.runs, true);
+        print_cores(&results.runs);
     }
     if !results.open_loop.is_empty() {
         openloop::print(&results.open_loop);
@@ -283,8 +296,10 @@ fn print_table(results: &[RunResult], header_line: bool) {
         let ceiling = r.ceiling_messages_per_second.map_or("-".into(), |c| format!("{c:.0}"));
         let ratio = r.ratio_to_ceiling.map_or("-".into(), |c| format!("{:.0}%", c * 100.0));
         let ratio_events = r.ratio_to_ceiling_with_events.map_or("-".into(), |c| format!("{:.0}%", c * 100.0));
+        let e2e = r.end_to_end_per_second.map_or("-".into(), |x| format!("{x:.1}"));
+        let ms = |p: u64| if r.end_to_end_per_second.is_some() { p.to_string() } else { "-".into() };
         println!(
-            "{:<9} {:<6} {:>6} {:>8.1} {:>9} {:>6} {:>7} {:>7.1} {:>7} {:>7} {:>7} {:>10} {:>7.2} {:>6} {:>4} {:>6.1}MiB {:>8.1}MiB {:>7.2}s {:>4} {:>7}",
+            "{:<9} {:<6} {:>6} {:>8.1} {:>9} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>10} {:>7.2} {:>6} {:>4} {:>6.1}MiB {:>8.1}MiB {:>7.2}s {:>4} {:>7}",
             r.label,
             format!("{:?}", r.transport).to_lowercase(),
             r.messages,
@@ -292,10 +307,10 @@ fn print_table(results: &[RunResult], header_line: bool) {
             ceiling,
             ratio,
             ratio_events,
-            r.end_to_end_per_second,
-            r.latency_ms.p50,
-            r.latency_ms.p95,
-            r.latency_ms.p99,
+            e2e,
+            ms(r.latency_ms.p50),
+            ms(r.latency_ms.p95),
+            ms(r.latency_ms.p99),
             format!("{:.2}+{:.2}", r.status_patches_per_message, r.events_per_message),
             r.message_gets_per_message,
             r.token_requests,
@@ -306,6 +321,35 @@ fn print_table(results: &[RunResult], header_line: bool) {
             r.duplicated,
             r.missing + r.failed,
         );
+    }
+}
+
+/// The processes whose CPU a run of `transport` reports: the control plane, this harness, the
+/// operator and the transport's peer.
+pub(crate) fn watched(peers: &Peers<'_>, transport: Transport, operator: &Process) -> Watched {
+    let watched = Watched::control_plane().with("operator", operator.pid());
+    let peer = match transport {
+        Transport::Graph => peers.emulator.map(|e| ("emulator", e.pid())),
+        Transport::Smtp => peers.smtp.map(|s| ("SMTP server", s.pid())),
+    };
+    match peer {
+        Some((name, pid)) => watched.with(name, pid),
+        None => watched,
+    }
+}
+
+/// Where the CPU went in each run: the ceiling's and the operator's, process by process.
+fn print_cores(results: &[RunResult]) {
+    println!("where the CPU went (cores in use on average; figures, not assertions)");
+    for r in results {
+        let tag = format!("{:<6} {:>6}", format!("{:?}", r.transport).to_lowercase(), r.messages);
+        if !r.ceiling_cores.is_empty() {
+            println!("{tag} ceiling   {}", cpu::describe(&r.ceiling_cores));
+        }
+        println!("{tag} operator  {}", cpu::describe(&r.cores));
+        if let Some(x) = r.ratio_per_apiserver_core {
+            println!("{tag} messages per kube-apiserver CPU second against the ceiling's: {:.0}%", x * 100.0);
+        }
     }
 }
 
@@ -396,7 +440,7 @@ async fn measure_ceiling(
     concurrency: usize,
     tag: &str,
     events: bool,
-) -> Result<f64, BenchError> {
+) -> Result<(f64, BTreeMap<String, f64>), BenchError> {
     let ns = create_namespace(client, "bench-ceiling").await?;
     let tag = format!("{tag} ceiling{}", if events { " with Events" } else { "" });
     eprintln!("bench: [{tag}] creating {n} messages in {ns}");
@@ -404,9 +448,12 @@ async fn measure_ceiling(
     let (seen, watch) = watch_finished(client, &ns).await;
     eprintln!("bench: [{tag}] a minimal client claims and records them, {concurrency} at a time");
     let start = Instant::now();
+    let watched = Watched::control_plane();
+    let cpu_before = watched.snapshot();
     let api: Api<EmailMessage> = Api::namespaced(client.clone(), &ns);
     let worker = tokio::spawn(minimal_client(api, args.mailboxes, concurrency, events));
     let complete = wait_finished(args, n, &tag, &seen, start, || Ok(()), || None).await;
+    let cores = cpu_before.cores_until(&watched.snapshot());
     worker.abort();
     watch.abort();
     clean_namespace(client, &ns).await;
@@ -415,7 +462,7 @@ async fn measure_ceiling(
     }
     let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
     let last = seen.sent.values().max().copied().unwrap_or(start);
-    Ok(n as f64 / last.duration_since(start).as_secs_f64().max(1e-9))
+    Ok((n as f64 / last.duration_since(start).as_secs_f64().max(1e-9), cores))
 }
 
 /// Watches the messages in `api`'s namespace and claims and records each new one; with `events`,
@@ -725,15 +772,17 @@ async fn one(
     let name = format!("{transport:?}").to_lowercase();
     let tag = format!("{name} n={n}");
     let concurrency = args.concurrency;
-    let ceiling =
-        if args.no_ceiling { None } else { Some(measure_ceiling(client, args, n, concurrency, &tag, false).await?) };
-    if let Some(c) = ceiling {
-        eprintln!("bench: [{tag}] ceiling {c:.0} messages/s");
-    }
+    let (ceiling, ceiling_cores) = if args.no_ceiling {
+        (None, BTreeMap::new())
+    } else {
+        let (c, cores) = measure_ceiling(client, args, n, concurrency, &tag, false).await?;
+        eprintln!("bench: [{tag}] ceiling {c:.0} messages/s; {}", cpu::describe(&cores));
+        (Some(c), cores)
+    };
     let ceiling_events = if args.no_ceiling || !args.ceiling_with_events {
         None
     } else {
-        Some(measure_ceiling(client, args, n, concurrency, &tag, true).await?)
+        Some(measure_ceiling(client, args, n, concurrency, &tag, true).await?.0)
     };
     if let Some(c) = ceiling_events {
         eprintln!("bench: [{tag}] ceiling with Events {c:.0} messages/s");
@@ -755,12 +804,16 @@ async fn one(
     let start = Instant::now();
     let log: PathBuf = logs.join(format!("operator-{name}-{n}.log"));
     let mut operator = Process::spawn("operator", &args.operator_bin, &op_args, &[], log)?;
+    let watched = watched(peers, transport, &operator);
+    let cpu_before = watched.snapshot();
     let complete = {
         let op = std::cell::RefCell::new(&mut operator);
         wait_finished(args, n, &tag, &seen, start, || op.borrow_mut().check_alive(), || rss_mib(&op.borrow(), "VmRSS"))
             .await
     };
     let cpu_ticks = figures::cpu_ticks(&operator.proc_stat()).unwrap_or(0);
+    let cores = cpu_before.cores_until(&watched.snapshot());
+    eprintln!("bench: [{tag}] {}", cpu::describe(&cores));
     // The Event follows the outcome write; give the last ones a moment before counting.
     let events_key = |b: &HashMap<RequestKey, f64>, a: &HashMap<RequestKey, f64>| {
         figures::delta(b, a, ("events.k8s.io", "events", "", "POST")) + figures::delta(b, a, ("", "events", "", "POST"))
@@ -800,6 +853,97 @@ async fn one(
     clean_namespace(client, &ns).await;
 
     // The latency run.
+    let latency =
+        if args.latency_run { Some(latency_run(client, args, transport, n, peers, logs, &tag).await?) } else { None };
+
+    // Both runs' deliveries, by Message-ID.
+    let (throttled, ids) = match transport {
+        Transport::Graph => {
+            let emu = peers.emulator.ok_or_else(|| BenchError::Peer("no emulator".into()))?;
+            let stats = emu.stats().await?;
+            (stats["graphRequests"]["429"].as_u64().unwrap_or(0), emu.message_ids().await?)
+        }
+        Transport::Smtp => {
+            (0, peers.smtp.ok_or_else(|| BenchError::Peer("no SMTP server".into()))?.message_ids().await?)
+        }
+    };
+    let (distinct, duplicated, _extra) = figures::duplicates(ids.iter().map(String::as_str));
+
+    let mps = n as f64 / seconds.max(1e-9);
+    let runs = if latency.is_some() { 2 } else { 1 };
+    let latency = latency.unwrap_or_default();
+    Ok(RunResult {
+        label: args.label.clone(),
+        transport,
+        messages: n,
+        complete: complete && latency.complete,
+        sent: seen.sent.len(),
+        failed: seen.failed.len() + latency.failed,
+        seconds,
+        messages_per_second: mps,
+        end_to_end_per_second: latency.end_to_end_per_second,
+        create_per_second: latency.create_per_second,
+        ceiling_messages_per_second: ceiling,
+        ratio_to_ceiling: ceiling.map(|c| mps / c),
+        ceiling_with_events_messages_per_second: ceiling_events,
+        ratio_to_ceiling_with_events: ceiling_events.map(|c| mps / c),
+        ratio_per_apiserver_core: ceiling.and_then(|c| {
+            figures::per_core_ratio(mps, *cores.get("kube-apiserver")?, c, *ceiling_cores.get("kube-apiserver")?)
+        }),
+        latency_ms: latency.latency_ms,
+        status_patches_per_message: per(patches),
+        events_per_message: per(events),
+        api_writes_per_message: per(patches + events),
+        message_gets_per_message: per(gets),
+        other_api_writes: all_writes - patches - events - creates,
+        token_requests: tokens,
+        throttled_429: throttled,
+        peak_rss_mib: peak_rss,
+        restart_peak_rss_mib: restart_rss,
+        cpu_seconds: cpu_ticks as f64 / 100.0,
+        cpu_seconds_per_1000: cpu_ticks as f64 / 100.0 / (n as f64 / 1000.0),
+        ceiling_cores,
+        cores,
+        delivered: ids.len(),
+        duplicated,
+        missing: (runs * n).saturating_sub(distinct),
+        concurrency,
+    })
+}
+
+/// What the latency run measured; its default is a run that was skipped (complete, nothing failed).
+struct LatencyRun {
+    latency_ms: Latency,
+    end_to_end_per_second: Option<f64>,
+    create_per_second: Option<f64>,
+    failed: usize,
+    complete: bool,
+}
+
+impl Default for LatencyRun {
+    fn default() -> LatencyRun {
+        LatencyRun {
+            latency_ms: Latency::default(),
+            end_to_end_per_second: None,
+            create_per_second: None,
+            failed: 0,
+            complete: true,
+        }
+    }
+}
+
+/// The latency run: `n` messages created while the operator runs, and the created-to-Sent
+/// latency as this process observes both.
+async fn latency_run(
+    client: &Client,
+    args: &Args,
+    transport: Transport,
+    n: usize,
+    peers: &Peers<'_>,
+    logs: &Path,
+    tag: &str,
+) -> Result<LatencyRun, BenchError> {
+    let name = format!("{transport:?}").to_lowercase();
     let ns = create_namespace(client, &format!("bench-{name}-latency")).await?;
     let op_args = setup_profile(client, args, transport, peers, &ns).await?;
     let log: PathBuf = logs.join(format!("operator-{name}-{n}-latency.log"));
@@ -833,52 +977,12 @@ async fn one(
     let ms = |q: f64| figures::percentile(&latencies, q).map_or(0, |d| d.as_millis() as u64);
     let latency_last = latency_seen.sent.values().max().copied().unwrap_or(driven.start);
     let create_secs = driven.created_at.map_or(0.0, |c| c.duration_since(driven.start).as_secs_f64());
-
-    // Both runs' deliveries, by Message-ID.
-    let (throttled, ids) = match transport {
-        Transport::Graph => {
-            let emu = peers.emulator.ok_or_else(|| BenchError::Peer("no emulator".into()))?;
-            let stats = emu.stats().await?;
-            (stats["graphRequests"]["429"].as_u64().unwrap_or(0), emu.message_ids().await?)
-        }
-        Transport::Smtp => {
-            (0, peers.smtp.ok_or_else(|| BenchError::Peer("no SMTP server".into()))?.message_ids().await?)
-        }
-    };
-    let (distinct, duplicated, _extra) = figures::duplicates(ids.iter().map(String::as_str));
-
-    let mps = n as f64 / seconds.max(1e-9);
-    Ok(RunResult {
-        label: args.label.clone(),
-        transport,
-        messages: n,
-        complete: complete && driven.complete,
-        sent: seen.sent.len(),
-        failed: seen.failed.len() + latency_seen.failed.len(),
-        seconds,
-        messages_per_second: mps,
-        end_to_end_per_second: n as f64 / latency_last.duration_since(driven.start).as_secs_f64().max(1e-9),
-        create_per_second: n as f64 / create_secs.max(1e-9),
-        ceiling_messages_per_second: ceiling,
-        ratio_to_ceiling: ceiling.map(|c| mps / c),
-        ceiling_with_events_messages_per_second: ceiling_events,
-        ratio_to_ceiling_with_events: ceiling_events.map(|c| mps / c),
+    Ok(LatencyRun {
         latency_ms: Latency { p50: ms(0.50), p95: ms(0.95), p99: ms(0.99), max: ms(1.0) },
-        status_patches_per_message: per(patches),
-        events_per_message: per(events),
-        api_writes_per_message: per(patches + events),
-        message_gets_per_message: per(gets),
-        other_api_writes: all_writes - patches - events - creates,
-        token_requests: tokens,
-        throttled_429: throttled,
-        peak_rss_mib: peak_rss,
-        restart_peak_rss_mib: restart_rss,
-        cpu_seconds: cpu_ticks as f64 / 100.0,
-        cpu_seconds_per_1000: cpu_ticks as f64 / 100.0 / (n as f64 / 1000.0),
-        delivered: ids.len(),
-        duplicated,
-        missing: (2 * n).saturating_sub(distinct),
-        concurrency,
+        end_to_end_per_second: Some(n as f64 / latency_last.duration_since(driven.start).as_secs_f64().max(1e-9)),
+        create_per_second: Some(n as f64 / create_secs.max(1e-9)),
+        failed: latency_seen.failed.len(),
+        complete: driven.complete,
     })
 }
 

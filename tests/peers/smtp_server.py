@@ -107,14 +107,17 @@ def parse_loopback(value: str, allow_private: bool = False) -> tuple[str, int]:
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Writes through a temporary file and a rename, so readers never see a partial file."""
+    """Writes through a temporary file and a rename, so readers never see a partial file.
+
+    No fsync: the files must outlive this server (a test kills it and reads them), not the
+    machine. An fsync per file ran inside the event loop, twice per message, and held every open
+    session's reply for the disk.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
