@@ -105,12 +105,25 @@ pub fn machine_ticks(stat: &str) -> Option<(u64, u64)> {
     Some((all - idle, all))
 }
 
-/// One line: each process's cores, the largest first, then the machine's busy and idle cores.
+/// The cores the machine was busy with beyond the watched processes: other work on the machine
+/// (a build beside the benchmark, say) and the kernel's own (interrupts not charged to a process),
+/// which takes its share from the API server and makes the
+/// run's figures not an idle machine's. None without the machine's figures.
+pub fn others(cores: &BTreeMap<String, f64>) -> Option<f64> {
+    let watched: f64 = cores.iter().filter(|(n, _)| !n.starts_with("machine ")).map(|(_, c)| c).sum();
+    cores.get("machine busy").map(|busy| (busy - watched).max(0.0))
+}
+
+/// One line: each process's cores, the largest first, then everything else the machine ran and
+/// its busy and idle cores.
 pub fn describe(cores: &BTreeMap<String, f64>) -> String {
     let mut processes: Vec<(&String, &f64)> = cores.iter().filter(|(n, _)| !n.starts_with("machine ")).collect();
     processes.sort_by(|a, b| b.1.total_cmp(a.1));
     let mut parts: Vec<String> = processes.iter().map(|(n, c)| format!("{n} {c:.2}")).collect();
-    if let (Some(busy), Some(idle)) = (cores.get("machine busy"), cores.get("machine idle")) {
+    if let (Some(busy), Some(idle), Some(others)) =
+        (cores.get("machine busy"), cores.get("machine idle"), others(cores))
+    {
+        parts.push(format!("everything else {others:.2}"));
         parts.push(format!("machine busy {busy:.2}, idle {idle:.2}"));
     }
     format!("cores: {}", parts.join(", "))
@@ -146,6 +159,24 @@ mod tests {
             ("machine busy".to_string(), 1.9),
             ("machine idle".to_string(), 0.1),
         ]);
-        assert_eq!(describe(&cores), "cores: kube-apiserver 0.90, etcd 0.40, machine busy 1.90, idle 0.10");
+        assert_eq!(
+            describe(&cores),
+            "cores: kube-apiserver 0.90, etcd 0.40, everything else 0.60, machine busy 1.90, idle 0.10"
+        );
+    }
+
+    #[test]
+    fn everything_else_is_the_busy_cores_nothing_watched_used() {
+        let cores = BTreeMap::from([
+            ("kube-apiserver".to_string(), 1.3),
+            ("etcd".to_string(), 0.1),
+            ("machine busy".to_string(), 2.0),
+            ("machine idle".to_string(), 0.0),
+        ]);
+        assert!((others(&cores).unwrap() - 0.6).abs() < 1e-9);
+        // Rounding of the ticks can make the processes add up to a little more than the machine.
+        let over = BTreeMap::from([("etcd".to_string(), 1.01), ("machine busy".to_string(), 1.0)]);
+        assert_eq!(others(&over), Some(0.0));
+        assert_eq!(others(&BTreeMap::from([("etcd".to_string(), 1.0)])), None);
     }
 }

@@ -51,9 +51,10 @@ pub struct RunResult {
     ceiling_with_events_messages_per_second: Option<f64>,
     ratio_to_ceiling_with_events: Option<f64>,
     /// Messages per kube-apiserver CPU second in this run against the same in the ceiling's
-    /// run: how much API-server work a message costs with the operator against the minimal
-    /// client, apart from the cores the operator and the peer take from the API server on a
-    /// machine whose cores are all busy.
+    /// run with Events (the same writes as the operator's; the plain ceiling's without it): how
+    /// much API-server work a message costs with the operator against the minimal client, apart
+    /// from the cores the operator and the peer take from the API server on a machine whose cores
+    /// are all busy.
     ratio_per_apiserver_core: Option<f64>,
     latency_ms: Latency,
     status_patches_per_message: f64,
@@ -70,6 +71,8 @@ pub struct RunResult {
     /// Cores in use on average by each process while the ceiling's client ran (kube-apiserver,
     /// etcd, this harness) and the machine's busy and idle cores.
     ceiling_cores: BTreeMap<String, f64>,
+    /// The same while the ceiling's client also published the Events.
+    ceiling_with_events_cores: BTreeMap<String, f64>,
     /// The same while the operator sent the backlog, with the operator and the peer.
     cores: BTreeMap<String, f64>,
     delivered: usize,
@@ -226,8 +229,13 @@ async fn reset_peers(peers: &Peers<'_>, transport: Transport) -> Result<(), Benc
 /// Cost growth per transport: msg/s, peak RSS and CPU seconds per 1,000 messages by size, and
 /// the fitted exponent of each total (RSS, CPU seconds) against the size: 1 is linear.
 fn print_growth(results: &Results) {
-    let mut transports: Vec<Transport> = results.runs.iter().map(|r| r.transport).collect();
-    transports.dedup();
+    // Each transport once, in the order of the runs (they alternate when there are several sizes).
+    let mut transports: Vec<Transport> = Vec::new();
+    for r in &results.runs {
+        if !transports.contains(&r.transport) {
+            transports.push(r.transport);
+        }
+    }
     if results.runs.len() < 2 && results.history.is_none() {
         return;
     }
@@ -346,9 +354,16 @@ fn print_cores(results: &[RunResult]) {
         if !r.ceiling_cores.is_empty() {
             println!("{tag} ceiling   {}", cpu::describe(&r.ceiling_cores));
         }
+        if !r.ceiling_with_events_cores.is_empty() {
+            println!("{tag} +Events   {}", cpu::describe(&r.ceiling_with_events_cores));
+        }
         println!("{tag} operator  {}", cpu::describe(&r.cores));
         if let Some(x) = r.ratio_per_apiserver_core {
-            println!("{tag} messages per kube-apiserver CPU second against the ceiling's: {:.0}%", x * 100.0);
+            println!(
+                "{tag} messages per kube-apiserver CPU second against the ceiling's{}: {:.0}%",
+                if r.ceiling_with_events_cores.is_empty() { "" } else { " with Events" },
+                x * 100.0
+            );
         }
     }
 }
@@ -779,14 +794,13 @@ async fn one(
         eprintln!("bench: [{tag}] ceiling {c:.0} messages/s; {}", cpu::describe(&cores));
         (Some(c), cores)
     };
-    let ceiling_events = if args.no_ceiling || !args.ceiling_with_events {
-        None
+    let (ceiling_events, ceiling_with_events_cores) = if args.no_ceiling || !args.ceiling_with_events {
+        (None, BTreeMap::new())
     } else {
-        Some(measure_ceiling(client, args, n, concurrency, &tag, true).await?.0)
+        let (c, cores) = measure_ceiling(client, args, n, concurrency, &tag, true).await?;
+        eprintln!("bench: [{tag}] ceiling with Events {c:.0} messages/s; {}", cpu::describe(&cores));
+        (Some(c), cores)
     };
-    if let Some(c) = ceiling_events {
-        eprintln!("bench: [{tag}] ceiling with Events {c:.0} messages/s");
-    }
     reset_peers(peers, transport).await?;
 
     // The backlog run.
@@ -887,9 +901,15 @@ async fn one(
         ratio_to_ceiling: ceiling.map(|c| mps / c),
         ceiling_with_events_messages_per_second: ceiling_events,
         ratio_to_ceiling_with_events: ceiling_events.map(|c| mps / c),
-        ratio_per_apiserver_core: ceiling.and_then(|c| {
-            figures::per_core_ratio(mps, *cores.get("kube-apiserver")?, c, *ceiling_cores.get("kube-apiserver")?)
-        }),
+        ratio_per_apiserver_core: {
+            let (c, c_cores) = match ceiling_events {
+                Some(c) => (Some(c), &ceiling_with_events_cores),
+                None => (ceiling, &ceiling_cores),
+            };
+            c.and_then(|c| {
+                figures::per_core_ratio(mps, *cores.get("kube-apiserver")?, c, *c_cores.get("kube-apiserver")?)
+            })
+        },
         latency_ms: latency.latency_ms,
         status_patches_per_message: per(patches),
         events_per_message: per(events),
@@ -903,6 +923,7 @@ async fn one(
         cpu_seconds: cpu_ticks as f64 / 100.0,
         cpu_seconds_per_1000: cpu_ticks as f64 / 100.0 / (n as f64 / 1000.0),
         ceiling_cores,
+        ceiling_with_events_cores,
         cores,
         delivered: ids.len(),
         duplicated,
